@@ -1,0 +1,7 @@
+//! module-updaterd: the daemon library. `service` is the thin D-Bus layer; everything it calls
+//! knows nothing about D-Bus.
+
+pub mod config;
+pub mod service;
+
+pub use config::Config;

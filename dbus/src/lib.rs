@@ -1,0 +1,33 @@
+//! The wire contract of `org.nethserver.ModuleUpdater`, shared by the daemon, the client and the tests.
+//!
+//! Everything a stock D-Bus tool sees (bus name, object paths, interface names, error names) is defined
+//! here once. The bus configuration files the project ships live in `dbus/data/` and are exposed as
+//! paths so that tests run against exactly what is installed.
+
+pub mod error;
+pub mod proxy;
+
+pub use error::Error;
+pub use proxy::ModuleUpdaterProxy;
+
+/// The well-known name the daemon owns on the system bus.
+pub const BUS_NAME: &str = "org.nethserver.ModuleUpdater";
+/// The manager object.
+pub const OBJECT_PATH: &str = "/org/nethserver/ModuleUpdater";
+/// The manager interface.
+pub const MANAGER_INTERFACE: &str = "org.nethserver.ModuleUpdater";
+/// The interface of job objects.
+pub const JOB_INTERFACE: &str = "org.nethserver.ModuleUpdater.Job";
+/// Job objects live below this path, as `<prefix>/<n>`.
+pub const JOB_PATH_PREFIX: &str = "/org/nethserver/ModuleUpdater/job";
+/// Prefix of every error name the service returns.
+pub const ERROR_PREFIX: &str = "org.nethserver.ModuleUpdater.Error";
+
+/// File names of the shipped bus configuration, relative to [`data_dir`].
+pub const POLICY_FILE: &str = "org.nethserver.ModuleUpdater.conf";
+pub const ACTIVATION_FILE: &str = "org.nethserver.ModuleUpdater.service";
+
+/// The source directory holding the shipped bus policy and activation files.
+pub fn data_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
+}

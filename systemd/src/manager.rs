@@ -1,0 +1,78 @@
+//! A hand-written proxy for `org.freedesktop.systemd1.Manager`, with only the members we use, and
+//! the ways to reach a manager.
+//!
+//! A rootless instance's manager is reached through that user's bus at `$XDG_RUNTIME_DIR/bus`: the
+//! user bus only accepts its own user, so this runs in a process that has the instance user's uid.
+//! systemd's private socket (`$XDG_RUNTIME_DIR/systemd/private`) is not usable from zbus 6, because
+//! systemd puts its well-known name in the sender field of peer-to-peer replies.
+
+use std::path::Path;
+
+use zbus::proxy;
+
+use crate::SystemdError;
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+pub trait Manager {
+    /// `systemctl daemon-reload`: replies once the reload is complete.
+    fn reload(&self) -> zbus::Result<()>;
+    /// Loads a unit (if needed) and returns its object path.
+    fn load_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+}
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+pub trait Unit {
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn need_daemon_reload(&self) -> zbus::Result<bool>;
+}
+
+/// The address of a user's bus for its runtime directory.
+pub fn user_bus_address(runtime_dir: &Path) -> String {
+    format!("unix:path={}", runtime_dir.join("bus").display())
+}
+
+/// Connects to a bus by address (used for a user's bus and for an explicit system bus address).
+pub async fn connect(address: &str) -> Result<zbus::Connection, SystemdError> {
+    zbus::connection::Builder::address(address)
+        .build().await.map_err(|source| SystemdError::Connect {
+        address: address.to_owned(),
+        source,
+    })
+}
+
+/// Connects to the system bus, or to `address` when given (tests and `--system-manager-address`).
+pub async fn connect_system(address: Option<&str>) -> Result<zbus::Connection, SystemdError> {
+    match address {
+        Some(address) => connect(address).await,
+        None => zbus::Connection::system()
+            .await
+            .map_err(|source| SystemdError::Connect {
+                address: "the system bus".to_owned(),
+                source,
+            }),
+    }
+}
+
+/// Asks the manager on `connection` to reload its unit files and waits until it has.
+pub async fn reload(connection: &zbus::Connection) -> Result<(), SystemdError> {
+    let manager = ManagerProxy::new(connection)
+        .await
+        .map_err(|source| SystemdError::Call { method: "Reload", source })?;
+    manager
+        .reload()
+        .await
+        .map_err(|source| SystemdError::Call { method: "Reload", source })
+}
