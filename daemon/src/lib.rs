@@ -2,6 +2,7 @@
 //! knows nothing about D-Bus.
 
 pub mod config;
+pub mod engine;
 pub mod service;
 
 pub use config::Config;

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod proxy;
+pub mod types;
 
 pub use error::Error;
 pub use proxy::ModuleUpdaterProxy;

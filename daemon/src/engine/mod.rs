@@ -1,0 +1,10 @@
+//! The update engine: NS8's update-module for one instance, knowing nothing about D-Bus.
+//!
+//! The daemon (root) finds instances and starts one worker process per instance with the
+//! instance's credentials; the worker runs [`update::run`] and reports [`events::Event`]s.
+
+pub mod environment;
+pub mod events;
+pub mod extract;
+pub mod imagename;
+pub mod scripts;

@@ -1,0 +1,152 @@
+//! Wire types that travel as JSON: the per-instance result (`GetResult`), the job result, and the
+//! step names of `Progress` signals. Plain serde types, shared by the engine, the daemon and the client.
+
+use serde::{Deserialize, Serialize};
+
+/// The steps of an update, as named in `Progress` signals and in failure reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    /// Lock the instance, read its environment, decide whether there is work.
+    Prepare,
+    PullImage,
+    PullExtraImages,
+    Extract,
+    Reload,
+    UpdateEnvironment,
+    RunScripts,
+    /// An executable the module ships in `actions/update-module/`.
+    ModuleStep,
+    CleanupImages,
+}
+
+impl Step {
+    /// The wire name (`pull-image`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Prepare => "prepare",
+            Step::PullImage => "pull-image",
+            Step::PullExtraImages => "pull-extra-images",
+            Step::Extract => "extract",
+            Step::Reload => "reload",
+            Step::UpdateEnvironment => "update-environment",
+            Step::RunScripts => "run-scripts",
+            Step::ModuleStep => "module-step",
+            Step::CleanupImages => "cleanup-images",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How one instance's update ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceStatus {
+    Completed,
+    AlreadyInstalled,
+    Failed,
+    Cancelled,
+}
+
+impl InstanceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Completed => "completed",
+            InstanceStatus::AlreadyInstalled => "already-installed",
+            InstanceStatus::Failed => "failed",
+            InstanceStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// The exit code NS8 would report for this outcome.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            InstanceStatus::Completed | InstanceStatus::AlreadyInstalled => 0,
+            InstanceStatus::Failed => 1,
+            InstanceStatus::Cancelled => -1,
+        }
+    }
+}
+
+/// How one script (or module step) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScriptStatus {
+    /// Exit code 0.
+    Ok,
+    /// Non-zero exit, or killed by a signal (exit code -1).
+    Failed,
+    /// Killed after the per-script timeout.
+    Timeout,
+    /// Killed because the job was cancelled.
+    Cancelled,
+}
+
+/// The outcome of one `update-module.d` script or module step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScriptOutcome {
+    /// File name, e.g. `80restart`.
+    pub name: String,
+    pub status: ScriptStatus,
+    /// The exit code; `None` after a timeout or cancel, -1 when killed by a signal.
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+}
+
+/// Why an instance's update failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub step: Step,
+    pub reason: String,
+}
+
+/// The result of updating one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceResult {
+    pub status: InstanceStatus,
+    pub exit_code: i32,
+    pub old_image_url: Option<String>,
+    pub new_image_url: Option<String>,
+    pub old_image_digest: Option<String>,
+    pub new_image_digest: Option<String>,
+    pub scripts: Vec<ScriptOutcome>,
+    /// How many imageroot entries were installed.
+    pub files_installed: usize,
+    /// Entries of the previous imageroot that the new one no longer ships, removed.
+    pub files_removed: Vec<String>,
+    pub images_removed: Vec<String>,
+    pub warnings: Vec<String>,
+    pub error: Option<Failure>,
+}
+
+impl InstanceResult {
+    /// A result with only a status (and its exit code) set.
+    pub fn new(status: InstanceStatus) -> Self {
+        InstanceResult {
+            status,
+            exit_code: status.exit_code(),
+            old_image_url: None,
+            new_image_url: None,
+            old_image_digest: None,
+            new_image_digest: None,
+            scripts: Vec::new(),
+            files_installed: 0,
+            files_removed: Vec::new(),
+            images_removed: Vec::new(),
+            warnings: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// A failed result at `step`.
+    pub fn failed(step: Step, reason: impl Into<String>) -> Self {
+        let mut result = InstanceResult::new(InstanceStatus::Failed);
+        result.error = Some(Failure { step, reason: reason.into() });
+        result
+    }
+}
