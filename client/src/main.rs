@@ -42,7 +42,9 @@ enum Command {
 enum ClientError {
     #[error("cannot connect to {bus}: {source} (is the bus running? try --address)")]
     Connect { bus: String, source: zbus::Error },
-    #[error("module-updaterd does not answer on {bus}: {source} (is it installed and allowed to start? see `systemctl status module-updaterd`)")]
+    #[error(
+        "module-updaterd does not answer on {bus}: {source} (is it installed and allowed to start? see `systemctl status module-updaterd`)"
+    )]
     Unreachable { bus: String, source: zbus::Error },
 }
 
@@ -56,14 +58,26 @@ impl ClientError {
 
 async fn connect(bus: &BusArgs) -> Result<(zbus::Connection, String), ClientError> {
     let (builder, name) = match (&bus.address, bus.user) {
-        (Some(address), _) => (zbus::connection::Builder::address(address.as_str()), format!("the bus at {address}")),
-        (None, true) => (zbus::connection::Builder::session(), "the session bus".to_owned()),
-        (None, false) => (zbus::connection::Builder::system(), "the system bus".to_owned()),
+        (Some(address), _) => (
+            zbus::connection::Builder::address(address.as_str()),
+            format!("the bus at {address}"),
+        ),
+        (None, true) => (
+            zbus::connection::Builder::session(),
+            "the session bus".to_owned(),
+        ),
+        (None, false) => (
+            zbus::connection::Builder::system(),
+            "the system bus".to_owned(),
+        ),
     };
     let connection = builder
         .build()
         .await
-        .map_err(|source| ClientError::Connect { bus: name.clone(), source })?;
+        .map_err(|source| ClientError::Connect {
+            bus: name.clone(),
+            source,
+        })?;
     Ok((connection, name))
 }
 
@@ -71,8 +85,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     let (connection, bus) = connect(&cli.bus).await?;
     match cli.command {
         Command::Version => {
-            let unreachable = |source| ClientError::Unreachable { bus: bus.clone(), source };
-            let proxy = ModuleUpdaterProxy::new(&connection).await.map_err(unreachable)?;
+            let unreachable = |source| ClientError::Unreachable {
+                bus: bus.clone(),
+                source,
+            };
+            let proxy = ModuleUpdaterProxy::new(&connection)
+                .await
+                .map_err(unreachable)?;
             let daemon = proxy.version().await.map_err(unreachable)?;
             println!("module-updater {}", env!("CARGO_PKG_VERSION"));
             println!("module-updaterd {daemon}");
@@ -83,7 +102,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("module-updater: cannot start the async runtime: {err}");

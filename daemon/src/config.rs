@@ -57,7 +57,28 @@ pub struct Config {
     /// Kill an update-module.d script after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 1800)]
     pub script_timeout: u64,
+    /// Update at most this many instances at once, over all jobs (default: 2 × CPUs).
+    #[arg(long, value_name = "N")]
+    pub max_parallel: Option<usize>,
+    /// Keep a finished job on the bus this many seconds so late clients can read it.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub job_linger: u64,
+    /// Where job records and the job counter are kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/module-updater")]
+    pub state_dir: PathBuf,
+    /// Exit after this many seconds with no job running and no bus traffic (for bus activation).
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
     /// Log debug messages too.
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+impl Config {
+    /// How many instance updates may run at once.
+    pub fn parallelism(&self) -> usize {
+        self.max_parallel
+            .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
 }

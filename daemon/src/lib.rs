@@ -1,8 +1,11 @@
 //! module-updaterd: the daemon library. `service` is the thin D-Bus layer; everything it calls
 //! knows nothing about D-Bus.
 
+pub mod bus;
 pub mod config;
 pub mod engine;
+pub mod jobs;
+pub mod request;
 pub mod service;
 
 pub use config::Config;

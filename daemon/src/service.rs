@@ -1,6 +1,7 @@
-//! The D-Bus face of the daemon: owns the name, serves the manager object, and runs until SIGTERM.
-//! It stays thin: every decision is made by the engine it calls.
+//! Start-up and life of the daemon: owns the name, serves the manager and job objects, and runs
+//! until SIGTERM (or the idle timeout). The decisions are the job manager's and the engine's.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use module_updater_dbus as contract;
@@ -9,6 +10,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use zbus::fdo::RequestNameFlags;
 
 use crate::Config;
+use crate::bus::{job::JobObject, manager::Manager, pump};
+use crate::engine::instance::Bases;
+use crate::jobs::{Jobs, Settings, job_path};
+
+/// How long running jobs get to stop on SIGTERM before the daemon exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -36,50 +43,105 @@ pub enum ServiceError {
     },
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot use the state dir {path}: {source} (set --state-dir to a writable directory)")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot find our own executable for the workers: {0}")]
+    Executable(std::io::Error),
+    #[error("cannot publish {path}: {source}")]
+    Publish { path: String, source: zbus::Error },
 }
 
-/// The manager object at `/org/nethserver/ModuleUpdater`.
-pub struct Manager;
-
-#[zbus::interface(name = "org.nethserver.ModuleUpdater")]
-impl Manager {
-    /// The daemon's version.
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn version(&self) -> &str {
-        env!("CARGO_PKG_VERSION")
-    }
-}
-
-/// Connects, owns the name, notifies READY=1, and serves until SIGTERM or SIGINT.
+/// Connects, owns the name, notifies READY=1, and serves until SIGTERM, SIGINT or idle timeout.
 pub async fn run(config: Config) -> Result<(), ServiceError> {
     let bus = config.bus.describe();
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
 
+    let settings = Settings {
+        worker_exe: std::env::current_exe().map_err(ServiceError::Executable)?,
+        bases: Bases {
+            home: config.home_base.clone(),
+            rootful: config.rootful_base.clone(),
+        },
+        system_manager_address: config.system_manager_address.clone(),
+        script_timeout: Duration::from_secs(config.script_timeout),
+        max_parallel: config.parallelism(),
+        job_linger: Duration::from_secs(config.job_linger),
+        state_dir: config.state_dir.clone(),
+        podman_args: Vec::new(),
+    };
+    let (jobs, events) = Jobs::new(settings).map_err(|source| ServiceError::StateDir {
+        path: config.state_dir.display().to_string(),
+        source,
+    })?;
+
     let connection = config
         .bus
         .builder()
-        .serve_at(contract::OBJECT_PATH, Manager)
+        .serve_at(
+            contract::OBJECT_PATH,
+            Manager {
+                jobs: Arc::clone(&jobs),
+            },
+        )
         .build()
         .await
-        .map_err(|source| ServiceError::Connect { bus: bus.clone(), source })?;
+        .map_err(|source| ServiceError::Connect {
+            bus: bus.clone(),
+            source,
+        })?;
+    // Jobs recovered from the state dir are served again for the rest of their linger time.
+    for id in jobs.ids() {
+        let path = job_path(id);
+        connection
+            .object_server()
+            .at(path.as_str(), JobObject::new(id, Arc::clone(&jobs)))
+            .await
+            .map_err(|source| ServiceError::Publish { path, source })?;
+    }
+    let pump = tokio::spawn(pump::run(connection.clone(), events, Arc::clone(&jobs)));
 
     request_name(&connection, &bus).await?;
     log::info!("serving {} on {bus}", contract::BUS_NAME);
     notify::ready();
-    notify::status("idle");
+    pump::update_status(&jobs);
 
     let watchdog = notify::watchdog_interval();
     let mut ticker = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let idle_timeout = config.idle_timeout.map(Duration::from_secs);
     loop {
+        let activity = connection.monitor_activity();
+        let idle = async {
+            match idle_timeout {
+                Some(timeout) => tokio::time::sleep(timeout).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = connection.closed() => {
+                log::error!("the bus connection closed");
+                break;
+            }
             _ = ticker.tick() => if watchdog.is_some() { notify::watchdog() },
+            _ = activity => {}
+            _ = idle => if jobs.running().is_empty() {
+                log::info!("idle for {} s: exiting", config.idle_timeout.unwrap_or_default());
+                break;
+            },
         }
     }
     notify::stopping();
-    log::info!("stopping");
+    log::info!("stopping: cancelling running jobs");
+    jobs.shutdown(SHUTDOWN_GRACE).await;
+    // Let the pump send the last signals, then leave the bus.
+    tokio::time::sleep(pump::FLUSH_INTERVAL).await;
+    pump.abort();
+    drop(jobs);
     Ok(())
 }
 
@@ -90,17 +152,25 @@ async fn request_name(connection: &zbus::Connection, bus: &str) -> Result<(), Se
         .await
     {
         Ok(_) => Ok(()),
-        Err(zbus::Error::NameTaken) => Err(ServiceError::NameTaken { name, bus: bus.to_owned() }),
-        Err(source @ zbus::Error::MethodError(..)) if is_access_denied(&source) => Err(ServiceError::NameDenied {
+        Err(zbus::Error::NameTaken) => Err(ServiceError::NameTaken {
+            name,
+            bus: bus.to_owned(),
+        }),
+        Err(source) if is_access_denied(&source) => Err(ServiceError::NameDenied {
             name,
             bus: bus.to_owned(),
             policy: contract::POLICY_FILE,
             source,
         }),
-        Err(source) => Err(ServiceError::RequestName { name, bus: bus.to_owned(), source }),
+        Err(source) => Err(ServiceError::RequestName {
+            name,
+            bus: bus.to_owned(),
+            source,
+        }),
     }
 }
 
 fn is_access_denied(error: &zbus::Error) -> bool {
     matches!(error, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied")
+        || matches!(error, zbus::Error::FDO(e) if matches!(**e, zbus::fdo::Error::AccessDenied(_)))
 }

@@ -9,7 +9,7 @@ pub mod proxy;
 pub mod types;
 
 pub use error::Error;
-pub use proxy::ModuleUpdaterProxy;
+pub use proxy::{JobProxy, ModuleUpdaterProxy};
 
 /// The well-known name the daemon owns on the system bus.
 pub const BUS_NAME: &str = "org.nethserver.ModuleUpdater";

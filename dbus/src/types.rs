@@ -146,7 +146,10 @@ impl InstanceResult {
     /// A failed result at `step`.
     pub fn failed(step: Step, reason: impl Into<String>) -> Self {
         let mut result = InstanceResult::new(InstanceStatus::Failed);
-        result.error = Some(Failure { step, reason: reason.into() });
+        result.error = Some(Failure {
+            step,
+            reason: reason.into(),
+        });
         result
     }
 }

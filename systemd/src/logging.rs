@@ -42,7 +42,11 @@ struct StderrLog {
 struct Fields(String);
 
 impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
-    fn visit_pair(&mut self, key: log::kv::Key<'kvs>, value: log::kv::Value<'kvs>) -> Result<(), log::kv::Error> {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
         self.0.push_str(&format!(" {key}={value}"));
         Ok(())
     }
@@ -63,7 +67,12 @@ impl Log for StderrLog {
         }
         let mut fields = Fields(String::new());
         let _ = record.key_values().visit(&mut fields);
-        let line = format!("<{}>{}{}\n", priority(record.level()), record.args(), fields.0);
+        let line = format!(
+            "<{}>{}{}\n",
+            priority(record.level()),
+            record.args(),
+            fields.0
+        );
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 

@@ -47,10 +47,12 @@ pub fn user_bus_address(runtime_dir: &Path) -> String {
 /// Connects to a bus by address (used for a user's bus and for an explicit system bus address).
 pub async fn connect(address: &str) -> Result<zbus::Connection, SystemdError> {
     zbus::connection::Builder::address(address)
-        .build().await.map_err(|source| SystemdError::Connect {
-        address: address.to_owned(),
-        source,
-    })
+        .build()
+        .await
+        .map_err(|source| SystemdError::Connect {
+            address: address.to_owned(),
+            source,
+        })
 }
 
 /// Connects to the system bus, or to `address` when given (tests and `--system-manager-address`).
@@ -70,9 +72,12 @@ pub async fn connect_system(address: Option<&str>) -> Result<zbus::Connection, S
 pub async fn reload(connection: &zbus::Connection) -> Result<(), SystemdError> {
     let manager = ManagerProxy::new(connection)
         .await
-        .map_err(|source| SystemdError::Call { method: "Reload", source })?;
-    manager
-        .reload()
-        .await
-        .map_err(|source| SystemdError::Call { method: "Reload", source })
+        .map_err(|source| SystemdError::Call {
+            method: "Reload",
+            source,
+        })?;
+    manager.reload().await.map_err(|source| SystemdError::Call {
+        method: "Reload",
+        source,
+    })
 }

@@ -1,1 +1,173 @@
-fn main() {}
+//! Project tasks, run as `cargo xtask <task>`:
+//! - `test`: install what the suite needs, check formatting and lints, build, run every test;
+//! - `demo`: install what is missing, build, and stand up the sandbox demo.
+//!
+//! Everything the tests need is installed here, so a fresh Debian 12 machine with only the Rust
+//! toolchain runs the suite with this one command (CI calls exactly `cargo xtask test`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Debian packages the sandbox needs, with why.
+const PACKAGES: &[(&str, &str)] = &[
+    (
+        "podman",
+        "rootless podman for instance users, and building test module images",
+    ),
+    ("uidmap", "newuidmap/newgidmap for rootless podman"),
+    (
+        "docker-registry",
+        "a real OCI registry on loopback for test images",
+    ),
+    ("dbus", "dbus-daemon for the private test bus"),
+    (
+        "dbus-user-session",
+        "the user bus each instance's systemd --user manager activates",
+    ),
+    ("systemd", "systemd --user managers for instances, busctl"),
+    ("libglib2.0-bin", "gdbus, a D-Bus client we did not write"),
+    ("polkitd", "real polkit authorisation on the test bus"),
+    ("pkexec", "polkit's pkcheck and actions"),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(&args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <test|demo> [ARGS...]");
+            eprintln!(
+                "  test   install what is missing, check fmt and clippy, run the whole suite"
+            );
+            eprintln!("  demo   install what is missing, build, and run the sandbox demo");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    // xtask/ is one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    eprintln!("xtask: running {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{program} {} failed ({status})", args.join(" ")))
+    }
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs the Debian packages the sandbox needs, saying what and why.
+fn ensure_packages() -> Result<(), String> {
+    let missing: Vec<&(&str, &str)> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (package, why) in &missing {
+        eprintln!("xtask: installing {package}: {why}");
+    }
+    if !nix_is_root() {
+        return Err("installing packages needs root: run as root (the sandbox creates users and cgroups too)".into());
+    }
+    run("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(missing.iter().map(|(p, _)| *p));
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map_err(|e| format!("cannot run apt-get: {e}"))?;
+    if !status.success() {
+        return Err(format!("apt-get {} failed ({status})", args.join(" ")));
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn has_nextest() -> bool {
+    Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn test(extra: &[String]) -> Result<(), String> {
+    ensure_packages()?;
+    run("cargo", &["fmt", "--all", "--", "--check"])?;
+    run(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    // End-to-end tests start the daemon and client binaries: build them first.
+    run("cargo", &["build", "--workspace", "--bins"])?;
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    if has_nextest() {
+        let mut args = vec!["nextest", "run", "--workspace", "--profile", "ci"];
+        args.extend(extra);
+        run("cargo", &args)
+    } else {
+        eprintln!(
+            "xtask: cargo-nextest not found, using cargo test (install it with `cargo install cargo-nextest`)"
+        );
+        let mut args = vec!["test", "--workspace"];
+        args.extend(extra);
+        run("cargo", &args)
+    }
+}
+
+fn demo(extra: &[String]) -> Result<(), String> {
+    ensure_packages()?;
+    run("cargo", &["build", "--workspace", "--bins"])?;
+    let mut args = vec![
+        "run",
+        "--quiet",
+        "-p",
+        "module-updater-tests",
+        "--bin",
+        "demo",
+        "--",
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    run("cargo", &args)
+}

@@ -1,0 +1,122 @@
+//! `org.nethserver.ModuleUpdater.Job` at `/org/nethserver/ModuleUpdater/job/<n>`.
+
+use std::sync::Arc;
+
+use module_updater_dbus::Error;
+use zbus::object_server::SignalEmitter;
+
+use crate::jobs::{JobRecord, Jobs};
+
+pub struct JobObject {
+    id: u64,
+    jobs: Arc<Jobs>,
+}
+
+impl JobObject {
+    pub fn new(id: u64, jobs: Arc<Jobs>) -> Self {
+        JobObject { id, jobs }
+    }
+
+    fn record(&self) -> Result<JobRecord, zbus::fdo::Error> {
+        self.jobs
+            .get(self.id)
+            .ok_or_else(|| zbus::fdo::Error::UnknownObject(format!("job {} is gone", self.id)))
+    }
+}
+
+#[zbus::interface(name = "org.nethserver.ModuleUpdater.Job")]
+impl JobObject {
+    /// Asks the job to stop: SIGTERM to its workers, SIGKILL 10 s later.
+    async fn cancel(&self) -> Result<(), Error> {
+        Ok(self.jobs.cancel(self.id)?)
+    }
+
+    /// `{"status", "exit_code", "instances": {id: result}}`.
+    async fn get_result(&self) -> Result<String, Error> {
+        self.jobs
+            .get(self.id)
+            .map(|r| r.result_json())
+            .ok_or_else(|| Error::NoSuchJob(format!("job {} is gone", self.id)))
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn id(&self) -> u64 {
+        self.id
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn action(&self) -> zbus::fdo::Result<String> {
+        Ok(self.record()?.action)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn request(&self) -> zbus::fdo::Result<String> {
+        Ok(self.record()?.request)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn instances(&self) -> zbus::fdo::Result<Vec<String>> {
+        Ok(self.record()?.instances)
+    }
+
+    #[zbus(property)]
+    async fn status(&self) -> zbus::fdo::Result<String> {
+        Ok(self.record()?.status.as_str().to_owned())
+    }
+
+    #[zbus(property)]
+    async fn progress(&self) -> zbus::fdo::Result<u32> {
+        Ok(u32::from(self.record()?.progress))
+    }
+
+    #[zbus(property)]
+    async fn exit_code(&self) -> zbus::fdo::Result<i32> {
+        Ok(self.record()?.exit_code)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn caller_uid(&self) -> zbus::fdo::Result<u32> {
+        Ok(self.record()?.caller_uid)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn started_usec(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.record()?.started_usec)
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn finished_usec(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.record()?.finished_usec)
+    }
+
+    #[zbus(signal, name = "Progress")]
+    pub async fn progress_signal(
+        emitter: &SignalEmitter<'_>,
+        instance: &str,
+        step: &str,
+        percent: u32,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn message(
+        emitter: &SignalEmitter<'_>,
+        instance: &str,
+        priority: u32,
+        text: &str,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn instance_finished(
+        emitter: &SignalEmitter<'_>,
+        instance: &str,
+        status: &str,
+        exit_code: i32,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn finished(
+        emitter: &SignalEmitter<'_>,
+        status: &str,
+        exit_code: i32,
+    ) -> zbus::Result<()>;
+}

@@ -1,0 +1,136 @@
+//! `org.nethserver.ModuleUpdater` at `/org/nethserver/ModuleUpdater`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use module_updater_dbus::Error;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, ObjectServer, OwnedObjectPath};
+
+use super::job::JobObject;
+use crate::engine::instance;
+use crate::jobs::{Jobs, job_path};
+
+pub struct Manager {
+    pub jobs: Arc<Jobs>,
+}
+
+fn object_path(path: String) -> OwnedObjectPath {
+    // Job paths are built from a number under a constant prefix: always valid.
+    OwnedObjectPath::try_from(path)
+        .unwrap_or_else(|_| OwnedObjectPath::from(zbus::ObjectPath::from_static_str_unchecked("/")))
+}
+
+#[zbus::interface(name = "org.nethserver.ModuleUpdater")]
+impl Manager {
+    /// Checks the update-module request and starts a job for it.
+    async fn update_module(
+        &self,
+        request: &str,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<OwnedObjectPath, Error> {
+        let caller = super::caller(connection, &header).await?;
+        let id = self.jobs.submit(request, caller.uid)?;
+        let path = object_path(job_path(id));
+        server
+            .at(&path, JobObject::new(id, Arc::clone(&self.jobs)))
+            .await
+            .map_err(|e| Error::Failed(format!("cannot publish job {id}: {e}")))?;
+        Self::job_new(&emitter, path.as_ref())
+            .await
+            .map_err(Error::ZBus)?;
+        self.jobs_changed(&emitter).await.map_err(Error::ZBus)?;
+        Ok(path)
+    }
+
+    /// Every instance: (id, image URL, `idle` or `updating`, the job holding it or `/`).
+    async fn list_instances(&self) -> Vec<(String, String, String, OwnedObjectPath)> {
+        let jobs = Arc::clone(&self.jobs);
+        let found = tokio::task::spawn_blocking(move || instance::discover(&jobs.settings().bases))
+            .await
+            .unwrap_or_default();
+        found
+            .into_iter()
+            .map(|i| {
+                let url = i
+                    .environment()
+                    .and_then(|env| env.get("IMAGE_URL").map(str::to_owned))
+                    .unwrap_or_default();
+                let (state, job) = match self.jobs.busy_with(&i.id) {
+                    Some(job) => ("updating", object_path(job_path(job))),
+                    None => ("idle", object_path("/".to_owned())),
+                };
+                (i.id, url, state.to_owned(), job)
+            })
+            .collect()
+    }
+
+    /// `MODULE_ID`, the image keys of the instance's environment, `rootless` and `uid`.
+    async fn get_instance(&self, id: &str) -> Result<HashMap<String, String>, Error> {
+        let bases = self.jobs.settings().bases.clone();
+        let owned = id.to_owned();
+        let found = tokio::task::spawn_blocking(move || instance::find(&bases, &owned))
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                Error::NoSuchInstance(format!(
+                    "no module instance {id:?} on this node (see ListInstances)"
+                ))
+            })?;
+        let mut info: HashMap<String, String> = found
+            .environment()
+            .map(|env| {
+                env.iter()
+                    .filter(|(k, _)| {
+                        *k == "MODULE_ID"
+                            || k.starts_with("IMAGE_")
+                            || k.starts_with("PREV_")
+                            || k.ends_with("_IMAGE")
+                    })
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        info.insert("MODULE_ID".into(), found.id.clone());
+        info.insert("rootless".into(), found.rootless.to_string());
+        info.insert("uid".into(), found.uid.to_string());
+        Ok(info)
+    }
+
+    /// Running jobs and finished ones still lingering.
+    async fn list_jobs(&self) -> Vec<OwnedObjectPath> {
+        self.jobs().await
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    #[zbus(property)]
+    async fn jobs(&self) -> Vec<OwnedObjectPath> {
+        self.jobs
+            .ids()
+            .into_iter()
+            .map(|id| object_path(job_path(id)))
+            .collect()
+    }
+
+    #[zbus(signal)]
+    pub async fn job_new(
+        emitter: &SignalEmitter<'_>,
+        job: zbus::ObjectPath<'_>,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn job_finished(
+        emitter: &SignalEmitter<'_>,
+        job: zbus::ObjectPath<'_>,
+        status: &str,
+        exit_code: i32,
+    ) -> zbus::Result<()>;
+}

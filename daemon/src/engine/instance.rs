@@ -1,0 +1,213 @@
+//! Finding module instances on the node.
+//!
+//! A rootless instance is a Unix user `<id>` whose `~/.config/state/environment` says
+//! `MODULE_ID=<id>`; a rootful one is `<rootful base>/<id>/state/environment` with the same line.
+//! An id from a request is only ever compared with what discovery found, never joined into a path.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Gid, Uid, User};
+
+use super::environment::Environment;
+
+/// Where instances are looked for.
+#[derive(Debug, Clone)]
+pub struct Bases {
+    pub home: PathBuf,
+    pub rootful: PathBuf,
+}
+
+/// A module instance and the identity its work runs under.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub rootless: bool,
+    pub uid: u32,
+    pub gid: u32,
+    /// `~` of the user, or the rootful dir.
+    pub home: PathBuf,
+    /// `AGENT_INSTALL_DIR`: where the imageroot is extracted.
+    pub install_dir: PathBuf,
+    /// `AGENT_STATE_DIR`: holds `environment`.
+    pub state_dir: PathBuf,
+    /// `XDG_RUNTIME_DIR` of the user (rootless only).
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Instance {
+    /// Reads the instance's environment file (refusing a file not owned by the instance's user).
+    pub fn environment(&self) -> Option<Environment> {
+        read_owned(&self.state_dir.join("environment"), self.uid)
+    }
+}
+
+/// Whether `id` has the shape of an instance id (`^[a-z][a-z0-9_-]*[0-9]+$`-like and no path tricks).
+pub fn plausible_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && id.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
+        && id.as_bytes().last().is_some_and(u8::is_ascii_digit)
+}
+
+/// Every instance on the node, sorted by id.
+pub fn discover(bases: &Bases) -> Vec<Instance> {
+    let mut found: Vec<Instance> = Vec::new();
+    for name in dir_names(&bases.home) {
+        if let Some(instance) = rootless(&bases.home, &name) {
+            found.push(instance);
+        }
+    }
+    for name in dir_names(&bases.rootful) {
+        if found.iter().any(|i| i.id == name) {
+            continue;
+        }
+        if let Some(instance) = rootful(&bases.rootful, &name) {
+            found.push(instance);
+        }
+    }
+    found.sort_by(|a, b| a.id.cmp(&b.id));
+    found
+}
+
+/// The instance with this id, if discovery finds it.
+pub fn find(bases: &Bases, id: &str) -> Option<Instance> {
+    if !plausible_id(id) {
+        return None;
+    }
+    discover(bases).into_iter().find(|i| i.id == id)
+}
+
+fn dir_names(base: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| plausible_id(name))
+        .collect()
+}
+
+fn rootless(home_base: &Path, name: &str) -> Option<Instance> {
+    let user = User::from_name(name).ok()??;
+    let home = home_base.join(name);
+    // The user's home must be this directory: a user named like a directory elsewhere is not it.
+    if user.dir != home || user.uid == Uid::from_raw(0) {
+        return None;
+    }
+    let install_dir = home.join(".config");
+    let state_dir = install_dir.join("state");
+    let env = read_owned(&state_dir.join("environment"), user.uid.as_raw())?;
+    if env.get("MODULE_ID") != Some(name) {
+        return None;
+    }
+    Some(Instance {
+        id: name.to_owned(),
+        rootless: true,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        runtime_dir: Some(PathBuf::from(format!("/run/user/{}", user.uid))),
+        home,
+        install_dir,
+        state_dir,
+    })
+}
+
+fn rootful(rootful_base: &Path, name: &str) -> Option<Instance> {
+    let install_dir = rootful_base.join(name);
+    let state_dir = install_dir.join("state");
+    let env = read_owned(&state_dir.join("environment"), 0)?;
+    if env.get("MODULE_ID") != Some(name) {
+        return None;
+    }
+    Some(Instance {
+        id: name.to_owned(),
+        rootless: false,
+        uid: 0,
+        gid: Gid::from_raw(0).as_raw(),
+        home: install_dir.clone(),
+        install_dir,
+        state_dir,
+        runtime_dir: None,
+    })
+}
+
+/// Reads an environment file that must be a regular file owned by `uid`. The final component is
+/// opened without following symlinks, so a user cannot point the daemon at another file.
+fn read_owned(path: &Path, uid: u32) -> Option<Environment> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.uid() != uid || meta.len() > 1 << 20 {
+        return None;
+    }
+    let mut text = String::new();
+    File::read_to_string(&mut file, &mut text).ok()?;
+    Some(Environment::parse(&text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_look_like_paths_are_not_plausible() {
+        for id in [
+            "../x1", "/etc1", "a/b1", ".1", "", "mail", "Mail1", "1mail1", "mail1\n",
+        ] {
+            assert!(!plausible_id(id), "{id:?}");
+        }
+        for id in ["mail1", "nextcloud3", "my-app12", "a_b1"] {
+            assert!(plausible_id(id), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn rootful_instances_are_found_by_their_environment() {
+        let base = tempfile::tempdir().unwrap();
+        let state = base.path().join("crowdsec1/state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            state.join("environment"),
+            "MODULE_ID=crowdsec1\nIMAGE_URL=x/y:1\n",
+        )
+        .unwrap();
+        let other = base.path().join("wrong2/state");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("environment"), "MODULE_ID=else2\n").unwrap();
+        let bases = Bases {
+            home: base.path().join("nohome"),
+            rootful: base.path().to_path_buf(),
+        };
+        let all = discover(&bases);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].id, "crowdsec1");
+        assert!(!all[0].rootless);
+        assert!(find(&bases, "../crowdsec1").is_none());
+        assert!(find(&bases, "wrong2").is_none());
+    }
+
+    #[test]
+    fn a_symlinked_environment_is_not_read() {
+        let base = tempfile::tempdir().unwrap();
+        let state = base.path().join("evil1/state");
+        std::fs::create_dir_all(&state).unwrap();
+        let target = base.path().join("target");
+        std::fs::write(&target, "MODULE_ID=evil1\n").unwrap();
+        std::os::unix::fs::symlink(&target, state.join("environment")).unwrap();
+        let bases = Bases {
+            home: base.path().join("nohome"),
+            rootful: base.path().to_path_buf(),
+        };
+        assert!(discover(&bases).is_empty());
+    }
+}

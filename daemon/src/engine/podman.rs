@@ -1,0 +1,238 @@
+//! The podman commands an update needs, each spawned as few times as the job allows (a podman
+//! process costs 25–45 ms): one listing tells which references are present, one pull fetches all
+//! missing ones, one inspect reads every image. Every positional argument comes after `--`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Stdio;
+
+use serde::Deserialize;
+use tokio::process::Command;
+
+/// Errors of podman commands.
+#[derive(Debug, thiserror::Error)]
+pub enum PodmanError {
+    #[error("cannot run podman: {0} (is podman installed? apt-get install podman)")]
+    Spawn(#[source] std::io::Error),
+    #[error("`podman {command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot parse the output of `podman {command}`: {source}")]
+    Parse {
+        command: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "image {0} has no repository digest (RepoDigests is empty): it must come from a registry, not a local build"
+    )]
+    NoRepoDigest(String),
+    #[error("podman returned no data for image {0}")]
+    Missing(String),
+}
+
+/// What `podman image inspect` tells about an image (only what the update uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// 64 hex digits, no prefix.
+    pub id: String,
+    /// `sha256:...`
+    pub digest: String,
+    /// `RepoDigests[0]`, `repo@sha256:...`
+    pub repo_digest: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawInspect {
+    id: String,
+    #[serde(default)]
+    digest: Option<String>,
+    #[serde(default)]
+    repo_digests: Option<Vec<String>>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawListed {
+    #[serde(default)]
+    names: Option<Vec<String>>,
+    #[serde(default)]
+    repo_digests: Option<Vec<String>>,
+}
+
+/// The podman CLI of the current user. `global` are options placed before the subcommand
+/// (none on a real node; kept for tests that point a rootful instance at a private storage).
+#[derive(Debug, Clone, Default)]
+pub struct Podman {
+    global: Vec<String>,
+}
+
+impl Podman {
+    pub fn new(global: Vec<String>) -> Self {
+        Podman { global }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("podman");
+        command
+            .args(&self.global)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn output(&self, args: &[&str]) -> Result<Vec<u8>, PodmanError> {
+        let output = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(PodmanError::Spawn)?;
+        if output.status.success() {
+            Ok(output.stdout)
+        } else {
+            Err(PodmanError::Failed {
+                command: args.join(" "),
+                status: output.status.to_string(),
+                stderr: tail(&output.stderr),
+            })
+        }
+    }
+
+    /// Which of `references` name a local image exactly (podman-pull-missing semantics), in one
+    /// `podman image list`.
+    pub async fn present(&self, references: &[&str]) -> Result<HashSet<String>, PodmanError> {
+        let args = ["image", "list", "--format", "json"];
+        let stdout = self.output(&args).await?;
+        let listed: Vec<RawListed> = parse_json(&args, &stdout)?;
+        let names: HashSet<&str> = listed
+            .iter()
+            .flat_map(|image| {
+                let names = image.names.iter().flatten();
+                names.chain(image.repo_digests.iter().flatten())
+            })
+            .map(String::as_str)
+            .collect();
+        Ok(references
+            .iter()
+            .filter(|r| names.contains(**r))
+            .map(|r| (*r).to_owned())
+            .collect())
+    }
+
+    /// Pulls every reference in one podman process. Its progress output goes to `stderr` lines.
+    pub async fn pull(&self, references: &[&str]) -> Result<(), PodmanError> {
+        if references.is_empty() {
+            // NS8 runs `podman pull` with no argument when forced with no extra images and fails.
+            return Ok(());
+        }
+        let mut args = vec!["pull", "--quiet", "--"];
+        args.extend_from_slice(references);
+        self.output(&args).await.map(|_| ())
+    }
+
+    /// Inspects every reference in one podman process, in the order given.
+    pub async fn inspect(&self, references: &[&str]) -> Result<Vec<ImageInfo>, PodmanError> {
+        let mut args = vec!["image", "inspect", "--"];
+        args.extend_from_slice(references);
+        let stdout = self.output(&args).await?;
+        let raw: Vec<RawInspect> = parse_json(&args, &stdout)?;
+        if raw.len() != references.len() {
+            return Err(PodmanError::Missing(references.join(" ")));
+        }
+        raw.into_iter()
+            .zip(references)
+            .map(|(image, reference)| {
+                let repo_digest = image
+                    .repo_digests
+                    .and_then(|d| d.into_iter().next())
+                    .ok_or_else(|| PodmanError::NoRepoDigest((*reference).to_owned()))?;
+                Ok(ImageInfo {
+                    id: image.id,
+                    digest: image.digest.unwrap_or_default(),
+                    repo_digest,
+                    labels: image.labels.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// Creates a container of `image` (never started) to read its filesystem; returns its id.
+    pub async fn create(&self, image: &str) -> Result<String, PodmanError> {
+        let stdout = self.output(&["create", "--", image]).await?;
+        Ok(String::from_utf8_lossy(&stdout).trim().to_owned())
+    }
+
+    /// Starts `podman export` of a container, its tar stream on the child's stdout. Blocking
+    /// (std) process, because the tar reader that consumes it is synchronous.
+    pub fn export_blocking(&self, container: &str) -> Result<std::process::Child, PodmanError> {
+        std::process::Command::new("podman")
+            .args(&self.global)
+            .args(["export", "--", container])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(PodmanError::Spawn)
+    }
+
+    /// Removes a container, ignoring one that is already gone.
+    pub async fn remove_container(&self, container: &str) -> Result<(), PodmanError> {
+        self.output(&["rm", "--force", "--ignore", "--", container])
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes one image by reference (an image in use fails, which the caller reports as a warning).
+    pub async fn remove_image(&self, reference: &str) -> Result<(), PodmanError> {
+        self.output(&["image", "rm", "--", reference])
+            .await
+            .map(|_| ())
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    args: &[&str],
+    stdout: &[u8],
+) -> Result<T, PodmanError> {
+    serde_json::from_slice(stdout).map_err(|source| PodmanError::Parse {
+        command: args.join(" "),
+        source,
+    })
+}
+
+/// The last lines of a command's stderr, for error messages.
+pub fn tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(5);
+    lines[start..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inspect_output_with_null_labels_and_no_digests_parses() {
+        let raw: Vec<RawInspect> = serde_json::from_str(
+            r#"[{"Id":"ab","Digest":"sha256:1","RepoDigests":[],"Labels":null}]"#,
+        )
+        .unwrap();
+        assert!(raw[0].labels.is_none());
+        assert_eq!(raw[0].repo_digests.as_deref(), Some(&[][..]));
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail(b"a\n\nb\nc\nd\ne\nf\n"), "b | c | d | e | f");
+    }
+}

@@ -1,0 +1,736 @@
+//! Jobs: admission, parallel execution of instance updates in workers, progress, persistence and
+//! crash recovery. Knows nothing about D-Bus: it reports [`JobEvent`]s on a channel that the D-Bus
+//! layer turns into signals.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use module_updater_dbus::types::{InstanceResult, InstanceStatus, Step};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::engine::events::Event;
+use crate::engine::instance::{self, Bases, Instance};
+use crate::engine::update::UpdateJob;
+use crate::engine::worker;
+use crate::request::{self, ValidationError};
+
+/// What the job manager needs to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub worker_exe: PathBuf,
+    pub bases: Bases,
+    pub system_manager_address: Option<String>,
+    pub script_timeout: Duration,
+    pub max_parallel: usize,
+    pub job_linger: Duration,
+    pub state_dir: PathBuf,
+    pub podman_args: Vec<String>,
+}
+
+/// The life of a job, as the `Status` property shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Completed,
+    Aborted,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Aborted => "aborted",
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(self, JobStatus::Completed | JobStatus::Aborted)
+    }
+}
+
+/// A job as persisted in `<state dir>/jobs/<id>.json` and served on the bus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: u64,
+    pub action: String,
+    pub request: String,
+    pub instances: Vec<String>,
+    pub status: JobStatus,
+    pub progress: u8,
+    pub exit_code: i32,
+    pub caller_uid: u32,
+    pub started_usec: u64,
+    pub finished_usec: u64,
+    /// The step each unfinished instance is in.
+    #[serde(default)]
+    pub steps: BTreeMap<String, Step>,
+    /// Results of the finished instances.
+    #[serde(default)]
+    pub results: BTreeMap<String, InstanceResult>,
+    /// Why the job as a whole ended abnormally (`interrupted` after a daemon crash).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl JobRecord {
+    /// `GetResult`: `{"status", "exit_code", "instances": {id: result}}` (plus `error` when set).
+    pub fn result_json(&self) -> String {
+        let mut value = serde_json::json!({
+            "status": self.status.as_str(),
+            "exit_code": self.exit_code,
+            "instances": self.results,
+        });
+        if let (Some(error), Some(object)) = (&self.error, value.as_object_mut()) {
+            object.insert("error".into(), serde_json::Value::from(error.as_str()));
+        }
+        value.to_string()
+    }
+}
+
+/// What happened to jobs, for the D-Bus layer.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// A job's `Status`, `Progress` or `ExitCode` changed.
+    Changed { job: u64 },
+    Progress {
+        job: u64,
+        instance: String,
+        step: Step,
+        percent: u8,
+    },
+    Message {
+        job: u64,
+        instance: String,
+        priority: u8,
+        text: String,
+    },
+    InstanceFinished {
+        job: u64,
+        instance: String,
+        status: InstanceStatus,
+        exit_code: i32,
+    },
+    Finished {
+        job: u64,
+        status: JobStatus,
+        exit_code: i32,
+    },
+    /// The job's linger time is over: it leaves the bus.
+    Removed { job: u64 },
+}
+
+/// Why a request was not turned into a job.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{}", request::to_json(.0))]
+    Invalid(Vec<ValidationError>),
+    #[error("{}", request::to_json(.0))]
+    Busy(Vec<ValidationError>),
+    #[error("the daemon is shutting down and takes no new jobs; retry when it is back")]
+    ShuttingDown,
+    #[error("cannot record the job in {path}: {source}")]
+    Persist {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("no job {0}")]
+    NoSuchJob(u64),
+}
+
+struct Entry {
+    record: JobRecord,
+    cancel: watch::Sender<bool>,
+    /// Per-instance progress; the job's progress is their average.
+    progress: HashMap<String, u8>,
+}
+
+struct State {
+    jobs: BTreeMap<u64, Entry>,
+    /// Instances in a running job, and that job.
+    busy: HashMap<String, u64>,
+    next_id: u64,
+}
+
+/// The job manager.
+pub struct Jobs {
+    settings: Settings,
+    state: Mutex<State>,
+    events: mpsc::UnboundedSender<JobEvent>,
+    permits: Arc<Semaphore>,
+    shutting_down: AtomicBool,
+    idle: tokio::sync::Notify,
+}
+
+fn now_usec() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Jobs {
+    /// Creates the manager and recovers the jobs a previous daemon left: a job still within its
+    /// linger time is served again, one found running is finished as aborted (`interrupted`).
+    pub fn new(
+        settings: Settings,
+    ) -> std::io::Result<(Arc<Jobs>, mpsc::UnboundedReceiver<JobEvent>)> {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let jobs_dir = settings.state_dir.join("jobs");
+        std::fs::create_dir_all(&jobs_dir)?;
+        let mut next_id = read_counter(&settings.state_dir);
+        let mut recovered = BTreeMap::new();
+        let now = now_usec();
+        for record in load_records(&jobs_dir) {
+            next_id = next_id.max(record.id + 1);
+            let mut record = record;
+            if !record.status.finished() {
+                interrupt(&mut record, now);
+                write_record(&jobs_dir, &record)?;
+            }
+            let expires = record
+                .finished_usec
+                .saturating_add(settings.job_linger.as_micros() as u64);
+            if expires <= now {
+                let _ = std::fs::remove_file(record_path(&jobs_dir, record.id));
+                continue;
+            }
+            let (cancel, _) = watch::channel(false);
+            recovered.insert(
+                record.id,
+                Entry {
+                    record,
+                    cancel,
+                    progress: HashMap::new(),
+                },
+            );
+        }
+        let permits = Arc::new(Semaphore::new(settings.max_parallel.max(1)));
+        let jobs = Arc::new(Jobs {
+            settings,
+            state: Mutex::new(State {
+                jobs: recovered,
+                busy: HashMap::new(),
+                next_id: next_id.max(1),
+            }),
+            events,
+            permits,
+            shutting_down: AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
+        });
+        // Recovered jobs leave the bus when their linger time is over.
+        for (id, remaining) in jobs.linger_times(now) {
+            jobs.schedule_removal(id, remaining);
+        }
+        Ok((jobs, receiver))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; keep serving with the data as it is.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn linger_times(&self, now: u64) -> Vec<(u64, Duration)> {
+        let linger = self.settings.job_linger.as_micros() as u64;
+        self.lock()
+            .jobs
+            .values()
+            .map(|e| {
+                let left = e
+                    .record
+                    .finished_usec
+                    .saturating_add(linger)
+                    .saturating_sub(now);
+                (e.record.id, Duration::from_micros(left))
+            })
+            .collect()
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Checks a request and starts a job for it; returns the job id.
+    pub fn submit(self: &Arc<Self>, raw: &str, caller_uid: u32) -> Result<u64, SubmitError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let request = request::parse(raw).map_err(SubmitError::Invalid)?;
+        let known = instance::discover(&self.settings.bases);
+        let mut targets: Vec<Instance> = Vec::new();
+        let mut missing = Vec::new();
+        for (index, id) in request.instances.iter().enumerate() {
+            match known.iter().find(|i| &i.id == id) {
+                Some(found) => targets.push(found.clone()),
+                None => missing.push(ValidationError::new(
+                    &format!("instances.{index}"),
+                    serde_json::Value::from(id.as_str()),
+                    "instance_not_found",
+                )),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(SubmitError::Invalid(missing));
+        }
+
+        let (id, cancel_rx) = {
+            let mut state = self.lock();
+            let busy: Vec<ValidationError> = request
+                .instances
+                .iter()
+                .enumerate()
+                .filter_map(|(index, id)| {
+                    state.busy.get(id).map(|job| ValidationError {
+                        field: format!("instances.{index}"),
+                        parameter: "instances".into(),
+                        value: serde_json::Value::from(id.as_str()),
+                        error: "action_already_running".into(),
+                        job: Some(job_path(*job)),
+                    })
+                })
+                .collect();
+            if !busy.is_empty() {
+                return Err(SubmitError::Busy(busy));
+            }
+            let id = state.next_id;
+            write_counter(&self.settings.state_dir, id + 1).map_err(|source| {
+                SubmitError::Persist {
+                    path: self.settings.state_dir.join(COUNTER_FILE),
+                    source,
+                }
+            })?;
+            state.next_id = id + 1;
+            let record = JobRecord {
+                id,
+                action: "update-module".into(),
+                request: request.raw.clone(),
+                instances: request.instances.clone(),
+                status: JobStatus::Pending,
+                progress: 0,
+                exit_code: -1,
+                caller_uid,
+                started_usec: now_usec(),
+                finished_usec: 0,
+                steps: BTreeMap::new(),
+                results: BTreeMap::new(),
+                error: None,
+            };
+            self.persist(&record)
+                .map_err(|source| SubmitError::Persist {
+                    path: record_path(&self.jobs_dir(), id),
+                    source,
+                })?;
+            let (cancel, cancel_rx) = watch::channel(false);
+            for instance in &request.instances {
+                state.busy.insert(instance.clone(), id);
+            }
+            state.jobs.insert(
+                id,
+                Entry {
+                    record,
+                    cancel,
+                    progress: request.instances.iter().map(|i| (i.clone(), 0)).collect(),
+                },
+            );
+            (id, cancel_rx)
+        };
+        log::info!(JOB_ID = id, CALLER_UID = caller_uid; "job {id}: update-module {} on {}", request.module_url, request.instances.join(" "));
+        let jobs = Arc::clone(self);
+        tokio::spawn(async move { jobs.run(id, request, targets, cancel_rx).await });
+        Ok(id)
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        id: u64,
+        request: request::UpdateRequest,
+        targets: Vec<Instance>,
+        cancel: watch::Receiver<bool>,
+    ) {
+        self.update(id, |record| record.status = JobStatus::Running);
+        let mut tasks = tokio::task::JoinSet::new();
+        for instance in targets {
+            let jobs = Arc::clone(&self);
+            let cancel = cancel.clone();
+            let job = UpdateJob {
+                job_id: id,
+                instance,
+                module_url: request.module_url.clone(),
+                force: request.force,
+                request_json: request.raw.clone(),
+                script_timeout_secs: self.settings.script_timeout.as_secs(),
+                system_manager_address: self.settings.system_manager_address.clone(),
+                podman_args: self.settings.podman_args.clone(),
+            };
+            tasks.spawn(async move { jobs.run_instance(id, job, cancel).await });
+        }
+        while tasks.join_next().await.is_some() {}
+        self.finish(id);
+    }
+
+    async fn run_instance(self: Arc<Self>, id: u64, job: UpdateJob, cancel: watch::Receiver<bool>) {
+        let instance = job.instance.id.clone();
+        let result = if *cancel.borrow() {
+            InstanceResult::new(InstanceStatus::Cancelled)
+        } else {
+            // Bounded parallelism across all jobs; a closed semaphore cannot happen (never closed).
+            let _permit = self.permits.acquire().await;
+            if *cancel.borrow() {
+                InstanceResult::new(InstanceStatus::Cancelled)
+            } else {
+                let mut on_event = |event: Event| self.instance_event(id, &instance, event);
+                worker::update_instance(
+                    &self.settings.worker_exe,
+                    &job,
+                    cancel.clone(),
+                    &mut on_event,
+                )
+                .await
+            }
+        };
+        log::log!(
+            if result.status == InstanceStatus::Failed { log::Level::Warn } else { log::Level::Info },
+            JOB_ID = id, MODULE_ID = instance.as_str(), STEP = result.error.as_ref().map_or("", |f| f.step.as_str());
+            "job {id}: {instance} {}{}",
+            result.status.as_str(),
+            result.error.as_ref().map(|f| format!(" at {}: {}", f.step, f.reason)).unwrap_or_default()
+        );
+        let (status, exit_code) = (result.status, result.exit_code);
+        self.update(id, |record| {
+            record.steps.remove(&instance);
+            record.results.insert(instance.clone(), result);
+        });
+        {
+            let mut state = self.lock();
+            if state.busy.get(&instance) == Some(&id) {
+                state.busy.remove(&instance);
+            }
+            if let Some(entry) = state.jobs.get_mut(&id) {
+                entry.progress.insert(instance.clone(), 100);
+                let progress = average(&entry.progress);
+                if progress > entry.record.progress {
+                    entry.record.progress = progress;
+                }
+            }
+        }
+        self.send(JobEvent::Changed { job: id });
+        self.send(JobEvent::InstanceFinished {
+            job: id,
+            instance,
+            status,
+            exit_code,
+        });
+    }
+
+    fn instance_event(&self, id: u64, instance: &str, event: Event) {
+        match event {
+            Event::StepStarted { step } => {
+                self.update(id, |record| {
+                    record.steps.insert(instance.to_owned(), step);
+                });
+            }
+            Event::Progress { step, percent } => {
+                let changed = {
+                    let mut state = self.lock();
+                    state.jobs.get_mut(&id).is_some_and(|entry| {
+                        entry.progress.insert(instance.to_owned(), percent);
+                        let progress = average(&entry.progress);
+                        let changed = progress > entry.record.progress;
+                        if changed {
+                            entry.record.progress = progress;
+                        }
+                        changed
+                    })
+                };
+                self.send(JobEvent::Progress {
+                    job: id,
+                    instance: instance.to_owned(),
+                    step,
+                    percent,
+                });
+                if changed {
+                    self.send(JobEvent::Changed { job: id });
+                }
+            }
+            Event::Message { priority, text } => self.send(JobEvent::Message {
+                job: id,
+                instance: instance.to_owned(),
+                priority,
+                text,
+            }),
+            Event::StepFinished { .. } | Event::Finished { .. } => {}
+        }
+    }
+
+    fn finish(self: &Arc<Self>, id: u64) {
+        let mut outcome = (JobStatus::Aborted, 1);
+        self.update(id, |record| {
+            let ok = record.instances.iter().all(|i| {
+                record.results.get(i).is_some_and(|r| {
+                    matches!(
+                        r.status,
+                        InstanceStatus::Completed | InstanceStatus::AlreadyInstalled
+                    )
+                })
+            });
+            record.status = if ok {
+                JobStatus::Completed
+            } else {
+                JobStatus::Aborted
+            };
+            record.exit_code = if ok { 0 } else { 1 };
+            record.progress = 100;
+            record.finished_usec = now_usec();
+            outcome = (record.status, record.exit_code);
+        });
+        log::info!(JOB_ID = id; "job {id} {} (exit code {})", outcome.0.as_str(), outcome.1);
+        self.send(JobEvent::Finished {
+            job: id,
+            status: outcome.0,
+            exit_code: outcome.1,
+        });
+        self.idle.notify_waiters();
+        self.schedule_removal(id, self.settings.job_linger);
+    }
+
+    fn schedule_removal(self: &Arc<Self>, id: u64, after: Duration) {
+        let jobs = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let removed = jobs.lock().jobs.remove(&id).is_some();
+            if removed {
+                let _ = std::fs::remove_file(record_path(&jobs.jobs_dir(), id));
+                jobs.send(JobEvent::Removed { job: id });
+            }
+        });
+    }
+
+    /// Changes a job's record, persists it, and reports the change.
+    fn update(&self, id: u64, change: impl FnOnce(&mut JobRecord)) {
+        let record = {
+            let mut state = self.lock();
+            let Some(entry) = state.jobs.get_mut(&id) else {
+                return;
+            };
+            change(&mut entry.record);
+            entry.record.clone()
+        };
+        if let Err(err) = self.persist(&record) {
+            log::error!(JOB_ID = id; "cannot record job {id} in {}: {err}", self.jobs_dir().display());
+        }
+        self.send(JobEvent::Changed { job: id });
+    }
+
+    fn send(&self, event: JobEvent) {
+        // The receiver lives as long as the daemon; a send after it is gone is harmless.
+        let _ = self.events.send(event);
+    }
+
+    fn jobs_dir(&self) -> PathBuf {
+        self.settings.state_dir.join("jobs")
+    }
+
+    fn persist(&self, record: &JobRecord) -> std::io::Result<()> {
+        write_record(&self.jobs_dir(), record)
+    }
+
+    /// Asks a job to stop: its workers get SIGTERM (SIGKILL 10 s later).
+    pub fn cancel(&self, id: u64) -> Result<(), JobError> {
+        let state = self.lock();
+        let entry = state.jobs.get(&id).ok_or(JobError::NoSuchJob(id))?;
+        if !entry.record.status.finished() {
+            log::info!(JOB_ID = id; "job {id}: cancel requested");
+            let _ = entry.cancel.send(true);
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: u64) -> Option<JobRecord> {
+        self.lock().jobs.get(&id).map(|e| e.record.clone())
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.lock().jobs.keys().copied().collect()
+    }
+
+    /// The job that holds an instance, if any.
+    pub fn busy_with(&self, instance: &str) -> Option<u64> {
+        self.lock().busy.get(instance).copied()
+    }
+
+    /// Running jobs and how many instances they update.
+    pub fn running(&self) -> Vec<(u64, usize)> {
+        self.lock()
+            .jobs
+            .values()
+            .filter(|e| !e.record.status.finished())
+            .map(|e| (e.record.id, e.record.instances.len()))
+            .collect()
+    }
+
+    /// Refuses new jobs, cancels the running ones and waits (at most `grace`) until they end.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        for (id, _) in self.running() {
+            let _ = self.cancel(id);
+        }
+        while !self.running().is_empty() {
+            let notified = self.idle.notified();
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// The D-Bus object path of a job (the only place the path shape is built).
+pub fn job_path(id: u64) -> String {
+    format!("{}/{id}", module_updater_dbus::JOB_PATH_PREFIX)
+}
+
+fn average(progress: &HashMap<String, u8>) -> u8 {
+    if progress.is_empty() {
+        return 0;
+    }
+    let sum: u32 = progress.values().map(|p| u32::from(*p)).sum();
+    (sum / progress.len() as u32) as u8
+}
+
+/// Finishes a job a dead daemon left running: aborted, `interrupted`, its unfinished instances
+/// failed at the step they were in.
+fn interrupt(record: &mut JobRecord, now: u64) {
+    for instance in &record.instances {
+        if !record.results.contains_key(instance) {
+            let step = record.steps.get(instance).copied().unwrap_or(Step::Prepare);
+            let mut result =
+                InstanceResult::failed(step, "interrupted: the daemon stopped during the update");
+            result
+                .warnings
+                .push("run the same request again to complete the update".into());
+            record.results.insert(instance.clone(), result);
+        }
+    }
+    record.steps.clear();
+    record.status = JobStatus::Aborted;
+    record.exit_code = 1;
+    record.error = Some("interrupted".into());
+    record.finished_usec = now;
+}
+
+const COUNTER_FILE: &str = "next-job-id";
+
+fn read_counter(state_dir: &Path) -> u64 {
+    std::fs::read_to_string(state_dir.join(COUNTER_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1)
+}
+
+fn write_counter(state_dir: &Path, next: u64) -> std::io::Result<()> {
+    write_atomic(
+        &state_dir.join(COUNTER_FILE),
+        format!("{next}\n").as_bytes(),
+    )
+}
+
+fn record_path(jobs_dir: &Path, id: u64) -> PathBuf {
+    jobs_dir.join(format!("{id}.json"))
+}
+
+fn write_record(jobs_dir: &Path, record: &JobRecord) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    write_atomic(&record_path(jobs_dir, record.id), &json)
+}
+
+fn load_records(jobs_dir: &Path) -> Vec<JobRecord> {
+    let Ok(entries) = std::fs::read_dir(jobs_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| {
+            let text = std::fs::read(e.path()).ok()?;
+            match serde_json::from_slice::<JobRecord>(&text) {
+                Ok(record) => Some(record),
+                Err(err) => {
+                    log::warn!(
+                        "ignoring unreadable job record {}: {err}",
+                        e.path().display()
+                    );
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Temp file in the same directory, fsync, rename, fsync the directory.
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_job_is_aborted_with_its_instances_failed_at_their_step() {
+        let mut record = JobRecord {
+            id: 4,
+            action: "update-module".into(),
+            request: "{}".into(),
+            instances: vec!["a1".into(), "b2".into()],
+            status: JobStatus::Running,
+            progress: 40,
+            exit_code: -1,
+            caller_uid: 0,
+            started_usec: 1,
+            finished_usec: 0,
+            steps: BTreeMap::from([("b2".to_owned(), Step::Extract)]),
+            results: BTreeMap::from([(
+                "a1".to_owned(),
+                InstanceResult::new(InstanceStatus::Completed),
+            )]),
+            error: None,
+        };
+        interrupt(&mut record, 99);
+        assert_eq!(record.status, JobStatus::Aborted);
+        assert_eq!(record.error.as_deref(), Some("interrupted"));
+        assert_eq!(record.results["a1"].status, InstanceStatus::Completed);
+        let b2 = &record.results["b2"];
+        assert_eq!(b2.status, InstanceStatus::Failed);
+        assert_eq!(b2.error.as_ref().map(|f| f.step), Some(Step::Extract));
+        let json: serde_json::Value = serde_json::from_str(&record.result_json()).unwrap();
+        assert_eq!(json["status"], "aborted");
+        assert_eq!(json["error"], "interrupted");
+        assert_eq!(json["instances"]["b2"]["status"], "failed");
+    }
+
+    #[test]
+    fn the_counter_survives_and_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_counter(dir.path()), 1);
+        write_counter(dir.path(), 8).unwrap();
+        assert_eq!(read_counter(dir.path()), 8);
+    }
+}

@@ -1,0 +1,301 @@
+//! The update-module request, checked the way NS8's cluster schema checks it, with errors in
+//! NS8's validation-array form (`[{"field","parameter","value","error"}]`).
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// Requests larger than this are refused before parsing.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// More instances than this in one request are refused.
+pub const MAX_INSTANCES: usize = 1000;
+
+/// One item of NS8's validation array. `error` is `<parameter>_<kind>`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ValidationError {
+    pub field: String,
+    pub parameter: String,
+    pub value: Value,
+    pub error: String,
+    /// The job that holds a busy instance (only with `action_already_running`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
+impl ValidationError {
+    /// An error at `field` (`instances.0`), whose parameter is the field's first component.
+    pub fn new(field: &str, value: Value, kind: &str) -> Self {
+        let parameter = field.split('.').next().unwrap_or(field).to_owned();
+        ValidationError {
+            field: field.to_owned(),
+            error: format!("{parameter}_{kind}"),
+            parameter,
+            value,
+            job: None,
+        }
+    }
+}
+
+/// Renders a validation array as NS8 prints it.
+pub fn to_json(errors: &[ValidationError]) -> String {
+    serde_json::to_string(errors).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// A request that passed the schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateRequest {
+    pub module_url: String,
+    pub instances: Vec<String>,
+    pub force: bool,
+    /// The JSON exactly as received (the scripts' stdin).
+    pub raw: String,
+}
+
+/// Checks `raw` against the cluster schema of update-module (module_url: string, minLength 1,
+/// required; instances: array of ≥1 strings of minLength 2 matching `^.+[0-9]+$`, required;
+/// force: boolean; other keys allowed), plus our limits and duplicate instances.
+pub fn parse(raw: &str) -> Result<UpdateRequest, Vec<ValidationError>> {
+    let root = "(root)";
+    if raw.len() > MAX_REQUEST_BYTES {
+        return Err(vec![ValidationError::new(
+            root,
+            Value::from(raw.len()),
+            "too_large",
+        )]);
+    }
+    let value: Value = serde_json::from_str(raw).map_err(|e| {
+        vec![ValidationError::new(
+            root,
+            Value::from(e.to_string()),
+            "invalid_json",
+        )]
+    })?;
+    let Value::Object(object) = &value else {
+        return Err(vec![ValidationError::new(
+            root,
+            value.clone(),
+            "invalid_type",
+        )]);
+    };
+    let mut errors = Vec::new();
+
+    let module_url = match object.get("module_url") {
+        None => {
+            errors.push(ValidationError::new("module_url", Value::Null, "required"));
+            None
+        }
+        Some(Value::String(url)) if url.is_empty() => {
+            errors.push(ValidationError::new(
+                "module_url",
+                Value::from(""),
+                "string_gte",
+            ));
+            None
+        }
+        Some(Value::String(url)) if !plausible_reference(url) => {
+            errors.push(ValidationError::new(
+                "module_url",
+                Value::from(url.as_str()),
+                "pattern",
+            ));
+            None
+        }
+        Some(Value::String(url)) => Some(url.clone()),
+        Some(other) => {
+            errors.push(ValidationError::new(
+                "module_url",
+                other.clone(),
+                "invalid_type",
+            ));
+            None
+        }
+    };
+
+    let mut instances = Vec::new();
+    match object.get("instances") {
+        None => errors.push(ValidationError::new("instances", Value::Null, "required")),
+        Some(Value::Array(items)) if items.is_empty() => {
+            errors.push(ValidationError::new(
+                "instances",
+                Value::Array(Vec::new()),
+                "array_min_items",
+            ));
+        }
+        Some(Value::Array(items)) if items.len() > MAX_INSTANCES => {
+            errors.push(ValidationError::new(
+                "instances",
+                Value::from(items.len()),
+                "too_large",
+            ));
+        }
+        Some(Value::Array(items)) => {
+            for (index, item) in items.iter().enumerate() {
+                let field = format!("instances.{index}");
+                match item {
+                    Value::String(id) if id.chars().count() < 2 => {
+                        errors.push(ValidationError::new(&field, item.clone(), "string_gte"));
+                    }
+                    Value::String(id) if !instance_pattern(id) => {
+                        errors.push(ValidationError::new(&field, item.clone(), "pattern"));
+                    }
+                    Value::String(id) if instances.contains(id) => {
+                        errors.push(ValidationError::new(
+                            &field,
+                            item.clone(),
+                            "duplicate_instance",
+                        ));
+                    }
+                    Value::String(id) => instances.push(id.clone()),
+                    other => {
+                        errors.push(ValidationError::new(&field, other.clone(), "invalid_type"))
+                    }
+                }
+            }
+        }
+        Some(other) => errors.push(ValidationError::new(
+            "instances",
+            other.clone(),
+            "invalid_type",
+        )),
+    }
+
+    let force = match object.get("force") {
+        None => false,
+        Some(Value::Bool(force)) => *force,
+        Some(other) => {
+            errors.push(ValidationError::new("force", other.clone(), "invalid_type"));
+            false
+        }
+    };
+
+    match (module_url, errors.is_empty()) {
+        (Some(module_url), true) => Ok(UpdateRequest {
+            module_url,
+            instances,
+            force,
+            raw: raw.to_owned(),
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// NS8's `^.+[0-9]+$`: at least one character, then at least one digit at the end.
+fn instance_pattern(id: &str) -> bool {
+    let trimmed = id.trim_end_matches(|c: char| c.is_ascii_digit());
+    !trimmed.is_empty() && trimmed.len() < id.len() && !id.contains('\n')
+}
+
+/// A cheap shape check of an image reference: what podman could never take (a leading `-`,
+/// whitespace, control characters) is refused here, before any job exists.
+fn plausible_reference(url: &str) -> bool {
+    !url.starts_with('-')
+        && url.len() <= 4096
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+        && url.contains(|c: char| c.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn errors(raw: &str) -> Vec<String> {
+        parse(raw)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.error)
+            .collect()
+    }
+
+    #[test]
+    fn a_valid_request_parses() {
+        let raw = r#"{"module_url":"ghcr.io/nethserver/mail:1.2","instances":["mail1","mail2"],"force":true,"x":1}"#;
+        let request = parse(raw).unwrap();
+        assert_eq!(request.module_url, "ghcr.io/nethserver/mail:1.2");
+        assert_eq!(request.instances, ["mail1", "mail2"]);
+        assert!(request.force);
+        assert_eq!(request.raw, raw);
+    }
+
+    #[test]
+    fn ns8_error_kinds() {
+        assert_eq!(
+            errors(r#"{"instances":["mail1"]}"#),
+            ["module_url_required"]
+        );
+        assert_eq!(errors(r#"{"module_url":"a/b:1"}"#), ["instances_required"]);
+        assert_eq!(
+            errors(r#"{"module_url":"a/b:1","instances":[]}"#),
+            ["instances_array_min_items"]
+        );
+        assert_eq!(
+            errors(r#"{"module_url":5,"instances":["a1"]}"#),
+            ["module_url_invalid_type"]
+        );
+        assert_eq!(
+            errors(r#"{"module_url":"","instances":["a1"]}"#),
+            ["module_url_string_gte"]
+        );
+        assert_eq!(
+            errors(r#"{"module_url":"a/b:1","instances":["1"]}"#),
+            ["instances_string_gte"]
+        );
+        assert_eq!(
+            errors(r#"{"module_url":"a/b:1","instances":["a1"],"force":"yes"}"#),
+            ["force_invalid_type"]
+        );
+        assert_eq!(
+            errors(r#"{"module_url":"a/b:1","instances":["a1","a1"]}"#),
+            ["instances_duplicate_instance"]
+        );
+        assert_eq!(
+            errors(r#"{"module_url":"a/b:1","instances":"a1"}"#),
+            ["instances_invalid_type"]
+        );
+        assert_eq!(errors("{"), ["(root)_invalid_json"]);
+        assert_eq!(errors("[]"), ["(root)_invalid_type"]);
+        assert_eq!(
+            errors(r#"{"module_url":"-x","instances":["a1"]}"#),
+            ["module_url_pattern"]
+        );
+    }
+
+    #[test]
+    fn pattern_error_names_the_field_and_value() {
+        let err = parse(r#"{"module_url":"a/b:1","instances":["mail"]}"#).unwrap_err();
+        assert_eq!(
+            to_json(&err),
+            r#"[{"field":"instances.0","parameter":"instances","value":"mail","error":"instances_pattern"}]"#
+        );
+    }
+
+    #[test]
+    fn oversized_requests_are_refused_before_parsing() {
+        let raw = format!(
+            r#"{{"module_url":"a/b:1","instances":["a1"],"pad":"{}"}}"#,
+            "x".repeat(MAX_REQUEST_BYTES)
+        );
+        assert_eq!(errors(&raw), ["(root)_too_large"]);
+        let many: Vec<String> = (0..=MAX_INSTANCES).map(|i| format!("\"m{i}\"")).collect();
+        let raw = format!(
+            r#"{{"module_url":"a/b:1","instances":[{}]}}"#,
+            many.join(",")
+        );
+        assert_eq!(errors(&raw), ["instances_too_large"]);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(raw in ".{0,300}") {
+            let _ = parse(&raw);
+        }
+
+        #[test]
+        fn instance_ids_round_trip(ids in proptest::collection::vec("[a-z]{1,8}[0-9]{1,3}", 1..20)) {
+            let mut unique = ids.clone();
+            unique.sort();
+            unique.dedup();
+            let raw = serde_json::json!({"module_url": "r/m:1", "instances": unique}).to_string();
+            prop_assert_eq!(parse(&raw).unwrap().instances, unique);
+        }
+    }
+}
