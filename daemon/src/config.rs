@@ -69,6 +69,15 @@ pub struct Config {
     /// Exit after this many seconds with no job running and no bus traffic (for bus activation).
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+    /// An option for root podman when updating rootful instances, repeatable (e.g.
+    /// `--rootful-podman-arg=--root=/srv/containers`): for nodes whose root storage is elsewhere,
+    /// and for tests that must not touch the machine's storage.
+    #[arg(
+        long = "rootful-podman-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true
+    )]
+    pub rootful_podman_args: Vec<String>,
     /// Log debug messages too.
     #[arg(short, long)]
     pub verbose: bool,

@@ -28,7 +28,8 @@ pub struct Settings {
     pub max_parallel: usize,
     pub job_linger: Duration,
     pub state_dir: PathBuf,
-    pub podman_args: Vec<String>,
+    /// Global podman options for rootful instances only.
+    pub rootful_podman_args: Vec<String>,
 }
 
 /// The life of a job, as the `Status` property shows it.
@@ -366,13 +367,17 @@ impl Jobs {
             let cancel = cancel.clone();
             let job = UpdateJob {
                 job_id: id,
+                podman_args: if instance.rootless {
+                    Vec::new()
+                } else {
+                    self.settings.rootful_podman_args.clone()
+                },
                 instance,
                 module_url: request.module_url.clone(),
                 force: request.force,
                 request_json: request.raw.clone(),
                 script_timeout_secs: self.settings.script_timeout.as_secs(),
                 system_manager_address: self.settings.system_manager_address.clone(),
-                podman_args: self.settings.podman_args.clone(),
             };
             tasks.spawn(async move { jobs.run_instance(id, job, cancel).await });
         }
@@ -690,6 +695,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

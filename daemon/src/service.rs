@@ -71,7 +71,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         max_parallel: config.parallelism(),
         job_linger: Duration::from_secs(config.job_linger),
         state_dir: config.state_dir.clone(),
-        podman_args: Vec::new(),
+        rootful_podman_args: config.rootful_podman_args.clone(),
     };
     let (jobs, events) = Jobs::new(settings).map_err(|source| ServiceError::StateDir {
         path: config.state_dir.display().to_string(),

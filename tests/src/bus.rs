@@ -21,9 +21,6 @@ pub struct BusDaemon {
     _stdout: BufReader<ChildStdout>,
     pub record: ProcessRecord,
     pub socket: PathBuf,
-    pub config: PathBuf,
-    pub service_dir: PathBuf,
-    pub log: PathBuf,
 }
 
 fn escape(text: &str) -> String {
@@ -160,9 +157,6 @@ impl BusDaemon {
             _stdout: stdout,
             record,
             socket,
-            config,
-            service_dir,
-            log,
         };
         // Listening is not answering: make one real call before handing the bus out.
         let mut ping = cmd::clean("busctl");

@@ -130,12 +130,11 @@ impl Footprint {
         for user in self.users.iter().rev() {
             problems.extend(remove_user(user, false));
         }
-        if let Some(conf) = &self.registry_conf {
-            if let Err(err) = std::fs::remove_file(conf) {
-                if err.kind() != std::io::ErrorKind::NotFound {
-                    problems.push(format!("{}: {err}", conf.display()));
-                }
-            }
+        if let Some(conf) = &self.registry_conf
+            && let Err(err) = std::fs::remove_file(conf)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            problems.push(format!("{}: {err}", conf.display()));
         }
         problems.extend(
             cgroup::remove(&self.cgroups)
@@ -159,10 +158,10 @@ impl Footprint {
         if self.root.exists() {
             items.push(format!("temporary directory {}", self.root.display()));
         }
-        if let Some(conf) = &self.registry_conf {
-            if conf.exists() {
-                items.push(format!("registry configuration {}", conf.display()));
-            }
+        if let Some(conf) = &self.registry_conf
+            && conf.exists()
+        {
+            items.push(format!("registry configuration {}", conf.display()));
         }
         if self.record_file.exists() {
             items.push(format!("sandbox record {}", self.record_file.display()));
@@ -220,33 +219,22 @@ pub(crate) fn remove_user(user: &UserRecord, ours: bool) -> Vec<String> {
     if same || (ours && current.is_none()) {
         // Rootless podman's pause process keeps the user namespace alive and blocks userdel.
         let pause = user.runtime_dir.join("libpod/tmp/pause.pid");
-        if let Ok(text) = std::fs::read_to_string(&pause) {
-            if let Ok(pid) = text.trim().parse::<i32>() {
-                let owner_matches = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .is_ok_and(|s| {
-                        s.lines()
-                            .find_map(|l| l.strip_prefix("Uid:"))
-                            .and_then(|l| l.split_whitespace().next())
-                            .and_then(|u| u.parse::<u32>().ok())
-                            == Some(user.uid)
-                    });
-                if owner_matches {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
+        if let Ok(text) = std::fs::read_to_string(&pause)
+            && let Ok(pid) = text.trim().parse::<i32>()
+            && process::real_uid(pid) == Some(user.uid)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let survivors = process::kill_uid(user.uid);
         if !survivors.is_empty() {
             problems.push(format!("processes {survivors:?} of {}", user.name));
         }
     }
-    if same {
-        if let Err(err) = userdel(&user.name) {
-            problems.push(err.to_string());
-        }
+    if same && let Err(err) = userdel(&user.name) {
+        problems.push(err.to_string());
     }
     for dir in [&user.runtime_dir, &user.home] {
         if dir.exists() {

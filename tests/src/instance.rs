@@ -56,6 +56,40 @@ impl Instance {
     pub fn manager_bus_address(&self) -> String {
         format!("unix:path={}", self.runtime_dir.join("bus").display())
     }
+
+    /// Writes `contents` at `relative` below the install dir (e.g. `systemd/user/x.service`),
+    /// creating missing parent directories (0755); everything created belongs to the instance
+    /// user, as if the user had written it.
+    pub fn write_file(
+        &self,
+        relative: &str,
+        contents: impl AsRef<[u8]>,
+        mode: u32,
+    ) -> Result<PathBuf> {
+        let path = self.install_dir.join(relative);
+        let Some(parent) = path.parent() else {
+            return Err(SandboxError::InvalidSpec {
+                detail: format!("{relative:?} has no parent"),
+            });
+        };
+        let mut missing = Vec::new();
+        let mut dir = parent;
+        while !dir.exists() {
+            missing.push(dir.to_path_buf());
+            match dir.parent() {
+                Some(up) => dir = up,
+                None => break,
+            }
+        }
+        for dir in missing.iter().rev() {
+            owned_dir(dir, 0o755, self.uid, self.gid)?;
+        }
+        std::fs::write(&path, contents).map_err(|e| SandboxError::io("write", &path, e))?;
+        set_mode(&path, mode)?;
+        std::os::unix::fs::chown(&path, Some(self.uid), Some(self.gid))
+            .map_err(|e| SandboxError::io("chown", &path, e))?;
+        Ok(path)
+    }
 }
 
 /// Parses NS8's environment format.
@@ -357,11 +391,7 @@ impl Sandbox {
         let spec = ManagerSpec {
             what: format!("systemd --user of {id}"),
             cgroup_name,
-            user: Some(RunAs {
-                name: &id,
-                uid,
-                gid,
-            }),
+            user: Some(RunAs { uid, gid }),
             env: vec![
                 ("PATH".into(), cmd::PATH.into()),
                 ("LANG".into(), "C.UTF-8".into()),

@@ -14,18 +14,17 @@ pub const SYSTEMD: &str = "/usr/lib/systemd/systemd";
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The user a manager runs as (`None` in [`ManagerSpec`] means root).
-pub struct RunAs<'a> {
-    pub name: &'a str,
+pub struct RunAs {
     pub uid: u32,
     pub gid: u32,
 }
 
 /// What to start.
-pub struct ManagerSpec<'a> {
+pub struct ManagerSpec {
     /// For messages: "systemd --user of demoabcd1".
     pub what: String,
     pub cgroup_name: String,
-    pub user: Option<RunAs<'a>>,
+    pub user: Option<RunAs>,
     /// The manager's whole environment (HOME, XDG_RUNTIME_DIR, ...).
     pub env: Vec<(String, String)>,
     pub runtime_dir: PathBuf,
@@ -44,7 +43,7 @@ pub struct UserManager {
 impl UserManager {
     /// Starts the manager in a cgroup of its own, then waits until `ready` says it answers.
     pub fn start(
-        spec: ManagerSpec<'_>,
+        spec: ManagerSpec,
         mut ready: impl FnMut() -> Result<bool>,
     ) -> Result<UserManager> {
         // `systemd --user` refuses to start unless the machine looks booted with systemd.

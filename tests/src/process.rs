@@ -78,22 +78,22 @@ pub fn pids_of_uid(uid: u32) -> Vec<i32> {
     };
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                return false;
-            };
-            let zombie = status
-                .lines()
-                .any(|l| l.starts_with("State:") && l.contains('Z'));
-            let owned = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().next())
-                .and_then(|real| real.parse::<u32>().ok())
-                == Some(uid);
-            owned && !zombie
-        })
+        .filter(|pid| real_uid(*pid) == Some(uid) && !zombie(*pid))
         .collect()
+}
+
+/// The real uid of `pid`.
+pub fn real_uid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|real| real.parse::<u32>().ok())
+}
+
+fn zombie(pid: i32) -> bool {
+    stat(pid).is_some_and(|s| s.state == 'Z')
 }
 
 /// Pids in a cgroup directory and all its descendants.

@@ -298,6 +298,7 @@ fn write_atomically(dir: &Path, path: &Path, contents: &[u8], mode: u32) -> Resu
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

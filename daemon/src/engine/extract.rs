@@ -109,6 +109,15 @@ pub enum ExtractError {
         "imageroot \"{prefix}\" not found in the image; nothing was installed (check the org.nethserver.imageroot label)"
     )]
     PrefixNotFound { prefix: String },
+    #[error(
+        "cannot create a staging dir in {}: {source}; check free space and permissions",
+        dir.display()
+    )]
+    CreateStaging {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot stage {path:?} in {}: {source}; nothing was installed", staging.display())]
     Staging {
         path: String,
@@ -207,21 +216,20 @@ pub fn extract_imageroot_with_limits<R: Read>(
     let staging = tempfile::Builder::new()
         .prefix(STAGING_PREFIX)
         .tempdir_in(install_dir)
-        .map_err(|source| ExtractError::Staging {
-            path: String::new(),
-            staging: install_dir.to_owned(),
+        .map_err(|source| ExtractError::CreateStaging {
+            dir: install_dir.to_owned(),
             source,
         })?;
     let tree = Stager::new(staging.path(), prefix, limits).run(stream, progress)?;
     // Flush the staged data once, so the renames below never publish files whose content is
     // not yet on disk (one syncfs instead of an fsync per file).
-    if let Ok(dir) = File::open(staging.path()) {
-        let _ = nix::unistd::syncfs(&dir);
-    }
+    sync_filesystem(staging.path());
 
     let old_list = read_old_list(install_dir)?;
     let plan = plan_install(&tree, install_dir)?;
     let installed = install(&tree, &plan, staging.path(), install_dir)?;
+    // The list must never describe a tree that is not on disk yet.
+    sync_filesystem(install_dir);
     write_lists(
         install_dir,
         old_list.as_ref().map(|l| l.raw.as_slice()),
@@ -238,6 +246,14 @@ pub fn extract_imageroot_with_limits<R: Read>(
         );
     }
     Ok(ExtractOutcome { installed, removed })
+}
+
+/// Flushes the filesystem holding `dir`. Best effort: a failure only weakens crash durability.
+fn sync_filesystem(dir: &Path) {
+    let synced = File::open(dir).and_then(|d| nix::unistd::syncfs(&d).map_err(io::Error::from));
+    if let Err(e) = synced {
+        log::warn!("cannot sync the filesystem of {}: {e}", dir.display());
+    }
 }
 
 fn lock_install_dir(install_dir: &Path) -> Result<Flock<File>, ExtractError> {
@@ -395,7 +411,6 @@ impl<'a> Stager<'a> {
             progress(seen);
             self.member(&mut entry)?;
         }
-        drop(archive);
         if reader.eof {
             return Err(ExtractError::Truncated);
         }
@@ -727,7 +742,12 @@ impl<'a> Stager<'a> {
         };
         let target = match self.select(target) {
             Ok(Selected::Below(t, _)) => t,
-            Ok(_) | Err(_) => {
+            Ok(Selected::Gitignore | Selected::Root) => {
+                return Err(refuse(format!(
+                    "the hard link target {shown:?} is not a regular file extracted before it"
+                )));
+            }
+            Ok(Selected::Outside) | Err(_) => {
                 return Err(refuse(format!(
                     "the hard link target {shown:?} is outside the imageroot"
                 )));
@@ -1094,6 +1114,7 @@ fn remove_stale_entries(install_dir: &Path, old: &OldList, tree: &Tree) -> Vec<S
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;

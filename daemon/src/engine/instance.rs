@@ -156,6 +156,7 @@ fn read_owned(path: &Path, uid: u32) -> Option<Environment> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -68,15 +68,15 @@ pub fn interrupted(state_dir: &Path) -> bool {
 }
 
 /// Writes the marker with who is updating to what (for a person reading the state dir).
+/// Replaced by rename, so a stale marker of any owner in the instance's own dir is no obstacle.
 pub fn mark_started(state_dir: &Path, job: u64, module_url: &str) -> std::io::Result<()> {
-    let path = state_dir.join(MARKER_FILE);
-    let mut file = File::create(&path)?;
-    writeln!(
-        file,
-        "job={job}\nmodule_url={module_url}\npid={}",
-        std::process::id()
-    )?;
-    file.sync_all()
+    let mut file = tempfile::NamedTempFile::new_in(state_dir)?;
+    let pid = std::process::id();
+    writeln!(file, "job={job}\nmodule_url={module_url}\npid={pid}")?;
+    file.as_file().sync_all()?;
+    file.persist(state_dir.join(MARKER_FILE))
+        .map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Removes the marker: the update ended and left the instance consistent.
@@ -88,6 +88,7 @@ pub fn mark_finished(state_dir: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

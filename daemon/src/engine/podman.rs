@@ -218,6 +218,7 @@ pub fn tail(stderr: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

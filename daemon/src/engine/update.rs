@@ -698,6 +698,7 @@ impl Drop for CheckedExport {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1,0 +1,380 @@
+//! The command line, as clap definitions. Completions and the man page are generated from these
+//! (see [`crate::generate`]), so every flag documented here is what the shells complete.
+
+use std::fmt;
+use std::io::Read;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use module_updater_dbus::JOB_PATH_PREFIX;
+
+/// Which bus to talk to. At most one; the system bus when none is given.
+#[derive(Debug, Clone, Default, Args)]
+#[group(multiple = false)]
+pub struct BusArgs {
+    /// Talk to the service on the system bus (the default).
+    #[arg(long, global = true)]
+    pub system: bool,
+    /// Talk to the service on the user's session bus.
+    #[arg(long, global = true)]
+    pub user: bool,
+    /// Talk to the service on the bus at this D-Bus address (unix:path=..., unixexec:...).
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub address: Option<String>,
+    /// Talk to the system bus of a remote host, through `ssh -xT [USER@]HOST systemd-stdio-bridge`
+    /// (as `busctl -H`).
+    #[arg(short = 'H', long, value_name = "[USER@]HOST", global = true)]
+    pub host: Option<String>,
+}
+
+/// module-updater: update NethServer 8 module instances through module-updaterd.
+///
+/// Exit codes: 0 success, 1 the update failed (or another error), 2 busy (an instance is already
+/// being updated), 3 the service cannot be reached, 4 no such job or instance, 10 validation
+/// failed, 64 bad command line or input, 130 interrupted (detached with a second Ctrl-C).
+#[derive(Debug, Parser)]
+#[command(name = "module-updater", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub bus: BusArgs,
+    /// Seconds to wait for the reply of each D-Bus call (as busctl's --timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 25.0, global = true, value_parser = parse_timeout)]
+    pub timeout: f64,
+    /// Print JSON instead of tables (listing and status commands; one object per line for monitor).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print only the result JSON when following a job; no progress, no table.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an action with a JSON request, as NS8's `api-cli run`, and follow its job to the end.
+    Run {
+        #[command(subcommand)]
+        action: RunAction,
+    },
+    /// Update instances to MODULE_URL, as NS8's `update-module` command, and follow the job.
+    ///
+    /// Refuses an instance whose current image name differs from the new one.
+    Update {
+        /// The new image, e.g. ghcr.io/nethserver/mail:1.7.1.
+        #[arg(value_name = "MODULE_URL")]
+        module_url: String,
+        /// The instances to update, e.g. mail1.
+        #[arg(value_name = "INSTANCE", required = true)]
+        instances: Vec<String>,
+        /// Update even if the instance already runs that image.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the module instances: id, image, state and the job updating it.
+    List,
+    /// Show the image keys of an instance's environment.
+    Show {
+        #[arg(value_name = "INSTANCE")]
+        instance: String,
+    },
+    /// List the running jobs and the finished ones still kept.
+    Jobs,
+    /// Show a job's state, and its result once finished.
+    Status {
+        #[arg(value_name = "JOB")]
+        job: JobRef,
+    },
+    /// Ask the service to cancel a job.
+    Cancel {
+        #[arg(value_name = "JOB")]
+        job: JobRef,
+    },
+    /// Attach to a job and follow it to its end, as if this client had started it.
+    Wait {
+        #[arg(value_name = "JOB")]
+        job: JobRef,
+    },
+    /// Print every signal of the service as it arrives (Ctrl-C to stop).
+    Monitor,
+    /// Print the client's and the daemon's versions.
+    Version,
+    /// Generate shell completions or the man page (used by `cargo xtask`).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunAction {
+    /// NS8's update-module: `{"module_url": URL, "instances": [ID...], "force": BOOL}`.
+    UpdateModule {
+        /// The request JSON, forwarded unchanged; `-` reads it from stdin, `@FILE` from FILE.
+        #[arg(long, value_name = "JSON|-|@FILE")]
+        data: Data,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateWhat {
+    /// Print the completion script of SHELL on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff) on stdout.
+    Man,
+}
+
+/// The shells completions are generated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    // Zero or a negative value would make every call fail at once; an enormous one overflows Duration.
+    if !(secs > 0.0 && secs <= 86_400.0 * 365.0) {
+        return Err(format!("{text:?} must be more than 0 and at most a year of seconds"));
+    }
+    Ok(secs)
+}
+
+/// A job named on the command line: its id (`7`) or its object path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRef {
+    id: u64,
+}
+
+impl JobRef {
+    pub fn new(id: u64) -> JobRef {
+        JobRef { id }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The job's object path, `/org/nethserver/ModuleUpdater/job/<id>`.
+    pub fn path(&self) -> String {
+        format!("{JOB_PATH_PREFIX}/{}", self.id)
+    }
+
+    /// The job of an object path, if it is a job path.
+    pub fn from_path(path: &str) -> Option<JobRef> {
+        let rest = path.strip_prefix(JOB_PATH_PREFIX)?.strip_prefix('/')?;
+        parse_decimal(rest).map(JobRef::new)
+    }
+}
+
+/// Plain decimal digits only: `+7`, ` 7` and `07`-style surprises are not job ids.
+fn parse_decimal(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+impl FromStr for JobRef {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<JobRef, String> {
+        if let Some(id) = parse_decimal(text) {
+            return Ok(JobRef::new(id));
+        }
+        if text.starts_with('/') {
+            return JobRef::from_path(text).ok_or_else(|| {
+                format!("{text:?} is not a job path; expected {JOB_PATH_PREFIX}/<n>")
+            });
+        }
+        Err(format!(
+            "{text:?} is not a job; give its id (7) or its path ({JOB_PATH_PREFIX}/7), see `module-updater jobs`"
+        ))
+    }
+}
+
+impl fmt::Display for JobRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.id)
+    }
+}
+
+/// Where `--data` comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// The JSON text itself.
+    Inline(String),
+    /// `-`: standard input.
+    Stdin,
+    /// `@FILE`.
+    File(PathBuf),
+}
+
+impl FromStr for Data {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Data, String> {
+        if text == "-" {
+            Ok(Data::Stdin)
+        } else if let Some(path) = text.strip_prefix('@') {
+            if path.is_empty() {
+                return Err("@ needs a file name: --data @FILE".to_owned());
+            }
+            Ok(Data::File(PathBuf::from(path)))
+        } else {
+            Ok(Data::Inline(text.to_owned()))
+        }
+    }
+}
+
+/// Why `--data` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read the request from stdin: {0}; pipe the JSON in or pass it as --data JSON")]
+    Stdin(std::io::Error),
+    #[error("cannot read the request from {path:?}: {source}; check the file name after --data @")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Data {
+    /// The request text, unchanged (the service validates it). `stdin` is read only for `-`.
+    pub fn read(&self, mut stdin: impl Read) -> Result<String, DataError> {
+        match self {
+            Data::Inline(text) => Ok(text.clone()),
+            Data::Stdin => {
+                let mut text = String::new();
+                stdin.read_to_string(&mut text).map_err(DataError::Stdin)?;
+                Ok(text)
+            }
+            Data::File(path) => std::fs::read_to_string(path).map_err(|source| DataError::File {
+                path: path.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn job_is_an_id_or_a_path() {
+        assert_eq!("7".parse::<JobRef>(), Ok(JobRef::new(7)));
+        assert_eq!(
+            "/org/nethserver/ModuleUpdater/job/12".parse::<JobRef>(),
+            Ok(JobRef::new(12))
+        );
+        assert_eq!(JobRef::new(7).path(), "/org/nethserver/ModuleUpdater/job/7");
+        for bad in [
+            "",
+            "+7",
+            "-1",
+            "7a",
+            "job7",
+            "/org/nethserver/ModuleUpdater/job/",
+            "/org/nethserver/ModuleUpdater/job/7/x",
+            "/org/nethserver/ModuleUpdater/jobs/7",
+            "/org/nethserver/ModuleUpdater",
+            "99999999999999999999999",
+        ] {
+            assert!(bad.parse::<JobRef>().is_err(), "{bad:?} accepted");
+        }
+        let err = "mail1".parse::<JobRef>().unwrap_err();
+        assert!(err.contains("module-updater jobs"), "{err}");
+    }
+
+    #[test]
+    fn data_inline_stdin_and_file() {
+        let json = r#"{"module_url":"ghcr.io/nethserver/mail:1.7.1","instances":["mail1"]}"#;
+        assert_eq!(json.parse::<Data>(), Ok(Data::Inline(json.to_owned())));
+        assert_eq!("-".parse::<Data>(), Ok(Data::Stdin));
+        assert_eq!("@/tmp/x.json".parse::<Data>(), Ok(Data::File("/tmp/x.json".into())));
+        assert!("@".parse::<Data>().is_err());
+
+        // Inline text is forwarded unchanged, even when it is not JSON: the service judges it.
+        let inline = Data::Inline("not json ".to_owned());
+        assert_eq!(inline.read(&b"ignored"[..]).unwrap(), "not json ");
+        assert_eq!(Data::Stdin.read(json.as_bytes()).unwrap(), json);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("request.json");
+        std::fs::write(&file, format!("{json}\n")).unwrap();
+        let data: Data = format!("@{}", file.display()).parse().unwrap();
+        assert_eq!(data.read(&b""[..]).unwrap(), format!("{json}\n"));
+
+        let missing = Data::File(dir.path().join("missing.json"));
+        let err = missing.read(&b""[..]).unwrap_err().to_string();
+        assert!(err.contains("missing.json") && err.contains("--data @"), "{err}");
+    }
+
+    #[test]
+    fn command_line_shapes() {
+        let cli = Cli::try_parse_from([
+            "module-updater",
+            "run",
+            "update-module",
+            "--data",
+            "@req.json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Run { action: RunAction::UpdateModule { data: Data::File(_) } }
+        ));
+        assert_eq!(cli.timeout, 25.0);
+
+        let cli = Cli::try_parse_from([
+            "module-updater",
+            "update",
+            "ghcr.io/nethserver/mail:1.7.1",
+            "mail1",
+            "mail2",
+            "--force",
+            "-H",
+            "root@node1",
+            "--timeout",
+            "5",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Update { module_url, instances, force } => {
+                assert_eq!(module_url, "ghcr.io/nethserver/mail:1.7.1");
+                assert_eq!(instances, ["mail1", "mail2"]);
+                assert!(force);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(cli.bus.host.as_deref(), Some("root@node1"));
+        assert_eq!(cli.timeout, 5.0);
+
+        // update needs at least one instance.
+        assert!(Cli::try_parse_from(["module-updater", "update", "ghcr.io/x/mail:1"]).is_err());
+        // The bus choices exclude each other.
+        assert!(Cli::try_parse_from(["module-updater", "--user", "--system", "list"]).is_err());
+        assert!(Cli::try_parse_from(["module-updater", "-H", "h", "--address", "unix:path=/x", "list"]).is_err());
+        // --json and --quiet work after the subcommand too.
+        let cli = Cli::try_parse_from(["module-updater", "monitor", "--json"]).unwrap();
+        assert!(cli.json);
+        assert!(Cli::try_parse_from(["module-updater", "--timeout", "0", "list"]).is_err());
+        assert!(Cli::try_parse_from(["module-updater", "--timeout", "x", "list"]).is_err());
+        assert!(Cli::try_parse_from(["module-updater", "wait", "mail1"]).is_err());
+    }
+}

@@ -1,0 +1,461 @@
+//! Following a job to its end: signals subscribed before the job exists, the end confirmed through
+//! `Status`/`GetResult` (never by a signal alone, and polled every 2 s as a safety net), Ctrl-C to
+//! cancel then to detach, and a clean exit when the service leaves the bus.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use module_updater_dbus::{BUS_NAME, JOB_INTERFACE, JOB_PATH_PREFIX, JobProxy};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use zbus::proxy::CacheProperties;
+use zbus::{Connection, MatchRule, Message, MessageStream, OwnedVariant, fdo};
+
+use crate::bus::Bus;
+use crate::cli::JobRef;
+use crate::error::{Call, ClientError};
+use crate::render::{Mode, View};
+
+/// How often the job's `Status` is read even when no signal came.
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Messages a match rule may queue in zbus before its reader task moves them to our channel.
+const MATCH_QUEUE: NonZeroUsize = match NonZeroUsize::new(4096) {
+    Some(n) => n,
+    None => NonZeroUsize::MIN,
+};
+
+/// Signals of the `Job` interface on any job path (the path of a new job is unknown until
+/// `UpdateModule` answers, and its first signals may come before that answer).
+pub fn job_signals_rule() -> zbus::Result<MatchRule<'static>> {
+    MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(BUS_NAME)
+        .interface(JOB_INTERFACE)
+        .path_namespace(JOB_PATH_PREFIX)
+        .build()
+}
+
+/// `PropertiesChanged` of the job objects (`Status`, `Progress`, `ExitCode`).
+pub fn job_properties_rule() -> zbus::Result<MatchRule<'static>> {
+    MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(BUS_NAME)
+        .interface("org.freedesktop.DBus.Properties")
+        .member("PropertiesChanged")
+        .path_namespace(JOB_PATH_PREFIX)
+        .arg(0, JOB_INTERFACE)
+        .build()
+}
+
+/// `NameOwnerChanged` of the service's name: it arriving with an empty new owner means the service left.
+pub fn owner_rule() -> zbus::Result<MatchRule<'static>> {
+    MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender("org.freedesktop.DBus")
+        .path("/org/freedesktop/DBus")
+        .interface("org.freedesktop.DBus")
+        .member("NameOwnerChanged")
+        .arg(0, BUS_NAME)
+        .build()
+}
+
+/// Every signal the service sends (for `monitor`).
+pub fn service_rule() -> zbus::Result<MatchRule<'static>> {
+    MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(BUS_NAME)
+        .build()
+}
+
+/// The rules a follower needs.
+pub fn follow_rules() -> zbus::Result<Vec<MatchRule<'static>>> {
+    Ok(vec![job_signals_rule()?, job_properties_rule()?, owner_rule()?])
+}
+
+/// Signals matched on the bus, moved by small tasks into one unbounded channel. Draining them at
+/// once matters: zbus blocks its socket reader when a rule's queue is full, which would also hold
+/// back the reply of `UpdateModule` that the caller is waiting for.
+pub struct Subscription {
+    rx: mpsc::UnboundedReceiver<Message>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Subscription {
+    /// Adds the match rules on the bus; when this returns, nothing matching can be missed.
+    pub async fn new(connection: &Connection, rules: Vec<MatchRule<'static>>) -> zbus::Result<Subscription> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        for rule in rules {
+            let mut stream = MessageStream::for_match_rule(rule, connection, Some(MATCH_QUEUE)).await?;
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(item) = stream.next().await {
+                    // A message zbus could not parse is not one of ours; skip it.
+                    if let Ok(msg) = item
+                        && tx.send(msg).is_err()
+                    {
+                        break;
+                    }
+                }
+            }));
+        }
+        Ok(Subscription { rx, tasks })
+    }
+
+    /// The next matched message; `None` once the connection is gone.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Ctrl-C (SIGINT), counted. Installed before the job is started, so that a Ctrl-C during the
+/// `UpdateModule` call cancels the job it creates instead of killing the client.
+pub struct Interrupt {
+    signal: Option<tokio::signal::unix::Signal>,
+    count: u32,
+}
+
+impl Interrupt {
+    pub fn install() -> Interrupt {
+        // Without a handler (should not happen) Ctrl-C keeps its default: the client dies, the job goes on.
+        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+        Interrupt { signal, count: 0 }
+    }
+
+    /// Waits for the next Ctrl-C and returns how many came so far.
+    pub async fn recv(&mut self) -> u32 {
+        match &mut self.signal {
+            Some(signal) => {
+                signal.recv().await;
+                self.count += 1;
+                self.count
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+}
+
+/// A job's end, confirmed by the service.
+#[derive(Debug)]
+pub struct Outcome {
+    /// `GetResult`, as the service sent it.
+    pub result: String,
+    pub status: String,
+    pub exit_code: i32,
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        self.status == "completed"
+    }
+}
+
+/// What one matched message means for the followed job.
+#[derive(Debug, PartialEq)]
+enum Event {
+    Progress { instance: String, step: String, percent: u32 },
+    Message { instance: String, priority: u32, text: String },
+    InstanceFinished { instance: String, status: String, exit_code: i32 },
+    Finished,
+    Properties { status: Option<String>, progress: Option<u32> },
+    /// The service's name got a new owner; empty when it left the bus.
+    OwnerChanged { new_owner: String },
+}
+
+fn decode(msg: &Message, job_path: &str) -> Option<Event> {
+    let header = msg.header();
+    let member = header.member()?.as_str().to_owned();
+    let interface = header.interface()?.as_str().to_owned();
+    let path = header.path()?.as_str().to_owned();
+    let body = msg.body();
+    if interface == "org.freedesktop.DBus" && member == "NameOwnerChanged" {
+        let (name, _old, new_owner): (String, String, String) = body.deserialize().ok()?;
+        return (name == BUS_NAME).then_some(Event::OwnerChanged { new_owner });
+    }
+    if path != job_path {
+        return None;
+    }
+    match (interface.as_str(), member.as_str()) {
+        (JOB_INTERFACE, "Progress") => {
+            let (instance, step, percent) = body.deserialize().ok()?;
+            Some(Event::Progress { instance, step, percent })
+        }
+        (JOB_INTERFACE, "Message") => {
+            let (instance, priority, text) = body.deserialize().ok()?;
+            Some(Event::Message { instance, priority, text })
+        }
+        (JOB_INTERFACE, "InstanceFinished") => {
+            let (instance, status, exit_code) = body.deserialize().ok()?;
+            Some(Event::InstanceFinished { instance, status, exit_code })
+        }
+        (JOB_INTERFACE, "Finished") => Some(Event::Finished),
+        ("org.freedesktop.DBus.Properties", "PropertiesChanged") => {
+            let (iface, changed, _invalidated): (String, std::collections::HashMap<String, OwnedVariant>, Vec<String>) =
+                body.deserialize().ok()?;
+            if iface != JOB_INTERFACE {
+                return None;
+            }
+            let status = changed.get("Status").and_then(|v| v.downcast_ref::<String>().ok());
+            let progress = changed.get("Progress").and_then(|v| v.downcast_ref::<u32>().ok());
+            Some(Event::Properties { status, progress })
+        }
+        _ => None,
+    }
+}
+
+/// Errors that say the service is no longer on the bus (as opposed to slow or refusing).
+fn service_gone(err: &zbus::Error) -> bool {
+    matches!(err, zbus::Error::FDO(e) if matches!(
+        e.as_ref(),
+        fdo::Error::ServiceUnknown(_) | fdo::Error::NameHasNoOwner(_) | fdo::Error::NoReply(_)
+    ))
+}
+
+/// A terminal status: anything but `pending`/`running` (a newer service may add statuses).
+fn is_terminal(status: &str) -> bool {
+    !matches!(status, "pending" | "running")
+}
+
+/// Follows one job.
+pub struct Follower<'a> {
+    bus: &'a Bus,
+    bus_name: String,
+    job: JobRef,
+    path: String,
+    proxy: JobProxy<'static>,
+}
+
+impl<'a> Follower<'a> {
+    pub async fn new(bus: &'a Bus, job: JobRef) -> Result<Follower<'a>, ClientError> {
+        let bus_name = bus.describe();
+        let path = job.path();
+        let call = Call { bus: &bus_name, what: "reaching the job", job: Some(job.id()), instance: None };
+        // No property cache: every read asks the service, which is what confirming the end means.
+        let proxy = JobProxy::builder(&bus.connection)
+            .path(path.clone())
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| call.error(e))?;
+        Ok(Follower { bus, bus_name, job, path, proxy })
+    }
+
+    fn error(&self, what: &str, err: zbus::Error) -> ClientError {
+        if service_gone(&err) {
+            return ClientError::ServiceLeft { bus: self.bus_name.clone(), job: self.job.id() };
+        }
+        Call { bus: &self.bus_name, what, job: Some(self.job.id()), instance: None }.error(err)
+    }
+
+    /// The job's end, if it has ended: `Status`, then `GetResult`.
+    async fn confirm(&self) -> Result<Option<Outcome>, ClientError> {
+        let status = self
+            .proxy
+            .status()
+            .await
+            .map_err(|e| self.error("reading the job's Status", e))?;
+        if !is_terminal(&status) {
+            return Ok(None);
+        }
+        let result = self
+            .proxy
+            .get_result()
+            .await
+            .map_err(|e| self.error("GetResult", e))?;
+        let parsed: Value = serde_json::from_str(&result).map_err(|e| ClientError::Service {
+            what: "GetResult".to_owned(),
+            reason: format!("the result is not JSON ({e})"),
+        })?;
+        let status = parsed
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or(&status)
+            .to_owned();
+        let exit_code = parsed
+            .get("exit_code")
+            .and_then(Value::as_i64)
+            .and_then(|c| i32::try_from(c).ok())
+            .unwrap_or(if status == "completed" { 0 } else { 1 });
+        Ok(Some(Outcome { result, status, exit_code }))
+    }
+
+    /// Follows the job to its end. `sub` must have been created with [`follow_rules`] before the
+    /// job was started (or before this call, for a job that already runs).
+    pub async fn run(
+        self,
+        mut sub: Subscription,
+        mode: Mode,
+        interrupt: &mut Interrupt,
+    ) -> Result<Outcome, ClientError> {
+        let instances = self
+            .proxy
+            .instances()
+            .await
+            .map_err(|e| self.error("reading the job's Instances", e))?;
+        let mut view = View::new(mode, self.job.id(), &instances);
+        let (note_tx, mut note_rx) = mpsc::unbounded_channel::<String>();
+        if interrupt.count() >= 1 {
+            self.request_cancel(&view, &note_tx);
+        }
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let closed = self.bus.connection.closed();
+        tokio::pin!(closed);
+        loop {
+            tokio::select! {
+                msg = sub.recv() => {
+                    let Some(msg) = msg else {
+                        return Err(ClientError::ConnectionLost { bus: self.bus_name.clone(), job: self.job.id() });
+                    };
+                    match decode(&msg, &self.path) {
+                        Some(Event::Progress { instance, step, percent }) => view.progress(&instance, &step, percent),
+                        Some(Event::Message { instance, priority, text }) => view.message(&instance, priority, &text),
+                        Some(Event::InstanceFinished { instance, status, exit_code }) => {
+                            view.instance_finished(&instance, &status, exit_code);
+                        }
+                        Some(Event::Properties { status, progress }) => {
+                            if let Some(progress) = progress {
+                                view.job_progress(progress);
+                            }
+                            if status.as_deref().is_some_and(is_terminal)
+                                && let Some(outcome) = self.confirm().await?
+                            {
+                                return Ok(self.done(view, outcome));
+                            }
+                        }
+                        Some(Event::Finished) => {
+                            if let Some(outcome) = self.confirm().await? {
+                                return Ok(self.done(view, outcome));
+                            }
+                        }
+                        Some(Event::OwnerChanged { new_owner }) if new_owner.is_empty() => {
+                            return Err(ClientError::ServiceLeft { bus: self.bus_name.clone(), job: self.job.id() });
+                        }
+                        Some(Event::OwnerChanged { .. }) | None => {}
+                    }
+                }
+                _ = poll.tick() => {
+                    if let Some(outcome) = self.confirm().await? {
+                        return Ok(self.done(view, outcome));
+                    }
+                    if let Ok(progress) = self.proxy.progress().await {
+                        view.job_progress(progress);
+                    }
+                }
+                count = interrupt.recv() => {
+                    if count >= 2 {
+                        view.clear();
+                        return Err(ClientError::Detached { job: self.job.id() });
+                    }
+                    self.request_cancel(&view, &note_tx);
+                }
+                Some(note) = note_rx.recv() => view.note(&note),
+                () = &mut closed => {
+                    return Err(ClientError::ConnectionLost { bus: self.bus_name.clone(), job: self.job.id() });
+                }
+            }
+        }
+    }
+
+    /// Calls `Cancel` in the background: the loop keeps showing the job while the service stops it.
+    fn request_cancel(&self, view: &View, notes: &mpsc::UnboundedSender<String>) {
+        view.note(&format!(
+            "cancelling job {} (Ctrl-C again to detach and leave it running)",
+            self.job
+        ));
+        let proxy = self.proxy.clone();
+        let notes = notes.clone();
+        tokio::spawn(async move {
+            if let Err(err) = proxy.cancel().await {
+                let _ = notes.send(format!("cannot cancel: {}", crate::error::describe_zbus(&err)));
+            }
+        });
+    }
+
+    fn done(&self, mut view: View, outcome: Outcome) -> Outcome {
+        match serde_json::from_str::<Value>(&outcome.result) {
+            Ok(result) => view.finish(&result),
+            Err(_) => view.clear(),
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal<B>(path: &str, interface: &str, member: &str, body: &B) -> Message
+    where
+        B: serde::Serialize + zbus::wire::DynamicType,
+    {
+        Message::signal(path, interface, member).unwrap().build(body).unwrap()
+    }
+
+    #[test]
+    fn decodes_only_the_followed_job() {
+        let job = "/org/nethserver/ModuleUpdater/job/7";
+        let msg = signal(job, JOB_INTERFACE, "Progress", &("mail1", "extract", 60u32));
+        assert_eq!(
+            decode(&msg, job),
+            Some(Event::Progress { instance: "mail1".into(), step: "extract".into(), percent: 60 })
+        );
+        assert_eq!(decode(&msg, "/org/nethserver/ModuleUpdater/job/8"), None);
+        let msg = signal(job, JOB_INTERFACE, "Finished", &("completed", 0i32));
+        assert_eq!(decode(&msg, job), Some(Event::Finished));
+        let msg = signal(job, JOB_INTERFACE, "InstanceFinished", &("mail1", "failed", 1i32));
+        assert_eq!(
+            decode(&msg, job),
+            Some(Event::InstanceFinished { instance: "mail1".into(), status: "failed".into(), exit_code: 1 })
+        );
+    }
+
+    #[test]
+    fn decodes_owner_changes_and_properties() {
+        let msg = signal(
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameOwnerChanged",
+            &(BUS_NAME, ":1.5", ""),
+        );
+        assert_eq!(
+            decode(&msg, "/org/nethserver/ModuleUpdater/job/1"),
+            Some(Event::OwnerChanged { new_owner: String::new() })
+        );
+        let job = "/org/nethserver/ModuleUpdater/job/1";
+        let mut changed = std::collections::HashMap::new();
+        changed.insert("Status", zbus::wire::Variant::from("completed"));
+        changed.insert("Progress", zbus::wire::Variant::from(100u32));
+        let msg = signal(
+            job,
+            "org.freedesktop.DBus.Properties",
+            "PropertiesChanged",
+            &(JOB_INTERFACE, changed, Vec::<String>::new()),
+        );
+        assert_eq!(
+            decode(&msg, job),
+            Some(Event::Properties { status: Some("completed".into()), progress: Some(100) })
+        );
+    }
+
+    #[test]
+    fn rules_are_valid() {
+        follow_rules().unwrap();
+        service_rule().unwrap();
+        assert!(is_terminal("completed") && is_terminal("aborted") && !is_terminal("running"));
+    }
+}
