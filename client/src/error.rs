@@ -60,7 +60,9 @@ pub enum ClientError {
         new: String,
         url: String,
     },
-    #[error("job {job} {status} (exit code {exit_code}); the result above names the failed instances")]
+    #[error(
+        "job {job} ended {status} (exit code {exit_code}); the result on stdout names the failed instances and steps"
+    )]
     JobFailed {
         job: u64,
         status: String,
@@ -68,6 +70,10 @@ pub enum ClientError {
     },
     #[error("detached from job {job}, which goes on; re-attach with `module-updater wait {job}`")]
     Detached { job: u64 },
+    #[error(
+        "interrupted before the service answered; a job may have started: see `module-updater jobs`"
+    )]
+    InterruptedEarly,
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -94,7 +100,7 @@ impl ClientError {
             ClientError::Busy { .. } => exit::BUSY,
             ClientError::NoSuchJob { .. } | ClientError::NoSuchInstance { .. } => exit::NOT_FOUND,
             ClientError::Usage(_) | ClientError::Input(_) => exit::USAGE,
-            ClientError::Detached { .. } => exit::INTERRUPTED,
+            ClientError::Detached { .. } | ClientError::InterruptedEarly => exit::INTERRUPTED,
             ClientError::TypeMismatch { .. }
             | ClientError::JobFailed { .. }
             | ClientError::AccessDenied { .. }
@@ -185,6 +191,8 @@ impl Call<'_> {
                 | fdo::Error::SpawnChildExited(_)
                 | fdo::Error::SpawnChildSignaled(_)
                 | fdo::Error::SpawnFailed(_)
+                | fdo::Error::SpawnFailedToSetup(_)
+                | fdo::Error::SpawnConfigInvalid(_)
                 | fdo::Error::SpawnServiceNotValid(_)
                 | fdo::Error::SpawnServiceNotFound(_)
                 | fdo::Error::SpawnPermissionsInvalid(_)
@@ -298,7 +306,7 @@ mod tests {
         let call = Call { bus: "the system bus", what: "UpdateModule", job: None, instance: None };
         let method_error = |name: &str, desc: &str| {
             let name = zbus::names::OwnedErrorName::try_from(name.to_owned()).unwrap();
-            let msg = zbus::Message::method_call("/", "X").unwrap().build(&()).unwrap();
+            let msg = zbus::Message::method_call("/", "X").build(&()).unwrap();
             zbus::Error::MethodError(name, Some(desc.to_owned()), msg)
         };
         let err = call.error(method_error("org.nethserver.ModuleUpdater.Error.ValidationFailed", "[]"));

@@ -403,7 +403,7 @@ mod tests {
     where
         B: serde::Serialize + zbus::wire::DynamicType,
     {
-        Message::signal(path, interface, member).unwrap().build(body).unwrap()
+        Message::signal(path, interface, member).build(body).unwrap()
     }
 
     #[test]

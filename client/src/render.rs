@@ -609,7 +609,6 @@ job aborted (exit code 1)
             "org.nethserver.ModuleUpdater.Job",
             "Progress",
         )
-        .unwrap()
         .build(&("mail1", "pull-image", 25u32))
         .unwrap();
         let line = monitor_line(&msg, false);

@@ -361,3 +361,67 @@ pub fn image_env_var(url: &str) -> Result<String> {
     }
     Ok(var)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_env_var_follows_ns8_naming() {
+        // ns8-update-module.md §1.8.
+        let cases = [
+            ("ghcr.io/nethserver/samba:v1.0.0", "SAMBA_IMAGE"),
+            ("ghcr.io/x/dokuwiki@sha256:0123", "DOKUWIKI_IMAGE"),
+            ("ghcr.io/x/foo:1.0@sha256:0123", "FOO_IMAGE"),
+            ("localhost:5000/foo:1", "FOO_IMAGE"),
+            ("r.io/mysql:8", "MYSQL_IMAGE"),
+            ("r.io/node-exporter:1", "NODE_EXPORTER_IMAGE"),
+            ("r.io/2fauth:1", "I2FAUTH_IMAGE"),
+            ("r.io/redis.io-x+y:1", "REDIS_IO_X_Y_IMAGE"),
+            ("r.io/postgresql_ha:1", "POSTGRESQL_HA_IMAGE"),
+        ];
+        for (url, var) in cases {
+            assert_eq!(image_env_var(url).expect(url), var, "{url}");
+        }
+        assert!(image_env_var("alpine:3").is_err());
+        assert!(image_env_var("ghcr.io/x/foo").is_err());
+    }
+
+    #[test]
+    fn containerfile_quotes_labels_and_refuses_escapes() {
+        let spec = ImageSpec::module("demo", "1.0")
+            .label("org.nethserver.images", "a:1 b:2")
+            .label("x", "say \"$HOME\" \\ ok");
+        let text = spec.containerfile().expect("containerfile");
+        assert_eq!(
+            text,
+            "FROM scratch\nCOPY imageroot/ /imageroot/\n\
+             LABEL \"org.nethserver.images\"=\"a:1 b:2\"\n\
+             LABEL \"x\"=\"say \\\"\\$HOME\\\" \\\\ ok\"\n\
+             ENTRYPOINT [\"/\"]\n"
+        );
+        assert!(
+            ImageSpec::module("d", "1")
+                .label("k", "a\nb")
+                .containerfile()
+                .is_err()
+        );
+        assert!(
+            ImageSpec::module("d", "1")
+                .imageroot_dir("../x")
+                .containerfile()
+                .is_err()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let escaping = ImageSpec::module("d", "1").file("../evil", "x", 0o644);
+        assert!(escaping.write_context(dir.path()).is_err());
+    }
+
+    #[test]
+    fn blob_data_does_not_repeat() {
+        let mut state = 7;
+        let words: std::collections::BTreeSet<u64> =
+            (0..10_000).map(|_| splitmix64(&mut state)).collect();
+        assert_eq!(words.len(), 10_000);
+    }
+}

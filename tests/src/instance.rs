@@ -327,7 +327,7 @@ fn parse_inspect(command: &str, stdout: &[u8]) -> Result<InspectedImage> {
 const EXTRACT_SCRIPT: &str = r#"set -euo pipefail
 url=$1 imageroot=$2 strip=$3
 shift 3
-cid=$(podman "$@" create "$url" 2>/dev/null)
+cid=$(podman "$@" create "$url")
 trap 'podman "$@" rm -f "$cid" >/dev/null 2>&1' EXIT
 podman "$@" export "$cid" \
   | tar --no-overwrite-dir --no-same-owner --exclude=.gitignore --strip-components="$strip" \

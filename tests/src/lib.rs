@@ -465,3 +465,39 @@ impl Drop for Sandbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_object_paths_are_escaped_as_systemd_does() {
+        assert_eq!(
+            unit_object_path("hello.service"),
+            "/org/freedesktop/systemd1/unit/hello_2eservice"
+        );
+        assert_eq!(
+            unit_object_path("demo1-x@a.service"),
+            "/org/freedesktop/systemd1/unit/demo1_2dx_40a_2eservice"
+        );
+    }
+
+    #[test]
+    fn environment_format_is_ns8s() {
+        let env = parse_env("B=2\nA=x=y z\n\nnoequals\nC=\n");
+        let expected: Vec<(&str, &str)> = vec![("A", "x=y z"), ("B", "2"), ("C", "")];
+        assert_eq!(
+            env.iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+            expected
+        );
+    }
+
+    #[test]
+    fn sandbox_can_be_shared_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Sandbox>();
+        shareable::<Instance>();
+    }
+}

@@ -456,6 +456,18 @@ fn rootful_instance_layout_and_root_manager() {
         .unit_property(&instance, &format!("{}.service", instance.id), "LoadState")
         .expect("LoadState");
     assert_eq!(load, "s \"loaded\"");
+    let unit = format!("{}.service", instance.id);
+    let start = sandbox
+        .systemctl_as(&instance, &["start", &unit])
+        .expect("systemctl");
+    assert!(
+        start.status.success(),
+        "systemctl --user start {unit}: {start:?}"
+    );
+    let state = sandbox
+        .unit_property(&instance, &unit, "ActiveState")
+        .expect("ActiveState");
+    assert_eq!(state, "s \"active\"");
 
     // Install uses podman storage private to the sandbox, never the machine's.
     let url = sandbox
@@ -487,7 +499,7 @@ fn teardown_leaves_nothing_behind() {
     let rootless = sandbox
         .add_rootless_instance("gone")
         .expect("rootless instance");
-    let _rootful = sandbox
+    let rootful = sandbox
         .add_rootful_instance("gone")
         .expect("rootful instance");
     let url = sandbox
@@ -497,13 +509,48 @@ fn teardown_leaves_nothing_behind() {
     sandbox.install(&rootless, &url).expect("install");
     let pause = rootless.runtime_dir.join("libpod/tmp/pause.pid");
     assert!(pause.exists(), "rootless podman left its pause process");
+    // Long-running services of both managers must go with them.
+    rootless
+        .write_file(
+            "systemd/user/sleeper.service",
+            "[Service]\nExecStart=/bin/sleep 1000\n",
+            0o644,
+        )
+        .expect("unit");
+    sandbox.daemon_reload(&rootless).expect("reload");
+    let start = sandbox
+        .systemctl_as(&rootless, &["start", "sleeper.service"])
+        .expect("systemctl");
+    assert!(start.status.success(), "{start:?}");
+    // A duration no parallel test uses, to find exactly this process.
+    let port = sandbox
+        .registry()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let sleep = format!("/bin/sleep 1{port}");
+    std::fs::write(
+        sandbox.root_manager_unit_dir().join("sleeper.service"),
+        format!("[Service]\nExecStart={sleep}\n"),
+    )
+    .expect("unit");
+    sandbox.daemon_reload(&rootful).expect("reload");
+    let start = sandbox
+        .systemctl_as(&rootful, &["start", "sleeper.service"])
+        .expect("systemctl");
+    assert!(start.status.success(), "{start:?}");
+    let sleeping = || {
+        let mut pgrep = cmd::clean("pgrep");
+        pgrep.args(["-f", &format!("^{sleep}$")]);
+        !text(&run(&mut pgrep).stdout).trim().is_empty()
+    };
+    assert!(sleeping(), "{sleep} runs");
     let daemon = sandbox.start_daemon(&[]).expect("daemon");
     let footprint = sandbox.footprint();
     let root = sandbox.root().to_path_buf();
-    let registry_conf = Path::new(module_updater_tests::REGISTRIES_CONF_D).join(format!(
-        "module-updater-test-{}.conf",
-        sandbox.registry().rsplit(':').next().unwrap_or_default()
-    ));
+    let registry_conf = Path::new(module_updater_tests::REGISTRIES_CONF_D)
+        .join(format!("module-updater-test-{port}.conf"));
     assert!(registry_conf.exists());
     assert!(
         footprint.cgroups.iter().all(|c| c.exists()),
@@ -547,6 +594,7 @@ fn teardown_leaves_nothing_behind() {
         "{} remains",
         registry_conf.display()
     );
+    assert!(!sleeping(), "a service of the root-run manager survives");
     let leftovers = footprint.leftovers();
     assert!(leftovers.is_empty(), "{leftovers}");
 }

@@ -379,3 +379,424 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
         "the current image is never removed: {images}"
     );
 }
+
+/// Without force a local image with exactly that name is used even if the registry's tag moved;
+/// with force the module image is pulled again.
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_missing_semantics_and_force() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("tagmove", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("tagmove", "2.0").file("bin/which", "first\n", 0o644))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("tagmove").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    as_user(&sandbox, &instance, &["podman", "pull", "-q", &v2]);
+    let first_id = as_user(
+        &sandbox,
+        &instance,
+        &["podman", "image", "inspect", "--format", "{{.Id}}", &v2],
+    );
+    // The tag moves in the registry.
+    let moved = sandbox
+        .build_image(&ImageSpec::module("tagmove", "2.0").file("bin/which", "second\n", 0o644))
+        .unwrap();
+    assert_eq!(moved, v2);
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    assert_eq!(
+        run.instance(&instance.id)["status"],
+        "completed",
+        "{:#}",
+        run.result
+    );
+    assert_eq!(instance.read_env().unwrap()["IMAGE_ID"], first_id.trim());
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/which")).unwrap(),
+        "first\n"
+    );
+
+    let run = run_job(&connection, &request(&v2, &[&instance.id], true)).await;
+    assert_eq!(
+        run.instance(&instance.id)["status"],
+        "completed",
+        "{:#}",
+        run.result
+    );
+    assert_ne!(instance.read_env().unwrap()["IMAGE_ID"], first_id.trim());
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/which")).unwrap(),
+        "second\n"
+    );
+}
+
+/// Images that try to escape the install dir are refused and change nothing; a custom imageroot
+/// label extracts only its subtree; an existing `state/` keeps its mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_images_are_refused_and_labels_are_honoured() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("guarded", "1.0").file("bin/tool", "1\n", 0o755))
+        .unwrap();
+    let absolute = sandbox
+        .build_image(&ImageSpec::module("guarded", "2.0-abs").symlink("bin/passwd", "/etc/passwd"))
+        .unwrap();
+    let escaping = sandbox
+        .build_image(
+            &ImageSpec::module("guarded", "2.0-rel").symlink("bin/up", "../../../../../../etc"),
+        )
+        .unwrap();
+    let subtree = sandbox
+        .build_image(
+            &ImageSpec::module("guarded", "3.0")
+                .imageroot_dir("opt/app/root")
+                .label("org.nethserver.imageroot", "/opt/app/root/")
+                .file("bin/tool", "3\n", 0o755)
+                .dir("state", 0o755)
+                .file("state/shipped", "s\n", 0o644),
+        )
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("guarded").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let tree = |dir: &std::path::Path| {
+        let mut tree = snapshot(dir);
+        tree.retain(|k, _| !k.ends_with(".lock") && !k.starts_with(".imageroot.staging"));
+        tree
+    };
+    let before = tree(&instance.home);
+    let etc_before = snapshot(std::path::Path::new("/etc/containers"));
+
+    for bad in [&absolute, &escaping] {
+        let run = run_job(&connection, &request(bad, &[&instance.id], false)).await;
+        assert_eq!(run.status, "aborted");
+        assert_eq!(run.exit_code, 1);
+        let result = run.instance(&instance.id);
+        assert_eq!(result["status"], "failed");
+        assert_eq!(result["error"]["step"], "extract", "{result:#}");
+        let mut after = tree(&instance.home);
+        // Pulling the refused image is the only change: it is in the user's podman storage.
+        after.retain(|k, _| !k.starts_with(".local/share/containers"));
+        let mut expected = before.clone();
+        expected.retain(|k, _| !k.starts_with(".local/share/containers"));
+        assert_eq!(after, expected, "a refused image changed the instance");
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
+    }
+    assert_eq!(
+        snapshot(std::path::Path::new("/etc/containers")),
+        etc_before
+    );
+
+    let run = run_job(&connection, &request(&subtree, &[&instance.id], false)).await;
+    assert_eq!(
+        run.instance(&instance.id)["status"],
+        "completed",
+        "{:#}",
+        run.result
+    );
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/tool")).unwrap(),
+        "3\n"
+    );
+    assert!(
+        !instance.install_dir.join("opt").exists(),
+        "only the subtree is installed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(instance.state_dir.join("shipped")).unwrap(),
+        "s\n"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&instance.state_dir)
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "an existing state/ keeps its mode");
+}
+
+/// A lock held by NS8's own agent makes the update fail as busy without changing anything; a
+/// lock that cannot be taken for another reason says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_instance_lock_excludes_ns8s_agent() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("locked", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("locked", "2.0"))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("locked").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let lock = instance.state_dir.join(".update-module.lock");
+    let mut holder = sandbox
+        .command_as(
+            &instance,
+            &["flock", "-n", lock.to_str().unwrap(), "sleep", "60"],
+        )
+        .spawn()
+        .unwrap();
+    // Wait until the holder has the lock (slow under a loaded machine: be generous).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while sandbox
+        .run_as(&instance, &["flock", "-n", lock.to_str().unwrap(), "true"])
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder never took the lock: {:?}",
+            holder.try_wait()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let env_before = std::fs::read(instance.env_file()).unwrap();
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "failed");
+    assert_eq!(result["error"]["step"], "prepare");
+    assert!(
+        result["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("action_already_running"),
+        "{result:#}"
+    );
+    assert_eq!(std::fs::read(instance.env_file()).unwrap(), env_before);
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    // A lock file the user cannot open is not "already running".
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::write(&lock, "").unwrap();
+    std::fs::set_permissions(&lock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let reason = run.instance(&instance.id)["error"]["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!reason.contains("action_already_running"), "{reason}");
+    assert!(reason.contains("Permission denied"), "{reason}");
+    std::fs::remove_file(&lock).unwrap();
+
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    assert_eq!(
+        run.instance(&instance.id)["status"],
+        "completed",
+        "{:#}",
+        run.result
+    );
+}
+
+/// SIGKILL of the worker in the middle of extraction leaves the tree and environment as they
+/// were and the lock free; the same request then completes. A script that outlives its timeout
+/// is killed with its children.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_worker_and_script_timeout() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("killed", "1.0").file("bin/tool", "1\n", 0o755))
+        .unwrap();
+    let big = vec![7u8; 160 * 1024 * 1024];
+    let v2 = sandbox
+        .build_image(
+            &ImageSpec::module("killed", "2.0")
+                .file("bin/tool", "2\n", 0o755)
+                .file("data/big", big, 0o644)
+                .file(
+                    "update-module.d/50hang",
+                    "#!/bin/sh\nsleep 300 &\necho $! > \"$AGENT_STATE_DIR/bg.pid\"\nsleep 300\n",
+                    0o755,
+                ),
+        )
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("killed").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    // Pre-pull so the extraction starts at once.
+    as_user(&sandbox, &instance, &["podman", "pull", "-q", &v2]);
+    let _daemon = start_daemon(&sandbox, &["--script-timeout", "2"]);
+    let connection = connect(&sandbox).await;
+    let tree = |dir: &std::path::Path| {
+        let mut tree = snapshot(dir);
+        tree.retain(|k, _| {
+            !k.ends_with(".lock")
+                && !k.contains(".imageroot.staging")
+                && !k.contains(".module-updater")
+        });
+        tree
+    };
+    let before = tree(&instance.install_dir);
+    let env_before = std::fs::read(instance.env_file()).unwrap();
+
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &request(&v2, &[&instance.id], false))
+        .await
+        .unwrap();
+    // Wait for the staging dir, then kill the worker (it runs as the instance user).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let staging = std::fs::read_dir(&instance.install_dir)
+            .unwrap()
+            .flatten()
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".imageroot.staging")
+            });
+        if staging {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "extraction never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let killed = std::process::Command::new("pkill")
+        .args([
+            "-KILL",
+            "-u",
+            &instance.id,
+            "-f",
+            "module-updaterd --worker",
+        ])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no worker to kill");
+    let run = follow(&connection, &mut stream, path).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "failed", "{result:#}");
+    assert_eq!(result["error"]["step"], "extract", "{result:#}");
+    assert_eq!(
+        tree(&instance.install_dir),
+        before,
+        "the install dir changed"
+    );
+    assert_eq!(std::fs::read(instance.env_file()).unwrap(), env_before);
+    let lock = instance.state_dir.join(".update-module.lock");
+    assert!(
+        sandbox
+            .run_as(&instance, &["flock", "-n", lock.to_str().unwrap(), "true"])
+            .unwrap()
+            .status
+            .success()
+    );
+
+    // The same request again: completes, the leftover staging dir is gone, the hung script is
+    // killed after its timeout together with its background child.
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "completed", "{result:#}");
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/tool")).unwrap(),
+        "2\n"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(&instance.install_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".imageroot.staging"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let script = &result["scripts"][0];
+    assert_eq!(script["name"], "50hang");
+    assert_eq!(script["status"], "timeout");
+    let bg: i32 = std::fs::read_to_string(instance.state_dir.join("bg.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Gone, or a zombie waiting for a reaper (this machine's PID 1 may not reap).
+    let stat = std::fs::read_to_string(format!("/proc/{bg}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .next()
+        .unwrap_or("");
+    assert!(
+        stat.is_empty() || state == "Z",
+        "the script's child survived: {stat}"
+    );
+}
+
+/// A module's own `actions/update-module/` steps run merged by name; a failing one fails the
+/// instance. A rootful instance is updated by root with its manager reloaded.
+#[tokio::test(flavor = "multi_thread")]
+async fn module_steps_and_a_rootful_instance() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("stepper", "1.0"))
+        .unwrap();
+    let good = sandbox
+        .build_image(
+            &ImageSpec::module("stepper", "2.0")
+                .file(
+                    "update-module.d/10script",
+                    "#!/bin/sh\necho script >> order\n",
+                    0o755,
+                )
+                .file(
+                    "actions/update-module/60check",
+                    "#!/bin/sh\necho \"check $IMAGE_URL\" >> order\n",
+                    0o755,
+                ),
+        )
+        .unwrap();
+    let bad = sandbox
+        .build_image(&ImageSpec::module("stepper", "2.1").file(
+            "actions/update-module/60check",
+            "#!/bin/sh\nexit 4\n",
+            0o755,
+        ))
+        .unwrap();
+    let rootless = sandbox.add_rootless_instance("stepper").unwrap();
+    let rootful = sandbox.add_rootful_instance("stepper").unwrap();
+    sandbox.install(&rootless, &v1).unwrap();
+    sandbox.install(&rootful, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let run = run_job(
+        &connection,
+        &request(&good, &[&rootless.id, &rootful.id], false),
+    )
+    .await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    for instance in [&rootless, &rootful] {
+        let result = run.instance(&instance.id);
+        assert_eq!(result["status"], "completed", "{result:#}");
+        assert!(
+            result["warnings"].as_array().unwrap().is_empty(),
+            "{result:#}"
+        );
+        let order = std::fs::read_to_string(instance.state_dir.join("order")).unwrap();
+        assert_eq!(order, format!("script\ncheck {good}\n"));
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], good);
+    }
+    let run = run_job(&connection, &request(&bad, &[&rootless.id], false)).await;
+    assert_eq!(run.status, "aborted");
+    let result = run.instance(&rootless.id);
+    assert_eq!(result["error"]["step"], "module-step", "{result:#}");
+    assert!(
+        result["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("60check")
+    );
+    assert!(
+        result["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exit code 4")
+    );
+}

@@ -1,0 +1,15 @@
+//! module-updater: a busctl-style client of module-updaterd.
+//!
+//! The binary is a thin `main`; everything lives here so that `cargo xtask` can generate the
+//! completions and the man page ([`generate`]) from the same clap definition ([`cli::Cli`]).
+
+pub mod bus;
+pub mod cli;
+mod commands;
+pub mod error;
+pub mod follow;
+pub mod generate;
+pub mod ns8;
+pub mod render;
+
+pub use commands::run;
