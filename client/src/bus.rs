@@ -1,9 +1,14 @@
 //! Connecting to the bus the user chose, as busctl does: the system bus by default, `--user`,
 //! `--address ADDR`, or `-H [USER@]HOST` through `ssh -xT [USER@]HOST systemd-stdio-bridge`.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use zbus::Connection;
+use zbus::address::Transport;
+use zbus::address::transport::Unixexec;
 
 use crate::cli::BusArgs;
 use crate::error::ClientError;
@@ -48,7 +53,9 @@ impl Target {
                 "is dbus running? (systemctl status dbus; DBUS_SYSTEM_BUS_ADDRESS overrides the socket)"
             }
             Target::User => "is there a session bus? (DBUS_SESSION_BUS_ADDRESS, or use --system)",
-            Target::Address(_) => "check the --address value (e.g. unix:path=/run/dbus/system_bus_socket)",
+            Target::Address(_) => {
+                "check the --address value (e.g. unix:path=/run/dbus/system_bus_socket)"
+            }
             Target::Host(_) => {
                 "check that `ssh -xT HOST systemd-stdio-bridge` works (ssh keys, systemd on the host)"
             }
@@ -56,36 +63,86 @@ impl Target {
     }
 }
 
-/// Characters D-Bus addresses may carry unescaped (D-Bus specification, "Server Addresses").
-fn is_address_safe(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/' | b'.' | b'\\' | b'*')
-}
-
-/// Percent-escapes a value for a D-Bus address.
-pub fn escape_address_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if is_address_safe(b) {
-            out.push(char::from(b));
+/// Decodes a D-Bus address value: `%XX` is the byte XX, any other byte stands for itself (as
+/// sd-bus reads it; the specification only requires the escapes to be understood).
+pub fn decode_address_value(value: &str) -> Result<OsString, String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("{value:?} has a '%' not followed by two hex digits"))?;
+            out.push(hex);
+            i += 3;
         } else {
-            out.push_str(&format!("%{b:02x}"));
+            out.push(bytes[i]);
+            i += 1;
         }
     }
-    out
+    Ok(OsString::from_vec(out))
+}
+
+/// Parses a `unixexec:path=P[,argv0=A][,argv1=X,...]` address with its `%XX` escapes decoded.
+///
+/// zbus 6.2.1 hands the raw option text to the program (`argv1=--bus-path%3dunix:...` would reach
+/// systemd-stdio-bridge with a literal `%3d`), so the client decodes the values itself, as busctl does.
+pub fn parse_unixexec(address: &str) -> Result<zbus::Address, String> {
+    let options = address
+        .strip_prefix("unixexec:")
+        .ok_or_else(|| format!("{address:?} is not a unixexec: address"))?;
+    let mut values = std::collections::HashMap::new();
+    for option in options.split(',').filter(|o| !o.is_empty()) {
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| format!("{option:?} in {address:?} is not key=value"))?;
+        values.insert(key.to_owned(), decode_address_value(value)?);
+    }
+    let path = values
+        .remove("path")
+        .ok_or_else(|| format!("{address:?} has no path= (the program to run)"))?;
+    let argv0 = values.remove("argv0");
+    let mut args = Vec::new();
+    while let Some(arg) = values.remove(&format!("argv{}", args.len() + 1)) {
+        args.push(arg);
+    }
+    values.remove("guid");
+    if let Some(key) = values.keys().next() {
+        return Err(format!(
+            "{address:?} has {key}= which unixexec does not know (argvN must be numbered from 1 without gaps)"
+        ));
+    }
+    Ok(zbus::Address::new(Transport::Unixexec(Unixexec::new(
+        PathBuf::from(path),
+        argv0,
+        args,
+    ))))
 }
 
 /// The `unixexec:` address that runs `ssh -xT -- [USER@]HOST systemd-stdio-bridge`, the command
 /// busctl -H runs (`--` keeps a host name from being read as an ssh option).
-pub fn host_address(host: &str) -> Result<String, ClientError> {
-    if host.is_empty() || host.starts_with('@') || host.ends_with('@') {
+pub fn host_address(host: &str) -> Result<zbus::Address, ClientError> {
+    let valid = !host.is_empty()
+        && !host.starts_with('@')
+        && !host.ends_with('@')
+        && !host.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !valid {
         return Err(ClientError::Usage(format!(
-            "-H needs [USER@]HOST, got {host:?}"
+            "-H needs [USER@]HOST (e.g. root@node1), got {host:?}"
         )));
     }
-    Ok(format!(
-        "unixexec:path=ssh,argv1=-xT,argv2=--,argv3={},argv4=systemd-stdio-bridge",
-        escape_address_value(host)
-    ))
+    let args = ["-xT", "--", host, "systemd-stdio-bridge"]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    Ok(zbus::Address::new(Transport::Unixexec(Unixexec::new(
+        PathBuf::from("ssh"),
+        None,
+        args,
+    ))))
 }
 
 /// A connection and the name of the bus it goes to (for messages).
@@ -106,8 +163,16 @@ pub async fn connect(args: &BusArgs, timeout: Duration) -> Result<Bus, ClientErr
     let builder = match &target {
         Target::System => zbus::connection::Builder::system(),
         Target::User => zbus::connection::Builder::session(),
+        Target::Address(address) if address.starts_with("unixexec:") => {
+            let address = parse_unixexec(address).map_err(|reason| ClientError::Connect {
+                bus: target.describe(),
+                reason,
+                hint: target.connect_hint(),
+            })?;
+            zbus::connection::Builder::address(address)
+        }
         Target::Address(address) => zbus::connection::Builder::address(address.as_str()),
-        Target::Host(host) => zbus::connection::Builder::address(host_address(host)?.as_str()),
+        Target::Host(host) => zbus::connection::Builder::address(host_address(host)?),
     };
     let connection = builder
         .method_timeout(timeout)
@@ -122,35 +187,71 @@ pub async fn connect(args: &BusArgs, timeout: Duration) -> Result<Bus, ClientErr
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn host_address_runs_ssh_like_busctl() {
-        assert_eq!(
-            host_address("root@node1.example.org").unwrap(),
-            "unixexec:path=ssh,argv1=-xT,argv2=--,argv3=root%40node1.example.org,argv4=systemd-stdio-bridge"
-        );
-        // Commas and equals signs would split the address; they are escaped.
-        assert_eq!(
-            host_address("a,b=c").unwrap(),
-            "unixexec:path=ssh,argv1=-xT,argv2=--,argv3=a%2cb%3dc,argv4=systemd-stdio-bridge"
-        );
-        assert!(host_address("").is_err());
-        assert!(host_address("root@").is_err());
+    fn unixexec_parts(address: &zbus::Address) -> (String, Option<String>, Vec<String>) {
+        match address.transport() {
+            Transport::Unixexec(exec) => (
+                exec.path().to_string_lossy().into_owned(),
+                exec.arg0().map(|a| a.to_string_lossy().into_owned()),
+                exec.args()
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
-    fn host_address_parses_back_to_the_ssh_command() {
-        let address: zbus::Address = host_address("admin@node-2").unwrap().parse().unwrap();
-        match address.transport() {
-            zbus::address::Transport::Unixexec(exec) => {
-                assert_eq!(exec.path().to_str(), Some("ssh"));
-                let args: Vec<_> = exec.args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
-                assert_eq!(args, ["-xT", "--", "admin@node-2", "systemd-stdio-bridge"]);
-            }
-            other => panic!("{other:?}"),
-        }
+    fn host_runs_ssh_like_busctl() {
+        let (path, arg0, args) = unixexec_parts(&host_address("root@node1.example.org").unwrap());
+        assert_eq!(path, "ssh");
+        assert_eq!(arg0, None);
+        assert_eq!(
+            args,
+            [
+                "-xT",
+                "--",
+                "root@node1.example.org",
+                "systemd-stdio-bridge"
+            ]
+        );
+        // Whatever the host text, it is one argument after `--`, never an option or a split.
+        let (_, _, args) = unixexec_parts(&host_address("-oProxyCommand=x,y").unwrap());
+        assert_eq!(args[2], "-oProxyCommand=x,y");
+        assert_eq!(args[1], "--");
+        assert!(host_address("").is_err());
+        assert!(host_address("root@").is_err());
+        assert!(host_address("a b").is_err());
+    }
+
+    #[test]
+    fn unixexec_values_are_percent_decoded() {
+        let address = parse_unixexec(
+            "unixexec:path=/usr/bin/systemd-stdio-bridge,argv1=--bus-path%3dunix:path%3d/tmp/x/bus",
+        )
+        .unwrap();
+        let (path, arg0, args) = unixexec_parts(&address);
+        assert_eq!(path, "/usr/bin/systemd-stdio-bridge");
+        assert_eq!(arg0, None);
+        assert_eq!(args, ["--bus-path=unix:path=/tmp/x/bus"]);
+
+        let address = parse_unixexec("unixexec:path=ssh,argv0=x,argv1=-xT,argv2=a%2cb").unwrap();
+        assert_eq!(
+            unixexec_parts(&address),
+            (
+                "ssh".to_owned(),
+                Some("x".to_owned()),
+                vec!["-xT".to_owned(), "a,b".to_owned()]
+            )
+        );
+        assert!(parse_unixexec("unixexec:argv1=x").is_err());
+        assert!(parse_unixexec("unixexec:path=x,argv2=y").is_err());
+        assert!(parse_unixexec("unixexec:path=x%4").is_err());
+        assert!(parse_unixexec("unixexec:path=x%zz").is_err());
     }
 
     #[test]
@@ -162,6 +263,9 @@ mod tests {
         args.host = Some("h".to_owned());
         assert_eq!(Target::from_args(&args), Target::Host("h".to_owned()));
         args.address = Some("unix:path=/x".to_owned());
-        assert_eq!(Target::from_args(&args), Target::Address("unix:path=/x".to_owned()));
+        assert_eq!(
+            Target::from_args(&args),
+            Target::Address("unix:path=/x".to_owned())
+        );
     }
 }

@@ -143,7 +143,9 @@ fn parse_timeout(text: &str) -> Result<f64, String> {
         .map_err(|_| format!("{text:?} is not a number of seconds"))?;
     // Zero or a negative value would make every call fail at once; an enormous one overflows Duration.
     if !(secs > 0.0 && secs <= 86_400.0 * 365.0) {
-        return Err(format!("{text:?} must be more than 0 and at most a year of seconds"));
+        return Err(format!(
+            "{text:?} must be more than 0 and at most a year of seconds"
+        ));
     }
     Ok(secs)
 }
@@ -266,6 +268,7 @@ impl Data {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
@@ -306,7 +309,10 @@ mod tests {
         let json = r#"{"module_url":"ghcr.io/nethserver/mail:1.7.1","instances":["mail1"]}"#;
         assert_eq!(json.parse::<Data>(), Ok(Data::Inline(json.to_owned())));
         assert_eq!("-".parse::<Data>(), Ok(Data::Stdin));
-        assert_eq!("@/tmp/x.json".parse::<Data>(), Ok(Data::File("/tmp/x.json".into())));
+        assert_eq!(
+            "@/tmp/x.json".parse::<Data>(),
+            Ok(Data::File("/tmp/x.json".into()))
+        );
         assert!("@".parse::<Data>().is_err());
 
         // Inline text is forwarded unchanged, even when it is not JSON: the service judges it.
@@ -322,7 +328,10 @@ mod tests {
 
         let missing = Data::File(dir.path().join("missing.json"));
         let err = missing.read(&b""[..]).unwrap_err().to_string();
-        assert!(err.contains("missing.json") && err.contains("--data @"), "{err}");
+        assert!(
+            err.contains("missing.json") && err.contains("--data @"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -337,7 +346,11 @@ mod tests {
         .unwrap();
         assert!(matches!(
             cli.command,
-            Command::Run { action: RunAction::UpdateModule { data: Data::File(_) } }
+            Command::Run {
+                action: RunAction::UpdateModule {
+                    data: Data::File(_)
+                }
+            }
         ));
         assert_eq!(cli.timeout, 25.0);
 
@@ -355,7 +368,11 @@ mod tests {
         ])
         .unwrap();
         match cli.command {
-            Command::Update { module_url, instances, force } => {
+            Command::Update {
+                module_url,
+                instances,
+                force,
+            } => {
                 assert_eq!(module_url, "ghcr.io/nethserver/mail:1.7.1");
                 assert_eq!(instances, ["mail1", "mail2"]);
                 assert!(force);
@@ -369,7 +386,17 @@ mod tests {
         assert!(Cli::try_parse_from(["module-updater", "update", "ghcr.io/x/mail:1"]).is_err());
         // The bus choices exclude each other.
         assert!(Cli::try_parse_from(["module-updater", "--user", "--system", "list"]).is_err());
-        assert!(Cli::try_parse_from(["module-updater", "-H", "h", "--address", "unix:path=/x", "list"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "module-updater",
+                "-H",
+                "h",
+                "--address",
+                "unix:path=/x",
+                "list"
+            ])
+            .is_err()
+        );
         // --json and --quiet work after the subcommand too.
         let cli = Cli::try_parse_from(["module-updater", "monitor", "--json"]).unwrap();
         assert!(cli.json);

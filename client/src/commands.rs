@@ -12,7 +12,9 @@ use zbus::proxy::CacheProperties;
 use crate::bus::{self, Bus};
 use crate::cli::{Cli, Command, GenerateWhat, JobRef, RunAction};
 use crate::error::{Call, ClientError, exit};
-use crate::follow::{Follower, Interrupt, Outcome, Subscription, follow_rules, owner_rule, service_rule};
+use crate::follow::{
+    Follower, Interrupt, Outcome, Subscription, follow_rules, owner_rule, service_rule,
+};
 use crate::render::{self, Mode};
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
@@ -38,7 +40,12 @@ struct Ctx {
 
 impl Ctx {
     fn call<'a>(&'a self, what: &'a str) -> Call<'a> {
-        Call { bus: &self.bus_name, what, job: None, instance: None }
+        Call {
+            bus: &self.bus_name,
+            what,
+            job: None,
+            instance: None,
+        }
     }
 
     async fn manager(&self) -> Result<ModuleUpdaterProxy<'static>, ClientError> {
@@ -57,13 +64,24 @@ impl Ctx {
     }
 
     fn job_call<'a>(&'a self, what: &'a str, job: &JobRef) -> Call<'a> {
-        Call { bus: &self.bus_name, what, job: Some(job.id()), instance: None }
+        Call {
+            bus: &self.bus_name,
+            what,
+            job: Some(job.id()),
+            instance: None,
+        }
     }
 }
 
 /// Runs the parsed command line; the value is the exit code.
 pub async fn run(cli: Cli) -> Result<u8, ClientError> {
-    let Cli { bus: bus_args, timeout, json, quiet, command } = cli;
+    let Cli {
+        bus: bus_args,
+        timeout,
+        json,
+        quiet,
+        command,
+    } = cli;
     if let Command::Generate { what } = &command {
         return generate(what);
     }
@@ -71,13 +89,24 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
         out(&format!("module-updater {}", env!("CARGO_PKG_VERSION")));
     }
     let bus = bus::connect(&bus_args, Duration::from_secs_f64(timeout)).await?;
-    let ctx = Ctx { bus_name: bus.describe(), bus, json, quiet };
+    let ctx = Ctx {
+        bus_name: bus.describe(),
+        bus,
+        json,
+        quiet,
+    };
     match command {
-        Command::Run { action: RunAction::UpdateModule { data } } => {
+        Command::Run {
+            action: RunAction::UpdateModule { data },
+        } => {
             let request = data.read(std::io::stdin().lock())?;
             start_and_follow(&ctx, &request).await
         }
-        Command::Update { module_url, instances, force } => update(&ctx, &module_url, &instances, force).await,
+        Command::Update {
+            module_url,
+            instances,
+            force,
+        } => update(&ctx, &module_url, &instances, force).await,
         Command::List => list(&ctx).await,
         Command::Show { instance } => show(&ctx, &instance).await,
         Command::Jobs => jobs(&ctx).await,
@@ -103,7 +132,10 @@ fn generate(what: &GenerateWhat) -> Result<u8, ClientError> {
     stdout
         .write_all(&buffer)
         .and_then(|()| stdout.flush())
-        .map_err(|e| ClientError::Local { what: "write to stdout".to_owned(), reason: e.to_string() })?;
+        .map_err(|e| ClientError::Local {
+            what: "write to stdout".to_owned(),
+            reason: e.to_string(),
+        })?;
     Ok(exit::SUCCESS)
 }
 
@@ -113,7 +145,11 @@ fn finish(job: &JobRef, outcome: Outcome) -> Result<u8, ClientError> {
     if outcome.succeeded() {
         Ok(exit::SUCCESS)
     } else {
-        Err(ClientError::JobFailed { job: job.id(), status: outcome.status, exit_code: outcome.exit_code })
+        Err(ClientError::JobFailed {
+            job: job.id(),
+            status: outcome.status,
+            exit_code: outcome.exit_code,
+        })
     }
 }
 
@@ -148,15 +184,26 @@ async fn start_and_follow(ctx: &Ctx, request: &str) -> Result<u8, ClientError> {
     finish(&job, outcome)
 }
 
-async fn update(ctx: &Ctx, module_url: &str, instances: &[String], force: bool) -> Result<u8, ClientError> {
+async fn update(
+    ctx: &Ctx,
+    module_url: &str,
+    instances: &[String],
+    force: bool,
+) -> Result<u8, ClientError> {
     let manager = ctx.manager().await?;
     // NS8's update-module command refuses to put an image of another type on an instance.
     for id in instances {
-        let call = Call { bus: &ctx.bus_name, what: "GetInstance", job: None, instance: Some(id) };
+        let call = Call {
+            bus: &ctx.bus_name,
+            what: "GetInstance",
+            job: None,
+            instance: Some(id),
+        };
         match manager.get_instance(id).await {
             Ok(environment) => {
                 if let Some(current) = environment.get("IMAGE_URL")
-                    && let Some((current_name, new_name)) = crate::ns8::type_mismatch(current, module_url)
+                    && let Some((current_name, new_name)) =
+                        crate::ns8::type_mismatch(current, module_url)
                 {
                     return Err(ClientError::TypeMismatch {
                         instance: id.clone(),
@@ -209,14 +256,22 @@ async fn list(ctx: &Ctx) -> Result<u8, ClientError> {
                 ]
             })
             .collect();
-        out(&render::table(&["INSTANCE", "IMAGE", "STATE", "JOB"], &rows));
+        out(&render::table(
+            &["INSTANCE", "IMAGE", "STATE", "JOB"],
+            &rows,
+        ));
     }
     Ok(exit::SUCCESS)
 }
 
 async fn show(ctx: &Ctx, instance: &str) -> Result<u8, ClientError> {
     let manager = ctx.manager().await?;
-    let call = Call { bus: &ctx.bus_name, what: "GetInstance", job: None, instance: Some(instance) };
+    let call = Call {
+        bus: &ctx.bus_name,
+        what: "GetInstance",
+        job: None,
+        instance: Some(instance),
+    };
     let environment: BTreeMap<String, String> = manager
         .get_instance(instance)
         .await
@@ -280,16 +335,25 @@ impl JobInfo {
     }
 
     fn exit_cell(&self) -> String {
-        if self.finished_usec == 0 && self.exit_code < 0 { "-".to_owned() } else { self.exit_code.to_string() }
+        if self.finished_usec == 0 && self.exit_code < 0 {
+            "-".to_owned()
+        } else {
+            self.exit_code.to_string()
+        }
     }
 }
 
 async fn jobs(ctx: &Ctx) -> Result<u8, ClientError> {
     let manager = ctx.manager().await?;
-    let paths = manager.list_jobs().await.map_err(|e| ctx.call("ListJobs").error(e))?;
+    let paths = manager
+        .list_jobs()
+        .await
+        .map_err(|e| ctx.call("ListJobs").error(e))?;
     let mut infos = Vec::new();
     for path in paths {
-        let Some(job) = JobRef::from_path(path.as_str()) else { continue };
+        let Some(job) = JobRef::from_path(path.as_str()) else {
+            continue;
+        };
         let proxy = ctx.job(&job).await?;
         match job_info(&proxy, &job).await {
             Ok(info) => infos.push(info),
@@ -317,7 +381,10 @@ async fn jobs(ctx: &Ctx) -> Result<u8, ClientError> {
                 ]
             })
             .collect();
-        out(&render::table(&["JOB", "STATUS", "PROGRESS", "EXIT", "STARTED", "INSTANCES"], &rows));
+        out(&render::table(
+            &["JOB", "STATUS", "PROGRESS", "EXIT", "STARTED", "INSTANCES"],
+            &rows,
+        ));
     }
     Ok(exit::SUCCESS)
 }
@@ -352,8 +419,14 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
         vec!["Progress:".to_owned(), format!("{}%", info.progress)],
         vec!["Exit code:".to_owned(), info.exit_cell()],
         vec!["Caller UID:".to_owned(), info.caller_uid.to_string()],
-        vec!["Started:".to_owned(), render::usec_to_utc(info.started_usec)],
-        vec!["Finished:".to_owned(), render::usec_to_utc(info.finished_usec)],
+        vec![
+            "Started:".to_owned(),
+            render::usec_to_utc(info.started_usec),
+        ],
+        vec![
+            "Finished:".to_owned(),
+            render::usec_to_utc(info.finished_usec),
+        ],
         vec!["Request:".to_owned(), info.request.clone()],
     ];
     // The table helper prints a header line; the first row serves as none here.
@@ -369,11 +442,16 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
 
 async fn cancel(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
     let proxy = ctx.job(job).await?;
-    proxy.cancel().await.map_err(|e| ctx.job_call("Cancel", job).error(e))?;
+    proxy
+        .cancel()
+        .await
+        .map_err(|e| ctx.job_call("Cancel", job).error(e))?;
     if ctx.json {
         out_json(&json!({ "job": job.path(), "cancel": "requested" }));
     } else if !ctx.quiet {
-        out(&format!("cancel requested for job {job}; follow it with `module-updater wait {job}`"));
+        out(&format!(
+            "cancel requested for job {job}; follow it with `module-updater wait {job}`"
+        ));
     }
     Ok(exit::SUCCESS)
 }
@@ -426,7 +504,10 @@ async fn monitor(ctx: &Ctx) -> Result<u8, ClientError> {
 
 async fn version(ctx: &Ctx) -> Result<u8, ClientError> {
     let manager = ctx.manager().await?;
-    let daemon = manager.version().await.map_err(|e| ctx.call("reading Version").error(e))?;
+    let daemon = manager
+        .version()
+        .await
+        .map_err(|e| ctx.call("reading Version").error(e))?;
     if ctx.json {
         out_json(&json!({ "client": env!("CARGO_PKG_VERSION"), "daemon": daemon }));
     } else {

@@ -47,7 +47,9 @@ pub enum ClientError {
     Validation { array: String, summary: String },
     #[error("{summary}; wait for that job (module-updater wait JOB) or cancel it, then run again")]
     Busy { array: String, summary: String },
-    #[error("no job {job} on the service: {detail}; finished jobs are kept for a while only, see `module-updater jobs`")]
+    #[error(
+        "no job {job} on the service: {detail}; finished jobs are kept for a while only, see `module-updater jobs`"
+    )]
     NoSuchJob { job: u64, detail: String },
     #[error("no instance {instance:?} on this node; see `module-updater list`")]
     NoSuchInstance { instance: String },
@@ -78,7 +80,9 @@ pub enum ClientError {
     Usage(String),
     #[error("{0}")]
     Input(#[from] crate::cli::DataError),
-    #[error("access denied by {bus}: {reason}; run as root (the bus policy lets only root call the service)")]
+    #[error(
+        "access denied by {bus}: {reason}; run as root (the bus policy lets only root call the service)"
+    )]
     AccessDenied { bus: String, reason: String },
     #[error("module-updaterd is shutting down: {reason}; try again once it has restarted")]
     ShuttingDown { reason: String },
@@ -197,12 +201,16 @@ impl Call<'_> {
                 | fdo::Error::SpawnServiceNotFound(_)
                 | fdo::Error::SpawnPermissionsInvalid(_)
                 | fdo::Error::SpawnFileInvalid(_) => unreachable(),
-                fdo::Error::AccessDenied(_) | fdo::Error::AuthFailed(_) => ClientError::AccessDenied {
-                    bus: self.bus.to_owned(),
-                    reason,
-                },
+                fdo::Error::AccessDenied(_) | fdo::Error::AuthFailed(_) => {
+                    ClientError::AccessDenied {
+                        bus: self.bus.to_owned(),
+                        reason,
+                    }
+                }
                 // A job object that is gone (its linger time passed) answers UnknownObject.
-                fdo::Error::UnknownObject(_) | fdo::Error::UnknownInterface(_) if self.job.is_some() => {
+                fdo::Error::UnknownObject(_) | fdo::Error::UnknownInterface(_)
+                    if self.job.is_some() =>
+                {
                     ClientError::NoSuchJob {
                         job: self.job.unwrap_or_default(),
                         detail: reason,
@@ -213,9 +221,9 @@ impl Call<'_> {
                     reason,
                 },
             },
-            zbus::Error::InputOutput(_) | zbus::Error::Connection(..) | zbus::Error::Handshake(_) => {
-                unreachable()
-            }
+            zbus::Error::InputOutput(_)
+            | zbus::Error::Connection(..)
+            | zbus::Error::Handshake(_) => unreachable(),
             _ => ClientError::Service {
                 what: self.what.to_owned(),
                 reason,
@@ -259,7 +267,14 @@ pub fn summarize_array(array: &str) -> String {
     match parse_array(array) {
         Some(items) if !items.is_empty() => items
             .iter()
-            .map(|item| format!("{} = {}: {}", item.field, short_value(&item.value), item.error))
+            .map(|item| {
+                format!(
+                    "{} = {}: {}",
+                    item.field,
+                    short_value(&item.value),
+                    item.error
+                )
+            })
             .collect::<Vec<_>>()
             .join(", "),
         _ => one_line(array),
@@ -276,7 +291,10 @@ fn summarize_busy(array: &str) -> String {
                     .as_deref()
                     .and_then(crate::cli::JobRef::from_path)
                     .map_or_else(String::new, |job| format!(" by job {job}"));
-                format!("instance {} is already being updated{job}", short_value(&item.value))
+                format!(
+                    "instance {} is already being updated{job}",
+                    short_value(&item.value)
+                )
             })
             .collect::<Vec<_>>()
             .join(", "),
@@ -285,44 +303,65 @@ fn summarize_busy(array: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn validation_array_summary() {
         let array = r#"[{"field":"instances.0","parameter":"instances","value":"mail","error":"instances_pattern"}]"#;
-        assert_eq!(summarize_array(array), r#"instances.0 = "mail": instances_pattern"#);
+        assert_eq!(
+            summarize_array(array),
+            r#"instances.0 = "mail": instances_pattern"#
+        );
         assert_eq!(summarize_array("not json\n x"), "not json x");
     }
 
     #[test]
     fn busy_summary_names_the_job() {
         let array = r#"[{"field":"instances.0","parameter":"instances","value":"mail1","error":"action_already_running","job":"/org/nethserver/ModuleUpdater/job/4"}]"#;
-        assert_eq!(summarize_busy(array), r#"instance "mail1" is already being updated by job 4"#);
+        assert_eq!(
+            summarize_busy(array),
+            r#"instance "mail1" is already being updated by job 4"#
+        );
     }
 
     #[test]
     fn wire_errors_map_to_exit_codes() {
-        let call = Call { bus: "the system bus", what: "UpdateModule", job: None, instance: None };
+        let call = Call {
+            bus: "the system bus",
+            what: "UpdateModule",
+            job: None,
+            instance: None,
+        };
         let method_error = |name: &str, desc: &str| {
             let name = zbus::names::OwnedErrorName::try_from(name.to_owned()).unwrap();
             let msg = zbus::Message::method_call("/", "X").build(&()).unwrap();
             zbus::Error::MethodError(name, Some(desc.to_owned()), msg)
         };
-        let err = call.error(method_error("org.nethserver.ModuleUpdater.Error.ValidationFailed", "[]"));
+        let err = call.error(method_error(
+            "org.nethserver.ModuleUpdater.Error.ValidationFailed",
+            "[]",
+        ));
         assert_eq!(err.exit_code(), exit::VALIDATION);
         assert_eq!(err.stdout(), Some("[]"));
-        let err = call.error(method_error("org.nethserver.ModuleUpdater.Error.Busy", "[]"));
+        let err = call.error(method_error(
+            "org.nethserver.ModuleUpdater.Error.Busy",
+            "[]",
+        ));
         assert_eq!(err.exit_code(), exit::BUSY);
-        let err = call.error(zbus::Error::FDO(Box::new(fdo::Error::ServiceUnknown("x".into()))));
+        let err = call.error(zbus::Error::FDO(Box::new(fdo::Error::ServiceUnknown(
+            "x".into(),
+        ))));
         assert_eq!(err.exit_code(), exit::UNREACHABLE);
-        let err = call.error(zbus::Error::FDO(Box::new(fdo::Error::AccessDenied("x".into()))));
+        let err = call.error(zbus::Error::FDO(Box::new(fdo::Error::AccessDenied(
+            "x".into(),
+        ))));
         assert_eq!(err.exit_code(), exit::FAILED);
         assert!(err.to_string().contains("run as root"), "{err}");
-        let err = call.error(zbus::Error::InputOutput(std::sync::Arc::new(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "timed out",
-        ))));
+        let err = call.error(zbus::Error::InputOutput(std::sync::Arc::new(
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+        )));
         assert_eq!(err.exit_code(), exit::UNREACHABLE);
         assert!(err.to_string().contains("--timeout"), "{err}");
     }

@@ -71,7 +71,11 @@ pub fn service_rule() -> zbus::Result<MatchRule<'static>> {
 
 /// The rules a follower needs.
 pub fn follow_rules() -> zbus::Result<Vec<MatchRule<'static>>> {
-    Ok(vec![job_signals_rule()?, job_properties_rule()?, owner_rule()?])
+    Ok(vec![
+        job_signals_rule()?,
+        job_properties_rule()?,
+        owner_rule()?,
+    ])
 }
 
 /// Signals matched on the bus, moved by small tasks into one unbounded channel. Draining them at
@@ -84,11 +88,15 @@ pub struct Subscription {
 
 impl Subscription {
     /// Adds the match rules on the bus; when this returns, nothing matching can be missed.
-    pub async fn new(connection: &Connection, rules: Vec<MatchRule<'static>>) -> zbus::Result<Subscription> {
+    pub async fn new(
+        connection: &Connection,
+        rules: Vec<MatchRule<'static>>,
+    ) -> zbus::Result<Subscription> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut tasks = Vec::new();
         for rule in rules {
-            let mut stream = MessageStream::for_match_rule(rule, connection, Some(MATCH_QUEUE)).await?;
+            let mut stream =
+                MessageStream::for_match_rule(rule, connection, Some(MATCH_QUEUE)).await?;
             let tx = tx.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some(item) = stream.next().await {
@@ -167,13 +175,30 @@ impl Outcome {
 /// What one matched message means for the followed job.
 #[derive(Debug, PartialEq)]
 enum Event {
-    Progress { instance: String, step: String, percent: u32 },
-    Message { instance: String, priority: u32, text: String },
-    InstanceFinished { instance: String, status: String, exit_code: i32 },
+    Progress {
+        instance: String,
+        step: String,
+        percent: u32,
+    },
+    Message {
+        instance: String,
+        priority: u32,
+        text: String,
+    },
+    InstanceFinished {
+        instance: String,
+        status: String,
+        exit_code: i32,
+    },
     Finished,
-    Properties { status: Option<String>, progress: Option<u32> },
+    Properties {
+        status: Option<String>,
+        progress: Option<u32>,
+    },
     /// The service's name got a new owner; empty when it left the bus.
-    OwnerChanged { new_owner: String },
+    OwnerChanged {
+        new_owner: String,
+    },
 }
 
 fn decode(msg: &Message, job_path: &str) -> Option<Event> {
@@ -192,25 +217,44 @@ fn decode(msg: &Message, job_path: &str) -> Option<Event> {
     match (interface.as_str(), member.as_str()) {
         (JOB_INTERFACE, "Progress") => {
             let (instance, step, percent) = body.deserialize().ok()?;
-            Some(Event::Progress { instance, step, percent })
+            Some(Event::Progress {
+                instance,
+                step,
+                percent,
+            })
         }
         (JOB_INTERFACE, "Message") => {
             let (instance, priority, text) = body.deserialize().ok()?;
-            Some(Event::Message { instance, priority, text })
+            Some(Event::Message {
+                instance,
+                priority,
+                text,
+            })
         }
         (JOB_INTERFACE, "InstanceFinished") => {
             let (instance, status, exit_code) = body.deserialize().ok()?;
-            Some(Event::InstanceFinished { instance, status, exit_code })
+            Some(Event::InstanceFinished {
+                instance,
+                status,
+                exit_code,
+            })
         }
         (JOB_INTERFACE, "Finished") => Some(Event::Finished),
         ("org.freedesktop.DBus.Properties", "PropertiesChanged") => {
-            let (iface, changed, _invalidated): (String, std::collections::HashMap<String, OwnedVariant>, Vec<String>) =
-                body.deserialize().ok()?;
+            let (iface, changed, _invalidated): (
+                String,
+                std::collections::HashMap<String, OwnedVariant>,
+                Vec<String>,
+            ) = body.deserialize().ok()?;
             if iface != JOB_INTERFACE {
                 return None;
             }
-            let status = changed.get("Status").and_then(|v| v.downcast_ref::<String>().ok());
-            let progress = changed.get("Progress").and_then(|v| v.downcast_ref::<u32>().ok());
+            let status = changed
+                .get("Status")
+                .and_then(|v| v.downcast_ref::<String>().ok());
+            let progress = changed
+                .get("Progress")
+                .and_then(|v| v.downcast_ref::<u32>().ok());
             Some(Event::Properties { status, progress })
         }
         _ => None,
@@ -243,7 +287,12 @@ impl<'a> Follower<'a> {
     pub async fn new(bus: &'a Bus, job: JobRef) -> Result<Follower<'a>, ClientError> {
         let bus_name = bus.describe();
         let path = job.path();
-        let call = Call { bus: &bus_name, what: "reaching the job", job: Some(job.id()), instance: None };
+        let call = Call {
+            bus: &bus_name,
+            what: "reaching the job",
+            job: Some(job.id()),
+            instance: None,
+        };
         // No property cache: every read asks the service, which is what confirming the end means.
         let proxy = JobProxy::builder(&bus.connection)
             .path(path.clone())
@@ -251,14 +300,29 @@ impl<'a> Follower<'a> {
             .build()
             .await
             .map_err(|e| call.error(e))?;
-        Ok(Follower { bus, bus_name, job, path, proxy })
+        Ok(Follower {
+            bus,
+            bus_name,
+            job,
+            path,
+            proxy,
+        })
     }
 
     fn error(&self, what: &str, err: zbus::Error) -> ClientError {
         if service_gone(&err) {
-            return ClientError::ServiceLeft { bus: self.bus_name.clone(), job: self.job.id() };
+            return ClientError::ServiceLeft {
+                bus: self.bus_name.clone(),
+                job: self.job.id(),
+            };
         }
-        Call { bus: &self.bus_name, what, job: Some(self.job.id()), instance: None }.error(err)
+        Call {
+            bus: &self.bus_name,
+            what,
+            job: Some(self.job.id()),
+            instance: None,
+        }
+        .error(err)
     }
 
     /// The job's end, if it has ended: `Status`, then `GetResult`.
@@ -290,7 +354,11 @@ impl<'a> Follower<'a> {
             .and_then(Value::as_i64)
             .and_then(|c| i32::try_from(c).ok())
             .unwrap_or(if status == "completed" { 0 } else { 1 });
-        Ok(Some(Outcome { result, status, exit_code }))
+        Ok(Some(Outcome {
+            result,
+            status,
+            exit_code,
+        }))
     }
 
     /// Follows the job to its end. `sub` must have been created with [`follow_rules`] before the
@@ -381,7 +449,10 @@ impl<'a> Follower<'a> {
         let notes = notes.clone();
         tokio::spawn(async move {
             if let Err(err) = proxy.cancel().await {
-                let _ = notes.send(format!("cannot cancel: {}", crate::error::describe_zbus(&err)));
+                let _ = notes.send(format!(
+                    "cannot cancel: {}",
+                    crate::error::describe_zbus(&err)
+                ));
             }
         });
     }
@@ -396,6 +467,7 @@ impl<'a> Follower<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -403,7 +475,9 @@ mod tests {
     where
         B: serde::Serialize + zbus::wire::DynamicType,
     {
-        Message::signal(path, interface, member).build(body).unwrap()
+        Message::signal(path, interface, member)
+            .build(body)
+            .unwrap()
     }
 
     #[test]
@@ -412,15 +486,28 @@ mod tests {
         let msg = signal(job, JOB_INTERFACE, "Progress", &("mail1", "extract", 60u32));
         assert_eq!(
             decode(&msg, job),
-            Some(Event::Progress { instance: "mail1".into(), step: "extract".into(), percent: 60 })
+            Some(Event::Progress {
+                instance: "mail1".into(),
+                step: "extract".into(),
+                percent: 60
+            })
         );
         assert_eq!(decode(&msg, "/org/nethserver/ModuleUpdater/job/8"), None);
         let msg = signal(job, JOB_INTERFACE, "Finished", &("completed", 0i32));
         assert_eq!(decode(&msg, job), Some(Event::Finished));
-        let msg = signal(job, JOB_INTERFACE, "InstanceFinished", &("mail1", "failed", 1i32));
+        let msg = signal(
+            job,
+            JOB_INTERFACE,
+            "InstanceFinished",
+            &("mail1", "failed", 1i32),
+        );
         assert_eq!(
             decode(&msg, job),
-            Some(Event::InstanceFinished { instance: "mail1".into(), status: "failed".into(), exit_code: 1 })
+            Some(Event::InstanceFinished {
+                instance: "mail1".into(),
+                status: "failed".into(),
+                exit_code: 1
+            })
         );
     }
 
@@ -434,7 +521,9 @@ mod tests {
         );
         assert_eq!(
             decode(&msg, "/org/nethserver/ModuleUpdater/job/1"),
-            Some(Event::OwnerChanged { new_owner: String::new() })
+            Some(Event::OwnerChanged {
+                new_owner: String::new()
+            })
         );
         let job = "/org/nethserver/ModuleUpdater/job/1";
         let mut changed = std::collections::HashMap::new();
@@ -448,7 +537,10 @@ mod tests {
         );
         assert_eq!(
             decode(&msg, job),
-            Some(Event::Properties { status: Some("completed".into()), progress: Some(100) })
+            Some(Event::Properties {
+                status: Some("completed".into()),
+                progress: Some(100)
+            })
         );
     }
 

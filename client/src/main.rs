@@ -12,15 +12,24 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             // --help and --version are not errors; usage errors get 64, since 2 means "busy".
-            let code = if err.use_stderr() { exit::USAGE } else { exit::SUCCESS };
+            let code = if err.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            };
             let _ = err.print();
             return ExitCode::from(code);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("module-updater: cannot start the async runtime: {err}; check the process limits (ulimit -n)");
+            eprintln!(
+                "module-updater: cannot start the async runtime: {err}; check the process limits (ulimit -n)"
+            );
             return ExitCode::from(exit::FAILED);
         }
     };

@@ -20,14 +20,21 @@ pub fn type_mismatch<'a>(current_url: &'a str, new_url: &'a str) -> Option<(&'a 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn image_name_is_the_last_component_before_tag_or_digest() {
         assert_eq!(image_name("ghcr.io/nethserver/mail:1.7.1"), "mail");
-        assert_eq!(image_name("ghcr.io/nethserver/mail@sha256:0123abcd"), "mail");
-        assert_eq!(image_name("ghcr.io/nethserver/mail:1.7.1@sha256:0123"), "mail");
+        assert_eq!(
+            image_name("ghcr.io/nethserver/mail@sha256:0123abcd"),
+            "mail"
+        );
+        assert_eq!(
+            image_name("ghcr.io/nethserver/mail:1.7.1@sha256:0123"),
+            "mail"
+        );
         assert_eq!(image_name("127.0.0.1:5000/nethserver/mail:1"), "mail");
         assert_eq!(image_name("127.0.0.1:5000/mail"), "mail");
         assert_eq!(image_name("mail:1"), "mail");
@@ -36,10 +43,25 @@ mod tests {
 
     #[test]
     fn same_name_other_registry_or_tag_is_allowed() {
-        assert_eq!(type_mismatch("ghcr.io/nethserver/mail:1.7.0", "ghcr.io/nethserver/mail:1.7.1"), None);
-        assert_eq!(type_mismatch("ghcr.io/nethserver/mail:1.7.0", "127.0.0.1:5000/test/mail:dev"), None);
         assert_eq!(
-            type_mismatch("ghcr.io/nethserver/mail:1.7.0", "ghcr.io/nethserver/webtop:1.0.0"),
+            type_mismatch(
+                "ghcr.io/nethserver/mail:1.7.0",
+                "ghcr.io/nethserver/mail:1.7.1"
+            ),
+            None
+        );
+        assert_eq!(
+            type_mismatch(
+                "ghcr.io/nethserver/mail:1.7.0",
+                "127.0.0.1:5000/test/mail:dev"
+            ),
+            None
+        );
+        assert_eq!(
+            type_mismatch(
+                "ghcr.io/nethserver/mail:1.7.0",
+                "ghcr.io/nethserver/webtop:1.0.0"
+            ),
             Some(("mail", "webtop"))
         );
         // A prefix is not the same name.

@@ -38,7 +38,11 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     // Both are in range by construction (day 1..=31, month 1..=12).
-    (year, u32::try_from(month).unwrap_or(1), u32::try_from(day).unwrap_or(1))
+    (
+        year,
+        u32::try_from(month).unwrap_or(1),
+        u32::try_from(day).unwrap_or(1),
+    )
 }
 
 /// The current time as [`utc_from_secs`] prints it.
@@ -103,7 +107,10 @@ fn str_field<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
 
 /// `old → new`, or the one that is known.
 fn image_change(result: &Value) -> String {
-    match (str_field(result, "old_image_url"), str_field(result, "new_image_url")) {
+    match (
+        str_field(result, "old_image_url"),
+        str_field(result, "new_image_url"),
+    ) {
         (Some(old), Some(new)) if old != new => format!("{old} → {new}"),
         (_, Some(new)) => new.to_owned(),
         (Some(old), None) => old.to_owned(),
@@ -133,9 +140,16 @@ fn script_warnings(result: &Value) -> String {
         .and_then(Value::as_array)
         .map_or(0, Vec::len);
     if out.is_empty() && warnings > 0 {
-        out.push(format!("{warnings} warning{}", if warnings == 1 { "" } else { "s" }));
+        out.push(format!(
+            "{warnings} warning{}",
+            if warnings == 1 { "" } else { "s" }
+        ));
     }
-    if out.is_empty() { "-".to_owned() } else { out.join(", ") }
+    if out.is_empty() {
+        "-".to_owned()
+    } else {
+        out.join(", ")
+    }
 }
 
 fn result_cell(result: &Value) -> String {
@@ -171,7 +185,14 @@ pub fn summary(result: &Value, order: &[String]) -> String {
     let instances = ordered_instances(result, order);
     let rows: Vec<Vec<String>> = instances
         .iter()
-        .map(|(id, r)| vec![(*id).to_owned(), result_cell(r), image_change(r), script_warnings(r)])
+        .map(|(id, r)| {
+            vec![
+                (*id).to_owned(),
+                result_cell(r),
+                image_change(r),
+                script_warnings(r),
+            ]
+        })
         .collect();
     let mut out = table(&["INSTANCE", "RESULT", "IMAGE", "WARNINGS"], &rows);
     for (id, r) in &instances {
@@ -182,7 +203,10 @@ pub fn summary(result: &Value, order: &[String]) -> String {
         }
     }
     let status = str_field(result, "status").unwrap_or("?");
-    let exit_code = result.get("exit_code").and_then(Value::as_i64).unwrap_or(-1);
+    let exit_code = result
+        .get("exit_code")
+        .and_then(Value::as_i64)
+        .unwrap_or(-1);
     match str_field(result, "error") {
         Some(error) => out.push_str(&format!("job {status} (exit code {exit_code}): {error}\n")),
         None => out.push_str(&format!("job {status} (exit code {exit_code})\n")),
@@ -272,7 +296,11 @@ impl View {
                     .with_prefix(format!("job {job}"))
                     .with_message("pending"),
             );
-            view.bars = Some(Bars { multi, total, instances: Vec::new() });
+            view.bars = Some(Bars {
+                multi,
+                total,
+                instances: Vec::new(),
+            });
         }
         for instance in instances {
             view.instance(instance);
@@ -348,7 +376,8 @@ impl View {
             bar.set_position(u64::from(percent));
             bar.set_message(step.to_owned());
         }
-        self.last.insert(instance.to_owned(), (step.to_owned(), percent));
+        self.last
+            .insert(instance.to_owned(), (step.to_owned(), percent));
         if changed && self.mode == Mode::Plain {
             self.line(&format!("{instance} {step} {percent}%"));
         }
@@ -409,7 +438,10 @@ impl View {
     /// The end of the job: the summary table (terminal) or a last line (plain).
     pub fn finish(&mut self, result: &Value) {
         let status = str_field(result, "status").unwrap_or("?").to_owned();
-        let exit_code = result.get("exit_code").and_then(Value::as_i64).unwrap_or(-1);
+        let exit_code = result
+            .get("exit_code")
+            .and_then(Value::as_i64)
+            .unwrap_or(-1);
         if let Some(bars) = &self.bars {
             if status == "completed" {
                 bars.total.set_position(100);
@@ -434,7 +466,10 @@ impl View {
             }
             Mode::Plain => {
                 let error = str_field(result, "error").map_or(String::new(), |e| format!(": {e}"));
-                self.line(&format!("job {} {status} (exit code {exit_code}){error}", self.job));
+                self.line(&format!(
+                    "job {} {status} (exit code {exit_code}){error}",
+                    self.job
+                ));
             }
             Mode::Quiet => {}
         }
@@ -468,8 +503,10 @@ pub fn variant_to_json(value: &Variant<'_>) -> Value {
         Variant::Variant(v) => variant_to_json(v),
         Variant::Array(v) => Value::Array(v.inner().iter().map(variant_to_json).collect()),
         Variant::Dict(v) => {
-            let entries: Vec<(Value, Value)> =
-                v.iter().map(|(k, v)| (variant_to_json(k), variant_to_json(v))).collect();
+            let entries: Vec<(Value, Value)> = v
+                .iter()
+                .map(|(k, v)| (variant_to_json(k), variant_to_json(v)))
+                .collect();
             if entries.iter().all(|(k, _)| k.is_string()) {
                 Value::Object(
                     entries
@@ -503,7 +540,10 @@ pub fn monitor_line(msg: &zbus::Message, as_json: bool) -> String {
     let header = msg.header();
     let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
     let path = header.path().map(|p| p.to_string()).unwrap_or_default();
-    let interface = header.interface().map(|i| i.to_string()).unwrap_or_default();
+    let interface = header
+        .interface()
+        .map(|i| i.to_string())
+        .unwrap_or_default();
     let member = header.member().map(|m| m.to_string()).unwrap_or_default();
     let args = signal_args(msg);
     let time = now_utc();
@@ -519,13 +559,17 @@ pub fn monitor_line(msg: &zbus::Message, as_json: bool) -> String {
         .to_string()
     } else {
         let args: Vec<String> = args.iter().map(Value::to_string).collect();
-        format!("{time} {sender} {path} {interface}.{member} {}", args.join(" "))
-            .trim_end()
-            .to_owned()
+        format!(
+            "{time} {sender} {path} {interface}.{member} {}",
+            args.join(" ")
+        )
+        .trim_end()
+        .to_owned()
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -584,22 +628,24 @@ job aborted (exit code 1)
 ";
         assert_eq!(text, expected);
 
-        let interrupted: Value =
-            serde_json::from_str(r#"{"status":"aborted","exit_code":1,"instances":{},"error":"interrupted"}"#)
-                .unwrap();
+        let interrupted: Value = serde_json::from_str(
+            r#"{"status":"aborted","exit_code":1,"instances":{},"error":"interrupted"}"#,
+        )
+        .unwrap();
         assert!(summary(&interrupted, &[]).ends_with("job aborted (exit code 1): interrupted\n"));
     }
 
     #[test]
     fn variants_become_json() {
-        let mut dict = zbus::wire::Dict::new(
-            &zbus::wire::Signature::Str,
-            &zbus::wire::Signature::Variant,
-        );
+        let mut dict =
+            zbus::wire::Dict::new(&zbus::wire::Signature::Str, &zbus::wire::Signature::Variant);
         dict.add("Progress", Variant::from(42u32)).unwrap();
         let value = Variant::from(dict);
         assert_eq!(variant_to_json(&value), json!({"Progress": 42}));
-        assert_eq!(variant_to_json(&Variant::from(vec!["a", "b"])), json!(["a", "b"]));
+        assert_eq!(
+            variant_to_json(&Variant::from(vec!["a", "b"])),
+            json!(["a", "b"])
+        );
     }
 
     #[test]

@@ -176,7 +176,7 @@ impl Sandbox {
         sandbox.bus = Some(bus);
         sandbox.footprint.save()?;
 
-        // Recorded before it is written, so a crash in between leaves nothing unknown.
+        // Recorded as soon as it answers, with the registries.conf.d file it wrote.
         let registry = registry::Registry::start(&root, &logs)?;
         sandbox.footprint.processes.push(registry.record.clone());
         sandbox.footprint.registry_conf = Some(registry.conf_file.clone());

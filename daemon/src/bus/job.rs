@@ -32,6 +32,7 @@ impl JobObject {
     }
 
     /// `{"status", "exit_code", "instances": {id: result}}`.
+    #[zbus(out_args("result"))]
     async fn get_result(&self) -> Result<String, Error> {
         self.jobs
             .get(self.id)

@@ -24,6 +24,7 @@ fn object_path(path: String) -> OwnedObjectPath {
 #[zbus::interface(name = "org.nethserver.ModuleUpdater")]
 impl Manager {
     /// Checks the update-module request and starts a job for it.
+    #[zbus(out_args("job"))]
     async fn update_module(
         &self,
         request: &str,
@@ -47,6 +48,7 @@ impl Manager {
     }
 
     /// Every instance: (id, image URL, `idle` or `updating`, the job holding it or `/`).
+    #[zbus(out_args("instances"))]
     async fn list_instances(&self) -> Vec<(String, String, String, OwnedObjectPath)> {
         let jobs = Arc::clone(&self.jobs);
         let found = tokio::task::spawn_blocking(move || instance::discover(&jobs.settings().bases))
@@ -69,6 +71,7 @@ impl Manager {
     }
 
     /// `MODULE_ID`, the image keys of the instance's environment, `rootless` and `uid`.
+    #[zbus(out_args("instance"))]
     async fn get_instance(&self, id: &str) -> Result<HashMap<String, String>, Error> {
         let bases = self.jobs.settings().bases.clone();
         let owned = id.to_owned();
@@ -102,6 +105,7 @@ impl Manager {
     }
 
     /// Running jobs and finished ones still lingering.
+    #[zbus(out_args("jobs"))]
     async fn list_jobs(&self) -> Vec<OwnedObjectPath> {
         self.jobs().await
     }

@@ -92,6 +92,7 @@ pub async fn run(
         cancel,
         emit,
         progress: 0,
+        step: Step::Prepare,
         result: InstanceResult::new(InstanceStatus::Completed),
         changed: false,
     };
@@ -105,6 +106,8 @@ struct Update<'a> {
     cancel: watch::Receiver<bool>,
     emit: &'a mut (dyn FnMut(Event) + Send),
     progress: u8,
+    /// The step under way (the last one begun).
+    step: Step,
     result: InstanceResult,
     /// Whether files or the environment were touched (a failure after that keeps the marker).
     changed: bool,
@@ -550,6 +553,7 @@ impl Update<'_> {
     }
 
     fn begin(&mut self, step: Step) {
+        self.step = step;
         (self.emit)(Event::StepStarted { step });
         let (low, _) = progress_window(step);
         self.set_progress(step, low);
@@ -582,11 +586,10 @@ impl Update<'_> {
     }
 
     fn finish(mut self, outcome: StepResult<InstanceStatus>) -> InstanceResult {
+        // Every instance's progress ends at 100, whatever the outcome: a UI closes its bar.
+        self.set_progress(self.step, 100);
         match outcome {
             Ok(status) => {
-                if status == InstanceStatus::Completed {
-                    self.set_progress(Step::CleanupImages, 100);
-                }
                 self.result.status = status;
             }
             Err(Failed { reason, .. }) if reason == CANCELLED => {

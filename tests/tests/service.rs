@@ -1,0 +1,608 @@
+//! End-to-end tests of the D-Bus service, driven mostly by clients we did not write (busctl,
+//! gdbus) so they prove the wire contract, not only our proxy.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use module_updater_tests::{ImageSpec, Sandbox};
+
+const NAME: &str = "org.nethserver.ModuleUpdater";
+const PATH: &str = "/org/nethserver/ModuleUpdater";
+
+fn busctl(sandbox: &Sandbox, args: &[&str]) -> std::process::Output {
+    Command::new("busctl")
+        .arg(format!("--address={}", sandbox.bus_address()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn gdbus_call(sandbox: &Sandbox, path: &str, method: &str, args: &[&str]) -> std::process::Output {
+    Command::new("gdbus")
+        .args([
+            "call",
+            "--address",
+            &sandbox.bus_address(),
+            "--dest",
+            NAME,
+            "--object-path",
+            path,
+            "--method",
+            method,
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The error name and the validation array of a refused request, as gdbus reports them.
+fn refused(sandbox: &Sandbox, request: &str) -> (String, serde_json::Value) {
+    let out = gdbus_call(
+        sandbox,
+        PATH,
+        "org.nethserver.ModuleUpdater.UpdateModule",
+        &[request],
+    );
+    assert!(!out.status.success(), "accepted: {request}");
+    let stderr = text(&out.stderr);
+    // "GDBus.Error:org.nethserver.ModuleUpdater.Error.ValidationFailed: [...]"
+    let rest = stderr
+        .split("GDBus.Error:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let (name, message) = rest.split_once(": ").unwrap();
+    (
+        name.to_owned(),
+        serde_json::from_str(message.trim()).unwrap_or_else(|e| panic!("{e}: {message}")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn validation_errors_busy_and_instance_queries() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("valid", "1.0"))
+        .unwrap();
+    let slow = sandbox
+        .build_image(&ImageSpec::module("valid", "2.0").file(
+            "update-module.d/50slow",
+            "#!/bin/sh\nsleep 5\n",
+            0o755,
+        ))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("valid").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let id = instance.id.as_str();
+
+    let cases: Vec<(String, &str, &str, &str)> = vec![
+        (
+            format!(r#"{{"instances":["{id}"]}}"#),
+            "module_url",
+            "module_url",
+            "module_url_required",
+        ),
+        (
+            format!(r#"{{"module_url":"{v1}"}}"#),
+            "instances",
+            "instances",
+            "instances_required",
+        ),
+        (
+            format!(r#"{{"module_url":"{v1}","instances":[]}}"#),
+            "instances",
+            "instances",
+            "instances_array_min_items",
+        ),
+        (
+            format!(r#"{{"module_url":"{v1}","instances":["mail"]}}"#),
+            "instances.0",
+            "instances",
+            "instances_pattern",
+        ),
+        (
+            format!(r#"{{"module_url":5,"instances":["{id}"]}}"#),
+            "module_url",
+            "module_url",
+            "module_url_invalid_type",
+        ),
+        (
+            format!(r#"{{"module_url":"","instances":["{id}"]}}"#),
+            "module_url",
+            "module_url",
+            "module_url_string_gte",
+        ),
+        (
+            format!(r#"{{"module_url":"{v1}","instances":["x"]}}"#),
+            "instances.0",
+            "instances",
+            "instances_string_gte",
+        ),
+        (
+            format!(r#"{{"module_url":"{v1}","instances":["{id}","{id}"]}}"#),
+            "instances.1",
+            "instances",
+            "instances_duplicate_instance",
+        ),
+        (
+            format!(r#"{{"module_url":"{v1}","instances":["nosuch9"]}}"#),
+            "instances.0",
+            "instances",
+            "instances_instance_not_found",
+        ),
+        (
+            format!(r#"{{"module_url":"{v1}","instances":["../x1"]}}"#),
+            "instances.0",
+            "instances",
+            "instances_instance_not_found",
+        ),
+        (
+            format!(r#"{{"module_url":"--privileged","instances":["{id}"]}}"#),
+            "module_url",
+            "module_url",
+            "module_url_pattern",
+        ),
+        (
+            "{not json".to_owned(),
+            "(root)",
+            "(root)",
+            "(root)_invalid_json",
+        ),
+        (
+            format!(
+                r#"{{"module_url":"{v1}","instances":["{id}"],"pad":"{}"}}"#,
+                "x".repeat(70_000)
+            ),
+            "(root)",
+            "(root)",
+            "(root)_too_large",
+        ),
+    ];
+    for (request, field, parameter, error) in &cases {
+        let (name, array) = refused(&sandbox, request);
+        assert_eq!(
+            name, "org.nethserver.ModuleUpdater.Error.ValidationFailed",
+            "{request}"
+        );
+        let item = &array[0];
+        assert_eq!(item["field"], *field, "{request}: {array}");
+        assert_eq!(item["parameter"], *parameter, "{request}: {array}");
+        assert_eq!(item["error"], *error, "{request}: {array}");
+    }
+    // No job exists after all those refusals.
+    let out = busctl(&sandbox, &["call", NAME, PATH, NAME, "ListJobs"]);
+    assert_eq!(text(&out.stdout).trim(), "ao 0");
+
+    // Instances as busctl sees them.
+    let out = busctl(&sandbox, &["call", NAME, PATH, NAME, "ListInstances"]);
+    let listing = text(&out.stdout);
+    assert!(listing.starts_with("a(ssso) 1 "), "{listing}");
+    assert!(
+        listing.contains(&format!("\"{id}\" \"{v1}\" \"idle\" \"/\"")),
+        "{listing}"
+    );
+    let out = busctl(
+        &sandbox,
+        &[
+            "--json=short",
+            "call",
+            NAME,
+            PATH,
+            NAME,
+            "GetInstance",
+            "s",
+            id,
+        ],
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["data"][0]["MODULE_ID"], id);
+    assert_eq!(info["data"][0]["IMAGE_URL"], v1.as_str());
+    assert_eq!(info["data"][0]["rootless"], "true");
+    assert_eq!(info["data"][0]["uid"], instance.uid.to_string());
+    let out = gdbus_call(
+        &sandbox,
+        PATH,
+        "org.nethserver.ModuleUpdater.GetInstance",
+        &["nosuch1"],
+    );
+    assert!(
+        text(&out.stderr).contains("org.nethserver.ModuleUpdater.Error.NoSuchInstance"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Busy: a second request for an instance in a running job names the job that holds it.
+    let out = busctl(
+        &sandbox,
+        &[
+            "call",
+            NAME,
+            PATH,
+            NAME,
+            "UpdateModule",
+            "s",
+            &request(&slow, &[id], false),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job = text(&out.stdout)
+        .trim()
+        .trim_start_matches("o ")
+        .trim_matches('"')
+        .to_owned();
+    assert!(
+        job.starts_with("/org/nethserver/ModuleUpdater/job/"),
+        "{job}"
+    );
+    let (name, array) = refused(&sandbox, &request(&slow, &[id], false));
+    assert_eq!(name, "org.nethserver.ModuleUpdater.Error.Busy");
+    assert_eq!(array[0]["error"], "action_already_running");
+    assert_eq!(array[0]["value"], id);
+    assert_eq!(array[0]["job"], job.as_str());
+    let listing = text(&busctl(&sandbox, &["call", NAME, PATH, NAME, "ListInstances"]).stdout);
+    assert!(
+        listing.contains(&format!("\"updating\" \"{job}\"")),
+        "{listing}"
+    );
+    // Properties of the job through busctl.
+    let out = busctl(
+        &sandbox,
+        &[
+            "get-property",
+            NAME,
+            &job,
+            "org.nethserver.ModuleUpdater.Job",
+            "Action",
+            "Instances",
+            "CallerUid",
+        ],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        format!("s \"update-module\"\nas 1 \"{id}\"\nu 0\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("pair", "1.0"))
+        .unwrap();
+    let picky = "#!/bin/sh\n[ -e \"$AGENT_STATE_DIR/fail-me\" ] && exit 7\nexit 0\n";
+    let v2 = sandbox
+        .build_image(
+            &ImageSpec::module("pair", "2.0")
+                .file(
+                    "update-module.d/20talk",
+                    "#!/bin/sh\necho \"hello from $MODULE_ID\"\n",
+                    0o755,
+                )
+                .file("actions/update-module/70picky", picky, 0o755),
+        )
+        .unwrap();
+    let v3 = sandbox
+        .build_image(&ImageSpec::module("pair", "3.0").file(
+            "update-module.d/50sleep",
+            "#!/bin/sh\nsleep 300\n",
+            0o755,
+        ))
+        .unwrap();
+    let a = sandbox.add_rootless_instance("pair").unwrap();
+    let b = sandbox.add_rootless_instance("pair").unwrap();
+    sandbox.install(&a, &v1).unwrap();
+    sandbox.install(&b, &v1).unwrap();
+    std::fs::write(b.state_dir.join("fail-me"), "").unwrap();
+    let daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    // JobFinished reaches a client that subscribed before calling.
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+        .await
+        .unwrap();
+    let mut finished =
+        futures_util::StreamExt::boxed(manager.receive_job_finished().await.unwrap());
+    let run = run_job(&connection, &request(&v2, &[&a.id, &b.id], false)).await;
+    assert_eq!(run.status, "aborted");
+    assert_eq!(run.exit_code, 1);
+    assert_eq!(run.instance(&a.id)["status"], "completed");
+    let failed = run.instance(&b.id);
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["error"]["step"], "module-step");
+    assert!(
+        failed["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exit code 7"),
+        "{failed:#}"
+    );
+    assert!(
+        run.messages_of(&a.id)
+            .contains(&format!("hello from {}", a.id))
+    );
+    for id in [&a.id, &b.id] {
+        let p = run.progress_of(id);
+        assert!(p.windows(2).all(|w| w[0] <= w[1]), "{p:?}");
+        assert_eq!(p.last(), Some(&100), "{id}: {p:?}");
+    }
+    let signal = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::StreamExt::next(&mut finished),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let args = signal.args().unwrap();
+    assert_eq!(args.job().as_str(), run.path.as_str());
+    assert_eq!(args.status(), "aborted");
+
+    // The result is still there after the end, through busctl, and after a restart.
+    let job = run.path.as_str().to_owned();
+    let result_via_busctl = |sandbox: &Sandbox| {
+        let out = busctl(
+            sandbox,
+            &[
+                "--json=short",
+                "call",
+                NAME,
+                &job,
+                "org.nethserver.ModuleUpdater.Job",
+                "GetResult",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_str::<serde_json::Value>(reply["data"][0].as_str().unwrap()).unwrap()
+    };
+    assert_eq!(result_via_busctl(&sandbox), run.result);
+    assert!(daemon.stop().unwrap().success());
+    let daemon = start_daemon(&sandbox, &[]);
+    assert_eq!(
+        result_via_busctl(&sandbox),
+        run.result,
+        "the result survives a restart"
+    );
+
+    // Cancel a job whose script sleeps: the instance ends cancelled, the script is gone.
+    std::fs::remove_file(b.state_dir.join("fail-me")).unwrap();
+    let connection = connect(&sandbox).await;
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &request(&v3, &[&a.id], false))
+        .await
+        .unwrap();
+    let next_id: u64 = path.as_str().rsplit('/').next().unwrap().parse().unwrap();
+    let old_id: u64 = job.rsplit('/').next().unwrap().parse().unwrap();
+    assert!(next_id > old_id, "job ids are never reused across restarts");
+    let started = Instant::now();
+    loop {
+        let ps = Command::new("pgrep")
+            .args(["-u", &a.id, "-f", "sleep 300"])
+            .output()
+            .unwrap();
+        if ps.status.success() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the script never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = busctl(
+        &sandbox,
+        &[
+            "call",
+            NAME,
+            path.as_str(),
+            "org.nethserver.ModuleUpdater.Job",
+            "Cancel",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = follow(&connection, &mut stream, path).await;
+    assert_eq!(run.status, "aborted");
+    assert_eq!(
+        run.instance(&a.id)["status"],
+        "cancelled",
+        "{:#}",
+        run.result
+    );
+    let ps = Command::new("pgrep")
+        .args(["-u", &a.id, "-f", "sleep 300"])
+        .output()
+        .unwrap();
+    assert!(!ps.status.success(), "the cancelled script still runs");
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_killed_mid_job_reports_it_interrupted_and_the_rerun_completes() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("crash", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(
+            &ImageSpec::module("crash", "2.0")
+                .file(
+                    "update-module.d/40count",
+                    "#!/bin/sh\necho run >> runs\n",
+                    0o755,
+                )
+                .file(
+                    "update-module.d/50wait",
+                    "#!/bin/sh\n[ -e done-waiting ] || sleep 300\n",
+                    0o755,
+                ),
+        )
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("crash").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let mut daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let path = submit(&connection, &request(&v2, &[&instance.id], false))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while !instance.state_dir.join("runs").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the scripts never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.kill();
+    // The worker dies with the daemon (and its script with it).
+    let started = Instant::now();
+    while Command::new("pgrep")
+        .args(["-u", &instance.id, "-f", "module-updaterd --worker"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the worker outlived the daemon"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(instance.state_dir.join("done-waiting"), "").unwrap();
+
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let job = module_updater_dbus::JobProxy::builder(&connection)
+        .path(path.clone())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(job.status().await.unwrap(), "aborted");
+    assert_eq!(job.exit_code().await.unwrap(), 1);
+    let result: serde_json::Value = serde_json::from_str(&job.get_result().await.unwrap()).unwrap();
+    assert_eq!(result["error"], "interrupted");
+    assert_eq!(result["instances"][&instance.id]["status"], "failed");
+    let listing = text(&busctl(&sandbox, &["call", NAME, PATH, NAME, "ListInstances"]).stdout);
+    assert!(
+        listing.contains("\"idle\""),
+        "the instance is free: {listing}"
+    );
+
+    // The same request again completes, scripts included, although IMAGE_URL is already 2.0.
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    assert_eq!(
+        run.instance(&instance.id)["status"],
+        "completed",
+        "{:#}",
+        run.result
+    );
+    assert_eq!(
+        std::fs::read_to_string(instance.state_dir.join("runs")).unwrap(),
+        "run\nrun\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_job_and_idle_exit() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("term", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("term", "2.0").file(
+            "update-module.d/50sleep",
+            "#!/bin/sh\nsleep 300\n",
+            0o755,
+        ))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("term").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let path = submit(&connection, &request(&v2, &[&instance.id], false))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while !Command::new("pgrep")
+        .args(["-u", &instance.id, "-f", "sleep 300"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the script never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = daemon.stop().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM during a job must exit 0: {status}"
+    );
+    assert!(
+        !Command::new("pgrep")
+            .args(["-u", &instance.id, "-f", "sleep 300"])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    // The job was cancelled and recorded; a new daemon serves its result.
+    let mut idle = start_daemon(&sandbox, &["--idle-timeout", "2"]);
+    let connection = connect(&sandbox).await;
+    let job = module_updater_dbus::JobProxy::builder(&connection)
+        .path(path)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(job.status().await.unwrap(), "aborted");
+    let result: serde_json::Value = serde_json::from_str(&job.get_result().await.unwrap()).unwrap();
+    assert_eq!(
+        result["instances"][&instance.id]["status"], "cancelled",
+        "{result:#}"
+    );
+    drop(connection);
+    // With nothing to do and nobody calling, it exits by itself.
+    let status = idle.wait(Duration::from_secs(20)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the idle daemon did not exit 0: {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_introspection_matches_the_committed_contract() {
+    let sandbox = Sandbox::new().unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let out = busctl(&sandbox, &["introspect", "--xml-interface", NAME, PATH]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let xml = text(&out.stdout);
+    let manager = extract_interface(&xml, "org.nethserver.ModuleUpdater");
+    let expected = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/snapshots/manager.xml"
+    ))
+    .unwrap();
+    assert_eq!(
+        manager.trim(),
+        expected.trim(),
+        "the manager interface changed: update docs/dbus-api.md, dbus/src/proxy.rs and the snapshot"
+    );
+}
+
+/// The `<interface name="NAME">...</interface>` element of an introspection document.
+fn extract_interface(xml: &str, name: &str) -> String {
+    let start = xml
+        .find(&format!("<interface name=\"{name}\">"))
+        .unwrap_or_else(|| panic!("{name} not in {xml}"));
+    let end = start + xml[start..].find("</interface>").unwrap() + "</interface>".len();
+    xml[start..end].to_owned()
+}
