@@ -306,7 +306,7 @@ impl View {
             view.instance(instance);
         }
         if mode == Mode::Plain {
-            view.line(&format!("job {job} {}", instances.join(" ")));
+            view.line(&format!("job {job}: {}", instances.join(" ")));
         }
         view
     }

@@ -617,9 +617,10 @@ fn teardown_also_happens_when_a_test_panics() {
     assert!(leftovers.is_empty(), "{leftovers}");
 }
 
+/// Two rootless instances in one sandbox are distinct users. (How long standing them up takes is
+/// measured by `sandbox-timing`, not asserted: see docs/testing.md.)
 #[test]
-fn provisioning_two_rootless_instances_is_cheap() {
-    let started = Instant::now();
+fn two_rootless_instances_are_distinct_users() {
     let mut sandbox = Sandbox::new().expect("sandbox");
     let first = sandbox
         .add_rootless_instance("demo")
@@ -627,12 +628,9 @@ fn provisioning_two_rootless_instances_is_cheap() {
     let second = sandbox
         .add_rootless_instance("demo")
         .expect("second instance");
-    let took = started.elapsed();
-    eprintln!("sandbox with two rootless instances stood up in {took:?}");
     assert_ne!(first.id, second.id);
     assert_ne!(first.uid, second.uid);
-    // The target is 5 s; the bound leaves room for a loaded 2-core CI machine.
-    assert!(took < Duration::from_secs(15), "standing up took {took:?}");
+    assert!(regex_like_module_id(&first.id) && regex_like_module_id(&second.id));
 }
 
 fn mode(path: &Path) -> u32 {
