@@ -1,0 +1,564 @@
+//! End-to-end tests of the `module-updater` client: the real binary against the real daemon on the
+//! sandbox bus, judged by what a person or a script sees (exit codes, stdout, stderr, a terminal).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use module_updater_tests::{ImageSpec, Instance, Sandbox, client_binary};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// How long any one client run may take.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A finished client run.
+#[derive(Debug)]
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {self:#?}"))
+    }
+
+    fn expect(self, code: i32) -> Out {
+        assert_eq!(self.code, code, "unexpected exit code: {self:#?}");
+        self
+    }
+
+    /// Every error is one line on stderr.
+    fn one_error_line(&self) -> &str {
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one error line: {self:#?}");
+        assert!(lines[0].starts_with("module-updater: "), "{self:#?}");
+        lines[0]
+    }
+}
+
+fn client(sandbox: &Sandbox) -> Command {
+    sandbox.client().expect("the module-updater binary (cargo build -p module-updater)")
+}
+
+fn run_with(mut command: Command, stdin: Option<&str>) -> Out {
+    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).unwrap();
+    }
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(CLIENT_TIMEOUT) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            panic!("the client did not finish within {CLIENT_TIMEOUT:?}: {command:?}");
+        }
+    };
+    Out {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn run(sandbox: &Sandbox, args: &[&str]) -> Out {
+    let mut command = client(sandbox);
+    command.args(args);
+    run_with(command, None)
+}
+
+/// A client left running (a followed job, a monitor); its output goes to files we can read live.
+struct Background {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Background {
+    fn start(sandbox: &Sandbox, name: &str, args: &[&str]) -> Background {
+        let stdout = sandbox.root().join(format!("{name}.stdout"));
+        let stderr = sandbox.root().join(format!("{name}.stderr"));
+        let mut command = client(sandbox);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap());
+        Background { child: command.spawn().unwrap(), stdout, stderr }
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn interrupt(&self) {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT).unwrap();
+    }
+
+    /// Waits until `what` holds, failing with the client's output after `timeout`.
+    fn wait_for(&mut self, what: &str, timeout: Duration, mut probe: impl FnMut(&Background) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !probe(self) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the client exited ({status}) before {what}: {}\n{}", self.stdout(), self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {timeout:?}: stdout {:?} stderr {:?}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn finish(mut self, timeout: Duration) -> Out {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the client did not exit within {timeout:?}: stdout {:?} stderr {:?}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Out { code: status.code().unwrap_or(-1), stdout: self.stdout(), stderr: self.stderr() }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The job id in the first plain line, `2026-11-30T17:00:00Z job 7: app1`.
+fn job_id_of(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|line| {
+            let rest = line.split_once(" job ")?.1;
+            rest.split_once(':')?.0.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no job line in {stderr:?}"))
+}
+
+fn is_timestamped(line: &str) -> bool {
+    let b = line.as_bytes();
+    line.len() > 21
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[19] == b'Z'
+        && b[20] == b' '
+        && line[..4].bytes().all(|c| c.is_ascii_digit())
+}
+
+/// Whether the instance user runs a process whose command line contains `pattern`.
+fn user_runs(instance: &Instance, pattern: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-u", &instance.id, "-f", pattern])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn sleeping_image(sandbox: &Sandbox, tag: &str, script: &str) -> String {
+    sandbox
+        .build_image(&ImageSpec::module("app", tag).file("update-module.d/50slow", script, 0o755))
+        .unwrap()
+}
+
+#[test]
+fn every_command_with_its_exit_code() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox.build_image(&ImageSpec::module("app", "1.0")).unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("app", "2.0").file(
+            "update-module.d/20talk",
+            "#!/bin/sh\necho \"hello from $MODULE_ID\"\n",
+            0o755,
+        ))
+        .unwrap();
+    let slow = sleeping_image(&sandbox, "3.0", "#!/bin/sh\nsleep 300\n");
+    let a = sandbox.add_rootless_instance("app").unwrap();
+    sandbox.install(&a, &v1).unwrap();
+    let daemon = start_daemon(&sandbox, &[]);
+    let id = a.id.as_str();
+
+    // version, and the hidden generators xtask uses.
+    let out = run(&sandbox, &["version"]).expect(0);
+    assert!(out.stdout.starts_with(&format!("module-updater {}\nmodule-updaterd ", env!("CARGO_PKG_VERSION"))), "{out:#?}");
+    let version = run(&sandbox, &["version", "--json"]).expect(0).json();
+    assert_eq!(version["client"], env!("CARGO_PKG_VERSION"));
+    assert!(version["daemon"].is_string());
+    let out = run(&sandbox, &["generate", "completions", "bash"]).expect(0);
+    assert!(out.stdout.contains("module-updater"));
+    let out = run(&sandbox, &["generate", "man"]).expect(0);
+    assert!(out.stdout.contains(".TH module-updater"));
+
+    // list and show, as tables and as JSON.
+    let out = run(&sandbox, &["list"]).expect(0);
+    let lines: Vec<Vec<&str>> = out.stdout.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines[0], ["INSTANCE", "IMAGE", "STATE", "JOB"]);
+    assert!(lines.contains(&vec![id, v1.as_str(), "idle", "-"]), "{out:#?}");
+    let list = run(&sandbox, &["list", "--json"]).expect(0).json();
+    assert_eq!(list, serde_json::json!([{"id": id, "image_url": v1, "state": "idle", "job": null}]));
+    let out = run(&sandbox, &["show", id]).expect(0);
+    assert!(out.stdout.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["IMAGE_URL", v1.as_str()]), "{out:#?}");
+    let show = run(&sandbox, &["show", "--json", id]).expect(0).json();
+    assert_eq!(show["MODULE_ID"], id);
+    assert_eq!(show["IMAGE_URL"], v1.as_str());
+    let out = run(&sandbox, &["show", "nosuch1"]).expect(4);
+    assert!(out.one_error_line().contains("module-updater list"), "{out:#?}");
+    assert_eq!(run(&sandbox, &["jobs", "--json"]).expect(0).json(), serde_json::json!([]));
+
+    // Bad command lines and unreadable input: 64, never 2 (which means busy).
+    run(&sandbox, &["status", "bogus"]).expect(64);
+    run(&sandbox, &["frobnicate"]).expect(64);
+    let out = run(&sandbox, &["run", "update-module", "--data", "@/nonexistent/request.json"]).expect(64);
+    assert!(out.one_error_line().contains("/nonexistent/request.json"), "{out:#?}");
+
+    // Validation: NS8's array on stdout, exit 10.
+    let bad = serde_json::json!({"module_url": v2, "instances": ["app"]}).to_string();
+    let out = run(&sandbox, &["run", "update-module", "--data", &bad]).expect(10);
+    let array = out.json();
+    assert_eq!(array[0]["field"], "instances.0");
+    assert_eq!(array[0]["error"], "instances_pattern");
+    assert!(out.one_error_line().contains("instances_pattern"), "{out:#?}");
+
+    // NS8's type check: refused before any job exists.
+    let other = v1.replace("/app:", "/webtop:");
+    assert_ne!(other, v1);
+    let out = run(&sandbox, &["update", &other, id]).expect(1);
+    let expected = format!(
+        "Module instance \"{id}\" is of type \"app\", cannot update it with an image of type \"webtop\" ({other})"
+    );
+    assert!(out.one_error_line().contains(&expected), "{out:#?}");
+    assert_eq!(run(&sandbox, &["jobs", "--json"]).expect(0).json(), serde_json::json!([]));
+
+    // A real update from --data @FILE; not a terminal, so timestamped lines on stderr.
+    let file = sandbox.root().join("request.json");
+    std::fs::write(&file, request(&v2, &[id], false)).unwrap();
+    let out = run(&sandbox, &["run", "update-module", "--data", &format!("@{}", file.display())]).expect(0);
+    let result = out.json();
+    assert_eq!(result["status"], "completed");
+    assert_eq!(result["instances"][id]["status"], "completed");
+    assert_eq!(result["instances"][id]["old_image_url"], v1.as_str());
+    assert_eq!(result["instances"][id]["new_image_url"], v2.as_str());
+    assert!(out.stderr.lines().all(is_timestamped), "{}", out.stderr);
+    let job = job_id_of(&out.stderr);
+    for needle in [
+        format!(" {id} pull-image "),
+        format!(" {id} hello from {id}"),
+        format!(" {id} completed (exit code 0)"),
+        format!(" job {job} completed (exit code 0)"),
+    ] {
+        assert!(out.stderr.contains(&needle), "no {needle:?} in {}", out.stderr);
+    }
+    assert!(out.stderr.contains("100%"), "{}", out.stderr);
+
+    // --data - (stdin), with force: the same image again runs the update again.
+    let mut command = client(&sandbox);
+    command.args(["run", "update-module", "--data", "-"]);
+    let out = run_with(command, Some(&request(&v2, &[id], true))).expect(0);
+    assert_eq!(out.json()["instances"][id]["status"], "completed");
+    // `update` without --force on the current image; --quiet prints the result only.
+    let out = run(&sandbox, &["--quiet", "update", &v2, id]).expect(0);
+    assert_eq!(out.stderr, "");
+    assert_eq!(out.json()["instances"][id]["status"], "already-installed");
+
+    // status, jobs and wait of a finished job.
+    let out = run(&sandbox, &["status", &job.to_string()]).expect(0);
+    assert!(out.stdout.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Status:", "completed"]), "{out:#?}");
+    assert!(out.stdout.contains(&format!("{v1} → {v2}")), "{out:#?}");
+    let path = format!("/org/nethserver/ModuleUpdater/job/{job}");
+    let status = run(&sandbox, &["status", "--json", &path]).expect(0).json();
+    assert_eq!(status["id"], job);
+    assert_eq!(status["status"], "completed");
+    assert_eq!(status["exit_code"], 0);
+    assert_eq!(status["instances"], serde_json::json!([id]));
+    assert_eq!(status["result"], result);
+    let jobs = run(&sandbox, &["jobs", "--json"]).expect(0).json();
+    assert!(jobs.as_array().unwrap().iter().any(|j| j["id"] == job && j["status"] == "completed"), "{jobs}");
+    let out = run(&sandbox, &["jobs"]).expect(0);
+    assert!(out.stdout.lines().any(|l| l.starts_with(&format!("{job} ")) && l.contains("completed")), "{out:#?}");
+    let out = run(&sandbox, &["wait", &job.to_string()]).expect(0);
+    assert_eq!(out.json(), result);
+    let out = run(&sandbox, &["status", "99999"]).expect(4);
+    assert!(out.one_error_line().contains("no job 99999"), "{out:#?}");
+    run(&sandbox, &["wait", "99999"]).expect(4);
+
+    // Busy: 2, with the array naming the job that holds the instance; then cancel it.
+    let mut follower = Background::start(&sandbox, "busy", &["update", &slow, id]);
+    follower.wait_for("the update to hold the instance", Duration::from_secs(60), |_| {
+        run(&sandbox, &["list", "--json"]).json()[0]["state"] == "updating"
+    });
+    let holder = run(&sandbox, &["list", "--json"]).json()[0]["job"].as_str().unwrap().to_owned();
+    let out = run(&sandbox, &["update", &slow, id]).expect(2);
+    let array = out.json();
+    assert_eq!(array[0]["error"], "action_already_running");
+    assert_eq!(array[0]["job"], holder.as_str());
+    let holder_id = holder.rsplit('/').next().unwrap();
+    assert!(out.one_error_line().contains(&format!("already being updated by job {holder_id}")), "{out:#?}");
+    follower.wait_for("the script to run", Duration::from_secs(60), |_| user_runs(&a, "sleep 300"));
+    let out = run(&sandbox, &["cancel", holder_id]).expect(0);
+    assert!(out.stdout.contains(&format!("module-updater wait {holder_id}")), "{out:#?}");
+    let out = follower.finish(Duration::from_secs(60)).expect(1);
+    let result = out.json();
+    assert_eq!(result["status"], "aborted");
+    assert_eq!(result["instances"][id]["status"], "cancelled");
+    assert!(out.stderr.contains(&format!(" {id} cancelled")), "{}", out.stderr);
+    assert!(out.stderr.trim_end().ends_with("the result on stdout names the failed instances and steps"), "{}", out.stderr);
+    run(&sandbox, &["cancel", "99999"]).expect(4);
+
+    // The service gone: 3, for a missing bus as for a missing service.
+    assert!(daemon.stop().unwrap().success());
+    let out = run(&sandbox, &["list"]).expect(3);
+    assert!(out.one_error_line().contains("cannot be reached"), "{out:#?}");
+    let mut command = Command::new(client_binary().unwrap());
+    command.args(["--address", "unix:path=/nonexistent/bus", "jobs"]);
+    let out = run_with(command, None).expect(3);
+    assert!(out.one_error_line().contains("cannot connect to the bus at unix:path=/nonexistent/bus"), "{out:#?}");
+}
+
+#[test]
+fn unixexec_transport_and_monitor() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox.build_image(&ImageSpec::module("app", "1.0")).unwrap();
+    let a = sandbox.add_rootless_instance("app").unwrap();
+    sandbox.install(&a, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let id = a.id.as_str();
+
+    // What -H does, minus ssh: the bus reached through systemd-stdio-bridge's stdin/stdout, with
+    // the address escaped as busctl expects it (`=` as %3d inside a value).
+    let bridge = "/usr/bin/systemd-stdio-bridge";
+    assert!(std::path::Path::new(bridge).is_file(), "{bridge} is missing: apt-get install systemd");
+    let address = format!(
+        "unixexec:path={bridge},argv1=--bus-path%3d{}",
+        sandbox.bus_address().replace('=', "%3d")
+    );
+    let mut command = Command::new(client_binary().unwrap());
+    command.args(["--address", &address, "list", "--json"]);
+    let list = run_with(command, None).expect(0).json();
+    assert_eq!(list[0]["id"], id);
+
+    // monitor --json: one object per line, every signal of a job, until Ctrl-C.
+    let mut monitor = Background::start(&sandbox, "monitor", &["monitor", "--json"]);
+    monitor.wait_for("the monitor to subscribe", Duration::from_secs(30), |m| m.stderr().contains("Monitoring"));
+    // A job followed over the bridge too.
+    let mut command = Command::new(client_binary().unwrap());
+    command.args(["--address", &address, "update", "--force", &v1, id]);
+    let out = run_with(command, None).expect(0);
+    assert_eq!(out.json()["instances"][id]["status"], "completed");
+    let job = job_id_of(&out.stderr);
+    let path = format!("/org/nethserver/ModuleUpdater/job/{job}");
+    monitor.wait_for("the Finished signal", Duration::from_secs(30), |m| m.stdout().contains("\"Finished\""));
+    monitor.interrupt();
+    let out = monitor.finish(Duration::from_secs(10)).expect(0);
+    let signals: Vec<Value> = out.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let member = |m: &str| signals.iter().filter(|s| s["member"] == m).collect::<Vec<_>>();
+    assert_eq!(member("JobNew")[0]["args"], serde_json::json!([path]));
+    let progress = member("Progress");
+    assert!(!progress.is_empty(), "{}", out.stdout);
+    assert!(progress.iter().all(|s| s["path"] == path.as_str() && s["args"][0] == id), "{}", out.stdout);
+    assert_eq!(member("Finished")[0]["args"], serde_json::json!(["completed", 0]));
+    assert_eq!(member("JobFinished")[0]["args"], serde_json::json!([path, "completed", 0]));
+    assert!(
+        member("PropertiesChanged").iter().any(|s| s["path"] == path.as_str() && s["args"][1]["Status"].is_string()),
+        "{}",
+        out.stdout
+    );
+    assert!(signals.iter().all(|s| is_timestamped(&format!("{} ", s["time"].as_str().unwrap()))));
+}
+
+/// Strips ANSI escape sequences and carriage returns: what the terminal shows, line by line.
+fn screen_text(raw: &str) -> String {
+    let mut out = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => out.push('\n'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[test]
+fn progress_bars_and_summary_on_a_terminal() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox.build_image(&ImageSpec::module("app", "1.0")).unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("app", "2.0").file(
+            "update-module.d/20talk",
+            "#!/bin/sh\necho \"hello from $MODULE_ID\"\nsleep 1\n",
+            0o755,
+        ))
+        .unwrap();
+    let a = sandbox.add_rootless_instance("app").unwrap();
+    let b = sandbox.add_rootless_instance("app").unwrap();
+    sandbox.install(&a, &v1).unwrap();
+    sandbox.install(&b, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+
+    // The client on a pseudo-terminal (util-linux `script`), as a person runs it.
+    let line = format!(
+        "stty cols 160 rows 40; exec {} --address {} update {v2} {} {}",
+        client_binary().unwrap().display(),
+        sandbox.bus_address(),
+        a.id,
+        b.id
+    );
+    let mut command = Command::new("script");
+    command.args(["-qec", &line, "/dev/null"]).env("TERM", "xterm-256color");
+    let out = run_with(command, None).expect(0);
+    let screen = screen_text(&out.stdout);
+    // Bars: one per instance and the total, each with its step and percent.
+    for id in [&a.id, &b.id] {
+        assert!(
+            screen.lines().any(|l| l.starts_with(id.as_str()) && l.contains("[") && l.contains("%")),
+            "no bar for {id} in {screen}"
+        );
+        assert!(screen.contains(&format!("{id} hello from {id}")), "script output not above the bars: {screen}");
+    }
+    assert!(screen.lines().any(|l| l.starts_with("job ") && l.contains("%")), "no total bar: {screen}");
+    assert!(screen.contains("run-scripts"), "no step shown: {screen}");
+    assert!(screen.contains("====="), "no bar drawn: {screen}");
+    // The summary table, then the result JSON.
+    let table: Vec<&str> = screen.lines().skip_while(|l| !l.starts_with("INSTANCE")).collect();
+    assert!(!table.is_empty(), "no summary table: {screen}");
+    for id in [&a.id, &b.id] {
+        let row = table.iter().find(|l| l.starts_with(id.as_str())).unwrap_or_else(|| panic!("{screen}"));
+        assert!(row.contains("completed") && row.contains(&format!("{v1} → {v2}")), "{row}");
+    }
+    assert!(table.iter().any(|l| l.starts_with("job completed (exit code 0)")), "{screen}");
+    let json_line = screen.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("{screen}"));
+    let result: Value = serde_json::from_str(json_line).unwrap();
+    assert_eq!(result["status"], "completed");
+}
+
+#[test]
+fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox.build_image(&ImageSpec::module("app", "1.0")).unwrap();
+    let slow = sleeping_image(&sandbox, "2.0", "#!/bin/sh\nsleep 300\n");
+    // Ignores SIGTERM (sleep inherits that), so cancelling takes the daemon's 10 s SIGKILL grace.
+    let stubborn = sleeping_image(&sandbox, "3.0", "#!/bin/sh\ntrap '' TERM\nsleep 301\n");
+    let a = sandbox.add_rootless_instance("app").unwrap();
+    sandbox.install(&a, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let id = a.id.as_str();
+
+    // First Ctrl-C: the job is cancelled and followed to its end.
+    let mut follower = Background::start(&sandbox, "cancel", &["update", &slow, id]);
+    follower.wait_for("the script to run", Duration::from_secs(60), |_| user_runs(&a, "sleep 300"));
+    follower.interrupt();
+    let out = follower.finish(Duration::from_secs(60)).expect(1);
+    let job = job_id_of(&out.stderr);
+    assert!(out.stderr.contains(&format!("job {job} cancelling job {job} (Ctrl-C again to detach")), "{}", out.stderr);
+    let result = out.json();
+    assert_eq!(result["status"], "aborted");
+    assert_eq!(result["instances"][id]["status"], "cancelled");
+    assert!(!user_runs(&a, "sleep 300"));
+
+    // Second Ctrl-C: detach at once, say how to re-attach; the job goes on.
+    let mut follower = Background::start(&sandbox, "detach", &["update", &stubborn, id]);
+    follower.wait_for("the script to run", Duration::from_secs(60), |_| user_runs(&a, "sleep 301"));
+    follower.interrupt();
+    follower.wait_for("the cancel note", Duration::from_secs(10), |f| f.stderr().contains("cancelling job"));
+    let detached_at = Instant::now();
+    follower.interrupt();
+    let out = follower.finish(Duration::from_secs(5)).expect(130);
+    assert!(detached_at.elapsed() < Duration::from_secs(5));
+    let job = job_id_of(&out.stderr);
+    assert_eq!(out.stdout, "", "no result for a detached job");
+    let last = out.stderr.lines().last().unwrap();
+    assert!(last.starts_with("module-updater: detached from job"), "{}", out.stderr);
+    assert!(last.contains(&format!("module-updater wait {job}")), "{}", out.stderr);
+    let status = run(&sandbox, &["status", "--json", &job.to_string()]).expect(0).json();
+    assert_eq!(status["status"], "running", "the job goes on after a detach: {status}");
+    // Re-attached, the client follows it to its end (the script dies of SIGKILL after 10 s).
+    let out = run(&sandbox, &["wait", &job.to_string()]).expect(1);
+    let result = out.json();
+    assert_eq!(result["status"], "aborted");
+    assert_eq!(result["instances"][id]["status"], "cancelled");
+}
+
+#[test]
+fn the_service_killed_while_a_job_is_followed() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox.build_image(&ImageSpec::module("app", "1.0")).unwrap();
+    let slow = sleeping_image(&sandbox, "2.0", "#!/bin/sh\nsleep 302\n");
+    let a = sandbox.add_rootless_instance("app").unwrap();
+    sandbox.install(&a, &v1).unwrap();
+    let mut daemon = start_daemon(&sandbox, &[]);
+    let id = a.id.as_str();
+
+    let mut follower = Background::start(&sandbox, "killed", &["update", &slow, id]);
+    follower.wait_for("the script to run", Duration::from_secs(60), |_| user_runs(&a, "sleep 302"));
+    let job = job_id_of(&follower.stderr());
+    daemon.kill();
+    let killed_at = Instant::now();
+    let out = follower.finish(Duration::from_secs(15)).expect(3);
+    assert!(killed_at.elapsed() < Duration::from_secs(5), "the client took {:?} to notice", killed_at.elapsed());
+    assert_eq!(out.stdout, "");
+    let last = out.stderr.lines().last().unwrap();
+    assert!(last.contains("left the bus"), "{}", out.stderr);
+    assert!(last.contains("will be reported interrupted when the service returns"), "{}", out.stderr);
+
+    // Back, the service reports the job interrupted, and `wait` says it failed.
+    let _daemon = start_daemon(&sandbox, &[]);
+    let status = run(&sandbox, &["status", "--json", &job.to_string()]).expect(0).json();
+    assert_eq!(status["status"], "aborted");
+    assert_eq!(status["result"]["error"], "interrupted");
+    let out = run(&sandbox, &["wait", &job.to_string()]).expect(1);
+    assert_eq!(out.json()["error"], "interrupted");
+    assert!(out.stderr.contains("interrupted"), "{}", out.stderr);
+}
