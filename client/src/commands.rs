@@ -488,7 +488,11 @@ async fn monitor(ctx: &Ctx) -> Result<u8, ClientError> {
     loop {
         tokio::select! {
             msg = sub.recv() => match msg {
-                Some(msg) => out(&render::monitor_line(&msg, ctx.json)),
+                Some(msg) => {
+                    if from_the_service(&msg) {
+                        out(&render::monitor_line(&msg, ctx.json));
+                    }
+                }
                 None => {
                     return Err(ClientError::Unreachable {
                         bus: ctx.bus_name.clone(),
@@ -500,6 +504,19 @@ async fn monitor(ctx: &Ctx) -> Result<u8, ClientError> {
             _ = interrupt.recv() => return Ok(exit::SUCCESS),
         }
     }
+}
+
+/// The bus driver's own signals to us (NameAcquired, NameLost) pass the client-side check of a
+/// rule whose sender is a well-known name; only NameOwnerChanged of the service is wanted.
+fn from_the_service(msg: &zbus::Message) -> bool {
+    let header = msg.header();
+    let from_bus = header
+        .sender()
+        .is_some_and(|s| s.as_str() == "org.freedesktop.DBus");
+    !from_bus
+        || header
+            .member()
+            .is_some_and(|m| m.as_str() == "NameOwnerChanged")
 }
 
 async fn version(ctx: &Ctx) -> Result<u8, ClientError> {

@@ -20,7 +20,7 @@ use crate::render::{Mode, View};
 
 /// How often the job's `Status` is read even when no signal came.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
-/// Messages a match rule may queue in zbus before its reader task moves them to our channel.
+/// Messages the connection may queue in zbus before our reader task moves them to its channel.
 const MATCH_QUEUE: NonZeroUsize = match NonZeroUsize::new(4096) {
     Some(n) => n,
     None => NonZeroUsize::MIN,
@@ -78,12 +78,16 @@ pub fn follow_rules() -> zbus::Result<Vec<MatchRule<'static>>> {
     ])
 }
 
-/// Signals matched on the bus, moved by small tasks into one unbounded channel. Draining them at
-/// once matters: zbus blocks its socket reader when a rule's queue is full, which would also hold
-/// back the reply of `UpdateModule` that the caller is waiting for.
+/// Signals matched on the bus, in the order they arrived, moved by one task into an unbounded
+/// channel.
+///
+/// One stream of every message of the connection (filtered here by the rules) rather than one
+/// stream per rule: separate streams lose the order between, say, a `PropertiesChanged` and the
+/// script `Message` sent before it. Draining at once matters too: zbus blocks its socket reader
+/// when a queue is full, which would also hold back the reply of `UpdateModule`.
 pub struct Subscription {
     rx: mpsc::UnboundedReceiver<Message>,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Subscription {
@@ -92,37 +96,49 @@ impl Subscription {
         connection: &Connection,
         rules: Vec<MatchRule<'static>>,
     ) -> zbus::Result<Subscription> {
+        // The stream exists before the rules reach the bus, so the first matching signal is in it.
+        let mut stream = MessageStream::from(connection);
+        stream.set_max_queued(MATCH_QUEUE);
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut tasks = Vec::new();
-        for rule in rules {
-            let mut stream =
-                MessageStream::for_match_rule(rule, connection, Some(MATCH_QUEUE)).await?;
-            let tx = tx.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Some(item) = stream.next().await {
-                    // A message zbus could not parse is not one of ours; skip it.
-                    if let Ok(msg) = item
-                        && tx.send(msg).is_err()
-                    {
-                        break;
-                    }
+        let filters = rules.clone();
+        let task = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                // A message zbus could not parse is not one of ours; skip it.
+                let Ok(msg) = item else { continue };
+                let wanted = msg.message_type() == zbus::message::Type::Signal
+                    && filters
+                        .iter()
+                        .any(|rule| rule.matches(&msg).unwrap_or(false));
+                if wanted && tx.send(msg).is_err() {
+                    break;
                 }
-            }));
+            }
+        });
+        let subscription = Subscription { rx, task };
+        // On a bus, signals reach us only through match rules; a peer-to-peer link sends them all.
+        if connection.is_bus() {
+            let dbus = fdo::DBusProxy::new(connection).await?;
+            for rule in rules {
+                dbus.add_match_rule(rule).await?;
+            }
         }
-        Ok(Subscription { rx, tasks })
+        Ok(subscription)
     }
 
     /// The next matched message; `None` once the connection is gone.
     pub async fn recv(&mut self) -> Option<Message> {
         self.rx.recv().await
     }
+
+    /// A matched message already received, without waiting.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -261,6 +277,15 @@ fn decode(msg: &Message, job_path: &str) -> Option<Event> {
     }
 }
 
+/// What a matched message asks of the follow loop.
+enum Next {
+    Continue,
+    /// The job says it finished: confirm through `Status`/`GetResult`.
+    Confirm,
+    /// The service left the bus.
+    OwnerLost,
+}
+
 /// Errors that say the service is no longer on the bus (as opposed to slow or refusing).
 fn service_gone(err: &zbus::Error) -> bool {
     matches!(err, zbus::Error::FDO(e) if matches!(
@@ -389,36 +414,21 @@ impl<'a> Follower<'a> {
                     let Some(msg) = msg else {
                         return Err(ClientError::ConnectionLost { bus: self.bus_name.clone(), job: self.job.id() });
                     };
-                    match decode(&msg, &self.path) {
-                        Some(Event::Progress { instance, step, percent }) => view.progress(&instance, &step, percent),
-                        Some(Event::Message { instance, priority, text }) => view.message(&instance, priority, &text),
-                        Some(Event::InstanceFinished { instance, status, exit_code }) => {
-                            view.instance_finished(&instance, &status, exit_code);
-                        }
-                        Some(Event::Properties { status, progress }) => {
-                            if let Some(progress) = progress {
-                                view.job_progress(progress);
-                            }
-                            if status.as_deref().is_some_and(is_terminal)
-                                && let Some(outcome) = self.confirm().await?
-                            {
-                                return Ok(self.done(view, outcome));
-                            }
-                        }
-                        Some(Event::Finished) => {
+                    match self.apply(&mut view, &msg) {
+                        Next::Confirm => {
                             if let Some(outcome) = self.confirm().await? {
-                                return Ok(self.done(view, outcome));
+                                return Ok(self.done(view, &mut sub, outcome).await);
                             }
                         }
-                        Some(Event::OwnerChanged { new_owner }) if new_owner.is_empty() => {
+                        Next::OwnerLost => {
                             return Err(ClientError::ServiceLeft { bus: self.bus_name.clone(), job: self.job.id() });
                         }
-                        Some(Event::OwnerChanged { .. }) | None => {}
+                        Next::Continue => {}
                     }
                 }
                 _ = poll.tick() => {
                     if let Some(outcome) = self.confirm().await? {
-                        return Ok(self.done(view, outcome));
+                        return Ok(self.done(view, &mut sub, outcome).await);
                     }
                     if let Ok(progress) = self.proxy.progress().await {
                         view.job_progress(progress);
@@ -441,10 +451,7 @@ impl<'a> Follower<'a> {
 
     /// Calls `Cancel` in the background: the loop keeps showing the job while the service stops it.
     fn request_cancel(&self, view: &View, notes: &mpsc::UnboundedSender<String>) {
-        view.note(&format!(
-            "cancelling job {} (Ctrl-C again to detach and leave it running)",
-            self.job
-        ));
+        view.note("cancelling (Ctrl-C again to detach and leave it running)");
         let proxy = self.proxy.clone();
         let notes = notes.clone();
         tokio::spawn(async move {
@@ -457,7 +464,49 @@ impl<'a> Follower<'a> {
         });
     }
 
-    fn done(&self, mut view: View, outcome: Outcome) -> Outcome {
+    /// Shows one matched message; says whether it calls for confirming the end.
+    fn apply(&self, view: &mut View, msg: &Message) -> Next {
+        match decode(msg, &self.path) {
+            Some(Event::Progress {
+                instance,
+                step,
+                percent,
+            }) => view.progress(&instance, &step, percent),
+            Some(Event::Message {
+                instance,
+                priority,
+                text,
+            }) => view.message(&instance, priority, &text),
+            Some(Event::InstanceFinished {
+                instance,
+                status,
+                exit_code,
+            }) => {
+                view.instance_finished(&instance, &status, exit_code);
+            }
+            // The status alone is not the end: `Finished` (or the poll) leads to GetResult.
+            Some(Event::Properties { progress, .. }) => {
+                if let Some(progress) = progress {
+                    view.job_progress(progress);
+                }
+            }
+            Some(Event::Finished) => return Next::Confirm,
+            Some(Event::OwnerChanged { new_owner }) if new_owner.is_empty() => {
+                return Next::OwnerLost;
+            }
+            Some(Event::OwnerChanged { .. }) | None => {}
+        }
+        Next::Continue
+    }
+
+    /// Shows what already arrived (the last script lines may trail a poll's answer), then the end.
+    async fn done(&self, mut view: View, sub: &mut Subscription, outcome: Outcome) -> Outcome {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        while let Some(msg) = sub.try_recv() {
+            self.apply(&mut view, &msg);
+        }
         match serde_json::from_str::<Value>(&outcome.result) {
             Ok(result) => view.finish(&result),
             Err(_) => view.clear(),

@@ -269,6 +269,8 @@ pub struct View {
     last: HashMap<String, (String, u32)>,
     finished: HashMap<String, String>,
     job_progress: u32,
+    /// The end was confirmed: the total bar shows the job's status, no longer "running".
+    done: bool,
 }
 
 fn bar_style() -> ProgressStyle {
@@ -287,6 +289,7 @@ impl View {
             last: HashMap::new(),
             finished: HashMap::new(),
             job_progress: 0,
+            done: false,
         };
         if mode == Mode::Terminal {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
@@ -363,7 +366,9 @@ impl View {
             .sum();
         let mean = u32::try_from(sum / count).unwrap_or(100);
         self.job_progress = self.job_progress.max(mean).min(100);
-        if let Some(bars) = &self.bars {
+        if let Some(bars) = &self.bars
+            && !self.done
+        {
             bars.total.set_position(u64::from(self.job_progress));
             bars.total.set_message("running");
         }
@@ -419,8 +424,7 @@ impl View {
     pub fn note(&self, text: &str) {
         match self.mode {
             Mode::Quiet => {}
-            Mode::Plain => self.line(&format!("job {} {text}", self.job)),
-            Mode::Terminal => self.line(text),
+            Mode::Plain | Mode::Terminal => self.line(&format!("job {} {text}", self.job)),
         }
     }
 
@@ -442,12 +446,6 @@ impl View {
             .get("exit_code")
             .and_then(Value::as_i64)
             .unwrap_or(-1);
-        if let Some(bars) = &self.bars {
-            if status == "completed" {
-                bars.total.set_position(100);
-            }
-            bars.total.set_message(status.clone());
-        }
         // Instances whose InstanceFinished was missed (attached late) still get their line.
         if let Some(map) = result.get("instances").and_then(Value::as_object) {
             for (id, r) in map {
@@ -457,6 +455,13 @@ impl View {
                     self.instance_finished(id, &s, i32::try_from(code).unwrap_or(-1));
                 }
             }
+        }
+        self.done = true;
+        if let Some(bars) = &self.bars {
+            if status == "completed" {
+                bars.total.set_position(100);
+            }
+            bars.total.set_message(status.clone());
         }
         match self.mode {
             Mode::Terminal => {

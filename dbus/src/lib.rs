@@ -27,6 +27,18 @@ pub const ERROR_PREFIX: &str = "org.nethserver.ModuleUpdater.Error";
 /// File names of the shipped bus configuration, relative to [`data_dir`].
 pub const POLICY_FILE: &str = "org.nethserver.ModuleUpdater.conf";
 pub const ACTIVATION_FILE: &str = "org.nethserver.ModuleUpdater.service";
+/// The polkit actions the daemon checks, relative to [`data_dir`]; installed into
+/// `/usr/share/polkit-1/actions/`.
+pub const POLKIT_ACTIONS_FILE: &str = "org.nethserver.moduleupdater.policy";
+
+/// polkit action checked for `UpdateModule` by a non-root caller. Its details `module_url` and
+/// `instances` (ids separated by single spaces) are readable by polkit rules.
+pub const ACTION_UPDATE_MODULE: &str = "org.nethserver.moduleupdater.update-module";
+/// polkit action checked for `GetInstance` by a non-root caller (detail `instance`).
+pub const ACTION_READ_INSTANCE: &str = "org.nethserver.moduleupdater.read-instance";
+/// polkit action checked for a job's `Cancel` by a non-root caller who did not start the job
+/// (details `job` and `instances`).
+pub const ACTION_CANCEL: &str = "org.nethserver.moduleupdater.cancel";
 
 /// The source directory holding the shipped bus policy and activation files.
 pub fn data_dir() -> std::path::PathBuf {

@@ -543,7 +543,7 @@ async fn the_instance_lock_excludes_ns8s_agent() {
         )
         .spawn()
         .unwrap();
-    // Wait until the holder has the lock (slow under a loaded machine: be generous).
+    // Wait until the holder has the lock (it waits for it, so our probes cannot make it give up).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while sandbox
         .run_as(&instance, &["flock", "-n", lock.to_str().unwrap(), "true"])

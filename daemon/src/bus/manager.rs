@@ -35,6 +35,7 @@ impl Manager {
     ) -> Result<OwnedObjectPath, Error> {
         let caller = super::caller(connection, &header).await?;
         let id = self.jobs.submit(request, caller.uid)?;
+        super::pump::update_status(&self.jobs);
         let path = object_path(job_path(id));
         server
             .at(&path, JobObject::new(id, Arc::clone(&self.jobs)))

@@ -1,10 +1,13 @@
 //! Turns job events into D-Bus signals and property changes.
 //!
 //! `PropertiesChanged` for a job's Status, Progress and ExitCode are coalesced to at most one
-//! per [`FLUSH_INTERVAL`] (5 per second); a job's final values are flushed before its `Finished`
-//! signal so a client that reacts to `Finished` reads the final state.
+//! per [`FLUSH_INTERVAL`] (5 per second), and so are each instance's `Progress` signals (the
+//! latest value wins); an instance's last progress goes out before its `InstanceFinished`, and a
+//! job's final values before its `Finished`, so a client that reacts to those reads the final state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+use module_updater_dbus::types::Step;
 use std::time::Duration;
 
 use module_updater_systemd::notify;
@@ -24,24 +27,57 @@ pub async fn run(
     mut events: mpsc::UnboundedReceiver<JobEvent>,
     jobs: std::sync::Arc<crate::jobs::Jobs>,
 ) {
-    let mut dirty: BTreeSet<u64> = BTreeSet::new();
+    let mut pending = Pending::default();
     let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             event = events.recv() => {
                 let Some(event) = event else { break };
-                if let Err(err) = handle(&connection, &jobs, event, &mut dirty).await {
+                if let Err(err) = handle(&connection, &jobs, event, &mut pending).await {
                     log::warn!("cannot emit a signal: {err}");
                 }
             }
             _ = ticker.tick() => {
-                for job in std::mem::take(&mut dirty) {
+                for ((job, instance), (step, percent)) in std::mem::take(&mut pending.progress) {
+                    if let Err(err) = progress(&connection, job, &instance, step, percent).await {
+                        log::warn!("cannot emit a signal: {err}");
+                    }
+                }
+                for job in std::mem::take(&mut pending.properties) {
                     flush(&connection, job).await;
                 }
             }
         }
     }
+}
+
+/// What waits for the next tick.
+#[derive(Default)]
+struct Pending {
+    /// Jobs whose Status, Progress or ExitCode changed.
+    properties: BTreeSet<u64>,
+    /// The latest progress of each (job, instance) not yet signalled.
+    progress: BTreeMap<(u64, String), (Step, u8)>,
+}
+
+impl Pending {
+    /// Takes the pending progress of one instance, or of every instance of the job.
+    fn take_progress(&mut self, job: u64, instance: Option<&str>) -> Vec<(String, Step, u8)> {
+        let keys: Vec<(u64, String)> = self
+            .progress
+            .keys()
+            .filter(|(j, i)| *j == job && instance.is_none_or(|wanted| wanted == i))
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| self.progress.remove(&key).map(|(step, percent)| (key.1, step, percent)))
+            .collect()
+    }
+}
+
+async fn progress(connection: &Connection, job: u64, instance: &str, step: Step, percent: u8) -> zbus::Result<()> {
+    JobObject::progress_signal(&emitter(connection, job)?, instance, step.as_str(), u32::from(percent)).await
 }
 
 fn emitter(connection: &Connection, job: u64) -> zbus::Result<SignalEmitter<'static>> {
@@ -52,11 +88,11 @@ async fn handle(
     connection: &Connection,
     jobs: &crate::jobs::Jobs,
     event: JobEvent,
-    dirty: &mut BTreeSet<u64>,
+    pending: &mut Pending,
 ) -> zbus::Result<()> {
     match event {
         JobEvent::Changed { job } => {
-            dirty.insert(job);
+            pending.properties.insert(job);
         }
         JobEvent::Progress {
             job,
@@ -64,13 +100,7 @@ async fn handle(
             step,
             percent,
         } => {
-            JobObject::progress_signal(
-                &emitter(connection, job)?,
-                &instance,
-                step.as_str(),
-                u32::from(percent),
-            )
-            .await?;
+            pending.progress.insert((job, instance), (step, percent));
         }
         JobEvent::Message {
             job,
@@ -78,13 +108,8 @@ async fn handle(
             priority,
             text,
         } => {
-            JobObject::message(
-                &emitter(connection, job)?,
-                &instance,
-                u32::from(priority),
-                &text,
-            )
-            .await?;
+            let emitter = emitter(connection, job)?;
+            JobObject::message(&emitter, &instance, u32::from(priority), &text).await?;
         }
         JobEvent::InstanceFinished {
             job,
@@ -92,35 +117,31 @@ async fn handle(
             status,
             exit_code,
         } => {
-            JobObject::instance_finished(
-                &emitter(connection, job)?,
-                &instance,
-                status.as_str(),
-                exit_code,
-            )
-            .await?;
+            for (instance, step, percent) in pending.take_progress(job, Some(&instance)) {
+                progress(connection, job, &instance, step, percent).await?;
+            }
+            let emitter = emitter(connection, job)?;
+            JobObject::instance_finished(&emitter, &instance, status.as_str(), exit_code).await?;
         }
         JobEvent::Finished {
             job,
             status,
             exit_code,
         } => {
-            dirty.remove(&job);
+            for (instance, step, percent) in pending.take_progress(job, None) {
+                progress(connection, job, &instance, step, percent).await?;
+            }
+            pending.properties.remove(&job);
             flush(connection, job).await;
             JobObject::finished(&emitter(connection, job)?, status.as_str(), exit_code).await?;
             let path = job_path(job);
             let manager = SignalEmitter::new(connection, module_updater_dbus::OBJECT_PATH)?;
-            Manager::job_finished(
-                &manager,
-                zbus::ObjectPath::try_from(path.as_str())?,
-                status.as_str(),
-                exit_code,
-            )
-            .await?;
+            let path = zbus::ObjectPath::try_from(path.as_str())?;
+            Manager::job_finished(&manager, path, status.as_str(), exit_code).await?;
             update_status(jobs);
         }
         JobEvent::Removed { job } => {
-            dirty.remove(&job);
+            pending.properties.remove(&job);
             connection
                 .object_server()
                 .remove::<JobObject, _>(job_path(job))

@@ -93,6 +93,7 @@ pub async fn run(
         emit,
         progress: 0,
         step: Step::Prepare,
+        initial_env: Environment::new(),
         result: InstanceResult::new(InstanceStatus::Completed),
         changed: false,
     };
@@ -109,6 +110,8 @@ struct Update<'a> {
     /// The step under way (the last one begun).
     step: Step,
     result: InstanceResult,
+    /// The environment file as it was when the update began.
+    initial_env: Environment,
     /// Whether files or the environment were touched (a failure after that keeps the marker).
     changed: bool,
 }
@@ -123,6 +126,7 @@ impl Update<'_> {
         let env = Environment::load(&state_dir.join("environment")).map_err(|e| {
             failed(Step::Prepare)(format!("cannot read the instance environment: {e}"))
         })?;
+        self.initial_env = env.clone();
         self.result.old_image_url = env.get("IMAGE_URL").map(str::to_owned);
         self.result.old_image_digest = env.get("IMAGE_DIGEST").map(str::to_owned);
         imagename::validate_reference(&self.job.module_url)
@@ -452,7 +456,11 @@ impl Update<'_> {
         let state_dir = self.job.instance.state_dir.clone();
         let file_env = Environment::load(&state_dir.join("environment"))
             .map_err(|e| fail(format!("cannot read the instance environment: {e}")))?;
-        let mut env: BTreeMap<String, String> = std::env::vars().collect();
+        // The worker's own environment carries the file as it was when the update began; drop
+        // those copies so a key the update removed (or changed) reaches the script as it is now.
+        let mut env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, v)| self.initial_env.get(k) != Some(v.as_str()))
+            .collect();
         env.extend(file_env.iter().map(|(k, v)| (k.to_owned(), v.to_owned())));
         env.insert("AGENT_TASK_ID".into(), self.job.job_id.to_string());
         env.insert("AGENT_TASK_ACTION".into(), "update-module".into());
