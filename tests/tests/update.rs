@@ -539,7 +539,7 @@ async fn the_instance_lock_excludes_ns8s_agent() {
     let mut holder = sandbox
         .command_as(
             &instance,
-            &["flock", "-n", lock.to_str().unwrap(), "sleep", "60"],
+            &["flock", lock.to_str().unwrap(), "sleep", "60"],
         )
         .spawn()
         .unwrap();
