@@ -4,6 +4,8 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::engine::imagename;
+
 /// Requests larger than this are refused before parsing.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// More instances than this in one request are refused.
@@ -184,13 +186,12 @@ fn instance_pattern(id: &str) -> bool {
     !trimmed.is_empty() && trimmed.len() < id.len() && !id.contains('\n')
 }
 
-/// A cheap shape check of an image reference: what podman could never take (a leading `-`,
-/// whitespace, control characters) is refused here, before any job exists.
+/// Whether `url` is an image reference podman can take as a positional argument
+/// ([`imagename::validate_reference`]): anything else (a leading `-`, whitespace, control
+/// characters, not a `[host[:port]/]path[:tag][@digest]` at all) is refused here, before any job
+/// exists, instead of failing in the worker.
 fn plausible_reference(url: &str) -> bool {
-    !url.starts_with('-')
-        && url.len() <= 4096
-        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
-        && url.contains(|c: char| c.is_ascii_alphanumeric())
+    imagename::validate_reference(url).is_ok()
 }
 
 #[cfg(test)]

@@ -537,10 +537,7 @@ async fn the_instance_lock_excludes_ns8s_agent() {
 
     let lock = instance.state_dir.join(".update-module.lock");
     let mut holder = sandbox
-        .command_as(
-            &instance,
-            &["flock", lock.to_str().unwrap(), "sleep", "60"],
-        )
+        .command_as(&instance, &["flock", lock.to_str().unwrap(), "sleep", "60"])
         .spawn()
         .unwrap();
     // Wait until the holder has the lock (it waits for it, so our probes cannot make it give up).
@@ -799,4 +796,86 @@ async fn module_steps_and_a_rootful_instance() {
             .unwrap()
             .contains("exit code 4")
     );
+}
+
+/// A manager that cannot be reached for the reload is a warning, not a failure (NS8 ignores the
+/// reload's outcome); an old image still used by a container is kept with a warning.
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_failure_and_image_in_use_are_warnings() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let side1 = sandbox.build_blob_image("sidecar", "1", 1024, 11).unwrap();
+    let side2 = sandbox.build_blob_image("sidecar", "2", 1024, 12).unwrap();
+    let v1 = sandbox
+        .build_image(
+            &ImageSpec::module("warned", "1.0").label("org.nethserver.images", side1.clone()),
+        )
+        .unwrap();
+    let v2 = sandbox
+        .build_image(
+            &ImageSpec::module("warned", "2.0").label("org.nethserver.images", side2.clone()),
+        )
+        .unwrap();
+    let rootful = sandbox.add_rootful_instance("warned").unwrap();
+    sandbox.install(&rootful, &v1).unwrap();
+    // A container made from the old sidecar image keeps it in use.
+    let created = sandbox
+        .podman_as(
+            &rootful,
+            &["create", "--name", "keeps-sidecar", &side1, "/none"],
+        )
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    // The rootful instances' manager is one that no one answers for.
+    let mut command = std::process::Command::new(module_updater_tests::daemon_binary().unwrap());
+    command
+        .arg("--address")
+        .arg(sandbox.bus_address())
+        .arg("--home-base")
+        .arg(sandbox.home_base())
+        .arg("--rootful-base")
+        .arg(sandbox.rootful_base())
+        .args(["--system-manager-address", "unix:path=/nonexistent/bus"])
+        .args(daemon_args(&sandbox));
+    let _daemon = sandbox.start_daemon_with(command).unwrap();
+    let connection = connect(&sandbox).await;
+
+    let run = run_job(&connection, &request(&v2, &[&rootful.id], false)).await;
+    let result = run.instance(&rootful.id);
+    assert_eq!(result["status"], "completed", "{result:#}");
+    let warnings: Vec<&str> = result["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert!(
+        warnings.iter().any(|w| w.contains("daemon-reload failed")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("cannot remove image") && w.contains(&side1)),
+        "{warnings:?}"
+    );
+    let images = sandbox
+        .podman_as(
+            &rootful,
+            &["images", "--format", "{{.Repository}}:{{.Tag}}"],
+        )
+        .unwrap();
+    let images = String::from_utf8_lossy(&images.stdout).into_owned();
+    assert!(
+        images.lines().any(|l| l == side1),
+        "an image in use is kept: {images}"
+    );
+    assert!(
+        !images.lines().any(|l| l == v1),
+        "the unused old module image is removed: {images}"
+    );
+    assert_eq!(rootful.read_env().unwrap()["SIDECAR_IMAGE"], side2);
 }

@@ -3,9 +3,12 @@
 use std::sync::Arc;
 
 use module_updater_dbus::Error;
+use zbus::Connection;
 use zbus::object_server::SignalEmitter;
 
-use crate::jobs::{JobRecord, Jobs};
+use super::CallError;
+use super::authority::{self, Action};
+use crate::jobs::{JobRecord, Jobs, job_path};
 
 pub struct JobObject {
     id: u64,
@@ -26,8 +29,29 @@ impl JobObject {
 
 #[zbus::interface(name = "org.nethserver.ModuleUpdater.Job")]
 impl JobObject {
-    /// Asks the job to stop: SIGTERM to its workers, SIGKILL 10 s later.
-    async fn cancel(&self) -> Result<(), Error> {
+    /// Asks the job to stop: SIGTERM to its workers, SIGKILL 10 s later. The caller that started
+    /// the job (and root) may; anyone else as polkit decides.
+    async fn cancel(
+        &self,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(), CallError> {
+        let record = self
+            .jobs
+            .get(self.id)
+            .ok_or_else(|| Error::NoSuchJob(format!("job {} is gone", self.id)))?;
+        let caller = super::caller(connection, &header).await?;
+        let path = job_path(self.id);
+        let instances = record.instances.join(" ");
+        authority::authorize(
+            connection,
+            &header,
+            caller,
+            Action::Cancel,
+            &[("job", path.as_str()), ("instances", instances.as_str())],
+            Some(record.caller_uid),
+        )
+        .await?;
         Ok(self.jobs.cancel(self.id)?)
     }
 

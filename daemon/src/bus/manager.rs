@@ -7,9 +7,12 @@ use module_updater_dbus::Error;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectServer, OwnedObjectPath};
 
+use super::CallError;
+use super::authority::{self, Action};
 use super::job::JobObject;
 use crate::engine::instance;
-use crate::jobs::{Jobs, job_path};
+use crate::jobs::{Jobs, SubmitError, job_path};
+use crate::request;
 
 pub struct Manager {
     pub jobs: Arc<Jobs>,
@@ -32,8 +35,26 @@ impl Manager {
         #[zbus(connection)] connection: &Connection,
         #[zbus(object_server)] server: &ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
-    ) -> Result<OwnedObjectPath, Error> {
+    ) -> Result<OwnedObjectPath, CallError> {
         let caller = super::caller(connection, &header).await?;
+        // The request's shape is checked first (a pure function, nothing of the node is read):
+        // polkit rules get its module URL and instances as details.
+        let parsed = request::parse(request).map_err(SubmitError::Invalid)?;
+        let instances = parsed.instances.join(" ");
+        let details = [
+            ("module_url", parsed.module_url.as_str()),
+            ("instances", instances.as_str()),
+        ];
+        authority::authorize(
+            connection,
+            &header,
+            caller,
+            Action::UpdateModule,
+            &details,
+            None,
+        )
+        .await?;
+        super::check_job_limits(&self.jobs)?;
         let id = self.jobs.submit(request, caller.uid)?;
         super::pump::update_status(&self.jobs);
         let path = object_path(job_path(id));
@@ -73,7 +94,23 @@ impl Manager {
 
     /// `MODULE_ID`, the image keys of the instance's environment, `rootless` and `uid`.
     #[zbus(out_args("instance"))]
-    async fn get_instance(&self, id: &str) -> Result<HashMap<String, String>, Error> {
+    async fn get_instance(
+        &self,
+        id: &str,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<HashMap<String, String>, CallError> {
+        // Authorised before the lookup: whether an instance exists is not told to just anyone.
+        let caller = super::caller(connection, &header).await?;
+        authority::authorize(
+            connection,
+            &header,
+            caller,
+            Action::ReadInstance,
+            &[("instance", id)],
+            None,
+        )
+        .await?;
         let bases = self.jobs.settings().bases.clone();
         let owned = id.to_owned();
         let found = tokio::task::spawn_blocking(move || instance::find(&bases, &owned))

@@ -1,13 +1,95 @@
 //! The D-Bus layer: two interfaces and a pump that turns job events into signals. It only
 //! translates; the job manager and the engine decide everything.
 
+pub mod authority;
 pub mod job;
 pub mod manager;
 pub mod pump;
 
 use module_updater_dbus::Error;
+use zbus::DBusError;
 
-use crate::jobs::{JobError, SubmitError};
+use crate::jobs::{JobError, Jobs, SubmitError};
+
+/// At most this many jobs run at once; more are refused (`Failed`) before any job exists.
+/// Running jobs are already bounded by the instances on the node (an instance is in at most one
+/// running job); this bounds them on a node with very many instances too.
+pub const MAX_RUNNING_JOBS: usize = 64;
+/// At most this many jobs are on the bus at once, running or lingering after their end
+/// (`--job-linger`); more are refused (`Failed`) until some leave.
+pub const MAX_KNOWN_JOBS: usize = 1024;
+
+/// What a method answers on failure: one of the service's own errors
+/// (`org.nethserver.ModuleUpdater.Error.*`), or a refusal with a standard name
+/// (`org.freedesktop.DBus.Error.AccessDenied`, `org.freedesktop.DBus.Error.LimitsExceeded`) that
+/// every D-Bus client understands. The service's enum cannot carry the standard names: its
+/// `ZBus` variant is always sent as `org.freedesktop.zbus.Error`.
+#[derive(Debug)]
+pub enum CallError {
+    Service(Error),
+    Refused(zbus::fdo::Error),
+}
+
+impl DBusError for CallError {
+    fn create_reply(
+        &self,
+        call: &zbus::message::Header<'_>,
+    ) -> zbus::Result<zbus::message::Message> {
+        match self {
+            CallError::Service(e) => e.create_reply(call),
+            CallError::Refused(e) => e.create_reply(call),
+        }
+    }
+
+    fn name(&self) -> zbus::names::ErrorName<'_> {
+        match self {
+            CallError::Service(e) => e.name(),
+            CallError::Refused(e) => e.name(),
+        }
+    }
+
+    fn description(&self) -> Option<&str> {
+        match self {
+            CallError::Service(e) => e.description(),
+            CallError::Refused(e) => e.description(),
+        }
+    }
+}
+
+impl From<Error> for CallError {
+    fn from(err: Error) -> Self {
+        CallError::Service(err)
+    }
+}
+
+impl From<SubmitError> for CallError {
+    fn from(err: SubmitError) -> Self {
+        CallError::Service(err.into())
+    }
+}
+
+impl From<JobError> for CallError {
+    fn from(err: JobError) -> Self {
+        CallError::Service(err.into())
+    }
+}
+
+/// Refuses a new job when [`MAX_RUNNING_JOBS`] or [`MAX_KNOWN_JOBS`] is reached.
+pub fn check_job_limits(jobs: &Jobs) -> Result<(), Error> {
+    let running = jobs.running().len();
+    if running >= MAX_RUNNING_JOBS {
+        return Err(Error::Failed(format!(
+            "too many jobs: {running} are running (the limit is {MAX_RUNNING_JOBS}); wait for some to finish"
+        )));
+    }
+    let known = jobs.ids().len();
+    if known >= MAX_KNOWN_JOBS {
+        return Err(Error::Failed(format!(
+            "too many jobs: {known} are on the bus, running or lingering (the limit is {MAX_KNOWN_JOBS}); wait until finished ones leave (--job-linger)"
+        )));
+    }
+    Ok(())
+}
 
 /// Caller credentials from the bus (never from the message body).
 #[derive(Debug, Clone, Copy)]

@@ -71,13 +71,29 @@ impl Pending {
             .cloned()
             .collect();
         keys.into_iter()
-            .filter_map(|key| self.progress.remove(&key).map(|(step, percent)| (key.1, step, percent)))
+            .filter_map(|key| {
+                self.progress
+                    .remove(&key)
+                    .map(|(step, percent)| (key.1, step, percent))
+            })
             .collect()
     }
 }
 
-async fn progress(connection: &Connection, job: u64, instance: &str, step: Step, percent: u8) -> zbus::Result<()> {
-    JobObject::progress_signal(&emitter(connection, job)?, instance, step.as_str(), u32::from(percent)).await
+async fn progress(
+    connection: &Connection,
+    job: u64,
+    instance: &str,
+    step: Step,
+    percent: u8,
+) -> zbus::Result<()> {
+    JobObject::progress_signal(
+        &emitter(connection, job)?,
+        instance,
+        step.as_str(),
+        u32::from(percent),
+    )
+    .await
 }
 
 fn emitter(connection: &Connection, job: u64) -> zbus::Result<SignalEmitter<'static>> {

@@ -107,24 +107,19 @@ impl Podman {
         }
     }
 
-    /// Which of `references` name a local image exactly (podman-pull-missing semantics), in one
-    /// `podman image list`.
-    pub async fn present(&self, references: &[&str]) -> Result<HashSet<String>, PodmanError> {
+    /// Every name (`repo:tag`) and repository digest (`repo@sha256:...`) of the local images, in
+    /// one `podman image list`: a reference is present when it is one of them exactly
+    /// (podman-pull-missing semantics).
+    pub async fn local_names(&self) -> Result<HashSet<String>, PodmanError> {
         let args = ["image", "list", "--format", "json"];
         let stdout = self.output(&args).await?;
         let listed: Vec<RawListed> = parse_json(&args, &stdout)?;
-        let names: HashSet<&str> = listed
-            .iter()
+        Ok(listed
+            .into_iter()
             .flat_map(|image| {
-                let names = image.names.iter().flatten();
-                names.chain(image.repo_digests.iter().flatten())
+                let names = image.names.into_iter().flatten();
+                names.chain(image.repo_digests.into_iter().flatten())
             })
-            .map(String::as_str)
-            .collect();
-        Ok(references
-            .iter()
-            .filter(|r| names.contains(**r))
-            .map(|r| (*r).to_owned())
             .collect())
     }
 

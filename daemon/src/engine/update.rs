@@ -94,6 +94,7 @@ pub async fn run(
         progress: 0,
         step: Step::Prepare,
         initial_env: Environment::new(),
+        local_images: None,
         result: InstanceResult::new(InstanceStatus::Completed),
         changed: false,
     };
@@ -110,6 +111,8 @@ struct Update<'a> {
     /// The step under way (the last one begun).
     step: Step,
     result: InstanceResult,
+    /// Names of the local images, listed once per update.
+    local_images: Option<std::collections::HashSet<String>>,
     /// The environment file as it was when the update began.
     initial_env: Environment,
     /// Whether files or the environment were touched (a failure after that keeps the marker).
@@ -256,14 +259,19 @@ impl Update<'_> {
         let missing: Vec<&str> = if self.job.force {
             urls.to_vec()
         } else {
-            let present = self
-                .podman
-                .present(urls)
-                .await
-                .map_err(|e| failed(step)(e.to_string()))?;
+            // One listing serves the module image and the extra images.
+            if self.local_images.is_none() {
+                let names = self
+                    .podman
+                    .local_names()
+                    .await
+                    .map_err(|e| failed(step)(e.to_string()))?;
+                self.local_images = Some(names);
+            }
+            let local = self.local_images.as_ref();
             urls.iter()
                 .copied()
-                .filter(|u| !present.contains(*u))
+                .filter(|u| !local.is_some_and(|names| names.contains(*u)))
                 .collect()
         };
         if missing.is_empty() {
