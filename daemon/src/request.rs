@@ -285,10 +285,152 @@ mod tests {
         assert_eq!(errors(&raw), ["instances_too_large"]);
     }
 
+    #[test]
+    fn path_like_instance_ids_pass_the_pattern_but_only_as_names() {
+        // NS8's pattern lets these through; they are only ever compared with discovered ids
+        // (engine::instance), so the request layer keeps them verbatim.
+        for id in ["../x1", "/etc1", "a/b1", ".1"] {
+            let raw = serde_json::json!({"module_url": "r/m:1", "instances": [id]}).to_string();
+            assert_eq!(parse(&raw).unwrap().instances, [id]);
+        }
+    }
+
+    #[test]
+    fn references_podman_could_misread_are_refused() {
+        for url in [
+            "-x",
+            "--privileged",
+            "a b/c:1",
+            "a/b:1 ",
+            "a\tb/c:1",
+            "a/b:1\n--rm",
+            "a/b\u{7}:1",
+            "a/b\u{0}:1",
+            "a/b:1\u{85}",
+            "::::",
+            "UPPER/Case:1",
+            "a/b:",
+            "a/b@sha256:123",
+            "a//b:1",
+        ] {
+            let raw = serde_json::json!({"module_url": url, "instances": ["a1"]}).to_string();
+            assert_eq!(errors(&raw), ["module_url_pattern"], "{url:?}");
+        }
+        for url in [
+            "ghcr.io/nethserver/mail:1.7.1",
+            "127.0.0.1:5000/demo:2.0",
+            "localhost/x/y:latest",
+            "ghcr.io/nethserver/mail@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            let raw = serde_json::json!({"module_url": url, "instances": ["a1"]}).to_string();
+            assert!(parse(&raw).is_ok(), "{url:?}");
+        }
+    }
+
+    #[test]
+    fn nested_junk_is_refused_cheaply() {
+        // Deeper than serde_json's recursion limit (128), within 64 KiB: not JSON for us.
+        let deep = format!(
+            r#"{{"module_url":"a/b:1","instances":["a1"],"x":{}{}}}"#,
+            "[".repeat(20_000),
+            "]".repeat(20_000)
+        );
+        assert!(deep.len() < MAX_REQUEST_BYTES);
+        assert_eq!(errors(&deep), ["(root)_invalid_json"]);
+        // Deeper and larger: refused before parsing.
+        let huge = "[".repeat(MAX_REQUEST_BYTES + 1);
+        assert_eq!(errors(&huge), ["(root)_too_large"]);
+        // Nesting within the limit in an unknown key is kept as received.
+        let fine = format!(
+            r#"{{"module_url":"a/b:1","instances":["a1"],"x":{}{}}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert_eq!(parse(&fine).unwrap().raw, fine);
+        // Deep nesting where an instance id is expected is a type error, not a crash.
+        let nested_id = r#"{"module_url":"a/b:1","instances":[[[["a1"]]]]}"#;
+        assert_eq!(errors(nested_id), ["instances_invalid_type"]);
+    }
+
+    /// Any JSON document, up to a few levels deep.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(".{0,8}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     proptest! {
         #[test]
         fn never_panics(raw in ".{0,300}") {
             let _ = parse(&raw);
+        }
+
+        #[test]
+        fn never_panics_on_any_json(value in json_value()) {
+            let raw = value.to_string();
+            match parse(&raw) {
+                Ok(request) => prop_assert_eq!(request.raw, raw),
+                // Every error names a field and an error kind.
+                Err(errors) => {
+                    prop_assert!(!errors.is_empty());
+                    for e in errors {
+                        prop_assert!(!e.field.is_empty() && e.error.starts_with(&e.parameter));
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn never_panics_on_requests_with_junk_fields(
+            url in json_value(),
+            instances in json_value(),
+            force in json_value(),
+        ) {
+            let raw = serde_json::json!({"module_url": url, "instances": instances, "force": force})
+                .to_string();
+            let _ = parse(&raw);
+        }
+
+        #[test]
+        fn valid_requests_round_trip_and_keep_unknown_keys(
+            ids in proptest::collection::btree_set("[a-z]{1,8}[0-9]{1,3}", 1..20),
+            force in any::<Option<bool>>(),
+            extra in proptest::collection::btree_map("x_[a-z]{1,6}", json_value(), 0..4),
+        ) {
+            let ids: Vec<String> = ids.into_iter().collect();
+            let mut object = serde_json::Map::new();
+            object.insert("module_url".into(), Value::from("ghcr.io/nethserver/mail:1.2.3"));
+            object.insert("instances".into(), Value::from(ids.clone()));
+            if let Some(force) = force {
+                object.insert("force".into(), Value::from(force));
+            }
+            for (k, v) in &extra {
+                object.insert(k.clone(), v.clone());
+            }
+            let raw = Value::Object(object).to_string();
+            let request = parse(&raw).unwrap();
+            prop_assert_eq!(&request.module_url, "ghcr.io/nethserver/mail:1.2.3");
+            prop_assert_eq!(&request.instances, &ids);
+            prop_assert_eq!(request.force, force.unwrap_or(false));
+            // The scripts get the request byte for byte as received: unknown keys included.
+            prop_assert_eq!(&request.raw, &raw);
+            let forwarded: Value = serde_json::from_str(&request.raw).unwrap();
+            for k in extra.keys() {
+                prop_assert!(forwarded.get(k).is_some(), "{} lost", k);
+            }
         }
 
         #[test]

@@ -33,7 +33,8 @@ pub use daemon::{Daemon, NotifySocket, client_binary, daemon_binary, find_binary
 pub use footprint::{Footprint, Leftovers, UserRecord, reap_stale};
 pub use image::{FileKind, FileSpec, ImageSpec, image_env_var};
 pub use instance::{InspectedImage, Instance, parse_env};
-pub use registry::REGISTRIES_CONF_D;
+pub use manager::{ExtraManager, ensure_inaccessible_nodes};
+pub use registry::{REGISTRIES_CONF_D, RegistryTraffic, parse_access_log};
 
 use crate::process::ProcessRecord;
 
@@ -126,6 +127,8 @@ pub struct Sandbox {
     builder: image::Builder,
     users: Vec<UserSlot>,
     root_manager: Option<manager::UserManager>,
+    /// Root-run managers a test configured itself ([`Sandbox::start_extra_manager`]).
+    extra_managers: Vec<manager::UserManager>,
     footprint: Footprint,
     /// Daemons started from this sandbox and not yet stopped (a [`Daemon`] removes itself).
     daemons: Arc<Mutex<Vec<ProcessRecord>>>,
@@ -167,6 +170,7 @@ impl Sandbox {
             builder: image::Builder::new(root.join("builder"), String::new()),
             users: Vec::new(),
             root_manager: None,
+            extra_managers: Vec::new(),
             footprint,
             daemons: Arc::new(Mutex::new(Vec::new())),
             instances: 0,
@@ -418,6 +422,15 @@ impl Drop for Sandbox {
             }
         }
         let mut problems = Vec::new();
+        // Extra managers first: the units they run may be clients of anything below.
+        for mut manager in self.extra_managers.drain(..).rev() {
+            problems.extend(
+                manager
+                    .stop()
+                    .into_iter()
+                    .map(|d| format!("cgroup {}", d.display())),
+            );
+        }
         for slot in self.users.iter_mut().rev() {
             if let Some(mut manager) = slot.manager.take() {
                 problems.extend(

@@ -470,7 +470,6 @@ async fn hostile_images_are_refused_and_labels_are_honoured() {
         tree
     };
     let before = tree(&instance.home);
-    let etc_before = snapshot(std::path::Path::new("/etc/containers"));
 
     for bad in [&absolute, &escaping] {
         let run = run_job(&connection, &request(bad, &[&instance.id], false)).await;
@@ -487,10 +486,6 @@ async fn hostile_images_are_refused_and_labels_are_honoured() {
         assert_eq!(after, expected, "a refused image changed the instance");
         assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
     }
-    assert_eq!(
-        snapshot(std::path::Path::new("/etc/containers")),
-        etc_before
-    );
 
     let run = run_job(&connection, &request(&subtree, &[&instance.id], false)).await;
     assert_eq!(

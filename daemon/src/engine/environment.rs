@@ -601,5 +601,62 @@ mod tests {
             // Whatever was parsed renders to something that parses the same again.
             prop_assert_eq!(Environment::parse(&env.render()), env);
         }
+
+        /// A patch of image keys (what an update writes) changes those keys only: every other
+        /// key of the file, known to us or not, keeps its value.
+        #[test]
+        fn a_patch_loses_no_unknown_key(
+            vars in prop::collection::btree_map("[A-Za-z_][A-Za-z0-9_.-]{0,16}", "[^\n\x00]{0,40}", 0..24),
+            patch in prop::collection::vec(
+                ("(IMAGE_[A-Z]{1,6}|PREV_[A-Z_]{1,8}|[A-Z]{1,6}_IMAGE)", prop::option::of("[^\n\x00]{0,40}")),
+                0..8,
+            ),
+        ) {
+            let mut env = Environment::new();
+            for (k, v) in &vars {
+                env.set(k.clone(), v.clone()).unwrap();
+            }
+            let before = env.clone();
+            env.apply(&patch).unwrap();
+            for (key, value) in before.iter() {
+                if !patch.iter().any(|(k, _)| k == key) {
+                    prop_assert_eq!(env.get(key), Some(value), "{} was lost", key);
+                }
+            }
+            for (key, _) in &patch {
+                let last = patch.iter().rev().find(|(k, _)| k == key).and_then(|(_, v)| v.as_deref());
+                prop_assert_eq!(env.get(key), last);
+            }
+            prop_assert_eq!(Environment::parse(&env.render()), env);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// The same through the file: whatever lines the file had (unknown keys, comments,
+        /// junk), every key a reader saw before is still there after `update_file`.
+        #[test]
+        fn update_file_loses_no_unknown_key(
+            lines in prop::collection::vec("[^\n]{0,40}", 0..24),
+            patch in prop::collection::vec(
+                ("(IMAGE_[A-Z]{1,6}|PREV_[A-Z_]{1,8})", prop::option::of("[^\n\x00]{0,40}")),
+                0..4,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(ENVIRONMENT_FILE);
+            let text = lines.join("\n");
+            fs::write(&path, &text).unwrap();
+            let before = Environment::parse(&text);
+            let after = update_file(dir.path(), &patch).unwrap();
+            prop_assert_eq!(&Environment::load(&path).unwrap(), &after);
+            for (key, value) in before.iter() {
+                if !patch.iter().any(|(k, _)| k == key) {
+                    prop_assert_eq!(after.get(key), Some(value), "{} was lost", key);
+                }
+            }
+            prop_assert!(leftovers(dir.path()).is_empty());
+        }
     }
 }

@@ -33,6 +33,9 @@ pub enum PodmanError {
     Missing(String),
 }
 
+/// The name of the temporary container whose filesystem is extracted.
+pub const EXTRACT_CONTAINER: &str = "module-updater-extract";
+
 /// What `podman image inspect` tells about an image (only what the update uses).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
@@ -161,9 +164,17 @@ impl Podman {
     }
 
     /// Creates a container of `image` (never started) to read its filesystem; returns its id.
+    /// It has a fixed name and replaces one left by a killed update, so none accumulate (an
+    /// instance runs one update at a time: the instance lock).
     pub async fn create(&self, image: &str) -> Result<String, PodmanError> {
-        let stdout = self.output(&["create", "--", image]).await?;
-        Ok(String::from_utf8_lossy(&stdout).trim().to_owned())
+        // A command is given so that an image without ENTRYPOINT or CMD can be read too; the
+        // container is never started.
+        let args = ["create", "--replace", "--name", EXTRACT_CONTAINER, "--", image, "/"];
+        // With --replace, podman also prints the name of a container it replaced: the id is the
+        // last line.
+        let stdout = self.output(&args).await?;
+        let text = String::from_utf8_lossy(&stdout);
+        Ok(text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(EXTRACT_CONTAINER).trim().to_owned())
     }
 
     /// Starts `podman export` of a container, its tar stream on the child's stdout. Blocking

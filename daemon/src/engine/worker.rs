@@ -173,6 +173,11 @@ pub async fn update_instance(
         }
     }
     let status = child.wait().await;
+    // What the worker started in its own process group (podman) must not outlive it: a podman
+    // export left behind by a killed worker would hold its container for ever.
+    if let Some(pid) = pid {
+        let _ = killpg(pid, Signal::SIGKILL);
+    }
     let stderr_tail = stderr_task.await.unwrap_or_default();
     match result {
         Some(result) => result,

@@ -1,0 +1,523 @@
+//! The service under load: many instances in one job, the rate of a job's property changes,
+//! and a slow instance that must not hold back the others. Real users, `systemd --user`
+//! managers, rootless podman, the loopback registry; jobs are submitted and watched through
+//! busctl as well as a subscribed client.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use module_updater_dbus::{BUS_NAME, JOB_INTERFACE, JOB_PATH_PREFIX};
+use module_updater_tests::{Instance, Sandbox};
+use zbus::{MatchRule, MessageStream, OwnedObjectPath};
+
+const PATH: &str = "/org/nethserver/ModuleUpdater";
+/// Threads installing instances at once (each install is podman pull + export as the user).
+const INSTALL_THREADS: usize = 4;
+
+fn busctl(sandbox: &Sandbox, args: &[&str]) -> Output {
+    Command::new("busctl")
+        .env_clear()
+        .env("PATH", module_updater_tests::cmd::PATH)
+        .arg(format!("--address={}", sandbox.bus_address()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_owned()
+}
+
+/// `UpdateModule` through busctl; the job path.
+fn submit_with_busctl(sandbox: &Sandbox, request: &str) -> OwnedObjectPath {
+    let out = busctl(
+        sandbox,
+        &[
+            "call",
+            BUS_NAME,
+            PATH,
+            BUS_NAME,
+            "UpdateModule",
+            "s",
+            request,
+        ],
+    );
+    assert!(out.status.success(), "UpdateModule: {}", text(&out.stderr));
+    // `o "/org/nethserver/ModuleUpdater/job/7"`
+    let stdout = text(&out.stdout);
+    let path = stdout
+        .strip_prefix("o \"")
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("unexpected UpdateModule reply: {stdout}"));
+    OwnedObjectPath::try_from(path.to_owned()).unwrap()
+}
+
+/// A property of a job as busctl prints it (`s "completed"`, `i 0`).
+fn job_property(sandbox: &Sandbox, job: &str, property: &str) -> String {
+    let out = busctl(
+        sandbox,
+        &["get-property", BUS_NAME, job, JOB_INTERFACE, property],
+    );
+    assert!(out.status.success(), "{property}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// `ListInstances` through busctl: id → (image_url, state, job path).
+fn list_instances(sandbox: &Sandbox) -> BTreeMap<String, (String, String, String)> {
+    let out = busctl(
+        sandbox,
+        &[
+            "--json=short",
+            "call",
+            BUS_NAME,
+            PATH,
+            BUS_NAME,
+            "ListInstances",
+        ],
+    );
+    assert!(out.status.success(), "ListInstances: {}", text(&out.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    reply["data"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let field = |i: usize| row[i].as_str().unwrap().to_owned();
+            (field(0), (field(1), field(2), field(3)))
+        })
+        .collect()
+}
+
+/// `n` rootless instances of `module`, installed at `url`. Users and their managers are created
+/// one after the other (the sandbox needs `&mut` for that); the installs, which take most of the
+/// time, run on [`INSTALL_THREADS`] threads. Returns the instances and the two durations.
+fn provision(
+    sandbox: &mut Sandbox,
+    module: &str,
+    n: usize,
+    url: &str,
+) -> (Vec<Instance>, Duration, Duration) {
+    let started = Instant::now();
+    let instances: Vec<Instance> = (0..n)
+        .map(|_| sandbox.add_rootless_instance(module).unwrap())
+        .collect();
+    let added = started.elapsed();
+    let started = Instant::now();
+    let next = AtomicUsize::new(0);
+    let sandbox = &*sandbox;
+    std::thread::scope(|scope| {
+        for _ in 0..INSTALL_THREADS.min(n) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(instance) = instances.get(i) else {
+                        break;
+                    };
+                    sandbox
+                        .install(instance, url)
+                        .unwrap_or_else(|e| panic!("install {}: {e}", instance.id));
+                }
+            });
+        }
+    });
+    (instances, added, started.elapsed())
+}
+
+fn ids(instances: &[Instance]) -> Vec<&str> {
+    instances.iter().map(|i| i.id.as_str()).collect()
+}
+
+/// A 20-instance job through busctl: every instance is updated, the job completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_twenty_instance_job_updates_every_instance() {
+    const N: usize = 20;
+    let test_started = Instant::now();
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(&sandbox, "many", "1.0", &[]))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&module_image(&sandbox, "many", "2.0", &[]).file(
+            "update-module.d/10hello",
+            "#!/bin/sh\necho \"updated $MODULE_ID\"\n",
+            0o755,
+        ))
+        .unwrap();
+    let images_built = test_started.elapsed();
+    let (instances, added, installed) = provision(&mut sandbox, "many", N, &v1);
+    let daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let mut stream = subscribe(&connection).await;
+    let job_started = Instant::now();
+    let path = submit_with_busctl(&sandbox, &request(&v2, &ids(&instances), false));
+    let run = follow(&connection, &mut stream, path.clone()).await;
+    let job_took = job_started.elapsed();
+
+    assert_eq!(
+        run.status,
+        "completed",
+        "{:#}\n{}",
+        run.result,
+        daemon.log()
+    );
+    assert_eq!(run.exit_code, 0);
+    let finished: BTreeMap<String, (String, i32)> = run
+        .seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::InstanceFinished {
+                instance,
+                status,
+                exit_code,
+            } => Some((instance.clone(), (status.clone(), *exit_code))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished.len(), N, "{finished:?}");
+    for instance in &instances {
+        let id = instance.id.as_str();
+        assert_eq!(
+            finished[id],
+            ("completed".to_owned(), 0),
+            "{id}: {:#}",
+            run.instance(id)
+        );
+        assert_eq!(run.instance(id)["status"], "completed", "{id}");
+        let env = instance.read_env().unwrap();
+        assert_eq!(env["IMAGE_URL"], v2, "{id}");
+        assert_eq!(env["PREV_IMAGE_URL"], v1, "{id}");
+        assert!(
+            run.messages_of(id).contains(&format!("updated {id}")),
+            "{id}: its script did not run"
+        );
+        let progress = run.progress_of(id);
+        assert_eq!(progress.last(), Some(&100), "{id}: {progress:?}");
+    }
+    assert_eq!(
+        run.result["instances"].as_object().unwrap().len(),
+        N,
+        "{:#}",
+        run.result
+    );
+
+    // What a busctl user sees afterwards.
+    assert_eq!(
+        job_property(&sandbox, path.as_str(), "Status"),
+        "s \"completed\""
+    );
+    assert_eq!(job_property(&sandbox, path.as_str(), "ExitCode"), "i 0");
+    assert_eq!(job_property(&sandbox, path.as_str(), "Progress"), "u 100");
+    let listed = list_instances(&sandbox);
+    for instance in &instances {
+        assert_eq!(
+            listed[&instance.id],
+            (v2.clone(), "idle".to_owned(), "/".to_owned()),
+            "{}",
+            instance.id
+        );
+    }
+    eprintln!(
+        "20-instance timings: images {images_built:?}, {N} users+managers {added:?}, {N} installs \
+         on {INSTALL_THREADS} threads {installed:?}, job {job_took:?}, total {:?}",
+        test_started.elapsed()
+    );
+}
+
+/// A signal from the service under the job prefix, with its arrival time.
+#[derive(Debug, Clone)]
+struct Arrival {
+    at: Instant,
+    path: String,
+    member: String,
+    /// PropertiesChanged: the names of the changed properties.
+    properties: Vec<String>,
+}
+
+/// The PropertiesChanged of a job's Status, Progress and ExitCode are coalesced to at most 5
+/// per second (the flush of the final values right before `Finished` comes on top).
+#[tokio::test(flavor = "multi_thread")]
+async fn job_property_changes_are_coalesced_to_five_per_second() {
+    const N: usize = 6;
+    const LIMIT: usize = 5;
+    let test_started = Instant::now();
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(&sandbox, "chatty", "1.0", &[]))
+        .unwrap();
+    // A script that reports its progress in many small steps over about two seconds, so the
+    // job's progress changes far more often than five times a second, for several seconds.
+    let steps = "#!/bin/sh\ni=1\nwhile [ $i -le 100 ]; do\n  echo \"set-progress $i\" >&3\n  \
+                 sleep 0.05\n  i=$((i + 3))\ndone\n";
+    let v2 = sandbox
+        .build_image(&module_image(&sandbox, "chatty", "2.0", &[]).file(
+            "update-module.d/50steps",
+            steps,
+            0o755,
+        ))
+        .unwrap();
+    let (instances, _, _) = provision(&mut sandbox, "chatty", N, &v1);
+    let daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    // One stream for everything the service emits on job paths, in arrival order.
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(BUS_NAME)
+        .path_namespace(JOB_PATH_PREFIX)
+        .build()
+        .unwrap();
+    let mut stream =
+        MessageStream::for_match_rule(rule, &connection, std::num::NonZeroUsize::new(65536))
+            .await
+            .unwrap();
+    // Drained on a task of its own so that arrival times are not delayed by the test.
+    let collector = tokio::spawn(async move {
+        let mut arrivals = Vec::new();
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(JOB_TIMEOUT, stream.next()).await {
+            let at = Instant::now();
+            let header = message.header();
+            let path = header.path().map(|p| p.to_string()).unwrap_or_default();
+            let member = header.member().map(|m| m.to_string()).unwrap_or_default();
+            let mut properties = Vec::new();
+            if member == "PropertiesChanged" {
+                let (interface, changed, _): (
+                    String,
+                    BTreeMap<String, zbus::OwnedVariant>,
+                    Vec<String>,
+                ) = message.body().deserialize().unwrap();
+                if interface != JOB_INTERFACE {
+                    continue;
+                }
+                properties = changed.into_keys().collect();
+            }
+            let done = member == "Finished";
+            arrivals.push(Arrival {
+                at,
+                path,
+                member,
+                properties,
+            });
+            if done {
+                break;
+            }
+        }
+        arrivals
+    });
+
+    let path = submit_with_busctl(&sandbox, &request(&v2, &ids(&instances), false));
+    let arrivals = collector.await.unwrap();
+    let job = path.as_str();
+    assert!(
+        arrivals
+            .iter()
+            .any(|a| a.path == job && a.member == "Finished"),
+        "no Finished within {JOB_TIMEOUT:?}: {arrivals:#?}\n{}",
+        daemon.log()
+    );
+    assert_eq!(job_property(&sandbox, job, "Status"), "s \"completed\"");
+
+    let mine: Vec<&Arrival> = arrivals.iter().filter(|a| a.path == job).collect();
+    let changes: Vec<&Arrival> = mine
+        .iter()
+        .copied()
+        .filter(|a| a.member == "PropertiesChanged")
+        .collect();
+    let finished_at = mine.iter().find(|a| a.member == "Finished").unwrap().at;
+    let first = changes.first().expect("no PropertiesChanged at all").at;
+    let job_seconds = (finished_at - first).as_secs_f64();
+    let progress_changes = changes
+        .iter()
+        .filter(|a| a.properties.iter().any(|p| p == "Progress"))
+        .count();
+    // The last PropertiesChanged before Finished is the final flush: allowed on top.
+    let final_flush = changes.iter().rposition(|a| a.at <= finished_at);
+    let mut windows: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for (i, change) in changes.iter().enumerate() {
+        if Some(i) == final_flush {
+            continue;
+        }
+        let offset = (change.at - first).as_secs_f64();
+        windows.entry(offset as u64).or_default().push(offset);
+    }
+    let counts: BTreeMap<u64, usize> = windows.iter().map(|(w, v)| (*w, v.len())).collect();
+    // For the diagnosis only: changes arriving within 20 ms of each other came from one flush.
+    let bursts: BTreeMap<u64, usize> = windows
+        .iter()
+        .map(|(w, times)| {
+            let starts = times
+                .iter()
+                .enumerate()
+                .filter(|(i, t)| *i == 0 || **t - times[i - 1] > 0.02)
+                .count();
+            (*w, starts)
+        })
+        .collect();
+    let timeline: Vec<String> = changes
+        .iter()
+        .map(|a| {
+            format!(
+                "{:.3}s {}",
+                (a.at - first).as_secs_f64(),
+                a.properties.join(",")
+            )
+        })
+        .collect();
+    eprintln!(
+        "coalescing: job {job_seconds:.1} s, {} PropertiesChanged ({progress_changes} with \
+         Progress), per 1-second window: {counts:?} in {bursts:?} bursts, total {:?}",
+        changes.len(),
+        test_started.elapsed()
+    );
+    assert!(
+        job_seconds >= 2.0,
+        "the job ran only {job_seconds:.1} s: too short to measure a rate"
+    );
+    assert!(
+        progress_changes >= 5,
+        "Progress changed only {progress_changes} times: {timeline:#?}"
+    );
+    // Arrival times carry scheduling jitter of a few tens of milliseconds: a window with one
+    // change too many is taken as five per second that arrived unevenly when those six span at
+    // least 0.9 s (a limiter at 5/s sends no two changes closer than 0.2 s).
+    let over: Vec<(&u64, &usize)> = counts
+        .iter()
+        .filter(|(w, n)| {
+            let times = &windows[*w];
+            let jitter = **n == LIMIT + 1 && times[LIMIT] - times[0] >= 0.9;
+            **n > LIMIT && !jitter
+        })
+        .collect();
+    assert!(
+        over.is_empty(),
+        "more than {LIMIT} PropertiesChanged per second on {job} in windows {over:?} (seconds \
+         since the first one; bursts of signals per window: {bursts:?}); arrivals:\n{}",
+        timeline.join("\n")
+    );
+}
+
+/// A slow instance never delays the others: its neighbour in the same job finishes (and says
+/// so) while the slow script still sleeps, and the service answers calls meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_instance_does_not_delay_the_others() {
+    const SLEEP: &str = "sleep 20";
+    let test_started = Instant::now();
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(&sandbox, "tortoise", "1.0", &[]))
+        .unwrap();
+    let maybe_slow = format!(
+        "#!/bin/sh\nif [ -e \"$AGENT_STATE_DIR/slow\" ]; then\n  echo sleeping\n  {SLEEP}\nfi\n"
+    );
+    let v2 = sandbox
+        .build_image(&module_image(&sandbox, "tortoise", "2.0", &[]).file(
+            "update-module.d/50maybe-slow",
+            maybe_slow,
+            0o755,
+        ))
+        .unwrap();
+    let (instances, _, _) = provision(&mut sandbox, "tortoise", 2, &v1);
+    let (slow, fast) = (&instances[0], &instances[1]);
+    std::fs::write(slow.state_dir.join("slow"), "").unwrap();
+    let daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let sleeping = || {
+        Command::new("pgrep")
+            .args(["-u", &slow.id, "-f", SLEEP])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+
+    let mut stream = subscribe(&connection).await;
+    let submitted = Instant::now();
+    // The slow instance first: a service that worked in request order would make fast wait.
+    let path = submit_with_busctl(&sandbox, &request(&v2, &[&slow.id, &fast.id], false));
+    let job = path.as_str().to_owned();
+    let mut finished_at: BTreeMap<String, Duration> = BTreeMap::new();
+    let mut checked_while_sleeping = false;
+    let mut list_latency = Duration::ZERO;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(90), stream.next()).await;
+        let Ok(Some(Ok(message))) = next else {
+            panic!(
+                "the job did not finish; finished so far: {finished_at:?}\n{}",
+                daemon.log()
+            );
+        };
+        let header = message.header();
+        if header.path().map(|p| p.as_str()) != Some(job.as_str()) {
+            continue;
+        }
+        match header.member().map(|m| m.to_string()).as_deref() {
+            Some("InstanceFinished") => {
+                let (instance, status, _): (String, String, i32) =
+                    message.body().deserialize().unwrap();
+                finished_at.insert(instance.clone(), submitted.elapsed());
+                if instance == fast.id {
+                    assert_eq!(status, "completed", "{}", daemon.log());
+                    assert!(
+                        sleeping(),
+                        "{} finished, but {SLEEP} of {} is not running (finished so far: \
+                         {finished_at:?})",
+                        fast.id,
+                        slow.id
+                    );
+                    // The service answers while the slow script runs.
+                    let asked = Instant::now();
+                    let listed = list_instances(&sandbox);
+                    list_latency = asked.elapsed();
+                    assert_eq!(
+                        job_property(&sandbox, &job, "Status"),
+                        "s \"running\"",
+                        "the job is still running"
+                    );
+                    assert!(sleeping(), "{SLEEP} ended before the calls were answered");
+                    // Its environment is already 2.0 (scripts run after it is written).
+                    let (_, state, holder) = &listed[&slow.id];
+                    assert_eq!((state.as_str(), holder), ("updating", &job));
+                    assert_eq!(
+                        listed[&fast.id],
+                        (v2.clone(), "idle".to_owned(), "/".into())
+                    );
+                    checked_while_sleeping = true;
+                }
+            }
+            Some("Finished") => break,
+            _ => {}
+        }
+    }
+    assert!(checked_while_sleeping, "{finished_at:?}");
+    let fast_done = finished_at[&fast.id];
+    let slow_done = finished_at[&slow.id];
+    assert!(
+        fast_done < Duration::from_secs(15),
+        "{} took {fast_done:?}: it waited for {}",
+        fast.id,
+        slow.id
+    );
+    assert!(
+        slow_done >= fast_done + Duration::from_secs(10),
+        "fast {fast_done:?}, slow {slow_done:?}"
+    );
+    assert!(
+        list_latency < Duration::from_secs(2),
+        "ListInstances took {list_latency:?} while a script slept"
+    );
+    assert_eq!(job_property(&sandbox, &job, "Status"), "s \"completed\"");
+    assert_eq!(slow.read_env().unwrap()["IMAGE_URL"], v2);
+    eprintln!(
+        "slow instance: fast finished after {fast_done:?}, slow after {slow_done:?}, \
+         ListInstances answered in {list_latency:?} meanwhile, total {:?}",
+        test_started.elapsed()
+    );
+}
