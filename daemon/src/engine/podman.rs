@@ -169,12 +169,26 @@ impl Podman {
     pub async fn create(&self, image: &str) -> Result<String, PodmanError> {
         // A command is given so that an image without ENTRYPOINT or CMD can be read too; the
         // container is never started.
-        let args = ["create", "--replace", "--name", EXTRACT_CONTAINER, "--", image, "/"];
+        let args = [
+            "create",
+            "--replace",
+            "--name",
+            EXTRACT_CONTAINER,
+            "--",
+            image,
+            "/",
+        ];
         // With --replace, podman also prints the name of a container it replaced: the id is the
         // last line.
         let stdout = self.output(&args).await?;
         let text = String::from_utf8_lossy(&stdout);
-        Ok(text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(EXTRACT_CONTAINER).trim().to_owned())
+        Ok(text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or(EXTRACT_CONTAINER)
+            .trim()
+            .to_owned())
     }
 
     /// Starts `podman export` of a container, its tar stream on the child's stdout. Blocking
