@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use log::LevelFilter;
+use module_updaterd::config::{Cli, man_page};
 use module_updaterd::{Config, service};
 
 fn main() -> ExitCode {
@@ -9,8 +10,19 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(module_updaterd::engine::worker::WORKER_ARG) {
         return ExitCode::from(module_updaterd::engine::worker::worker_main() as u8);
     }
-    let config = Config::parse();
-    let level = if config.verbose {
+    // A bad flag: clap prints why and exits 2.
+    let cli = Cli::parse();
+    if cli.generate_man {
+        let mut out = std::io::stdout().lock();
+        return match man_page(&mut out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("module-updaterd: cannot write the man page: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let level = if cli.verbose {
         LevelFilter::Debug
     } else {
         LevelFilter::Info
@@ -18,6 +30,22 @@ fn main() -> ExitCode {
     if let Err(err) = module_updater_systemd::logging::init("module-updaterd", level) {
         eprintln!("<3>module-updaterd: {err}");
         return ExitCode::FAILURE;
+    }
+    // A bad configuration file stops start-up with exit status 1 and a message naming the key,
+    // the value and what is allowed (in the journal when started by systemd).
+    let config = match Config::load(cli) {
+        Ok(config) => config,
+        Err(err) => {
+            log::error!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match &config.config_file {
+        Some(path) => log::info!("configuration from {}", path.display()),
+        None => log::debug!(
+            "no {}: built-in defaults and flags only",
+            module_updaterd::config::DEFAULT_CONFIG_FILE
+        ),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

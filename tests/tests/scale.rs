@@ -466,11 +466,20 @@ async fn a_slow_instance_does_not_delay_the_others() {
                 if instance == fast.id {
                     assert_eq!(status, "completed", "{}", daemon.log());
                     assert!(
-                        sleeping(),
-                        "{} finished, but {SLEEP} of {} is not running (finished so far: \
-                         {finished_at:?})",
-                        fast.id,
+                        !finished_at.contains_key(&slow.id),
+                        "{} finished first: {finished_at:?}",
                         slow.id
+                    );
+                    // The slow instance may still be pulling: wait for its script to sleep.
+                    let waiting = Instant::now();
+                    while !sleeping() && waiting.elapsed() < Duration::from_secs(15) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    assert!(
+                        sleeping(),
+                        "{SLEEP} of {} never ran (finished so far: {finished_at:?})\n{}",
+                        slow.id,
+                        daemon.log()
                     );
                     // The service answers while the slow script runs.
                     let asked = Instant::now();

@@ -1,6 +1,8 @@
 //! Project tasks, run as `cargo xtask <task>`:
 //! - `test`: install what the suite needs, check formatting and lints, build, run every test;
-//! - `demo`: install what is missing, build, and stand up the sandbox demo.
+//! - `demo`: install what is missing, build, and stand up the sandbox demo;
+//! - `bench`: install what is missing, build release binaries, and run the benchmark against
+//!   NS8's pipeline (`--quick` for the short regression check).
 //!
 //! Everything the tests need is installed here, so a fresh Debian 12 machine with only the Rust
 //! toolchain runs the suite with this one command (CI calls exactly `cargo xtask test`).
@@ -35,12 +37,17 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test|demo> [ARGS...]");
+            eprintln!("usage: cargo xtask <test|demo|bench> [ARGS...]");
             eprintln!(
                 "  test   install what is missing, check fmt and clippy, run the whole suite"
             );
             eprintln!("  demo   install what is missing, build, and run the sandbox demo");
+            eprintln!(
+                "  bench  install what is missing, build --release, and compare the daemon with \
+                 NS8's pipeline (--quick: N=1 and 10, one run; --json FILE; --help for more)"
+            );
             return ExitCode::from(2);
         }
     };
@@ -170,4 +177,31 @@ fn demo(extra: &[String]) -> Result<(), String> {
     ];
     args.extend(extra.iter().map(String::as_str));
     run("cargo", &args)
+}
+
+fn bench(extra: &[String]) -> Result<(), String> {
+    ensure_packages()?;
+    // Release binaries: the daemon and client are measured, the bench itself samples and
+    // follows signals while they run. The bench finds the daemon next to itself.
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "module-updaterd",
+            "-p",
+            "module-updater",
+            "-p",
+            "module-updater-tests",
+            "--bins",
+        ],
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let binary = root().join(target).join("release/bench");
+    let program = binary.display().to_string();
+    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    run(&program, &args)
 }

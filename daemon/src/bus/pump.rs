@@ -5,7 +5,7 @@
 //! latest value wins); an instance's last progress goes out before its `InstanceFinished`, and a
 //! job's final values before its `Finished`, so a client that reacts to those reads the final state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use module_updater_dbus::types::Step;
 use std::time::Duration;
@@ -45,7 +45,7 @@ pub async fn run(
                     }
                 }
                 for job in std::mem::take(&mut pending.properties) {
-                    flush(&connection, job).await;
+                    flush(&connection, &jobs, &mut pending.sent, job).await;
                 }
             }
         }
@@ -59,6 +59,8 @@ struct Pending {
     properties: BTreeSet<u64>,
     /// The latest progress of each (job, instance) not yet signalled.
     progress: BTreeMap<(u64, String), (Step, u8)>,
+    /// What PropertiesChanged last said of each job.
+    sent: HashMap<u64, Sent>,
 }
 
 impl Pending {
@@ -148,7 +150,7 @@ async fn handle(
                 progress(connection, job, &instance, step, percent).await?;
             }
             pending.properties.remove(&job);
-            flush(connection, job).await;
+            flush(connection, jobs, &mut pending.sent, job).await;
             JobObject::finished(&emitter(connection, job)?, status.as_str(), exit_code).await?;
             let path = job_path(job);
             let manager = SignalEmitter::new(connection, module_updater_dbus::OBJECT_PATH)?;
@@ -158,6 +160,7 @@ async fn handle(
         }
         JobEvent::Removed { job } => {
             pending.properties.remove(&job);
+            pending.sent.remove(&job);
             connection
                 .object_server()
                 .remove::<JobObject, _>(job_path(job))
@@ -169,19 +172,51 @@ async fn handle(
 }
 
 /// Sends PropertiesChanged for the job's changing properties.
-async fn flush(connection: &Connection, job: u64) {
-    let Ok(iface) = connection
-        .object_server()
-        .interface::<_, JobObject>(job_path(job))
-        .await
-    else {
+async fn flush(
+    connection: &Connection,
+    jobs: &crate::jobs::Jobs,
+    sent: &mut HashMap<u64, Sent>,
+    job: u64,
+) {
+    let Some(record) = jobs.get(job) else { return };
+    let now = Sent {
+        status: record.status.as_str(),
+        progress: u32::from(record.progress),
+        exit_code: record.exit_code,
+    };
+    let before = sent.insert(job, now);
+    // One signal per flush, with only what changed since the last one.
+    let mut changed: HashMap<&str, zbus::Variant<'_>> = HashMap::new();
+    if before.is_none_or(|b| b.status != now.status) {
+        changed.insert("Status", zbus::Variant::from(now.status));
+    }
+    if before.is_none_or(|b| b.progress != now.progress) {
+        changed.insert("Progress", zbus::Variant::from(now.progress));
+    }
+    if before.is_none_or(|b| b.exit_code != now.exit_code) {
+        changed.insert("ExitCode", zbus::Variant::from(now.exit_code));
+    }
+    if changed.is_empty() {
+        return;
+    }
+    let Ok(emitter) = emitter(connection, job) else { return };
+    let Ok(interface) = zbus::names::InterfaceName::try_from(module_updater_dbus::JOB_INTERFACE) else {
         return;
     };
-    let emitter = iface.signal_emitter();
-    let object = iface.get().await;
-    let _ = object.status_changed(emitter).await;
-    let _ = object.progress_changed(emitter).await;
-    let _ = object.exit_code_changed(emitter).await;
+    let invalidated: &[&str] = &[];
+    if let Err(err) =
+        zbus::fdo::Properties::properties_changed(&emitter, interface, changed, invalidated.into()).await
+    {
+        log::warn!("cannot emit PropertiesChanged for job {job}: {err}");
+    }
+}
+
+/// The last values of a job's changing properties that went out in PropertiesChanged.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    status: &'static str,
+    progress: u32,
+    exit_code: i32,
 }
 
 /// Sends PropertiesChanged for the manager's `Jobs`.

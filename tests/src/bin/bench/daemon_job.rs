@@ -99,7 +99,6 @@ async fn probe_list_instances(
 
 pub async fn connect(address: &str) -> Result<zbus::Connection, BenchError> {
     zbus::connection::Builder::address(address)
-        .map_err(|e| BenchError::dbus(&format!("parse the bus address {address}"), e))?
         .build()
         .await
         .map_err(|e| BenchError::dbus(&format!("connect to {address}"), e))
@@ -117,8 +116,8 @@ pub async fn run(
     let rule = MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
         .sender(BUS_NAME)
-        .map_err(|e| BenchError::dbus("build a match rule", e))?
-        .build();
+        .build()
+        .map_err(|e| BenchError::dbus("build a match rule", e))?;
     let mut stream = MessageStream::for_match_rule(
         rule,
         &connection,
@@ -216,12 +215,11 @@ pub async fn run(
 /// mean nothing.
 async fn check_result(
     connection: &zbus::Connection,
-    path: &zbus::zvariant::OwnedObjectPath,
+    path: &zbus::OwnedObjectPath,
     instances: &[String],
 ) -> Result<(), BenchError> {
     let job = JobProxy::builder(connection)
         .path(path.clone())
-        .map_err(|e| BenchError::dbus("address the job", e))?
         .build()
         .await
         .map_err(|e| BenchError::dbus("create a Job proxy", e))?;
