@@ -1,6 +1,7 @@
 //! Start-up and life of the daemon: owns the name, serves the manager and job objects, and runs
 //! until SIGTERM (or the idle timeout). The decisions are the job manager's and the engine's.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,13 +44,13 @@ pub enum ServiceError {
     },
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
-    #[error("cannot use the state dir {path}: {source} (set --state-dir to a writable directory)")]
+    #[error(
+        "cannot use the state dir {path}: {source} (set --state-dir or state_dir in the configuration file to a writable directory)"
+    )]
     StateDir {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot find our own executable for the workers: {0}")]
-    Executable(std::io::Error),
     #[error("cannot publish {path}: {source}")]
     Publish { path: String, source: zbus::Error },
 }
@@ -61,7 +62,9 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
 
     let settings = Settings {
-        worker_exe: std::env::current_exe().map_err(ServiceError::Executable)?,
+        // The running binary itself, even after a package upgrade replaced the file on disk:
+        // a worker must speak the same job protocol as the daemon that starts it.
+        worker_exe: PathBuf::from("/proc/self/exe"),
         bases: Bases {
             home: config.home_base.clone(),
             rootful: config.rootful_base.clone(),
