@@ -88,6 +88,8 @@ pub async fn update_instance(
     on_event: &mut (dyn FnMut(Event) + Send),
 ) -> InstanceResult {
     let spawned = Command::new(worker_exe)
+        // Named as the daemon in `ps`, whatever path started it (e.g. /proc/self/exe).
+        .arg0("module-updaterd")
         .arg(WORKER_ARG)
         .env_clear()
         .envs(worker_environment(job))
