@@ -44,7 +44,8 @@ impl Rule {
         match self {
             Rule::AbsolutePath => "an absolute path in quotes".to_owned(),
             Rule::Address => {
-                "a D-Bus address in quotes, e.g. \"unix:path=/run/dbus/system_bus_socket\"".to_owned()
+                "a D-Bus address in quotes, e.g. \"unix:path=/run/dbus/system_bus_socket\""
+                    .to_owned()
             }
             Rule::Number { min, max, unit } => {
                 format!("a whole number of {unit} from {min} to {max}")
@@ -162,7 +163,7 @@ const STATE_DIR: Key = Key {
     rule: Rule::AbsolutePath,
     default: Some("\"/var/lib/module-updater\""),
     unset: "",
-    help: "Where job records and the job counter are kept. The unit makes only /var/lib/module-updater writable: another directory needs a drop-in with ReadWritePaths=.",
+    help: "Where job records and the job counter are kept (not below /usr, /boot or /efi, which the unit mounts read-only).",
 };
 const SYSTEM_MANAGER_ADDRESS: Key = Key {
     name: "system_manager_address",
@@ -593,7 +594,12 @@ pub fn man_page(out: &mut dyn Write) -> io::Result<()> {
     for key in KEYS {
         writeln!(out, ".TP")?;
         let default = key.default.unwrap_or(key.unset);
-        writeln!(out, "\\fB{}\\fR (default: {})", key.name, roff_escape(default))?;
+        writeln!(
+            out,
+            "\\fB{}\\fR (default: {})",
+            key.name,
+            roff_escape(default)
+        )?;
         writeln!(
             out,
             "{} Must be {}.",
@@ -816,9 +822,7 @@ system_manager_address = "unix:path=/run/other/bus"
                    job_linger, idle_timeout, state_dir, system_manager_address";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),
-            format!(
-                "unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}"
-            )
+            format!("unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}")
         );
         assert_eq!(
             error("[daemon]\nmax_parallel = 2\n"),
@@ -938,9 +942,16 @@ system_manager_address = "unix:path=/run/other/bus"
         assert!(text.contains(".TH module-updaterd 8"), "{text}");
         assert!(text.contains("\\-\\-max\\-parallel"), "{text}");
         assert!(text.contains("\\-\\-config"), "{text}");
-        assert!(!text.contains("generate\\-man"), "hidden flag shown:\n{text}");
+        assert!(
+            !text.contains("generate\\-man"),
+            "hidden flag shown:\n{text}"
+        );
         for key in KEYS {
-            assert!(text.contains(&roff_escape(key.name)), "{} missing", key.name);
+            assert!(
+                text.contains(&roff_escape(key.name)),
+                "{} missing",
+                key.name
+            );
         }
     }
 }

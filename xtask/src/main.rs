@@ -1,6 +1,9 @@
 //! Project tasks, run as `cargo xtask <task>`:
 //! - `test`: install what the suite needs, check formatting and lints, build, run every test;
 //! - `demo`: install what is missing, build, and stand up the sandbox demo;
+//! - `install`: build release binaries and install them with the unit, bus files, man pages,
+//!   completions and default configuration (`--prefix`, `--destdir`);
+//! - `deb`: the same tree as a Debian package, built with cargo-deb;
 //! - `bench`: install what is missing, build release binaries, and run the benchmark against
 //!   NS8's pipeline (`--quick` for the short regression check).
 //!
@@ -9,6 +12,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+mod packaging;
 
 /// Debian packages the sandbox needs, with why.
 const PACKAGES: &[(&str, &str)] = &[
@@ -30,6 +35,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libglib2.0-bin", "gdbus, a D-Bus client we did not write"),
     ("polkitd", "real polkit authorisation on the test bus"),
     ("pkexec", "polkit's pkcheck and actions"),
+    (
+        "dpkg-dev",
+        "dpkg-shlibdeps, with which cargo-deb computes the package's library dependencies",
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -38,8 +47,10 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("install") => packaging::install(&args[1..]),
+        Some("deb") => packaging::deb(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test|demo|bench> [ARGS...]");
+            eprintln!("usage: cargo xtask <test|demo|bench|install|deb> [ARGS...]");
             eprintln!(
                 "  test   install what is missing, check fmt and clippy, run the whole suite"
             );
@@ -48,6 +59,10 @@ fn main() -> ExitCode {
                 "  bench  install what is missing, build --release, and compare the daemon with \
                  NS8's pipeline (--quick: N=1 and 10, one run; --json FILE; --help for more)"
             );
+            eprintln!(
+                "  install  build --release and install [--prefix /usr] [--destdir DIR] (docs/install.md)"
+            );
+            eprintln!("  deb      build --release and package it with cargo-deb [--output DIR]");
             return ExitCode::from(2);
         }
     };
@@ -148,6 +163,10 @@ fn test(extra: &[String]) -> Result<(), String> {
     )?;
     // End-to-end tests start the daemon and client binaries: build them first.
     run("cargo", &["build", "--workspace", "--bins"])?;
+    // The packaging tests check the Debian package: build it here (a release build takes minutes
+    // on two cores; the tests then only repackage the cached build, within their time limit).
+    packaging::ensure_cargo_deb()?;
+    packaging::deb(&[])?;
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     if has_nextest() {
         let mut args = vec!["nextest", "run", "--workspace", "--profile", "ci"];
