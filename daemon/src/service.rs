@@ -51,6 +51,10 @@ pub enum ServiceError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "another module-updaterd already uses the state dir {path} (stop it first, or give this one its own --state-dir)"
+    )]
+    StateDirBusy { path: String },
     #[error("cannot publish {path}: {source}")]
     Publish { path: String, source: zbus::Error },
 }
@@ -76,10 +80,28 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         state_dir: config.state_dir.clone(),
         rootful_podman_args: config.rootful_podman_args.clone(),
     };
-    let (jobs, events) = Jobs::new(settings).map_err(|source| ServiceError::StateDir {
+    let state_error = |source| ServiceError::StateDir {
         path: config.state_dir.display().to_string(),
         source,
-    })?;
+    };
+    // Recovery rewrites job records: only the one daemon that owns the state dir may do it, and a
+    // second daemon must fail before it touches anything.
+    std::fs::create_dir_all(&config.state_dir).map_err(state_error)?;
+    let _state_lock = match lock_state_dir(&config.state_dir) {
+        Err(ServiceError::StateDirBusy { path }) => {
+            // Most likely the daemon that owns the name: say that, it is what a person looks for.
+            return Err(if name_owned(&config).await {
+                ServiceError::NameTaken {
+                    name: contract::BUS_NAME,
+                    bus,
+                }
+            } else {
+                ServiceError::StateDirBusy { path }
+            });
+        }
+        other => other?,
+    };
+    let (jobs, events) = Jobs::new(settings).map_err(state_error)?;
 
     let connection = config
         .bus
@@ -146,6 +168,46 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     pump.abort();
     drop(jobs);
     Ok(())
+}
+
+/// Whether someone owns our name on the configured bus (false when the bus cannot be asked).
+async fn name_owned(config: &Config) -> bool {
+    let Ok(connection) = config.bus.builder().build().await else {
+        return false;
+    };
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(&connection).await else {
+        return false;
+    };
+    let Ok(name) = zbus::names::BusName::try_from(contract::BUS_NAME) else {
+        return false;
+    };
+    dbus.name_has_owner(name).await.unwrap_or(false)
+}
+
+/// Holds `flock` on `<state dir>/daemon.lock` for the daemon's life.
+fn lock_state_dir(state_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, ServiceError> {
+    let path = state_dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| ServiceError::StateDir {
+            path: path.display().to_string(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            ServiceError::StateDirBusy {
+                path: state_dir.display().to_string(),
+            }
+        } else {
+            ServiceError::StateDir {
+                path: path.display().to_string(),
+                source: errno.into(),
+            }
+        }
+    })
 }
 
 async fn request_name(connection: &zbus::Connection, bus: &str) -> Result<(), ServiceError> {

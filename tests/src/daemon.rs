@@ -213,6 +213,9 @@ impl Sandbox {
     /// `extra_args`; a clean environment. Spawn it with [`Sandbox::start_daemon_with`], or run it.
     pub fn daemon_command(&self, extra_args: &[&str]) -> Result<Command> {
         let mut command = cmd::clean(daemon_binary()?);
+        command.arg("--config").arg(self.daemon_config()?);
+        // Job records and the job counter stay in the sandbox, never in the machine's state dir.
+        command.arg("--state-dir").arg(self.daemon_state_dir());
         command.arg("--address").arg(self.bus_address());
         command.arg("--home-base").arg(self.home_base());
         command.arg("--rootful-base").arg(self.rootful_base());
@@ -222,6 +225,22 @@ impl Sandbox {
         command.args(extra_args);
         command.env("RUST_BACKTRACE", "1");
         Ok(command)
+    }
+
+    /// The daemon's state dir (job records) inside the sandbox.
+    pub fn daemon_state_dir(&self) -> PathBuf {
+        self.root().join("daemon-state")
+    }
+
+    /// An empty configuration file of the sandbox's own: a daemon of the sandbox never reads the
+    /// machine's `/etc/module-updater/config.toml` (which a packaging test may install).
+    pub fn daemon_config(&self) -> Result<PathBuf> {
+        let path = self.root().join("daemon-config.toml");
+        if !path.exists() {
+            std::fs::write(&path, "# module-updater test sandbox: defaults only\n")
+                .map_err(|e| SandboxError::io("write", &path, e))?;
+        }
+        Ok(path)
     }
 
     /// Starts the daemon (see [`Sandbox::daemon_command`]) and waits until it owns

@@ -34,8 +34,8 @@ pub use daemon::{Daemon, NotifySocket, client_binary, daemon_binary, find_binary
 pub use footprint::{Footprint, Leftovers, UserRecord, reap_stale};
 pub use image::{FileKind, FileSpec, ImageSpec, image_env_var};
 pub use instance::{InspectedImage, Instance, parse_env};
-pub use polkit::{Decision, Polkit, SubjectProcess, reap_stale_polkit};
 pub use manager::{ExtraManager, ensure_inaccessible_nodes};
+pub use polkit::{Decision, Polkit, SubjectProcess, reap_stale_polkit};
 pub use registry::{REGISTRIES_CONF_D, RegistryTraffic, parse_access_log};
 
 use crate::process::ProcessRecord;

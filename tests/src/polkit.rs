@@ -155,8 +155,8 @@ impl Sandbox {
     pub fn start_polkitd(&mut self) -> Result<Polkit> {
         for (tool, package) in [
             (POLKITD, "polkitd"),
-            ("pkcheck", "pkexec"),
-            ("pkaction", "pkexec"),
+            ("pkcheck", "polkitd"),
+            ("pkaction", "polkitd"),
         ] {
             if cmd::find_tool(tool).is_none() {
                 return Err(SandboxError::MissingTools {
@@ -423,6 +423,43 @@ impl Polkit {
                 detail: String::new(),
             }),
         }
+    }
+}
+
+impl Polkit {
+    /// Stops polkitd and undoes every change, then checks, still holding the machine-wide polkit
+    /// lock (so no other test interferes), that the machine is as it was found: polkitd gone,
+    /// every file polkit reads back to its old content (or absent), every group gone. Returns
+    /// what is not; empty when all is well.
+    pub fn stop(mut self) -> Vec<String> {
+        if let Some(child) = self.child.as_mut() {
+            process::terminate(child, Duration::from_secs(2));
+        }
+        let recorded = self.installed.clone();
+        let mut problems = self.installed.undo();
+        if let Some(record) = &recorded.polkitd
+            && record.alive()
+        {
+            problems.push(format!("polkitd (pid {}) is still running", record.pid));
+        }
+        for file in &recorded.files {
+            let now = std::fs::read(&file.path).ok();
+            if now != file.previous {
+                problems.push(match &file.previous {
+                    None => format!("{} is left", file.path.display()),
+                    Some(_) => format!("{} was not restored", file.path.display()),
+                });
+            }
+        }
+        for group in &recorded.groups {
+            if Group::from_name(group).ok().flatten().is_some() {
+                problems.push(format!("group {group} is left"));
+            }
+        }
+        if Installed::path().exists() {
+            problems.push(format!("{} is left", Installed::path().display()));
+        }
+        problems
     }
 }
 

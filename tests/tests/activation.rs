@@ -259,8 +259,9 @@ async fn a_busctl_call_starts_the_daemon_through_systemd() {
         std::fs::create_dir_all(t.join(dir)).unwrap();
     }
     let exec_start = format!(
-        "{} --session --state-dir {} --home-base {} --rootful-base {}",
+        "{} --session --config {} --state-dir {} --home-base {} --rootful-base {}",
         daemon.display(),
+        sandbox.daemon_config().unwrap().display(),
         t.join("state").display(),
         t.join("home").display(),
         t.join("rootful").display(),

@@ -110,9 +110,21 @@ fn shipped_policy_refuses_a_non_root_owner() {
     let daemon = sandbox
         .user_executable(&daemon_binary().expect("daemon binary"))
         .expect("copy");
+    // Its own state dir and config: the refusal must come from the bus policy, not from a
+    // state dir it cannot write.
+    let state = instance.home.join("daemon-state");
+    let config = sandbox.daemon_config().expect("config");
     let mut as_user = sandbox.command_as(
         &instance,
-        &[daemon.as_os_str(), "--address".as_ref(), address.as_ref()],
+        &[
+            daemon.as_os_str(),
+            "--address".as_ref(),
+            address.as_ref(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
     );
     let refused = run(&mut as_user);
     let stderr = text(&refused.stderr);

@@ -827,6 +827,10 @@ async fn reload_failure_and_image_in_use_are_warnings() {
     // The rootful instances' manager is one that no one answers for.
     let mut command = std::process::Command::new(module_updater_tests::daemon_binary().unwrap());
     command
+        .arg("--config")
+        .arg(sandbox.daemon_config().unwrap())
+        .arg("--state-dir")
+        .arg(sandbox.daemon_state_dir())
         .arg("--address")
         .arg(sandbox.bus_address())
         .arg("--home-base")

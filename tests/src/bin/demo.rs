@@ -51,9 +51,7 @@ fn demo() -> Result<bool, SandboxError> {
         sandbox.install(&instance, &v1)?;
         instances.push(instance);
     }
-    let state_dir = sandbox.root().join("daemon-state");
-    let state_arg = state_dir.display().to_string();
-    let daemon = sandbox.start_daemon(&["--state-dir", &state_arg])?;
+    let daemon = sandbox.start_daemon(&[])?;
     println!(
         "   module-updaterd (pid {}) owns org.nethserver.ModuleUpdater on {}",
         daemon.pid(),

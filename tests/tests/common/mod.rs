@@ -15,13 +15,10 @@ use zbus::{MatchRule, MessageStream, OwnedObjectPath};
 /// How long any single job in these tests may take.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The daemon options every test uses on top of the sandbox's: a private state dir and, for
-/// rootful instances, the sandbox's private root podman storage.
+/// The daemon options every test uses on top of the sandbox's (which has the bus, the bases, a
+/// private state dir and config): for rootful instances, the sandbox's private root podman storage.
 pub fn daemon_args(sandbox: &Sandbox) -> Vec<String> {
-    let mut args = vec![
-        "--state-dir".to_owned(),
-        sandbox.root().join("daemon-state").display().to_string(),
-    ];
+    let mut args = Vec::new();
     for arg in sandbox.rootful_podman_args() {
         args.push(format!("--rootful-podman-arg={arg}"));
     }
