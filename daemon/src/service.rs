@@ -185,7 +185,9 @@ async fn name_owned(config: &Config) -> bool {
 }
 
 /// Holds `flock` on `<state dir>/daemon.lock` for the daemon's life.
-fn lock_state_dir(state_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, ServiceError> {
+fn lock_state_dir(
+    state_dir: &std::path::Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, ServiceError> {
     let path = state_dir.join("daemon.lock");
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -196,18 +198,20 @@ fn lock_state_dir(state_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::
             path: path.display().to_string(),
             source,
         })?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        if errno == nix::errno::Errno::EWOULDBLOCK {
-            ServiceError::StateDirBusy {
-                path: state_dir.display().to_string(),
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                ServiceError::StateDirBusy {
+                    path: state_dir.display().to_string(),
+                }
+            } else {
+                ServiceError::StateDir {
+                    path: path.display().to_string(),
+                    source: errno.into(),
+                }
             }
-        } else {
-            ServiceError::StateDir {
-                path: path.display().to_string(),
-                source: errno.into(),
-            }
-        }
-    })
+        },
+    )
 }
 
 async fn request_name(connection: &zbus::Connection, bus: &str) -> Result<(), ServiceError> {

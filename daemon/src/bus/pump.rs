@@ -199,13 +199,17 @@ async fn flush(
     if changed.is_empty() {
         return;
     }
-    let Ok(emitter) = emitter(connection, job) else { return };
-    let Ok(interface) = zbus::names::InterfaceName::try_from(module_updater_dbus::JOB_INTERFACE) else {
+    let Ok(emitter) = emitter(connection, job) else {
+        return;
+    };
+    let Ok(interface) = zbus::names::InterfaceName::try_from(module_updater_dbus::JOB_INTERFACE)
+    else {
         return;
     };
     let invalidated: &[&str] = &[];
     if let Err(err) =
-        zbus::fdo::Properties::properties_changed(&emitter, interface, changed, invalidated.into()).await
+        zbus::fdo::Properties::properties_changed(&emitter, interface, changed, invalidated.into())
+            .await
     {
         log::warn!("cannot emit PropertiesChanged for job {job}: {err}");
     }
