@@ -215,10 +215,7 @@ pub fn parse_access_log(text: &str) -> RegistryTraffic {
         if method == "GET" && is_blob && (status == 200 || status == 206) {
             let digest = uri.rsplit('/').next().unwrap_or(uri);
             let digest = digest.split('?').next().unwrap_or(digest);
-            *traffic
-                .blob_downloads
-                .entry(digest.to_owned())
-                .or_default() += 1;
+            *traffic.blob_downloads.entry(digest.to_owned()).or_default() += 1;
             traffic.blob_bytes += bytes;
         }
     }
@@ -270,8 +267,7 @@ impl Sandbox {
         let Some(log) = self.registry_log() else {
             return Ok(RegistryTraffic::default());
         };
-        let mut file =
-            std::fs::File::open(&log).map_err(|e| SandboxError::io("open", &log, e))?;
+        let mut file = std::fs::File::open(&log).map_err(|e| SandboxError::io("open", &log, e))?;
         file.seek(SeekFrom::Start(offset))
             .map_err(|e| SandboxError::io("seek in", &log, e))?;
         let mut bytes = Vec::new();

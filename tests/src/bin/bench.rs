@@ -11,7 +11,8 @@
 //!
 //! The order of (a) and (b) alternates between repeats. Everything is torn down after each point.
 //!
-//! Usage: `bench [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...`
+//! Usage: `bench [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...
+//! [--keep-logs DIR] [--no-list-probe]`
 
 #[path = "bench/baseline.rs"]
 mod baseline;
@@ -97,14 +98,21 @@ pub struct Options {
     pub quick: bool,
     pub json: PathBuf,
     pub daemon_args: Vec<String>,
+    /// Where to copy each point's sandbox logs before teardown.
+    pub keep_logs: Option<PathBuf>,
+    /// Whether `ListInstances` is called in a loop during (a) (off: to see what the probe costs).
+    pub list_probe: bool,
 }
 
-const USAGE: &str = "usage: bench [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...
+const USAGE: &str =
+    "usage: bench [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...
   --quick        N = 1 and 10, one repeat (the regression check before touching the hot path)
   --json FILE    where to write the results (default: target/bench.json of the workspace)
   --sizes LIST   the numbers of instances, comma-separated
   --repeats K    runs per point (the median is reported)
-  --daemon-arg A an extra option for module-updaterd, e.g. --daemon-arg=--max-parallel=4";
+  --daemon-arg A an extra option for module-updaterd, e.g. --daemon-arg=--max-parallel=4
+  --keep-logs D  copy each point's sandbox logs (daemon, registry, ns8-baseline) to D/N<n>-<k>
+  --no-list-probe  no ListInstances loop during (a) (to see what the probe itself costs)";
 
 /// The workspace root (this crate is `tests/` in it).
 fn workspace_root() -> PathBuf {
@@ -122,6 +130,8 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
         quick: false,
         json: workspace_root().join("target/bench.json"),
         daemon_args: Vec::new(),
+        keep_logs: None,
+        list_probe: true,
     };
     let mut sizes = None;
     let mut repeats = None;
@@ -140,8 +150,10 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
         };
         match name {
             "--quick" => options.quick = true,
+            "--no-list-probe" => options.list_probe = false,
             "--json" => options.json = PathBuf::from(value(name)?),
             "--daemon-arg" => options.daemon_args.push(value(name)?),
+            "--keep-logs" => options.keep_logs = Some(PathBuf::from(value(name)?)),
             "--sizes" => {
                 let text = value(name)?;
                 let parsed: Result<Vec<usize>, _> =
@@ -150,7 +162,11 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
                     Ok(list) if !list.is_empty() && list.iter().all(|n| *n > 0) => {
                         sizes = Some(list)
                     }
-                    _ => return Err(usage(format!("--sizes {text:?}: positive integers, e.g. 1,10,50"))),
+                    _ => {
+                        return Err(usage(format!(
+                            "--sizes {text:?}: positive integers, e.g. 1,10,50"
+                        )));
+                    }
                 }
             }
             "--repeats" => {
@@ -346,10 +362,8 @@ fn run_point(
     let daemon_set = instances;
 
     let started = Instant::now();
-    let mut args = vec![
-        "--state-dir".to_owned(),
-        sandbox.root().join("daemon-state").display().to_string(),
-    ];
+    // The sandbox gives the daemon its bus, bases, state dir and config.
+    let mut args: Vec<String> = Vec::new();
     for arg in sandbox.rootful_podman_args() {
         args.push(format!("--rootful-podman-arg={arg}"));
     }
@@ -368,7 +382,7 @@ fn run_point(
 
     let registry_pid = pid_of(&sandbox, "docker-registry");
     let bus_pid = pid_of(&sandbox, "private dbus-daemon");
-    let daemon_first = repeat % 2 == 0;
+    let daemon_first = repeat.is_multiple_of(2);
     run.order = if daemon_first { "a-then-b" } else { "b-then-a" }.to_owned();
     for part in if daemon_first { [0, 1] } else { [1, 0] } {
         let offset = sandbox.registry_log_offset()?;
@@ -377,14 +391,16 @@ fn run_point(
             progress(&format!("N={n} #{}: (a) module-updaterd", repeat + 1));
             let bus_cpu = cpu_secs(bus_pid);
             let ids: Vec<String> = daemon_set.iter().map(|i| i.id.clone()).collect();
-            let request = serde_json::json!({"module_url": images.v2, "instances": ids, "force": false})
-                .to_string();
+            let request =
+                serde_json::json!({"module_url": images.v2, "instances": ids, "force": false})
+                    .to_string();
             run.daemon = runtime
                 .block_on(daemon_job::run(
                     &sandbox.bus_address(),
                     daemon.pid(),
                     &request,
                     &ids,
+                    options.list_probe,
                 ))
                 .map_err(|e| with_log(e, &daemon))?;
             run.daemon_bus_cpu_s = cpu_secs(bus_pid) - bus_cpu;
@@ -398,6 +414,13 @@ fn run_point(
         }
     }
 
+    if let Some(dir) = &options.keep_logs {
+        let target = dir.join(format!("N{n}-{}", repeat + 1));
+        std::fs::create_dir_all(dir).map_err(|e| BenchError::io("create", dir, e))?;
+        let mut copy = std::process::Command::new("cp");
+        copy.arg("-a").arg(sandbox.log_dir()).arg(&target);
+        module_updater_tests::cmd::run(&mut copy)?;
+    }
     let started = Instant::now();
     let footprint = sandbox.footprint();
     drop(daemon);

@@ -71,6 +71,8 @@ pub struct DaemonRun {
     pub progress: SignalRate,
     pub properties_changed: SignalRate,
     pub messages: usize,
+    /// The first instance's signals (seconds since the call, what): where its time went.
+    pub timeline: Vec<(f64, String)>,
 }
 
 /// Calls `ListInstances` until told to stop; returns each call's latency in ms.
@@ -110,6 +112,7 @@ pub async fn run(
     daemon_pid: u32,
     request: &str,
     instances: &[String],
+    list_probe: bool,
 ) -> Result<DaemonRun, BenchError> {
     let connection = connect(address).await?;
     let probe_connection = connect(address).await?;
@@ -118,13 +121,10 @@ pub async fn run(
         .sender(BUS_NAME)
         .build()
         .map_err(|e| BenchError::dbus("build a match rule", e))?;
-    let mut stream = MessageStream::for_match_rule(
-        rule,
-        &connection,
-        std::num::NonZeroUsize::new(1 << 16),
-    )
-    .await
-    .map_err(|e| BenchError::dbus("subscribe to the daemon's signals", e))?;
+    let mut stream =
+        MessageStream::for_match_rule(rule, &connection, std::num::NonZeroUsize::new(1 << 16))
+            .await
+            .map_err(|e| BenchError::dbus("subscribe to the daemon's signals", e))?;
     // Signals are timestamped as they arrive, also those that come before the job path is known.
     let (signal_tx, mut signals) = mpsc::unbounded_channel::<(Instant, Message)>();
     let drain = tokio::spawn(async move {
@@ -136,7 +136,13 @@ pub async fn run(
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let probe = tokio::spawn(probe_list_instances(probe_connection, stop_rx));
+    let probe = tokio::spawn(async move {
+        if list_probe {
+            probe_list_instances(probe_connection, stop_rx).await
+        } else {
+            Ok(Vec::new())
+        }
+    });
     let manager = ModuleUpdaterProxy::new(&connection)
         .await
         .map_err(|e| BenchError::dbus("create a ModuleUpdater proxy", e))?;
@@ -153,6 +159,8 @@ pub async fn run(
     let mut progress = Vec::new();
     let mut changes = Vec::new();
     let mut messages = 0;
+    let mut timeline = Vec::new();
+    let first = instances.first().cloned().unwrap_or_default();
     let deadline = tokio::time::Instant::from_std(started + JOB_TIMEOUT);
     let finished_at = loop {
         let Ok(Some((at, message))) = tokio::time::timeout_at(deadline, signals.recv()).await
@@ -168,12 +176,35 @@ pub async fn run(
             continue;
         }
         let secs = at.saturating_duration_since(started).as_secs_f64();
-        let interface = header.interface().map(|i| i.to_string()).unwrap_or_default();
+        let interface = header
+            .interface()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
         let member = header.member().map(|m| m.to_string()).unwrap_or_default();
+        if interface == JOB_INTERFACE {
+            let body = message.body();
+            if let Ok((instance, what, number)) = body.deserialize::<(String, String, u32)>() {
+                if instance == first {
+                    timeline.push((secs, format!("{member} {what} {number}")));
+                }
+            } else if let Ok((instance, status, code)) = body.deserialize::<(String, String, i32)>()
+            {
+                if instance == first {
+                    timeline.push((secs, format!("{member} {status} {code}")));
+                }
+            } else if let Ok((instance, _, text)) = body.deserialize::<(String, u32, String)>()
+                && instance == first
+            {
+                timeline.push((secs, format!("{member} {text}")));
+            }
+        }
         match (interface.as_str(), member.as_str()) {
             (JOB_INTERFACE, "Progress") => progress.push(secs),
             (JOB_INTERFACE, "Message") => messages += 1,
-            (JOB_INTERFACE, "Finished") => break at,
+            (JOB_INTERFACE, "Finished") => {
+                timeline.push((secs, "Finished".to_owned()));
+                break at;
+            }
             ("org.freedesktop.DBus.Properties", "PropertiesChanged") => changes.push(secs),
             _ => {}
         }
@@ -208,6 +239,7 @@ pub async fn run(
         progress: SignalRate::of(&progress, wall_s),
         properties_changed: SignalRate::of(&changes, wall_s),
         messages,
+        timeline,
     })
 }
 

@@ -100,7 +100,10 @@ pub fn children(pid: u32) -> Vec<u32> {
     for task in tasks.flatten() {
         let path = task.path().join("children");
         if let Ok(text) = std::fs::read_to_string(&path) {
-            out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
         }
     }
     out
@@ -264,7 +267,10 @@ mod tests {
     fn stat_fields_are_read_after_the_command_name() {
         let text = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 11 5 20 0 1 0 12345 0 0";
         let cpu = parse_stat(text).expect("parse");
-        assert_eq!((cpu.utime, cpu.stime, cpu.cutime, cpu.cstime), (7, 3, 11, 5));
+        assert_eq!(
+            (cpu.utime, cpu.stime, cpu.cutime, cpu.cstime),
+            (7, 3, 11, 5)
+        );
         assert_eq!(cpu.start_time, 12345);
         assert!((cpu.total_secs() - 0.26).abs() < 1e-9);
         let own = proc_cpu("self").expect("own stat");
