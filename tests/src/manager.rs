@@ -235,6 +235,44 @@ pub struct ExtraManager {
 }
 
 impl ExtraManager {
+    /// Makes the manager's user bus a bus-activation bus like the system bus of a node: its
+    /// `dbus.service` runs dbus-daemon with `--systemd-activation` and a configuration whose
+    /// service directory is `service_dir` and which includes `policy` after a permissive default
+    /// (so root can talk, and the included policy decides about our name). dbus-daemon gets its
+    /// socket from the manager's `dbus.socket` (`--address=systemd:`); the `<listen>` element is
+    /// there only because dbus-daemon refuses a configuration without one. Call before starting
+    /// the manager.
+    pub fn configure_activation_bus(&self, service_dir: &Path, policy: &Path) -> Result<()> {
+        let conf = self.dir.join("bus.conf");
+        let text = format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>systemd:</listen>
+  <auth>EXTERNAL</auth>
+  <servicedir>{service_dir}</servicedir>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"#,
+            service_dir = service_dir.display(),
+            policy = policy.display(),
+        );
+        std::fs::write(&conf, text).map_err(|e| SandboxError::io("write", &conf, e))?;
+        let drop_in = format!(
+            "[Service]\nExecStart=\nExecStart=/usr/bin/dbus-daemon --config-file={} --nofork \
+             --nopidfile --systemd-activation --address=systemd:\n",
+            conf.display()
+        );
+        self.write_drop_in("dbus.service", "override.conf", &drop_in)
+            .map(|_| ())
+    }
+
     /// `$XDG_CONFIG_HOME/systemd/user`.
     pub fn unit_dir(&self) -> PathBuf {
         self.config_home.join("systemd/user")

@@ -40,33 +40,6 @@ const PROPERTIES: &[&str] = &[
 /// `CLD_EXITED`: the main process exited by itself (not killed by a signal).
 const CLD_EXITED: &str = "1";
 
-/// The user bus configuration: a session-type bus (dbus-daemon gets its socket from the
-/// manager's `dbus.socket` through `--address=systemd:`; the `<listen>` element is only there
-/// because dbus-daemon refuses a configuration without one), the shipped activation file in
-/// its service directory, a permissive default policy so root can talk, then the shipped
-/// policy, which therefore decides about our name.
-fn bus_config(service_dir: &Path, policy: &Path) -> String {
-    format!(
-        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>systemd:</listen>
-  <auth>EXTERNAL</auth>
-  <servicedir>{service_dir}</servicedir>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"#,
-        service_dir = service_dir.display(),
-        policy = policy.display(),
-    )
-}
-
 /// The shipped unit with only its `ExecStart=` line replaced.
 fn unit_text(exec_start: &str) -> String {
     let shipped = std::fs::read_to_string(SHIPPED_UNIT).unwrap();
@@ -239,18 +212,8 @@ async fn a_busctl_call_starts_the_daemon_through_systemd() {
     )
     .unwrap();
     let policy = module_updater_dbus::data_dir().join(module_updater_dbus::POLICY_FILE);
-    let bus_conf = t.join("bus.conf");
-    std::fs::write(&bus_conf, bus_config(&service_dir, &policy)).unwrap();
     manager
-        .write_drop_in(
-            "dbus.service",
-            "override.conf",
-            &format!(
-                "[Service]\nExecStart=\nExecStart=/usr/bin/dbus-daemon --config-file={} --nofork \
-                 --nopidfile --systemd-activation --address=systemd:\n",
-                bus_conf.display()
-            ),
-        )
+        .configure_activation_bus(&service_dir, &policy)
         .unwrap();
 
     // The unit: the shipped one, pointed at the built daemon on the manager's user bus (the

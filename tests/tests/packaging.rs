@@ -466,38 +466,8 @@ fn purge() -> Output {
 /// installed activation directory and bus policy (plus a permissive default so that root can
 /// talk, as in the activation test).
 fn configure_bus(manager: &ExtraManager) {
-    let conf = manager.dir.join("bus.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>systemd:</listen>
-  <auth>EXTERNAL</auth>
-  <servicedir>{INSTALLED_SERVICES}</servicedir>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-  <include>{INSTALLED_POLICY}</include>
-</busconfig>
-"#
-        ),
-    )
-    .unwrap();
     manager
-        .write_drop_in(
-            "dbus.service",
-            "override.conf",
-            &format!(
-                "[Service]\nExecStart=\nExecStart=/usr/bin/dbus-daemon --config-file={} --nofork \
-                 --nopidfile --systemd-activation --address=systemd:\n",
-                conf.display()
-            ),
-        )
+        .configure_activation_bus(Path::new(INSTALLED_SERVICES), Path::new(INSTALLED_POLICY))
         .unwrap();
 }
 
