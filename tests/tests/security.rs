@@ -1173,12 +1173,14 @@ fn etc_tree() -> std::collections::BTreeMap<String, (u32, Vec<u8>)> {
     let mut tree = snapshot(Path::new("/etc"));
     tree.retain(|path, _| {
         let top = path.split('/').next().unwrap_or_default();
-        let base = top.trim_end_matches('-');
-        let base = base.strip_suffix(".lock").unwrap_or(base);
-        !matches!(
-            base,
-            "passwd" | "group" | "shadow" | "gshadow" | "subuid" | "subgid" | ".pwd"
-        ) && top != "module-updater"
+        // shadow-utils writes `passwd-`, `passwd+`, `passwd.lock`, `passwd.<pid>`, `.pwd.lock`
+        // and the like beside each database while another test adds a user.
+        let database = [
+            "passwd", "group", "shadow", "gshadow", "subuid", "subgid", ".pwd", "nshadow",
+        ]
+        .iter()
+        .any(|name| top.starts_with(name));
+        !database && top != "module-updater"
             && !path.starts_with("containers/registries.conf.d")
             && !path.starts_with("polkit-1/rules.d")
     });

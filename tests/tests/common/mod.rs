@@ -225,13 +225,16 @@ pub fn snapshot(root: &std::path::Path) -> BTreeMap<String, (u32, Vec<u8>)> {
         for entry in entries.flatten() {
             let path = entry.path();
             let rel = path.strip_prefix(root).unwrap().display().to_string();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
+            // An entry that vanished between readdir and stat (a lock or temporary file of
+            // a process running beside the test) was never part of the tree.
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
             let content = if meta.file_type().is_symlink() {
-                std::fs::read_link(&path)
-                    .unwrap()
-                    .display()
-                    .to_string()
-                    .into_bytes()
+                let Ok(target) = std::fs::read_link(&path) else {
+                    continue;
+                };
+                target.display().to_string().into_bytes()
             } else if meta.is_file() {
                 std::fs::read(&path).unwrap_or_default()
             } else {
