@@ -3,7 +3,7 @@
 //! layer turns into signals.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,10 +12,13 @@ use module_updater_dbus::types::{InstanceResult, InstanceStatus, Step};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::engine::events::Event;
+use crate::engine::events::{Event, priority};
 use crate::engine::instance::{self, Bases, Instance};
+use crate::engine::lock;
+use crate::engine::shared_images::{self, SharedImages};
 use crate::engine::update::UpdateJob;
 use crate::engine::worker;
+use crate::job_store::{Durability, JobStore};
 use crate::request::{self, ValidationError};
 
 /// What the job manager needs to know.
@@ -167,6 +170,7 @@ struct State {
 /// The job manager.
 pub struct Jobs {
     settings: Settings,
+    store: JobStore,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<JobEvent>,
     permits: Arc<Semaphore>,
@@ -187,23 +191,24 @@ impl Jobs {
         settings: Settings,
     ) -> std::io::Result<(Arc<Jobs>, mpsc::UnboundedReceiver<JobEvent>)> {
         let (events, receiver) = mpsc::unbounded_channel();
-        let jobs_dir = settings.state_dir.join("jobs");
-        std::fs::create_dir_all(&jobs_dir)?;
-        let mut next_id = read_counter(&settings.state_dir);
+        let store = JobStore::open(&settings.state_dir)?;
+        // Images a previous daemon downloaded for a job it did not finish.
+        shared_images::remove_leftovers(&settings.state_dir);
+        let mut next_id = store.read_counter();
         let mut recovered = BTreeMap::new();
         let now = now_usec();
-        for record in load_records(&jobs_dir) {
+        for record in store.load() {
             next_id = next_id.max(record.id + 1);
             let mut record = record;
             if !record.status.finished() {
                 interrupt(&mut record, now);
-                write_record(&jobs_dir, &record)?;
+                store.write_now(&record)?;
             }
             let expires = record
                 .finished_usec
                 .saturating_add(settings.job_linger.as_micros() as u64);
             if expires <= now {
-                let _ = std::fs::remove_file(record_path(&jobs_dir, record.id));
+                store.remove(record.id);
                 continue;
             }
             let (cancel, _) = watch::channel(false);
@@ -219,6 +224,7 @@ impl Jobs {
         let permits = Arc::new(Semaphore::new(settings.max_parallel.max(1)));
         let jobs = Arc::new(Jobs {
             settings,
+            store,
             state: Mutex::new(State {
                 jobs: recovered,
                 busy: HashMap::new(),
@@ -306,12 +312,12 @@ impl Jobs {
                 return Err(SubmitError::Busy(busy));
             }
             let id = state.next_id;
-            write_counter(&self.settings.state_dir, id + 1).map_err(|source| {
-                SubmitError::Persist {
-                    path: self.settings.state_dir.join(COUNTER_FILE),
+            self.store
+                .write_counter(id + 1)
+                .map_err(|source| SubmitError::Persist {
+                    path: self.store.counter_path(),
                     source,
-                }
-            })?;
+                })?;
             state.next_id = id + 1;
             let record = JobRecord {
                 id,
@@ -328,9 +334,10 @@ impl Jobs {
                 results: BTreeMap::new(),
                 error: None,
             };
-            self.persist(&record)
+            self.store
+                .write_now(&record)
                 .map_err(|source| SubmitError::Persist {
-                    path: record_path(&self.jobs_dir(), id),
+                    path: self.store.record_path(id),
                     source,
                 })?;
             let (cancel, cancel_rx) = watch::channel(false);
@@ -360,11 +367,15 @@ impl Jobs {
         targets: Vec<Instance>,
         cancel: watch::Receiver<bool>,
     ) {
-        self.update(id, |record| record.status = JobStatus::Running);
+        self.update(id, Durability::Lazy, |record| {
+            record.status = JobStatus::Running;
+        });
+        let shared = self.download_once(id, &request, &targets, &cancel).await;
         let mut tasks = tokio::task::JoinSet::new();
         for instance in targets {
             let jobs = Arc::clone(&self);
             let cancel = cancel.clone();
+            let instance_rootless = instance.rootless;
             let job = UpdateJob {
                 job_id: id,
                 podman_args: if instance.rootless {
@@ -378,11 +389,107 @@ impl Jobs {
                 request_json: request.raw.clone(),
                 script_timeout_secs: self.settings.script_timeout.as_secs(),
                 system_manager_address: self.settings.system_manager_address.clone(),
+                // Rootful instances pull as root into their own storage: no archive needed.
+                shared_images: if instance_rootless {
+                    shared.archives.clone()
+                } else {
+                    BTreeMap::new()
+                },
             };
             tasks.spawn(async move { jobs.run_instance(id, job, cancel).await });
         }
         while tasks.join_next().await.is_some() {}
-        self.finish(id);
+        let _ = tokio::task::spawn_blocking(move || shared.remove()).await;
+        self.finish(id).await;
+    }
+
+    /// One download per node: when two or more rootless instances of the job need the images,
+    /// the daemon pulls them once and hands the workers archives to load (see
+    /// `engine/shared_images.rs`). Anything that goes wrong here only means the instances pull
+    /// for themselves, as they would have anyway.
+    async fn download_once(
+        &self,
+        id: u64,
+        request: &request::UpdateRequest,
+        targets: &[Instance],
+        cancel: &watch::Receiver<bool>,
+    ) -> SharedImages {
+        let candidates: Vec<Instance> = targets.iter().filter(|i| i.rootless).cloned().collect();
+        let (url, force) = (request.module_url.clone(), request.force);
+        let needing: Vec<String> = tokio::task::spawn_blocking(move || {
+            candidates
+                .into_iter()
+                .filter(|i| {
+                    force
+                        || lock::interrupted(&i.state_dir)
+                        || i.environment()
+                            .is_none_or(|env| env.get("IMAGE_URL") != Some(url.as_str()))
+                })
+                .map(|i| i.id)
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        let cancelled_already = *cancel.borrow();
+        if needing.len() < 2 || cancelled_already {
+            return SharedImages::default();
+        }
+        let say = |priority: u8, text: &str| {
+            for instance in &needing {
+                self.send(JobEvent::Message {
+                    job: id,
+                    instance: instance.clone(),
+                    priority,
+                    text: text.to_owned(),
+                });
+            }
+        };
+        say(
+            priority::INFO,
+            &format!(
+                "Downloading {} and its extra images once for the {} instances of job {id}",
+                request.module_url,
+                needing.len()
+            ),
+        );
+        let mut cancelled = cancel.clone();
+        let download = shared_images::download(&self.settings.state_dir, id, &request.module_url);
+        let outcome = tokio::select! {
+            outcome = download => outcome,
+            () = async {
+                // A closed channel means nobody can cancel any more: wait for the download.
+                if cancelled.wait_for(|c| *c).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                let state_dir = self.settings.state_dir.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    shared_images::remove_job(&state_dir, id);
+                })
+                .await;
+                return SharedImages::default();
+            }
+        };
+        match outcome {
+            Ok(shared) => {
+                for (reference, why) in &shared.skipped {
+                    say(
+                        priority::INFO,
+                        &format!("{reference} is pulled by each instance: {why}"),
+                    );
+                }
+                log::info!(JOB_ID = id; "job {id}: downloaded once for {} instances: {}", needing.len(), shared.archives.keys().cloned().collect::<Vec<_>>().join(" "));
+                shared
+            }
+            Err(err) => {
+                log::warn!(JOB_ID = id; "job {id}: the shared download failed: {err}");
+                say(
+                    priority::WARNING,
+                    &format!("the shared download failed ({err}): each instance pulls for itself"),
+                );
+                SharedImages::default()
+            }
+        }
     }
 
     async fn run_instance(self: Arc<Self>, id: u64, job: UpdateJob, cancel: watch::Receiver<bool>) {
@@ -413,10 +520,12 @@ impl Jobs {
             result.error.as_ref().map(|f| format!(" at {}: {}", f.step, f.reason)).unwrap_or_default()
         );
         let (status, exit_code) = (result.status, result.exit_code);
-        self.update(id, |record| {
+        // The result is on disk before anyone is told of it.
+        self.update_and_wait(id, |record| {
             record.steps.remove(&instance);
             record.results.insert(instance.clone(), result);
-        });
+        })
+        .await;
         {
             let mut state = self.lock();
             if state.busy.get(&instance) == Some(&id) {
@@ -442,7 +551,7 @@ impl Jobs {
     fn instance_event(&self, id: u64, instance: &str, event: Event) {
         match event {
             Event::StepStarted { step } => {
-                self.update(id, |record| {
+                self.update(id, Durability::Lazy, |record| {
                     record.steps.insert(instance.to_owned(), step);
                 });
             }
@@ -479,9 +588,9 @@ impl Jobs {
         }
     }
 
-    fn finish(self: &Arc<Self>, id: u64) {
+    async fn finish(self: &Arc<Self>, id: u64) {
         let mut outcome = (JobStatus::Aborted, 1);
-        self.update(id, |record| {
+        self.update_and_wait(id, |record| {
             let ok = record.instances.iter().all(|i| {
                 record.results.get(i).is_some_and(|r| {
                     matches!(
@@ -499,7 +608,8 @@ impl Jobs {
             record.progress = 100;
             record.finished_usec = now_usec();
             outcome = (record.status, record.exit_code);
-        });
+        })
+        .await;
         log::info!(JOB_ID = id; "job {id} {} (exit code {})", outcome.0.as_str(), outcome.1);
         self.send(JobEvent::Finished {
             job: id,
@@ -516,39 +626,39 @@ impl Jobs {
             tokio::time::sleep(after).await;
             let removed = jobs.lock().jobs.remove(&id).is_some();
             if removed {
-                let _ = std::fs::remove_file(record_path(&jobs.jobs_dir(), id));
+                jobs.store.remove(id);
                 jobs.send(JobEvent::Removed { job: id });
             }
         });
     }
 
-    /// Changes a job's record, persists it, and reports the change.
-    fn update(&self, id: u64, change: impl FnOnce(&mut JobRecord)) {
-        let record = {
-            let mut state = self.lock();
-            let Some(entry) = state.jobs.get_mut(&id) else {
-                return;
-            };
-            change(&mut entry.record);
-            entry.record.clone()
-        };
-        if let Err(err) = self.persist(&record) {
-            log::error!(JOB_ID = id; "cannot record job {id} in {}: {err}", self.jobs_dir().display());
+    /// Changes a job's record, queues its write, and reports the change.
+    fn update(&self, id: u64, durability: Durability, change: impl FnOnce(&mut JobRecord)) {
+        if let Some(record) = self.change(id, change) {
+            self.store.queue(record, durability);
+            self.send(JobEvent::Changed { job: id });
         }
-        self.send(JobEvent::Changed { job: id });
+    }
+
+    /// Changes a job's record and reports the change once the record is durably on disk (a
+    /// failure to write is logged by the store; the job goes on).
+    async fn update_and_wait(&self, id: u64, change: impl FnOnce(&mut JobRecord)) {
+        if let Some(record) = self.change(id, change) {
+            let _ = self.store.write(record, Durability::Sync).await;
+            self.send(JobEvent::Changed { job: id });
+        }
+    }
+
+    fn change(&self, id: u64, change: impl FnOnce(&mut JobRecord)) -> Option<JobRecord> {
+        let mut state = self.lock();
+        let entry = state.jobs.get_mut(&id)?;
+        change(&mut entry.record);
+        Some(entry.record.clone())
     }
 
     fn send(&self, event: JobEvent) {
         // The receiver lives as long as the daemon; a send after it is gone is harmless.
         let _ = self.events.send(event);
-    }
-
-    fn jobs_dir(&self) -> PathBuf {
-        self.settings.state_dir.join("jobs")
-    }
-
-    fn persist(&self, record: &JobRecord) -> std::io::Result<()> {
-        write_record(&self.jobs_dir(), record)
     }
 
     /// Asks a job to stop: its workers get SIGTERM (SIGKILL 10 s later).
@@ -635,65 +745,6 @@ fn interrupt(record: &mut JobRecord, now: u64) {
     record.finished_usec = now;
 }
 
-const COUNTER_FILE: &str = "next-job-id";
-
-fn read_counter(state_dir: &Path) -> u64 {
-    std::fs::read_to_string(state_dir.join(COUNTER_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1)
-}
-
-fn write_counter(state_dir: &Path, next: u64) -> std::io::Result<()> {
-    write_atomic(
-        &state_dir.join(COUNTER_FILE),
-        format!("{next}\n").as_bytes(),
-    )
-}
-
-fn record_path(jobs_dir: &Path, id: u64) -> PathBuf {
-    jobs_dir.join(format!("{id}.json"))
-}
-
-fn write_record(jobs_dir: &Path, record: &JobRecord) -> std::io::Result<()> {
-    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-    write_atomic(&record_path(jobs_dir, record.id), &json)
-}
-
-fn load_records(jobs_dir: &Path) -> Vec<JobRecord> {
-    let Ok(entries) = std::fs::read_dir(jobs_dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| {
-            let text = std::fs::read(e.path()).ok()?;
-            match serde_json::from_slice::<JobRecord>(&text) {
-                Ok(record) => Some(record),
-                Err(err) => {
-                    log::warn!(
-                        "ignoring unreadable job record {}: {err}",
-                        e.path().display()
-                    );
-                    None
-                }
-            }
-        })
-        .collect()
-}
-
-/// Temp file in the same directory, fsync, rename, fsync the directory.
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(data)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -730,13 +781,5 @@ mod tests {
         assert_eq!(json["status"], "aborted");
         assert_eq!(json["error"], "interrupted");
         assert_eq!(json["instances"]["b2"]["status"], "failed");
-    }
-
-    #[test]
-    fn the_counter_survives_and_never_goes_back() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_counter(dir.path()), 1);
-        write_counter(dir.path(), 8).unwrap();
-        assert_eq!(read_counter(dir.path()), 8);
     }
 }

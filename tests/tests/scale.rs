@@ -402,6 +402,38 @@ async fn job_property_changes_are_coalesced_to_five_per_second() {
          since the first one; bursts of signals per window: {bursts:?}); arrivals:\n{}",
         timeline.join("\n")
     );
+
+    // Progress signals share one budget per job: six instances whose scripts each report
+    // progress twenty times a second still make at most five signals in any second.
+    let progress: Vec<Instant> = mine
+        .iter()
+        .filter(|a| a.member == "Progress")
+        .map(|a| a.at)
+        .collect();
+    let busiest = progress
+        .iter()
+        .map(|start| {
+            progress
+                .iter()
+                .filter(|t| **t >= *start && t.duration_since(*start) < Duration::from_millis(950))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "Progress: {} signals, at most {busiest} in any 0.95 s",
+        progress.len()
+    );
+    assert!(
+        progress.len() >= 5,
+        "only {} Progress signals",
+        progress.len()
+    );
+    // 0.95 s rather than 1 s: arrivals carry a few tens of milliseconds of scheduling jitter.
+    assert!(
+        busiest <= LIMIT,
+        "{busiest} Progress signals of {job} within 0.95 s (limit {LIMIT} per second)"
+    );
 }
 
 /// A slow instance never delays the others: its neighbour in the same job finishes (and says
@@ -529,4 +561,111 @@ async fn a_slow_instance_does_not_delay_the_others() {
          ListInstances answered in {list_latency:?} meanwhile, total {:?}",
         test_started.elapsed()
     );
+}
+
+/// One download per node: three rootless instances moving to the same module image make the
+/// registry serve each blob once, and each instance still ends with exactly what its own pull
+/// would have given (name, image id, digest, repository digest: compared with an instance
+/// updated alone, which pulls for itself).
+#[tokio::test(flavor = "multi_thread")]
+async fn three_instances_download_each_blob_once() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let db1 = sandbox
+        .build_blob_image("shareddb", "1", 1 << 21, 11)
+        .unwrap();
+    let db2 = sandbox
+        .build_blob_image("shareddb", "2", 1 << 21, 12)
+        .unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "shared",
+            "1.0",
+            std::slice::from_ref(&db1),
+        ))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "shared",
+            "2.0",
+            std::slice::from_ref(&db2),
+        ))
+        .unwrap();
+    let (instances, _, _) = provision(&mut sandbox, "shared", 3, &v1);
+    let lone = sandbox.add_rootless_instance("shared").unwrap();
+    sandbox.install(&lone, &v1).unwrap();
+    let daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let offset = sandbox.registry_log_offset().unwrap();
+    let run = run_job(&connection, &request(&v2, &ids(&instances), false)).await;
+    assert_eq!(
+        run.status,
+        "completed",
+        "{:#}\n{}",
+        run.result,
+        daemon.log()
+    );
+    // The registry logs a request when it has answered it; the job has ended by now.
+    let traffic = sandbox.registry_traffic_since(offset).unwrap();
+    eprintln!("three instances: {traffic:?}");
+    assert_eq!(
+        traffic.max_serves_per_blob(),
+        1,
+        "a blob was served more than once: {traffic:?}\n{}",
+        daemon.log()
+    );
+    // The module's layer and config and the new extra image's layer and config.
+    assert!(traffic.blob_downloads.len() >= 4, "{traffic:?}");
+    for instance in &instances {
+        assert!(
+            run.messages_of(&instance.id)
+                .iter()
+                .any(|m| m.contains("once for the 3 instances")),
+            "{}: {:?}",
+            instance.id,
+            run.messages_of(&instance.id)
+        );
+    }
+    // Nothing of the shared download is left once the job has ended.
+    let shared = sandbox.daemon_state_dir().join("shared-images");
+    let left: Vec<_> = std::fs::read_dir(&shared)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", shared.display());
+
+    // The instance updated alone pulls for itself: the reference for what a pull gives.
+    let offset = sandbox.registry_log_offset().unwrap();
+    let alone = run_job(&connection, &request(&v2, &[&lone.id], false)).await;
+    assert_eq!(alone.status, "completed", "{:#}", alone.result);
+    let traffic = sandbox.registry_traffic_since(offset).unwrap();
+    assert!(
+        traffic.blob_bytes >= 1 << 21,
+        "the lone instance did not pull: {traffic:?}"
+    );
+    let inspect = |instance: &Instance| {
+        as_user(
+            &sandbox,
+            instance,
+            &[
+                "podman",
+                "image",
+                "inspect",
+                "--format",
+                "{{.Id}} {{.Digest}} {{.RepoDigests}} {{.RepoTags}}",
+                &v2,
+                &db2,
+            ],
+        )
+    };
+    let expected = inspect(&lone);
+    for instance in &instances {
+        assert_eq!(inspect(instance), expected, "{}", instance.id);
+        let env = instance.read_env().unwrap();
+        let lone_env = lone.read_env().unwrap();
+        for key in ["IMAGE_ID", "IMAGE_DIGEST", "IMAGE_REOPODIGEST", "IMAGE_URL"] {
+            assert_eq!(env[key], lone_env[key], "{}: {key}", instance.id);
+        }
+    }
 }

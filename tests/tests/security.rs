@@ -1180,7 +1180,8 @@ fn etc_tree() -> std::collections::BTreeMap<String, (u32, Vec<u8>)> {
         ]
         .iter()
         .any(|name| top.starts_with(name));
-        !database && top != "module-updater"
+        !database
+            && top != "module-updater"
             && !path.starts_with("containers/registries.conf.d")
             && !path.starts_with("polkit-1/rules.d")
     });

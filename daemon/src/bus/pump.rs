@@ -1,14 +1,20 @@
 //! Turns job events into D-Bus signals and property changes.
 //!
 //! `PropertiesChanged` for a job's Status, Progress and ExitCode are coalesced to at most one
-//! per [`FLUSH_INTERVAL`] (5 per second), and so are each instance's `Progress` signals (the
-//! latest value wins); an instance's last progress goes out before its `InstanceFinished`, and a
-//! job's final values before its `Finished`, so a client that reacts to those reads the final state.
+//! per [`FLUSH_INTERVAL`] (5 per second), and a job's final values go out before its `Finished`,
+//! so a client that reacts to it reads the final state.
+//!
+//! `Progress` signals share one budget per job, whatever the number of instances: at most
+//! [`PROGRESS_PER_SECOND`] in any second (the latest value of each instance wins, the instance
+//! that waited longest goes first). One of them is kept for the instances that finish: an
+//! instance's last progress goes out before its `InstanceFinished` when the budget allows, and
+//! is dropped otherwise (the `InstanceFinished` says the rest).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use module_updater_dbus::types::Step;
 use std::time::Duration;
+use tokio::time::Instant;
 
 use module_updater_systemd::notify;
 use tokio::sync::mpsc;
@@ -20,6 +26,33 @@ use super::manager::Manager;
 use crate::jobs::{JobEvent, job_path};
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Most `Progress` signals of one job in any one second.
+pub const PROGRESS_PER_SECOND: usize = 5;
+
+/// When a job's recent `Progress` signals went out, to keep it within its budget.
+#[derive(Default)]
+struct Budget {
+    sent: VecDeque<Instant>,
+}
+
+impl Budget {
+    /// Whether one more signal fits, leaving `reserve` slots of the current second unused.
+    fn allows(&mut self, now: Instant, reserve: usize) -> bool {
+        while self
+            .sent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            self.sent.pop_front();
+        }
+        self.sent.len() + reserve < PROGRESS_PER_SECOND
+    }
+
+    fn spend(&mut self, now: Instant) {
+        self.sent.push_back(now);
+    }
+}
 
 /// Runs until the job manager drops its sender.
 pub async fn run(
@@ -39,7 +72,7 @@ pub async fn run(
                 }
             }
             _ = ticker.tick() => {
-                for ((job, instance), (step, percent)) in std::mem::take(&mut pending.progress) {
+                for (job, instance, step, percent) in pending.due_progress(Instant::now()) {
                     if let Err(err) = progress(&connection, job, &instance, step, percent).await {
                         log::warn!("cannot emit a signal: {err}");
                     }
@@ -57,28 +90,63 @@ pub async fn run(
 struct Pending {
     /// Jobs whose Status, Progress or ExitCode changed.
     properties: BTreeSet<u64>,
-    /// The latest progress of each (job, instance) not yet signalled.
-    progress: BTreeMap<(u64, String), (Step, u8)>,
+    /// The latest progress of each (job, instance) not yet signalled, and since when it waits.
+    progress: BTreeMap<(u64, String), (Step, u8, Instant)>,
+    /// Each running job's Progress budget.
+    budgets: HashMap<u64, Budget>,
     /// What PropertiesChanged last said of each job.
     sent: HashMap<u64, Sent>,
 }
 
 impl Pending {
-    /// Takes the pending progress of one instance, or of every instance of the job.
-    fn take_progress(&mut self, job: u64, instance: Option<&str>) -> Vec<(String, Step, u8)> {
+    /// For each job whose budget allows it (keeping one slot for finishing instances), the
+    /// pending progress that waited longest.
+    fn due_progress(&mut self, now: Instant) -> Vec<(u64, String, Step, u8)> {
+        let mut oldest: BTreeMap<u64, (Instant, String)> = BTreeMap::new();
+        for ((job, instance), (_, _, since)) in &self.progress {
+            if oldest.get(job).is_none_or(|(t, _)| since < t) {
+                oldest.insert(*job, (*since, instance.clone()));
+            }
+        }
+        let mut due = Vec::new();
+        for (job, (_, instance)) in oldest {
+            if !self.budgets.entry(job).or_default().allows(now, 1) {
+                continue;
+            }
+            if let Some((step, percent, _)) = self.progress.remove(&(job, instance.clone())) {
+                self.budgets.entry(job).or_default().spend(now);
+                due.push((job, instance, step, percent));
+            }
+        }
+        due
+    }
+
+    /// Takes the pending progress of one finishing instance, or of every instance of a
+    /// finishing job, as far as the job's budget allows; the rest is dropped.
+    fn take_final(
+        &mut self,
+        job: u64,
+        instance: Option<&str>,
+        now: Instant,
+    ) -> Vec<(String, Step, u8)> {
         let keys: Vec<(u64, String)> = self
             .progress
             .keys()
             .filter(|(j, i)| *j == job && instance.is_none_or(|wanted| wanted == i))
             .cloned()
             .collect();
-        keys.into_iter()
-            .filter_map(|key| {
-                self.progress
-                    .remove(&key)
-                    .map(|(step, percent)| (key.1, step, percent))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for key in keys {
+            let Some((step, percent, _)) = self.progress.remove(&key) else {
+                continue;
+            };
+            let budget = self.budgets.entry(job).or_default();
+            if budget.allows(now, 0) {
+                budget.spend(now);
+                out.push((key.1, step, percent));
+            }
+        }
+        out
     }
 }
 
@@ -118,7 +186,13 @@ async fn handle(
             step,
             percent,
         } => {
-            pending.progress.insert((job, instance), (step, percent));
+            let since = pending
+                .progress
+                .get(&(job, instance.clone()))
+                .map_or_else(Instant::now, |(_, _, since)| *since);
+            pending
+                .progress
+                .insert((job, instance), (step, percent, since));
         }
         JobEvent::Message {
             job,
@@ -135,7 +209,9 @@ async fn handle(
             status,
             exit_code,
         } => {
-            for (instance, step, percent) in pending.take_progress(job, Some(&instance)) {
+            for (instance, step, percent) in
+                pending.take_final(job, Some(&instance), Instant::now())
+            {
                 progress(connection, job, &instance, step, percent).await?;
             }
             let emitter = emitter(connection, job)?;
@@ -146,9 +222,10 @@ async fn handle(
             status,
             exit_code,
         } => {
-            for (instance, step, percent) in pending.take_progress(job, None) {
+            for (instance, step, percent) in pending.take_final(job, None, Instant::now()) {
                 progress(connection, job, &instance, step, percent).await?;
             }
+            pending.budgets.remove(&job);
             pending.properties.remove(&job);
             flush(connection, jobs, &mut pending.sent, job).await;
             JobObject::finished(&emitter(connection, job)?, status.as_str(), exit_code).await?;
@@ -249,4 +326,89 @@ pub fn update_status(jobs: &crate::jobs::Jobs) {
         }
     };
     notify::status(&line);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Most signals in any one-second window of `times`.
+    fn busiest_second(times: &[Instant]) -> usize {
+        times
+            .iter()
+            .map(|start| {
+                times
+                    .iter()
+                    .filter(|t| **t >= *start && t.duration_since(*start) < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn fifty_busy_instances_share_five_signals_per_second_and_each_gets_its_turn() {
+        let start = Instant::now();
+        let mut pending = Pending::default();
+        let mut sent: Vec<Instant> = Vec::new();
+        let mut who: BTreeSet<String> = BTreeSet::new();
+        let mut finals = 0;
+        // 50 instances report progress every 10 ms for 20 s; the pump ticks every 200 ms and
+        // some instances finish along the way.
+        for ms in (0..20_000u64).step_by(10) {
+            let now = start + Duration::from_millis(ms);
+            for i in 0..50 {
+                let key = (7, format!("mod{i}"));
+                let since = pending.progress.get(&key).map_or(now, |p| p.2);
+                pending.progress.insert(key, (Step::Extract, 50, since));
+            }
+            if ms % 200 == 0 {
+                for (_, instance, _, _) in pending.due_progress(now) {
+                    sent.push(now);
+                    who.insert(instance);
+                }
+            }
+            if ms % 1000 == 500 {
+                for (instance, _, _) in pending.take_final(7, Some("mod3"), now) {
+                    sent.push(now);
+                    who.insert(instance);
+                    finals += 1;
+                }
+            }
+        }
+        assert!(
+            busiest_second(&sent) <= PROGRESS_PER_SECOND,
+            "{}",
+            busiest_second(&sent)
+        );
+        // 20 s at 4 periodic signals a second reach every one of the 50 instances.
+        assert_eq!(who.len(), 50, "{who:?}");
+        // The slot kept for finishing instances was there every time.
+        assert_eq!(finals, 20);
+    }
+
+    #[test]
+    fn a_finishing_instance_gets_its_last_progress_out_unless_the_second_is_spent() {
+        let now = Instant::now();
+        let mut pending = Pending::default();
+        for i in 0..7 {
+            pending
+                .progress
+                .insert((1, format!("m{i}")), (Step::CleanupImages, 100, now));
+        }
+        let finals: Vec<_> = (0..7)
+            .flat_map(|i| pending.take_final(1, Some(&format!("m{i}")), now))
+            .collect();
+        assert_eq!(finals.len(), PROGRESS_PER_SECOND);
+        assert!(
+            pending.progress.is_empty(),
+            "the rest is dropped, not delayed"
+        );
+        // Another job has its own budget.
+        pending
+            .progress
+            .insert((2, "x1".into()), (Step::Extract, 10, now));
+        assert_eq!(pending.due_progress(now).len(), 1);
+    }
 }

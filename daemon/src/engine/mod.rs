@@ -11,5 +11,6 @@ pub mod instance;
 pub mod lock;
 pub mod podman;
 pub mod scripts;
+pub mod shared_images;
 pub mod update;
 pub mod worker;

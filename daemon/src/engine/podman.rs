@@ -137,6 +137,15 @@ impl Podman {
         self.output(&args).await.map(|_| ())
     }
 
+    /// Loads an image archive the daemon prepared (`engine/shared_images.rs`); the archive
+    /// names the image, so it lands under the same name, id and digests as a pull would give.
+    pub async fn load(&self, archive: &std::path::Path) -> Result<(), PodmanError> {
+        let path = archive.display().to_string();
+        self.output(&["load", "--quiet", "--input", &path])
+            .await
+            .map(|_| ())
+    }
+
     /// Inspects every reference in one podman process, in the order given.
     pub async fn inspect(&self, references: &[&str]) -> Result<Vec<ImageInfo>, PodmanError> {
         let mut args = vec!["image", "inspect", "--"];

@@ -44,6 +44,10 @@ pub struct UpdateJob {
     pub system_manager_address: Option<String>,
     /// Global podman options (empty on a real node).
     pub podman_args: Vec<String>,
+    /// Reference → OCI archive of the image, when the daemon downloaded it once for the node
+    /// (`engine/shared_images.rs`): a missing reference is loaded from it instead of pulled.
+    #[serde(default)]
+    pub shared_images: BTreeMap<String, std::path::PathBuf>,
 }
 
 /// The instance's progress (0–100) at the start of each step; the step fills the gap to the next.
@@ -277,9 +281,30 @@ impl Update<'_> {
         if missing.is_empty() {
             return Ok(());
         }
-        self.message(priority::INFO, format!("Pulling {}", missing.join(" ")));
+        // What the daemon downloaded once for the node is loaded; a failed load is pulled.
+        let mut to_pull: Vec<&str> = Vec::new();
+        for reference in missing {
+            let Some(archive) = self.job.shared_images.get(reference) else {
+                to_pull.push(reference);
+                continue;
+            };
+            self.message(
+                priority::INFO,
+                format!("Loading {reference} (downloaded once for the node)"),
+            );
+            if let Err(err) = self.podman.load(archive).await {
+                self.warning(format!(
+                    "cannot load {reference} from the shared download: {err}; pulling it"
+                ));
+                to_pull.push(reference);
+            }
+        }
+        if to_pull.is_empty() {
+            return Ok(());
+        }
+        self.message(priority::INFO, format!("Pulling {}", to_pull.join(" ")));
         self.podman
-            .pull(&missing)
+            .pull(&to_pull)
             .await
             .map_err(|e| failed(step)(e.to_string()))
     }

@@ -79,7 +79,8 @@ impl JobRun {
         &self.result["instances"][id]
     }
 
-    /// The Progress percents of one instance, in order.
+    /// The Progress percents of one instance, in order. The job's signal budget may replace an
+    /// instance's last Progress by its InstanceFinished: a `completed` one stands for 100.
     pub fn progress_of(&self, id: &str) -> Vec<u32> {
         self.seen
             .iter()
@@ -87,6 +88,9 @@ impl JobRun {
                 Seen::Progress {
                     instance, percent, ..
                 } if instance == id => Some(*percent),
+                Seen::InstanceFinished {
+                    instance, status, ..
+                } if instance == id && status == "completed" => Some(100),
                 _ => None,
             })
             .collect()

@@ -1,0 +1,323 @@
+//! One download per node: when a job updates several rootless instances, the daemon pulls the
+//! module image and its extra images once, into a storage of its own, and saves each as an OCI
+//! archive the instances' workers load into their own storages (`podman load`), instead of
+//! every instance pulling the same blobs from the registry.
+//!
+//! Isolation stays as it was: each instance's storage is written only by its own user; the
+//! archives are written by root into a root-owned directory and are only readable (0644, in a
+//! 0711 directory under a random name that only the job's workers are told).
+//!
+//! An archive must give the instance exactly what a pull would: the same name, image id, digest
+//! and repository digest. An OCI archive keeps the manifest bytes, hence the digest, only for
+//! an image whose registry manifest is an OCI manifest and that was not picked from a manifest
+//! list (a list's digest would be lost); any other image is left for the instances to pull, as
+//! is everything when the shared download fails (the workers then report their own errors).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+use super::podman::{Podman, tail};
+
+/// Where a job's shared images live: `<state dir>/shared-images/<job>-<random>/`.
+pub const DIR_NAME: &str = "shared-images";
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Why the shared download was not done (the instances then pull for themselves).
+#[derive(Debug, thiserror::Error)]
+pub enum SharedImagesError {
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Podman(#[from] super::podman::PodmanError),
+    #[error("cannot run podman: {0} (is podman installed? apt-get install podman)")]
+    Spawn(#[source] std::io::Error),
+    #[error("`podman {command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// podman's run root must be shorter than 50 characters: a state dir may be longer.
+const RUNROOT_PARENT: &str = "/run/module-updater";
+
+/// A job's downloaded images: reference → archive. Removed with [`SharedImages::remove`].
+#[derive(Debug, Default)]
+pub struct SharedImages {
+    dir: Option<PathBuf>,
+    runroot: Option<PathBuf>,
+    pub archives: BTreeMap<String, PathBuf>,
+    /// References left for the instances to pull, and why.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl SharedImages {
+    /// Deletes the archives and the private storage (blocking: run off the async threads).
+    pub fn remove(&self) {
+        for dir in self.dir.iter().chain(&self.runroot) {
+            if let Err(err) = std::fs::remove_dir_all(dir) {
+                log::warn!(
+                    "cannot remove the shared images in {}: {err}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
+/// Removes the directories of one job (a download cancelled half-way leaves one).
+pub fn remove_job(state_dir: &Path, job_id: u64) {
+    let Ok(entries) = std::fs::read_dir(state_dir.join(DIR_NAME)) else {
+        return;
+    };
+    let prefix = format!("{job_id}-");
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix)
+            && let Err(err) = std::fs::remove_dir_all(entry.path())
+        {
+            log::warn!("cannot remove {}: {err}", entry.path().display());
+        }
+    }
+}
+
+/// Removes what a previous daemon left (it stopped during a job).
+pub fn remove_leftovers(state_dir: &Path) {
+    let root = state_dir.join(DIR_NAME);
+    if root.exists()
+        && let Err(err) = std::fs::remove_dir_all(&root)
+    {
+        log::warn!("cannot remove {}: {err}", root.display());
+    }
+}
+
+/// Pulls `module_url` and the extra images its `org.nethserver.images` label names, once, and
+/// saves each one that an archive can carry faithfully.
+pub async fn download(
+    state_dir: &Path,
+    job_id: u64,
+    module_url: &str,
+) -> Result<SharedImages, SharedImagesError> {
+    let dir = make_job_dir(state_dir, job_id)?;
+    let runroot = make_runroot(job_id);
+    let mut shared = SharedImages {
+        dir: Some(dir.clone()),
+        runroot: runroot.as_ref().ok().cloned(),
+        ..SharedImages::default()
+    };
+    let filled = match runroot {
+        Ok(runroot) => fill(&mut shared, &dir, &runroot, module_url).await,
+        Err(err) => Err(err),
+    };
+    match filled {
+        Ok(()) => Ok(shared),
+        Err(err) => {
+            let cleanup = SharedImages {
+                archives: BTreeMap::new(),
+                skipped: Vec::new(),
+                ..shared
+            };
+            let _ = tokio::task::spawn_blocking(move || cleanup.remove()).await;
+            Err(err)
+        }
+    }
+}
+
+async fn fill(
+    shared: &mut SharedImages,
+    dir: &Path,
+    runroot: &Path,
+    module_url: &str,
+) -> Result<(), SharedImagesError> {
+    // A storage of the daemon's own, vfs so that removing the directory removes everything.
+    let global: Vec<String> = vec![
+        "--root".into(),
+        dir.join("storage").display().to_string(),
+        "--runroot".into(),
+        runroot.display().to_string(),
+        "--storage-driver".into(),
+        "vfs".into(),
+    ];
+    let podman = Podman::new(global.clone());
+    podman.pull(&[module_url]).await?;
+    let main = podman
+        .inspect(&[module_url])
+        .await?
+        .pop()
+        .ok_or_else(|| super::podman::PodmanError::Missing(module_url.to_owned()))?;
+    let extras: Vec<&str> = main
+        .labels
+        .get("org.nethserver.images")
+        .map(|label| label.split_whitespace().collect())
+        .unwrap_or_default();
+    // A malformed reference is the instances' error to report, at their own step.
+    let extras: Vec<&str> = extras
+        .into_iter()
+        .filter(|r| super::imagename::validate_reference(r).is_ok())
+        .collect();
+    podman.pull(&extras).await?;
+
+    let mut references = vec![module_url];
+    references.extend(extras);
+    for (reference, (manifest_type, repo_digests)) in references
+        .iter()
+        .zip(manifest_types(&global, &references).await?)
+    {
+        if manifest_type != OCI_MANIFEST {
+            shared.skipped.push((
+                (*reference).to_owned(),
+                format!("its manifest is {manifest_type}, which an OCI archive would convert"),
+            ));
+            continue;
+        }
+        if repo_digests != 1 {
+            shared.skipped.push((
+                (*reference).to_owned(),
+                "it comes from a manifest list, whose digest an archive would lose".to_owned(),
+            ));
+            continue;
+        }
+        let archive = dir.join(format!("{}.tar", shared.archives.len()));
+        save(&global, reference, &archive).await?;
+        set_mode(&archive, 0o644)?;
+        shared.archives.insert((*reference).to_owned(), archive);
+    }
+    Ok(())
+}
+
+/// `<state dir>/shared-images/<job>-<random>/`, root-owned, 0711 all the way down from the
+/// state dir (so that instance users can reach the archives but list nothing).
+fn make_job_dir(state_dir: &Path, job_id: u64) -> Result<PathBuf, SharedImagesError> {
+    let root = state_dir.join(DIR_NAME);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SharedImagesError::Io { path, source }
+    };
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    set_mode(&root, 0o711)?;
+    ensure_traversable(state_dir)?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{job_id}-"))
+        .tempdir_in(&root)
+        .map_err(io(&root))?
+        .keep();
+    set_mode(&dir, 0o711)?;
+    Ok(dir)
+}
+
+/// `/run/module-updater/<job>-<random>`, 0700: podman's run root for the private storage.
+fn make_runroot(job_id: u64) -> Result<PathBuf, SharedImagesError> {
+    let parent = Path::new(RUNROOT_PARENT);
+    let io = |source| SharedImagesError::Io {
+        path: parent.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(parent).map_err(io)?;
+    set_mode(parent, 0o700)?;
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("{job_id}-"))
+        .tempdir_in(parent)
+        .map_err(io)?
+        .keep())
+}
+
+/// Adds search permission for others to the state dir if it lacks it (never removes any).
+fn ensure_traversable(dir: &Path) -> Result<(), SharedImagesError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir).map_err(|source| SharedImagesError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o001 == 0 {
+        set_mode(dir, mode | 0o001)?;
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), SharedImagesError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        SharedImagesError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+/// Each reference's manifest type and number of repository digests, in one podman process.
+async fn manifest_types(
+    global: &[String],
+    references: &[&str],
+) -> Result<Vec<(String, usize)>, SharedImagesError> {
+    let mut args: Vec<&str> = vec![
+        "image",
+        "inspect",
+        "--format",
+        "{{.ManifestType}} {{len .RepoDigests}}",
+        "--",
+    ];
+    args.extend_from_slice(references);
+    let stdout = run(global, &args).await?;
+    let text = String::from_utf8_lossy(&stdout);
+    let parsed: Vec<(String, usize)> = text
+        .lines()
+        .filter_map(|line| {
+            let (kind, count) = line.trim().rsplit_once(' ')?;
+            Some((kind.to_owned(), count.parse().ok()?))
+        })
+        .collect();
+    if parsed.len() != references.len() {
+        return Err(super::podman::PodmanError::Missing(references.join(" ")).into());
+    }
+    Ok(parsed)
+}
+
+async fn save(global: &[String], reference: &str, archive: &Path) -> Result<(), SharedImagesError> {
+    let output = archive.display().to_string();
+    run(
+        global,
+        &[
+            "save",
+            "--quiet",
+            "--format",
+            "oci-archive",
+            "--output",
+            &output,
+            "--",
+            reference,
+        ],
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn run(global: &[String], args: &[&str]) -> Result<Vec<u8>, SharedImagesError> {
+    let output = Command::new("podman")
+        .args(global)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(SharedImagesError::Spawn)?;
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(SharedImagesError::Failed {
+            command: args.join(" "),
+            status: output.status.to_string(),
+            stderr: tail(&output.stderr),
+        })
+    }
+}
