@@ -138,6 +138,13 @@ async fn fill(
     module_url: &str,
 ) -> Result<(), SharedImagesError> {
     // A storage of the daemon's own, vfs so that removing the directory removes everything.
+    // 0700: the layers (which may hold device nodes a hostile image ships) are root's alone.
+    let storage = dir.join("storage");
+    std::fs::create_dir(&storage).map_err(|source| SharedImagesError::Io {
+        path: storage.clone(),
+        source,
+    })?;
+    set_mode(&storage, 0o700)?;
     let global: Vec<String> = vec![
         "--root".into(),
         dir.join("storage").display().to_string(),
