@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::engine::events::{Event, priority};
-use crate::engine::instance::{self, Bases, Instance};
+use crate::engine::instance::{Bases, Instance};
+use crate::engine::instance_cache::InstanceCache;
 use crate::engine::lock;
 use crate::engine::shared_images::{self, SharedImages};
 use crate::engine::update::UpdateJob;
@@ -170,6 +171,8 @@ struct State {
 /// The job manager.
 pub struct Jobs {
     settings: Settings,
+    /// The node's instances, shared by submissions and the bus's instance queries.
+    instances: InstanceCache,
     store: JobStore,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<JobEvent>,
@@ -223,6 +226,7 @@ impl Jobs {
         }
         let permits = Arc::new(Semaphore::new(settings.max_parallel.max(1)));
         let jobs = Arc::new(Jobs {
+            instances: InstanceCache::new(settings.bases.clone()),
             settings,
             store,
             state: Mutex::new(State {
@@ -269,13 +273,17 @@ impl Jobs {
         &self.settings
     }
 
+    pub fn instances(&self) -> &InstanceCache {
+        &self.instances
+    }
+
     /// Checks a request and starts a job for it; returns the job id.
     pub fn submit(self: &Arc<Self>, raw: &str, caller_uid: u32) -> Result<u64, SubmitError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
         let request = request::parse(raw).map_err(SubmitError::Invalid)?;
-        let known = instance::discover(&self.settings.bases);
+        let known = self.instances.instances();
         let mut targets: Vec<Instance> = Vec::new();
         let mut missing = Vec::new();
         for (index, id) in request.instances.iter().enumerate() {

@@ -606,3 +606,92 @@ fn extract_interface(xml: &str, name: &str) -> String {
     let end = start + xml[start..].find("</interface>").unwrap() + "</interface>".len();
     xml[start..end].to_owned()
 }
+
+/// The daemon answers instance queries from memory (issue 7): an instance added while it runs
+/// and an `IMAGE_URL` rewritten behind its back (in place, same size, right after a call; or by
+/// a rename, as NS8's agent writes) show in the very next `ListInstances` and `GetInstance`.
+#[tokio::test(flavor = "multi_thread")]
+async fn instance_queries_see_new_instances_and_changed_environments_at_once() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let registry = sandbox.registry();
+    let first = sandbox.add_rootless_instance("fresh").unwrap();
+    let url_of = |tag: &str| format!("{registry}/fresh:{tag}");
+    let env_text = |id: &str, tag: &str| format!("IMAGE_URL={}\nMODULE_ID={id}\n", url_of(tag));
+    // Written in place: the file keeps its inode and its owner, the instance user.
+    std::fs::write(first.env_file(), env_text(&first.id, "1.0")).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+        .await
+        .unwrap();
+    let listing = |listing: Vec<(String, String, String, zbus::OwnedObjectPath)>| {
+        listing
+            .into_iter()
+            .map(|(id, url, state, job)| (id, url, state, job.as_str().to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let idle = |id: &str, url: String| (id.to_owned(), url, "idle".to_owned(), "/".to_owned());
+    assert_eq!(
+        listing(manager.list_instances().await.unwrap()),
+        [idle(&first.id, url_of("1.0"))]
+    );
+    // Asked again, unchanged: the same answer.
+    assert_eq!(
+        listing(manager.list_instances().await.unwrap()),
+        [idle(&first.id, url_of("1.0"))]
+    );
+
+    // Same size, same inode, right after the call: only the contents differ.
+    std::fs::write(first.env_file(), env_text(&first.id, "2.0")).unwrap();
+    // A new instance while the daemon runs (a new user in /etc/passwd, its home, its file).
+    let second = sandbox.add_rootless_instance("fresh").unwrap();
+    let mut expected = vec![
+        idle(&first.id, url_of("2.0")),
+        idle(&second.id, String::new()),
+    ];
+    expected.sort();
+    assert_eq!(listing(manager.list_instances().await.unwrap()), expected);
+    let info = manager.get_instance(&second.id).await.unwrap();
+    assert_eq!(info["MODULE_ID"], second.id);
+    assert_eq!(info["rootless"], "true");
+    assert_eq!(info["uid"], second.uid.to_string());
+
+    // Replaced by a rename, as NS8's agent writes it; seen by GetInstance and ListInstances.
+    let temporary = second.state_dir.join(".environment.new");
+    std::fs::write(&temporary, env_text(&second.id, "3.0")).unwrap();
+    std::os::unix::fs::chown(&temporary, Some(second.uid), Some(second.gid)).unwrap();
+    std::fs::rename(&temporary, second.env_file()).unwrap();
+    let info = manager.get_instance(&second.id).await.unwrap();
+    assert_eq!(info["IMAGE_URL"], url_of("3.0"));
+    let out = busctl(&sandbox, &["call", NAME, PATH, NAME, "ListInstances"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let busctl_listing = text(&out.stdout);
+    assert!(busctl_listing.starts_with("a(ssso) 2 "), "{busctl_listing}");
+    for (id, tag) in [(&first.id, "2.0"), (&second.id, "3.0")] {
+        assert!(
+            busctl_listing.contains(&format!("\"{id}\" \"{}\" \"idle\" \"/\"", url_of(tag))),
+            "{busctl_listing}"
+        );
+    }
+
+    // An environment file gone: no longer an instance, for every query and for UpdateModule.
+    std::fs::remove_file(first.env_file()).unwrap();
+    assert_eq!(
+        listing(manager.list_instances().await.unwrap()),
+        [idle(&second.id, url_of("3.0"))]
+    );
+    let out = gdbus_call(
+        &sandbox,
+        PATH,
+        "org.nethserver.ModuleUpdater.GetInstance",
+        &[&first.id],
+    );
+    assert!(
+        text(&out.stderr).contains("org.nethserver.ModuleUpdater.Error.NoSuchInstance"),
+        "{}",
+        text(&out.stderr)
+    );
+    let (name, array) = refused(&sandbox, &request(&url_of("2.0"), &[&first.id], false));
+    assert_eq!(name, "org.nethserver.ModuleUpdater.Error.ValidationFailed");
+    assert_eq!(array[0]["error"], "instances_instance_not_found");
+}

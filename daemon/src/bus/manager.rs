@@ -10,7 +10,6 @@ use zbus::{Connection, ObjectServer, OwnedObjectPath};
 use super::CallError;
 use super::authority::{self, Action};
 use super::job::JobObject;
-use crate::engine::instance;
 use crate::jobs::{Jobs, SubmitError, job_path};
 use crate::request;
 
@@ -73,21 +72,19 @@ impl Manager {
     #[zbus(out_args("instances"))]
     async fn list_instances(&self) -> Vec<(String, String, String, OwnedObjectPath)> {
         let jobs = Arc::clone(&self.jobs);
-        let found = tokio::task::spawn_blocking(move || instance::discover(&jobs.settings().bases))
+        let found = tokio::task::spawn_blocking(move || jobs.instances().list())
             .await
             .unwrap_or_default();
         found
-            .into_iter()
-            .map(|i| {
-                let url = i
-                    .environment()
-                    .and_then(|env| env.get("IMAGE_URL").map(str::to_owned))
-                    .unwrap_or_default();
-                let (state, job) = match self.jobs.busy_with(&i.id) {
+            .iter()
+            .map(|f| {
+                let id = &f.instance.id;
+                let url = f.environment.get("IMAGE_URL").unwrap_or_default();
+                let (state, job) = match self.jobs.busy_with(id) {
                     Some(job) => ("updating", object_path(job_path(job))),
                     None => ("idle", object_path("/".to_owned())),
                 };
-                (i.id, url, state.to_owned(), job)
+                (id.clone(), url.to_owned(), state.to_owned(), job)
             })
             .collect()
     }
@@ -111,9 +108,9 @@ impl Manager {
             None,
         )
         .await?;
-        let bases = self.jobs.settings().bases.clone();
+        let jobs = Arc::clone(&self.jobs);
         let owned = id.to_owned();
-        let found = tokio::task::spawn_blocking(move || instance::find(&bases, &owned))
+        let found = tokio::task::spawn_blocking(move || jobs.instances().find(&owned))
             .await
             .ok()
             .flatten()
@@ -123,22 +120,20 @@ impl Manager {
                 ))
             })?;
         let mut info: HashMap<String, String> = found
-            .environment()
-            .map(|env| {
-                env.iter()
-                    .filter(|(k, _)| {
-                        *k == "MODULE_ID"
-                            || k.starts_with("IMAGE_")
-                            || k.starts_with("PREV_")
-                            || k.ends_with("_IMAGE")
-                    })
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect()
+            .environment
+            .iter()
+            .filter(|(k, _)| {
+                *k == "MODULE_ID"
+                    || k.starts_with("IMAGE_")
+                    || k.starts_with("PREV_")
+                    || k.ends_with("_IMAGE")
             })
-            .unwrap_or_default();
-        info.insert("MODULE_ID".into(), found.id.clone());
-        info.insert("rootless".into(), found.rootless.to_string());
-        info.insert("uid".into(), found.uid.to_string());
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let instance = &found.instance;
+        info.insert("MODULE_ID".into(), instance.id.clone());
+        info.insert("rootless".into(), instance.rootless.to_string());
+        info.insert("uid".into(), instance.uid.to_string());
         Ok(info)
     }
 

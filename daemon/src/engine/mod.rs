@@ -8,6 +8,7 @@ pub mod events;
 pub mod extract;
 pub mod imagename;
 pub mod instance;
+pub mod instance_cache;
 pub mod lock;
 pub mod podman;
 pub mod scripts;
