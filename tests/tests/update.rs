@@ -878,3 +878,233 @@ async fn reload_failure_and_image_in_use_are_warnings() {
     );
     assert_eq!(rootful.read_env().unwrap()["SIDECAR_IMAGE"], side2);
 }
+
+/// The extra images are pulled while the imageroot is extracted, and the install waits for the
+/// pull: a pull that fails leaves the instance exactly as it was and fails at pull-extra-images;
+/// an extraction that fails while the pull succeeds fails at extract, with the pull completed.
+#[tokio::test(flavor = "multi_thread")]
+async fn extra_images_pulled_beside_the_extraction_fail_at_their_own_step() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let registry = sandbox.registry();
+    let side1 = sandbox
+        .build_blob_image("overlap-side", "1", 4096, 21)
+        .unwrap();
+    let side2 = sandbox
+        .build_blob_image("overlap-side", "2", 4096, 22)
+        .unwrap();
+    let v1 = sandbox
+        .build_image(
+            &module_image(&sandbox, "overlap", "1.0", std::slice::from_ref(&side1))
+                .file("bin/tool", "1\n", 0o755),
+        )
+        .unwrap();
+    // Nothing was ever pushed under this name: its pull fails.
+    let never_pushed = format!("{registry}/never-pushed:1");
+    let mut missing_extra = module_image(
+        &sandbox,
+        "overlap",
+        "2.0-missing",
+        std::slice::from_ref(&never_pushed),
+    )
+    .file("bin/tool", "2\n", 0o755);
+    for i in 0..200 {
+        missing_extra = missing_extra.file(format!("share/f{i}"), format!("{i}\n"), 0o644);
+    }
+    let missing_extra = sandbox.build_image(&missing_extra).unwrap();
+    let hostile = sandbox
+        .build_image(
+            &module_image(
+                &sandbox,
+                "overlap",
+                "2.0-hostile",
+                std::slice::from_ref(&side2),
+            )
+            .symlink("bin/up", "../../../../../../etc"),
+        )
+        .unwrap();
+    // A file its owner may not read cannot be flushed on its own: the flush falls back to the
+    // whole filesystem, without a warning.
+    let v2 = sandbox
+        .build_image(
+            &module_image(&sandbox, "overlap", "2.0", std::slice::from_ref(&side2))
+                .file("bin/tool", "2\n", 0o755)
+                .file("bin/write-only", "w\n", 0o200),
+        )
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("overlap").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let tree = |dir: &std::path::Path| {
+        let mut tree = snapshot(dir);
+        tree.retain(|k, _| {
+            !k.ends_with(".lock")
+                && !k.starts_with(".imageroot.staging")
+                && !k.starts_with(".local/share/containers")
+        });
+        tree
+    };
+    let before = tree(&instance.home);
+    let env_before = std::fs::read(instance.env_file()).unwrap();
+    let marker = instance.state_dir.join(".module-updater.in-progress");
+
+    let run = run_job(
+        &connection,
+        &request(&missing_extra, &[&instance.id], false),
+    )
+    .await;
+    let result = run.instance(&instance.id);
+    assert_eq!(run.status, "aborted");
+    assert_eq!(result["status"], "failed", "{result:#}");
+    assert_eq!(result["error"]["step"], "pull-extra-images", "{result:#}");
+    assert!(
+        result["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("never-pushed"),
+        "{result:#}"
+    );
+    assert_eq!(
+        tree(&instance.home),
+        before,
+        "a failed pull of an extra image changed the instance"
+    );
+    assert_eq!(std::fs::read(instance.env_file()).unwrap(), env_before);
+    assert!(
+        !marker.exists(),
+        "nothing changed, so no re-run is owed: the marker is gone"
+    );
+
+    let run = run_job(&connection, &request(&hostile, &[&instance.id], false)).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "failed", "{result:#}");
+    assert_eq!(result["error"]["step"], "extract", "{result:#}");
+    assert_eq!(
+        tree(&instance.home),
+        before,
+        "a refused image changed the instance"
+    );
+    assert_eq!(std::fs::read(instance.env_file()).unwrap(), env_before);
+    assert!(!marker.exists());
+    // The pull beside the refused extraction was let finish, not cut off.
+    let images = as_user(
+        &sandbox,
+        &instance,
+        &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+    );
+    assert!(images.lines().any(|l| l == side2), "{images}");
+    // And no temporary container is left behind by either failure.
+    let containers = as_user(
+        &sandbox,
+        &instance,
+        &["podman", "ps", "-a", "--format", "{{.Names}}"],
+    );
+    assert!(containers.trim().is_empty(), "{containers}");
+
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "completed", "{result:#}");
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/tool")).unwrap(),
+        "2\n"
+    );
+    assert_eq!(instance.read_env().unwrap()["OVERLAP_SIDE_IMAGE"], side2);
+    assert!(
+        result["warnings"].as_array().unwrap().is_empty(),
+        "{result:#}"
+    );
+    let write_only = std::fs::metadata(instance.install_dir.join("bin/write-only")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&write_only.permissions()) & 0o777,
+        0o200
+    );
+    assert!(!marker.exists());
+    let containers = as_user(
+        &sandbox,
+        &instance,
+        &["podman", "ps", "-a", "--format", "{{.Names}}"],
+    );
+    assert!(containers.trim().is_empty(), "{containers}");
+}
+
+/// The stale images go in one `podman image rm`; when that fails as a whole, each image still
+/// gets its own outcome: the removable one is removed (and reported so), the one in use and the
+/// one that never existed are warnings naming them.
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_images_are_removed_together_with_per_image_outcomes() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let registry = sandbox.registry();
+    let side1 = sandbox
+        .build_blob_image("batch-side", "1", 1024, 31)
+        .unwrap();
+    let side2 = sandbox
+        .build_blob_image("batch-side", "2", 1024, 32)
+        .unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "batch",
+            "1.0",
+            std::slice::from_ref(&side1),
+        ))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "batch",
+            "2.0",
+            std::slice::from_ref(&side2),
+        ))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("batch").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    // A container keeps the old extra image in use.
+    as_user(
+        &sandbox,
+        &instance,
+        &["podman", "create", "--name", "keeps-side", &side1, "/none"],
+    );
+    // A previous image that is not in the storage (removed by hand, say).
+    let ghost = format!("{registry}/ghost:1");
+    let mut env = instance.read_env().unwrap();
+    env.insert("GHOST_IMAGE".into(), format!("{registry}/ghost:2"));
+    env.insert("PREV_GHOST_IMAGE".into(), ghost.clone());
+    sandbox.write_env(&instance, &env).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "completed", "{result:#}");
+    let removed = result["images_removed"].as_array().unwrap();
+    assert_eq!(removed, &[serde_json::json!(v1)], "{result:#}");
+    let warnings: Vec<&str> = result["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings.iter().any(
+            |w| w.starts_with(&format!("cannot remove image {side1}:")) && w.contains("in use")
+        ),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with(&format!("cannot remove image {ghost}:"))
+                && w.contains("image not known")),
+        "{warnings:?}"
+    );
+    let images = as_user(
+        &sandbox,
+        &instance,
+        &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+    );
+    assert!(!images.lines().any(|l| l == v1), "{images}");
+    assert!(images.lines().any(|l| l == side1), "{images}");
+    assert!(images.lines().any(|l| l == v2), "{images}");
+    assert!(images.lines().any(|l| l == side2), "{images}");
+}

@@ -1,6 +1,7 @@
 //! The podman commands an update needs, each spawned as few times as the job allows (a podman
 //! process costs 25–45 ms): one listing tells which references are present, one pull fetches all
-//! missing ones, one inspect reads every image. Every positional argument comes after `--`.
+//! missing ones, one inspect reads every image, one `image rm` removes every stale one. Every
+//! positional argument comes after `--`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Stdio;
@@ -92,22 +93,22 @@ impl Podman {
     }
 
     async fn output(&self, args: &[&str]) -> Result<Vec<u8>, PodmanError> {
-        let output = self
-            .command(args)
+        let output = self.run(args).await?;
+        if output.status.success() {
+            Ok(output.stdout)
+        } else {
+            Err(failure(args, &output))
+        }
+    }
+
+    /// Runs a command to its end and returns its whole output, whatever its exit status.
+    async fn run(&self, args: &[&str]) -> Result<std::process::Output, PodmanError> {
+        self.command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()
             .await
-            .map_err(PodmanError::Spawn)?;
-        if output.status.success() {
-            Ok(output.stdout)
-        } else {
-            Err(PodmanError::Failed {
-                command: args.join(" "),
-                status: output.status.to_string(),
-                stderr: tail(&output.stderr),
-            })
-        }
+            .map_err(PodmanError::Spawn)
     }
 
     /// Every name (`repo:tag`) and repository digest (`repo@sha256:...`) of the local images, in
@@ -226,6 +227,69 @@ impl Podman {
             .await
             .map(|_| ())
     }
+
+    /// Removes images by reference in one `podman image rm` and returns each one's outcome, in
+    /// the order given, as [`Podman::remove_image`] one by one would (an image in use, or one
+    /// that does not exist, is an error of that image only).
+    ///
+    /// `podman image rm A B` (4.3) removes what it can and then fails as a whole (exit 1: some
+    /// did not exist; 2: some are in use), naming an unknown image (`A: image not known`) but an
+    /// image in use only by its container. So only when the batch fails is each reference
+    /// removed alone, which gives it its own error; one the batch did remove is then "not known"
+    /// too, and is told apart from one that never existed by the batch's own error for it.
+    pub async fn remove_images(
+        &self,
+        references: &[String],
+    ) -> Vec<(String, Result<(), PodmanError>)> {
+        if references.is_empty() {
+            return Vec::new();
+        }
+        let mut args = vec!["image", "rm", "--"];
+        args.extend(references.iter().map(String::as_str));
+        let batch_stderr = match self.run(&args).await {
+            Ok(output) if output.status.success() => {
+                return references.iter().map(|r| (r.clone(), Ok(()))).collect();
+            }
+            Ok(output) => String::from_utf8_lossy(&output.stderr).into_owned(),
+            // Cannot even start: each reference gets the error of its own attempt below.
+            Err(_) => String::new(),
+        };
+        let mut outcomes = Vec::with_capacity(references.len());
+        for reference in references {
+            let outcome = match self.remove_image(reference).await {
+                Err(PodmanError::Failed { stderr, .. })
+                    if stderr.contains(IMAGE_UNKNOWN)
+                        && !reported_unknown(&batch_stderr, reference) =>
+                {
+                    // Known to the batch, unknown now: the batch removed it.
+                    Ok(())
+                }
+                outcome => outcome,
+            };
+            outcomes.push((reference.clone(), outcome));
+        }
+        outcomes
+    }
+}
+
+/// How podman reports a reference no local image has (`<reference>: image not known`).
+const IMAGE_UNKNOWN: &str = "image not known";
+
+/// Whether podman's stderr says that `reference` is no local image: a line `Error: <ref>: image
+/// not known`, or `\t* <ref>: image not known` in a list of errors.
+fn reported_unknown(stderr: &str, reference: &str) -> bool {
+    let suffix = format!(" {reference}: {IMAGE_UNKNOWN}");
+    stderr
+        .lines()
+        .any(|line| line.trim_end().ends_with(&suffix))
+}
+
+fn failure(args: &[&str], output: &std::process::Output) -> PodmanError {
+    PodmanError::Failed {
+        command: args.join(" "),
+        status: output.status.to_string(),
+        stderr: tail(&output.stderr),
+    }
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(
@@ -259,6 +323,21 @@ mod tests {
         .unwrap();
         assert!(raw[0].labels.is_none());
         assert_eq!(raw[0].repo_digests.as_deref(), Some(&[][..]));
+    }
+
+    #[test]
+    fn unknown_images_are_found_by_their_whole_reference() {
+        // What podman 4.3.1 prints for `image rm r/a:1 r/z:9 r/b:1` (z unknown, b in use).
+        let stderr = "Error: 2 errors occurred:\n\t* r/z:9: image not known\n\t* image used by \
+                      f49051adf621: image is in use by a container: consider listing external \
+                      containers and force-removing image\n";
+        assert!(reported_unknown(stderr, "r/z:9"));
+        assert!(!reported_unknown(stderr, "r/b:1"));
+        assert!(
+            !reported_unknown(stderr, "z:9"),
+            "a suffix of another reference"
+        );
+        assert!(reported_unknown("Error: r/z:9: image not known\n", "r/z:9"));
     }
 
     #[test]

@@ -6,14 +6,22 @@
 //! `actions/update-module/*` steps merged in by name. What differs is listed in docs/architecture.md:
 //! one lock for the whole update, a staged extraction, no `None` values, a true no-op when already
 //! installed, and timeouts on scripts.
+//!
+//! What does not depend on each other overlaps, without changing what is observed: the extra
+//! images are pulled while the imageroot is exported and staged (the install waits for the
+//! pull), the temporary container is removed in the background, and the one flush that makes
+//! the installed files durable runs in the background from the end of the extraction until the
+//! in-progress marker is removed.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use module_updater_dbus::types::{InstanceResult, InstanceStatus, ScriptStatus, Step};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::environment::{self, Environment};
 use super::events::{Event, priority};
@@ -21,7 +29,7 @@ use super::extract;
 use super::imagename;
 use super::instance::Instance;
 use super::lock::{self, UpdateLock};
-use super::podman::{ImageInfo, Podman};
+use super::podman::{ImageInfo, Podman, PodmanError};
 use super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
 
 /// NS8's built-in step names, merged with the module's own steps by name.
@@ -101,8 +109,11 @@ pub async fn run(
         local_images: None,
         result: InstanceResult::new(InstanceStatus::Completed),
         changed: false,
+        container_removal: None,
+        flush: None,
     };
     let outcome = update.pipeline().await;
+    update.settle().await;
     update.finish(outcome)
 }
 
@@ -121,6 +132,11 @@ struct Update<'a> {
     initial_env: Environment,
     /// Whether files or the environment were touched (a failure after that keeps the marker).
     changed: bool,
+    /// `podman rm` of the temporary container, running in the background after the export.
+    container_removal: Option<JoinHandle<(String, Result<(), PodmanError>)>>,
+    /// The flush of the installed files (`extract::sync_installed`), started when the
+    /// extraction ends and awaited before the in-progress marker is removed.
+    flush: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl Update<'_> {
@@ -161,9 +177,11 @@ impl Update<'_> {
                 "an earlier update of this instance was interrupted: running the whole update again".into(),
             );
         }
-        lock::mark_started(&state_dir, self.job.job_id, &self.job.module_url).map_err(|e| {
-            failed(Step::Prepare)(format!("cannot write {}: {e}", lock::MARKER_FILE))
-        })?;
+        lock::mark_started(&state_dir, self.job.job_id, &self.job.module_url)
+            .and_then(|()| sync_dir(&state_dir))
+            .map_err(|e| {
+                failed(Step::Prepare)(format!("cannot write {}: {e}", lock::MARKER_FILE))
+            })?;
         self.end(Step::Prepare);
 
         // NS8 plans the steps once, before extraction; the steps that follow the pull are planned
@@ -190,18 +208,32 @@ impl Update<'_> {
                 PlannedStep::Module(path) => self.module_step(&path).await?,
             }
         }
-        lock::mark_finished(&state_dir).map_err(|e| {
-            failed(Step::CleanupImages)(format!("cannot remove {}: {e}", lock::MARKER_FILE))
-        })?;
+        // What the extraction wrote must be on disk before the marker goes: the marker is what
+        // makes an update that a crash interrupted run again (see `extract::sync_installed`).
+        let flushed = match self.flush.take() {
+            Some(flush) => flush
+                .await
+                .unwrap_or_else(|e| Err(format!("the flush task failed: {e}"))),
+            None => Ok(()),
+        };
+        match flushed {
+            Ok(()) => lock::mark_finished(&state_dir).map_err(|e| {
+                failed(Step::CleanupImages)(format!("cannot remove {}: {e}", lock::MARKER_FILE))
+            })?,
+            Err(err) => self.warning(format!(
+                "{err}; {} is kept, so the next update of this instance runs in full again",
+                lock::MARKER_FILE
+            )),
+        }
         Ok(InstanceStatus::Completed)
     }
 
-    /// `05pullimages`: pull, inspect, pull the extra images, extract, reload, write the environment.
+    /// `05pullimages`: pull, inspect, pull the extra images while extracting, reload, write the
+    /// environment.
     async fn pull_and_install(&mut self, env: &Environment) -> StepResult<()> {
         let main = self.pull_main_image().await?;
         let extras = self.extra_images(&main)?;
-        self.pull_extra_images(&extras).await?;
-        self.extract(&main).await?;
+        self.pull_extras_and_extract(&main, &extras).await?;
         self.reload().await;
         self.update_environment(env, &main, &extras)
     }
@@ -209,7 +241,10 @@ impl Update<'_> {
     async fn pull_main_image(&mut self) -> StepResult<ImageInfo> {
         self.begin(Step::PullImage);
         let url = self.job.module_url.as_str();
-        self.pull_missing(Step::PullImage, &[url]).await?;
+        if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
+            let fetched = fetch.announce(self).run(self.podman.clone()).await;
+            self.fetched(Step::PullImage, fetched)?;
+        }
         let main = self
             .podman
             .inspect(&[url])
@@ -247,18 +282,60 @@ impl Update<'_> {
             .collect()
     }
 
-    async fn pull_extra_images(&mut self, extras: &[ExtraImage]) -> StepResult<()> {
+    /// The extra images are fetched (pulled, or loaded from the node's shared download) while
+    /// the imageroot is exported and staged: podman's pull and the export wait on different
+    /// things. The extraction installs nothing until the fetch has succeeded (its stream ends
+    /// well only then, see [`CheckedExport`]), so a failed fetch leaves the instance as it was,
+    /// as when the two steps ran one after the other, and is reported as the earlier step's
+    /// failure. Both steps are reported: `pull-extra-images` begins, `extract` begins, and both
+    /// end when both are done.
+    async fn pull_extras_and_extract(
+        &mut self,
+        main: &ImageInfo,
+        extras: &[ExtraImage],
+    ) -> StepResult<()> {
         self.begin(Step::PullExtraImages);
         let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
-        self.pull_missing(Step::PullExtraImages, &urls).await?;
+        let (gate, task) = match self.missing(Step::PullExtraImages, &urls).await? {
+            Some(fetch) => Some(fetch.announce(self).spawn(self.podman.clone())),
+            None => None,
+        }
+        .unzip();
+        let extracted = self.extract(main, gate).await;
+        // Only a completed extraction, or one that failed in the middle of the install, has
+        // changed the tree.
+        if matches!(
+            extracted,
+            Ok(_)
+                | Err(ExtractFailure::Extract(
+                    extract::ExtractError::Install { .. }
+                ))
+        ) {
+            self.changed = true;
+        }
+        if let Some(task) = task {
+            // Awaited even when the extraction failed: the pull is not cut off mid-write, and
+            // its failure, the earlier step, is the one reported.
+            let fetched = task.await.unwrap_or_else(|e| Fetched {
+                warnings: Vec::new(),
+                result: Err(format!("the pull task failed: {e}")),
+            });
+            self.fetched(Step::PullExtraImages, fetched)?;
+        }
+        let outcome = extracted.map_err(|e| failed(Step::Extract)(e.to_string()))?;
+        self.start_flush(&outcome);
         self.end(Step::PullExtraImages);
+        self.result.files_installed = outcome.installed.len();
+        self.result.files_removed = outcome.removed;
+        self.end(Step::Extract);
         Ok(())
     }
 
-    /// Pulls the references no local image is named by exactly (all of them with force).
-    async fn pull_missing(&mut self, step: Step, urls: &[&str]) -> StepResult<()> {
+    /// What must be fetched of `urls`: the references no local image is named by exactly (all of
+    /// them with force); none when nothing is missing.
+    async fn missing(&mut self, step: Step, urls: &[&str]) -> StepResult<Option<Fetch>> {
         if urls.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let missing: Vec<&str> = if self.job.force {
             urls.to_vec()
@@ -279,71 +356,63 @@ impl Update<'_> {
                 .collect()
         };
         if missing.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        // What the daemon downloaded once for the node is loaded; a failed load is pulled.
-        let mut to_pull: Vec<&str> = Vec::new();
+        // What the daemon downloaded once for the node is loaded; the rest is pulled.
+        let mut fetch = Fetch::default();
         for reference in missing {
-            let Some(archive) = self.job.shared_images.get(reference) else {
-                to_pull.push(reference);
-                continue;
-            };
-            self.message(
-                priority::INFO,
-                format!("Loading {reference} (downloaded once for the node)"),
-            );
-            if let Err(err) = self.podman.load(archive).await {
-                self.warning(format!(
-                    "cannot load {reference} from the shared download: {err}; pulling it"
-                ));
-                to_pull.push(reference);
+            match self.job.shared_images.get(reference) {
+                Some(archive) => fetch.loads.push((reference.to_owned(), archive.clone())),
+                None => fetch.pulls.push(reference.to_owned()),
             }
         }
-        if to_pull.is_empty() {
-            return Ok(());
-        }
-        self.message(priority::INFO, format!("Pulling {}", to_pull.join(" ")));
-        self.podman
-            .pull(&to_pull)
-            .await
-            .map_err(|e| failed(step)(e.to_string()))
+        Ok(Some(fetch))
     }
 
-    async fn extract(&mut self, main: &ImageInfo) -> StepResult<()> {
+    /// Reports a finished fetch: its warnings, then its failure as `step`'s.
+    fn fetched(&mut self, step: Step, fetched: Fetched) -> StepResult<()> {
+        for warning in fetched.warnings {
+            self.warning(warning);
+        }
+        fetched.result.map_err(failed(step))
+    }
+
+    /// Creates the temporary container and streams its export into the staged extractor. With a
+    /// `gate`, the stream ends well only once the gate says the extra images are there.
+    async fn extract(
+        &mut self,
+        main: &ImageInfo,
+        gate: Option<mpsc::Receiver<bool>>,
+    ) -> Result<extract::ExtractOutcome, ExtractFailure> {
         self.begin(Step::Extract);
-        let fail = failed(Step::Extract);
         let label = main
             .labels
             .get("org.nethserver.imageroot")
             .map(String::as_str);
-        let prefix = extract::imageroot_prefix(label).map_err(|e| fail(e.to_string()))?;
+        let prefix = extract::imageroot_prefix(label)?;
         let container = self
             .podman
             .create(&self.job.module_url)
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| ExtractFailure::Other(e.to_string()))?;
         let install_dir = self.job.instance.install_dir.clone();
         let podman = self.podman.clone();
         let exported = {
             let container = container.clone();
             tokio::task::spawn_blocking(move || {
-                export_and_extract(&podman, &container, &install_dir, &prefix)
+                export_and_extract(&podman, &container, &install_dir, &prefix, gate)
             })
             .await
         };
-        if let Err(err) = self.podman.remove_container(&container).await {
-            self.warning(format!(
-                "cannot remove the temporary container {container}: {err}"
-            ));
-        }
-        let outcome = exported
-            .map_err(|e| fail(format!("extraction task failed: {e}")))?
-            .map_err(fail)?;
-        self.changed = true;
-        self.result.files_installed = outcome.installed.len();
-        self.result.files_removed = outcome.removed;
-        self.end(Step::Extract);
-        Ok(())
+        // The export has ended (the extractor waits for it or kills it): the container is not
+        // needed any more. Its removal is awaited before the image cleanup and before the worker
+        // ends, not here.
+        let podman = self.podman.clone();
+        self.container_removal = Some(tokio::spawn(async move {
+            let removed = podman.remove_container(&container).await;
+            (container, removed)
+        }));
+        exported.map_err(|e| ExtractFailure::Other(format!("extraction task failed: {e}")))?
     }
 
     /// Reloads the instance's systemd manager over D-Bus. A failure is a warning, as in NS8.
@@ -547,9 +616,10 @@ impl Update<'_> {
         Ok(outcome)
     }
 
-    /// `95cleanup_images`: removes each previous image the new environment no longer names. An
-    /// image still in use is a warning.
+    /// `95cleanup_images`: removes the previous images the new environment no longer names, in
+    /// one podman process. An image still in use is a warning.
     async fn cleanup_images(&mut self) {
+        self.await_container_removal().await;
         self.begin(Step::CleanupImages);
         let env = match Environment::load(&self.job.instance.state_dir.join("environment")) {
             Ok(env) => env,
@@ -560,14 +630,58 @@ impl Update<'_> {
                 return;
             }
         };
-        for old in stale_images(&env) {
+        let stale = stale_images(&env);
+        for old in &stale {
             self.message(priority::INFO, format!("Removing {old}"));
-            match self.podman.remove_image(&old).await {
+        }
+        for (old, outcome) in self.podman.remove_images(&stale).await {
+            match outcome {
                 Ok(()) => self.result.images_removed.push(old),
                 Err(err) => self.warning(format!("cannot remove image {old}: {err}")),
             }
         }
         self.end(Step::CleanupImages);
+    }
+
+    /// Waits for the background removal of the temporary container; a failure is a warning.
+    async fn await_container_removal(&mut self) {
+        let Some(removal) = self.container_removal.take() else {
+            return;
+        };
+        match removal.await {
+            Ok((_, Ok(()))) => {}
+            Ok((container, Err(err))) => self.warning(format!(
+                "cannot remove the temporary container {container}: {err}"
+            )),
+            Err(err) => self.warning(format!(
+                "cannot remove the temporary container: the removal task failed: {err}"
+            )),
+        }
+    }
+
+    /// Starts flushing what the extraction installed; it runs while the manager reloads, the
+    /// scripts run and podman removes images.
+    fn start_flush(&mut self, outcome: &extract::ExtractOutcome) {
+        let install_dir = self.job.instance.install_dir.clone();
+        let state_dir = self.job.instance.state_dir.clone();
+        let outcome = outcome.clone();
+        self.flush = Some(tokio::task::spawn_blocking(move || {
+            extract::sync_installed(&install_dir, &outcome, &[&state_dir]).map_err(|e| {
+                format!(
+                    "cannot flush the files installed in {}: {e}",
+                    install_dir.display()
+                )
+            })
+        }));
+    }
+
+    /// Waits for what still runs in the background, whatever the outcome, so that nothing of the
+    /// update outlives the worker's result.
+    async fn settle(&mut self) {
+        self.await_container_removal().await;
+        if let Some(flush) = self.flush.take() {
+            let _ = flush.await;
+        }
     }
 
     /// The modules' steps and the built-in ones, merged by name; with `after`, only those after it.
@@ -654,6 +768,82 @@ impl Update<'_> {
 
 const CANCELLED: &str = "cancelled";
 
+/// Missing images to bring into the instance's storage.
+#[derive(Debug, Default)]
+struct Fetch {
+    /// Reference → archive of the daemon's shared download (`engine/shared_images.rs`).
+    loads: Vec<(String, PathBuf)>,
+    pulls: Vec<String>,
+}
+
+/// What a fetch did: warnings (a failed load, then pulled) and its outcome.
+#[derive(Debug)]
+struct Fetched {
+    warnings: Vec<String>,
+    result: Result<(), String>,
+}
+
+impl Fetch {
+    /// Says what is about to be fetched.
+    fn announce(self, update: &mut Update<'_>) -> Self {
+        for (reference, _) in &self.loads {
+            update.message(
+                priority::INFO,
+                format!("Loading {reference} (downloaded once for the node)"),
+            );
+        }
+        if !self.pulls.is_empty() {
+            update.message(priority::INFO, format!("Pulling {}", self.pulls.join(" ")));
+        }
+        self
+    }
+
+    /// Loads what the daemon downloaded, then pulls the rest and what failed to load, in one
+    /// podman pull.
+    async fn run(self, podman: Podman) -> Fetched {
+        let Fetch { loads, mut pulls } = self;
+        let mut warnings = Vec::new();
+        for (reference, archive) in loads {
+            if let Err(err) = podman.load(&archive).await {
+                warnings.push(format!(
+                    "cannot load {reference} from the shared download: {err}; pulling it"
+                ));
+                pulls.push(reference);
+            }
+        }
+        let references: Vec<&str> = pulls.iter().map(String::as_str).collect();
+        let result = podman.pull(&references).await.map_err(|e| e.to_string());
+        Fetched { warnings, result }
+    }
+
+    /// Runs the fetch as a task of its own. The receiver gets, once, whether it succeeded (it
+    /// sees the channel closed if the task dies); the task's result carries the details.
+    fn spawn(self, podman: Podman) -> (mpsc::Receiver<bool>, JoinHandle<Fetched>) {
+        let (done, gate) = mpsc::sync_channel(1);
+        let task = tokio::spawn(async move {
+            let fetched = self.run(podman).await;
+            let _ = done.send(fetched.result.is_ok());
+            fetched
+        });
+        (gate, task)
+    }
+}
+
+/// Why the extraction failed: the extractor's own error (which tells whether the tree changed),
+/// or podman's.
+#[derive(Debug, thiserror::Error)]
+enum ExtractFailure {
+    #[error("{0}")]
+    Extract(#[from] extract::ExtractError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// fsyncs a directory, so that an entry just created or renamed in it is on disk.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -691,26 +881,36 @@ fn export_and_extract(
     container: &str,
     install_dir: &Path,
     prefix: &str,
-) -> Result<extract::ExtractOutcome, String> {
+    gate: Option<mpsc::Receiver<bool>>,
+) -> Result<extract::ExtractOutcome, ExtractFailure> {
     let mut child = podman
         .export_blocking(container)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ExtractFailure::Other(e.to_string()))?;
     let stdout = child
         .stdout
         .take()
-        .ok_or_else(|| "podman export has no stdout".to_owned())?;
+        .ok_or_else(|| ExtractFailure::Other("podman export has no stdout".to_owned()))?;
     let mut reader = CheckedExport {
         stdout,
         child: Some(child),
+        gate,
     };
     let mut progress = |_entries: u64| {};
-    extract::extract_imageroot(&mut reader, install_dir, prefix, &mut progress)
-        .map_err(|e| e.to_string())
+    Ok(extract::extract_imageroot(
+        &mut reader,
+        install_dir,
+        prefix,
+        &mut progress,
+    )?)
 }
 
+/// The export's stream, which ends well (EOF) only when `podman export` succeeded and, with a
+/// gate, the extra images were fetched. The extractor reads its stream to the end before it
+/// installs anything, so an error here leaves the install dir as it was.
 struct CheckedExport {
     stdout: std::process::ChildStdout,
     child: Option<std::process::Child>,
+    gate: Option<mpsc::Receiver<bool>>,
 }
 
 impl std::io::Read for CheckedExport {
@@ -727,6 +927,14 @@ impl std::io::Read for CheckedExport {
                     super::podman::tail(&output.stderr)
                 )));
             }
+        }
+        if n == 0
+            && let Some(gate) = self.gate.take()
+            && gate.recv() != Ok(true)
+        {
+            return Err(std::io::Error::other(
+                "the extra images could not be pulled",
+            ));
         }
         Ok(n)
     }
