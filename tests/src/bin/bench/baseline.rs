@@ -114,7 +114,9 @@ pub struct Floor {
 /// `demo-db` changing (see daemon/src/engine/podman.rs and update.rs), in its order: one
 /// listing, the pull of the module image, one inspect, the pull of the missing extra image, a
 /// container to read the filesystem, its export (to /dev/null here: writing the files is the
-/// daemon's own work), its removal, and the removal of the two stale images. Then, apart from
+/// daemon's own work), its removal, and the removal of the two stale images in one command.
+/// Timed one after the other: the daemon overlaps the extra image's pull with create + export
+/// and the container's removal with the reload and scripts, so its wall time can be below this. Then, apart from
 /// the podman floor, the manager's `Reload` (busctl, as the user) and the update scripts as the
 /// daemon runs them (cwd the state dir, the environment loaded). Each step is timed inside one
 /// shell (`EPOCHREALTIME`), so no process start of ours is counted.
@@ -134,8 +136,7 @@ step podman-pull-extra podman pull --quiet -- "$db2"
 step podman-create podman create --replace --name module-updater-floor -- "$v2" /
 step podman-export podman export -- module-updater-floor
 step podman-rm podman rm --force --ignore -- module-updater-floor
-step podman-image-rm-module podman image rm -- "$v1"
-step podman-image-rm-extra podman image rm -- "$db1"
+step podman-image-rm podman image rm -- "$v1" "$db1"
 step reload busctl --user call org.freedesktop.systemd1 /org/freedesktop/systemd1 \
   org.freedesktop.systemd1.Manager Reload
 while IFS= read -r line; do [[ $line == *=* ]] && export "${line%%=*}=${line#*=}"; done < ./environment
