@@ -19,7 +19,7 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use super::podman::{Podman, tail};
+use super::podman::{Podman, PodmanError, tail};
 
 /// Where a job's shared images live: `<state dir>/shared-images/<job>-<random>/`.
 pub const DIR_NAME: &str = "shared-images";
@@ -36,15 +36,7 @@ pub enum SharedImagesError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Podman(#[from] super::podman::PodmanError),
-    #[error("cannot run podman: {0} (is podman installed? apt-get install podman)")]
-    Spawn(#[source] std::io::Error),
-    #[error("`podman {command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    Podman(#[from] PodmanError),
 }
 
 /// podman's run root must be shorter than 50 characters: a state dir may be longer.
@@ -159,7 +151,7 @@ async fn fill(
         .inspect(&[module_url])
         .await?
         .pop()
-        .ok_or_else(|| super::podman::PodmanError::Missing(module_url.to_owned()))?;
+        .ok_or_else(|| PodmanError::Missing(module_url.to_owned()))?;
     let extras: Vec<&str> = main
         .labels
         .get("org.nethserver.images")
@@ -283,7 +275,7 @@ async fn manifest_types(
         })
         .collect();
     if parsed.len() != references.len() {
-        return Err(super::podman::PodmanError::Missing(references.join(" ")).into());
+        return Err(PodmanError::Missing(references.join(" ")).into());
     }
     Ok(parsed)
 }
@@ -317,14 +309,15 @@ async fn run(global: &[String], args: &[&str]) -> Result<Vec<u8>, SharedImagesEr
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(SharedImagesError::Spawn)?;
+        .map_err(PodmanError::Spawn)?;
     if output.status.success() {
         Ok(output.stdout)
     } else {
-        Err(SharedImagesError::Failed {
+        Err(PodmanError::Failed {
             command: args.join(" "),
             status: output.status.to_string(),
             stderr: tail(&output.stderr),
-        })
+        }
+        .into())
     }
 }
