@@ -20,6 +20,8 @@ use crate::render::{Mode, View};
 
 /// How often the job's `Status` is read even when no signal came.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a detach waits for a Cancel call still on its way.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages the connection may queue in zbus before our reader task moves them to its channel.
 const MATCH_QUEUE: NonZeroUsize = match NonZeroUsize::new(4096) {
     Some(n) => n,
@@ -401,8 +403,9 @@ impl<'a> Follower<'a> {
             .map_err(|e| self.error("reading the job's Instances", e))?;
         let mut view = View::new(mode, self.job.id(), &instances);
         let (note_tx, mut note_rx) = mpsc::unbounded_channel::<String>();
+        let mut cancelling: Option<tokio::task::JoinHandle<()>> = None;
         if interrupt.count() >= 1 {
-            self.request_cancel(&view, &note_tx);
+            cancelling = Some(self.request_cancel(&note_tx));
         }
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -436,10 +439,17 @@ impl<'a> Follower<'a> {
                 }
                 count = interrupt.recv() => {
                     if count >= 2 {
+                        // Detaching leaves the job to the service, cancelled as asked: the
+                        // Cancel call must have reached it before this process goes.
+                        if let Some(call) = cancelling.take() {
+                            let _ = tokio::time::timeout(CANCEL_TIMEOUT, call).await;
+                        }
                         view.clear();
                         return Err(ClientError::Detached { job: self.job.id() });
                     }
-                    self.request_cancel(&view, &note_tx);
+                    if cancelling.is_none() {
+                        cancelling = Some(self.request_cancel(&note_tx));
+                    }
                 }
                 Some(note) = note_rx.recv() => view.note(&note),
                 () = &mut closed => {
@@ -449,19 +459,18 @@ impl<'a> Follower<'a> {
         }
     }
 
-    /// Calls `Cancel` in the background: the loop keeps showing the job while the service stops it.
-    fn request_cancel(&self, view: &View, notes: &mpsc::UnboundedSender<String>) {
-        view.note("cancelling (Ctrl-C again to detach and leave it running)");
+    /// Calls `Cancel` in the background: the loop keeps showing the job while the service stops
+    /// it. The note comes once the service has taken the request, so what it says is true.
+    fn request_cancel(&self, notes: &mpsc::UnboundedSender<String>) -> tokio::task::JoinHandle<()> {
         let proxy = self.proxy.clone();
         let notes = notes.clone();
         tokio::spawn(async move {
-            if let Err(err) = proxy.cancel().await {
-                let _ = notes.send(format!(
-                    "cannot cancel: {}",
-                    crate::error::describe_zbus(&err)
-                ));
-            }
-        });
+            let note = match proxy.cancel().await {
+                Ok(()) => "cancelling (Ctrl-C again to detach and leave it running)".to_owned(),
+                Err(err) => format!("cannot cancel: {}", crate::error::describe_zbus(&err)),
+            };
+            let _ = notes.send(note);
+        })
     }
 
     /// Shows one matched message; says whether it calls for confirming the end.
