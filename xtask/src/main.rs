@@ -76,8 +76,13 @@ fn main() -> ExitCode {
 }
 
 fn root() -> PathBuf {
-    // xtask/ is one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // xtask/ is one level below the workspace root. `cargo run` (the `xtask` alias) says where
+    // at run time; the path compiled in is only a fallback, since a binary built in another
+    // checkout sharing this target dir would point there.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
