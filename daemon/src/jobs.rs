@@ -2,7 +2,7 @@
 //! crash recovery. Knows nothing about D-Bus: it reports [`JobEvent`]s on a channel that the D-Bus
 //! layer turns into signals.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -424,20 +424,40 @@ impl Jobs {
     ) -> SharedImages {
         let candidates: Vec<Instance> = targets.iter().filter(|i| i.rootless).cloned().collect();
         let (url, force) = (request.module_url.clone(), request.force);
-        let needing: Vec<String> = tokio::task::spawn_blocking(move || {
-            candidates
-                .into_iter()
-                .filter(|i| {
-                    force
-                        || lock::interrupted(&i.state_dir)
-                        || i.environment()
-                            .is_none_or(|env| env.get("IMAGE_URL") != Some(url.as_str()))
-                })
-                .map(|i| i.id)
-                .collect()
-        })
-        .await
-        .unwrap_or_default();
+        // The instances that need the new images, and the values their environments all share:
+        // an extra image named there by every one of them is in every storage already (NS8
+        // records each extra image it pulled, and cleanup never removes a named one).
+        let (needing, shared_values): (Vec<String>, HashSet<String>) =
+            tokio::task::spawn_blocking(move || {
+                let mut needing = Vec::new();
+                let mut common: Option<HashSet<String>> = None;
+                for instance in candidates {
+                    let env = instance.environment();
+                    let current = env
+                        .as_ref()
+                        .is_some_and(|e| e.get("IMAGE_URL") == Some(url.as_str()));
+                    if force || lock::interrupted(&instance.state_dir) || !current {
+                        let values: HashSet<String> = env
+                            .iter()
+                            .flat_map(|e| e.iter().map(|(_, v)| v.to_owned()))
+                            .collect();
+                        common = Some(match common {
+                            None => values,
+                            Some(c) => c.intersection(&values).cloned().collect(),
+                        });
+                        needing.push(instance.id);
+                    }
+                }
+                // With force every image is fetched again, as each instance would.
+                let common = if force {
+                    HashSet::new()
+                } else {
+                    common.unwrap_or_default()
+                };
+                (needing, common)
+            })
+            .await
+            .unwrap_or_default();
         let cancelled_already = *cancel.borrow();
         if needing.len() < 2 || cancelled_already {
             return SharedImages::default();
@@ -461,7 +481,12 @@ impl Jobs {
             ),
         );
         let mut cancelled = cancel.clone();
-        let download = shared_images::download(&self.settings.state_dir, id, &request.module_url);
+        let download = shared_images::download(
+            &self.settings.state_dir,
+            id,
+            &request.module_url,
+            &shared_values,
+        );
         let outcome = tokio::select! {
             outcome = download => outcome,
             () = async {

@@ -92,11 +92,13 @@ pub fn remove_leftovers(state_dir: &Path) {
 }
 
 /// Pulls `module_url` and the extra images its `org.nethserver.images` label names, once, and
-/// saves each one that an archive can carry faithfully.
+/// saves each one that an archive can carry faithfully. Extra images in `present` (named in
+/// every instance's environment, hence in every storage) are not fetched.
 pub async fn download(
     state_dir: &Path,
     job_id: u64,
     module_url: &str,
+    present: &std::collections::HashSet<String>,
 ) -> Result<SharedImages, SharedImagesError> {
     let dir = make_job_dir(state_dir, job_id)?;
     let runroot = make_runroot(job_id);
@@ -106,7 +108,7 @@ pub async fn download(
         ..SharedImages::default()
     };
     let filled = match runroot {
-        Ok(runroot) => fill(&mut shared, &dir, &runroot, module_url).await,
+        Ok(runroot) => fill(&mut shared, &dir, &runroot, module_url, present).await,
         Err(err) => Err(err),
     };
     match filled {
@@ -128,6 +130,7 @@ async fn fill(
     dir: &Path,
     runroot: &Path,
     module_url: &str,
+    present: &std::collections::HashSet<String>,
 ) -> Result<(), SharedImagesError> {
     // A storage of the daemon's own, vfs so that removing the directory removes everything.
     // 0700: the layers (which may hold device nodes a hostile image ships) are root's alone.
@@ -160,7 +163,7 @@ async fn fill(
     // A malformed reference is the instances' error to report, at their own step.
     let extras: Vec<&str> = extras
         .into_iter()
-        .filter(|r| super::imagename::validate_reference(r).is_ok())
+        .filter(|r| super::imagename::validate_reference(r).is_ok() && !present.contains(*r))
         .collect();
     podman.pull(&extras).await?;
 
