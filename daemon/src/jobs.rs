@@ -378,7 +378,9 @@ impl Jobs {
         self.update(id, Durability::Lazy, |record| {
             record.status = JobStatus::Running;
         });
-        let shared = self.download_once(id, &request, &targets, &cancel).await;
+        let shared = Arc::clone(&self)
+            .download_once(id, &request, &targets, &cancel)
+            .await;
         let mut tasks = tokio::task::JoinSet::new();
         for instance in targets {
             let jobs = Arc::clone(&self);
@@ -416,14 +418,19 @@ impl Jobs {
     /// `engine/shared_images.rs`). Anything that goes wrong here only means the instances pull
     /// for themselves, as they would have anyway.
     async fn download_once(
-        &self,
+        self: Arc<Self>,
         id: u64,
         request: &request::UpdateRequest,
         targets: &[Instance],
         cancel: &watch::Receiver<bool>,
     ) -> SharedImages {
-        let candidates: Vec<Instance> = targets.iter().filter(|i| i.rootless).cloned().collect();
+        let candidates: HashSet<String> = targets
+            .iter()
+            .filter(|i| i.rootless)
+            .map(|i| i.id.clone())
+            .collect();
         let (url, force) = (request.module_url.clone(), request.force);
+        let jobs = Arc::clone(&self);
         // The instances that need the new images, and the values their environments all share:
         // an extra image named there by every one of them is in every storage already (NS8
         // records each extra image it pulled, and cleanup never removes a named one).
@@ -431,21 +438,21 @@ impl Jobs {
             tokio::task::spawn_blocking(move || {
                 let mut needing = Vec::new();
                 let mut common: Option<HashSet<String>> = None;
-                for instance in candidates {
-                    let env = instance.environment();
-                    let current = env
-                        .as_ref()
-                        .is_some_and(|e| e.get("IMAGE_URL") == Some(url.as_str()));
-                    if force || lock::interrupted(&instance.state_dir) || !current {
-                        let values: HashSet<String> = env
-                            .iter()
-                            .flat_map(|e| e.iter().map(|(_, v)| v.to_owned()))
-                            .collect();
+                // The environments as the instance cache holds them (checked on disk by it).
+                for found in jobs.instances.list() {
+                    if !candidates.contains(&found.instance.id) {
+                        continue;
+                    }
+                    let env = &found.environment;
+                    let current = env.get("IMAGE_URL") == Some(url.as_str());
+                    if force || lock::interrupted(&found.instance.state_dir) || !current {
+                        let values: HashSet<String> =
+                            env.iter().map(|(_, v)| v.to_owned()).collect();
                         common = Some(match common {
                             None => values,
                             Some(c) => c.intersection(&values).cloned().collect(),
                         });
-                        needing.push(instance.id);
+                        needing.push(found.instance.id.clone());
                     }
                 }
                 // With force every image is fetched again, as each instance would.
