@@ -80,7 +80,8 @@ impl JobRun {
     }
 
     /// The Progress percents of one instance, in order. The job's signal budget may replace an
-    /// instance's last Progress by its InstanceFinished: a `completed` one stands for 100.
+    /// instance's last Progress by its InstanceFinished, which stands for 100 whatever its status
+    /// (the engine ends every instance's progress at 100, failed ones included).
     pub fn progress_of(&self, id: &str) -> Vec<u32> {
         self.seen
             .iter()
@@ -88,9 +89,7 @@ impl JobRun {
                 Seen::Progress {
                     instance, percent, ..
                 } if instance == id => Some(*percent),
-                Seen::InstanceFinished {
-                    instance, status, ..
-                } if instance == id && status == "completed" => Some(100),
+                Seen::InstanceFinished { instance, .. } if instance == id => Some(100),
                 _ => None,
             })
             .collect()
