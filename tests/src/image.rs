@@ -35,6 +35,9 @@ pub struct ImageSpec {
     pub labels: Vec<(String, String)>,
     /// Where the tree goes in the image (default `imageroot`, what NS8 extracts by default).
     pub imageroot_dir: String,
+    /// Files of a second layer, on top of the first (empty: the image has one layer, as NS8's
+    /// own builds give).
+    pub second_layer: Vec<FileSpec>,
 }
 
 impl ImageSpec {
@@ -46,7 +49,26 @@ impl ImageSpec {
             files: Vec::new(),
             labels: Vec::new(),
             imageroot_dir: "imageroot".into(),
+            second_layer: Vec::new(),
         }
+    }
+
+    /// A regular file with `mode` in a second layer of the image (a file of the same path in the
+    /// first layer is replaced by it).
+    pub fn second_layer_file(
+        mut self,
+        path: impl Into<String>,
+        contents: impl Into<Vec<u8>>,
+        mode: u32,
+    ) -> Self {
+        self.second_layer.push(FileSpec {
+            path: path.into(),
+            kind: FileKind::File {
+                contents: contents.into(),
+                mode,
+            },
+        });
+        self
     }
 
     /// A regular file with `mode`.
@@ -111,6 +133,9 @@ impl ImageSpec {
         let root = checked_relative(&self.imageroot_dir, "imageroot_dir")?;
         let mut text = String::from("FROM scratch\n");
         text.push_str(&format!("COPY {root}/ /{root}/\n"));
+        if !self.second_layer.is_empty() {
+            text.push_str(&format!("COPY {SECOND_LAYER}/{root}/ /{root}/\n"));
+        }
         for (key, value) in &self.labels {
             text.push_str(&format!("LABEL {}={}\n", quote(key)?, quote(value)?));
         }
@@ -121,34 +146,47 @@ impl ImageSpec {
     /// Writes the build context (Containerfile and tree) into the empty directory `context`.
     pub fn write_context(&self, context: &Path) -> Result<()> {
         let root_rel = checked_relative(&self.imageroot_dir, "imageroot_dir")?;
-        let root = context.join(root_rel);
-        create_dirs(&root)?;
-        for spec in &self.files {
-            let relative = checked_relative(&spec.path, "file path")?;
-            let path = root.join(relative);
-            if let Some(parent) = path.parent() {
-                create_dirs(parent)?;
-            }
-            match &spec.kind {
-                FileKind::File { contents, mode } => {
-                    std::fs::write(&path, contents)
-                        .map_err(|e| SandboxError::io("write", &path, e))?;
-                    set_mode(&path, *mode)?;
-                }
-                FileKind::Dir { mode } => {
-                    create_dirs(&path)?;
-                    set_mode(&path, *mode)?;
-                }
-                FileKind::Symlink { target } => {
-                    std::os::unix::fs::symlink(target, &path)
-                        .map_err(|e| SandboxError::io("create the symlink", &path, e))?;
-                }
-            }
+        write_tree(&context.join(root_rel), &self.files)?;
+        if !self.second_layer.is_empty() {
+            write_tree(
+                &context.join(SECOND_LAYER).join(root_rel),
+                &self.second_layer,
+            )?;
         }
         let containerfile = context.join("Containerfile");
         std::fs::write(&containerfile, self.containerfile()?)
             .map_err(|e| SandboxError::io("write", &containerfile, e))
     }
+}
+
+/// Where the files of the second layer go in the build context.
+const SECOND_LAYER: &str = "second-layer";
+
+/// Writes `files` below `root`.
+fn write_tree(root: &Path, files: &[FileSpec]) -> Result<()> {
+    create_dirs(root)?;
+    for spec in files {
+        let relative = checked_relative(&spec.path, "file path")?;
+        let path = root.join(relative);
+        if let Some(parent) = path.parent() {
+            create_dirs(parent)?;
+        }
+        match &spec.kind {
+            FileKind::File { contents, mode } => {
+                std::fs::write(&path, contents).map_err(|e| SandboxError::io("write", &path, e))?;
+                set_mode(&path, *mode)?;
+            }
+            FileKind::Dir { mode } => {
+                create_dirs(&path)?;
+                set_mode(&path, *mode)?;
+            }
+            FileKind::Symlink { target } => {
+                std::os::unix::fs::symlink(target, &path)
+                    .map_err(|e| SandboxError::io("create the symlink", &path, e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `path` must stay inside the tree: relative, without `..`.

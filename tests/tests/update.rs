@@ -434,6 +434,67 @@ async fn pull_missing_semantics_and_force() {
     );
 }
 
+/// A module image of two layers (a file replaced and one added by the second) is installed as
+/// its merged filesystem, read through a temporary container that is removed afterwards; one of
+/// one layer is read from `podman image save` and leaves no container either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_image_of_two_layers_is_installed_merged() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("layers", "1.0").file("bin/tool", "1\n", 0o755))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(
+            &ImageSpec::module("layers", "2.0")
+                .file("bin/tool", "2 in the first layer\n", 0o755)
+                .file("bin/kept", "first layer\n", 0o644)
+                .second_layer_file("bin/tool", "2\n", 0o755)
+                .second_layer_file("bin/added", "second layer\n", 0o644),
+        )
+        .unwrap();
+    let v3 = sandbox
+        .build_image(&ImageSpec::module("layers", "3.0").file("bin/tool", "3\n", 0o755))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("layers").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let layers = |url: &str| {
+        as_user(
+            &sandbox,
+            &instance,
+            &[
+                "podman",
+                "image",
+                "inspect",
+                "--format",
+                "{{len .RootFS.Layers}}",
+                url,
+            ],
+        )
+        .trim()
+        .to_owned()
+    };
+    let read = |path: &str| std::fs::read_to_string(instance.install_dir.join(path)).unwrap();
+    let containers = || as_user(&sandbox, &instance, &["podman", "ps", "--all", "--quiet"]);
+
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert_eq!(layers(&v2), "2");
+    assert_eq!(read("bin/tool"), "2\n");
+    assert_eq!(read("bin/kept"), "first layer\n");
+    assert_eq!(read("bin/added"), "second layer\n");
+    assert_eq!(containers(), "");
+
+    let run = run_job(&connection, &request(&v3, &[&instance.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert_eq!(layers(&v3), "1");
+    assert_eq!(read("bin/tool"), "3\n");
+    assert!(!instance.install_dir.join("bin/added").exists());
+    assert!(!instance.install_dir.join("bin/kept").exists());
+    assert_eq!(containers(), "");
+}
+
 /// Images that try to escape the install dir are refused and change nothing; a custom imageroot
 /// label extracts only its subtree; an existing `state/` keeps its mode.
 #[tokio::test(flavor = "multi_thread")]

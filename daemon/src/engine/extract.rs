@@ -480,7 +480,8 @@ impl<R: Read> Read for EofReader<R> {
 enum Selected {
     Outside,
     Root,
-    Gitignore,
+    /// Below the imageroot, but never installed: a `.gitignore`, or a whiteout.
+    Skipped,
     Below(String, usize),
 }
 
@@ -592,7 +593,13 @@ impl<'a> Stager<'a> {
         }
         // GNU tar's --exclude=.gitignore matches any component, and drops what is below it.
         if below.iter().any(|c| *c == b".gitignore") {
-            return Ok(Selected::Gitignore);
+            return Ok(Selected::Skipped);
+        }
+        // `.wh.` names are reserved for whiteouts (OCI image layers): a layer read straight from
+        // `podman image save` may carry them, an image's filesystem never has them (see
+        // `engine/image_stream.rs`).
+        if below.iter().any(|c| c.starts_with(b".wh.")) {
+            return Ok(Selected::Skipped);
         }
         let mut path = String::new();
         for (i, c) in below.iter().enumerate() {
@@ -619,7 +626,7 @@ impl<'a> Stager<'a> {
         };
         let (path, depth) = match self.select(&raw)? {
             Selected::Outside => return Ok(()),
-            Selected::Gitignore => {
+            Selected::Skipped => {
                 self.found = true;
                 return Ok(());
             }
@@ -860,7 +867,7 @@ impl<'a> Stager<'a> {
         };
         let target = match self.select(target) {
             Ok(Selected::Below(t, _)) => t,
-            Ok(Selected::Gitignore | Selected::Root) => {
+            Ok(Selected::Skipped | Selected::Root) => {
                 return Err(refuse(format!(
                     "the hard link target {shown:?} is not a regular file extracted before it"
                 )));
@@ -1689,6 +1696,21 @@ mod tests {
         let out = s.extract(&tar).unwrap();
         assert_eq!(out.installed, ["./pypkg/", "./pypkg/mod.py"]);
         assert!(!s.exists(".gitignore") && !s.exists("pypkg/.gitignore"));
+    }
+
+    #[test]
+    fn whiteouts_of_a_layer_are_neither_written_nor_listed() {
+        let s = Sandbox::new();
+        let tar = Ar::new()
+            .dir("imageroot/", 0o755)
+            .file("imageroot/.wh.gone", 0o644, "")
+            .dir("imageroot/d/", 0o755)
+            .file("imageroot/d/.wh..wh..opq", 0o644, "")
+            .file("imageroot/d/kept", 0o644, "x")
+            .finish();
+        let out = s.extract(&tar).unwrap();
+        assert_eq!(out.installed, ["./d/", "./d/kept"]);
+        assert!(!s.exists(".wh.gone") && !s.exists("d/.wh..wh..opq"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod environment;
 pub mod events;
 pub mod extract;
+pub mod image_stream;
 pub mod imagename;
 pub mod instance;
 pub mod instance_cache;

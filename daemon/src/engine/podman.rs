@@ -47,6 +47,8 @@ pub struct ImageInfo {
     /// `RepoDigests[0]`, `repo@sha256:...`
     pub repo_digest: String,
     pub labels: BTreeMap<String, String>,
+    /// The diff ids of its layers (`RootFS.Layers`, `sha256:...`), bottom first.
+    pub layers: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +61,15 @@ struct RawInspect {
     repo_digests: Option<Vec<String>>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "RootFS")]
+    root_fs: Option<RawRootFs>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawRootFs {
+    #[serde(default)]
+    layers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +179,7 @@ impl Podman {
                     digest: image.digest.unwrap_or_default(),
                     repo_digest,
                     labels: image.labels.unwrap_or_default(),
+                    layers: image.root_fs.and_then(|r| r.layers).unwrap_or_default(),
                 })
             })
             .collect()
@@ -207,6 +219,19 @@ impl Podman {
         std::process::Command::new("podman")
             .args(&self.global)
             .args(["export", "--", container])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(PodmanError::Spawn)
+    }
+
+    /// Starts `podman image save` of an image as a docker-archive on the child's stdout (its
+    /// layers uncompressed, the layers first). Blocking (std) process, like the export.
+    pub fn save_blocking(&self, image: &str) -> Result<std::process::Child, PodmanError> {
+        std::process::Command::new("podman")
+            .args(&self.global)
+            .args(["image", "save", "--format", "docker-archive", "--", image])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -322,7 +347,18 @@ mod tests {
         )
         .unwrap();
         assert!(raw[0].labels.is_none());
+        assert!(raw[0].root_fs.is_none());
         assert_eq!(raw[0].repo_digests.as_deref(), Some(&[][..]));
+    }
+
+    #[test]
+    fn inspect_output_gives_the_layers_bottom_first() {
+        let raw: Vec<RawInspect> = serde_json::from_str(
+            r#"[{"Id":"ab","RootFS":{"Type":"layers","Layers":["sha256:1","sha256:2"]}}]"#,
+        )
+        .unwrap();
+        let layers = raw[0].root_fs.as_ref().and_then(|r| r.layers.clone());
+        assert_eq!(layers, Some(vec!["sha256:1".into(), "sha256:2".into()]));
     }
 
     #[test]

@@ -8,10 +8,10 @@
 //! installed, and timeouts on scripts.
 //!
 //! What does not depend on each other overlaps, without changing what is observed: the extra
-//! images are pulled while the imageroot is exported and staged (the install waits for the
-//! pull), the temporary container is removed in the background, and the one flush that makes
-//! the installed files durable runs in the background from the end of the extraction until the
-//! in-progress marker is removed.
+//! images are pulled while the imageroot is read and staged (the install waits for the pull),
+//! the temporary container of an image of several layers is removed in the background, and the
+//! one flush that makes the installed files durable runs in the background from the end of the
+//! extraction until the in-progress marker is removed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use super::environment::{self, Environment};
 use super::events::{Event, priority};
 use super::extract;
+use super::image_stream::Source;
 use super::imagename;
 use super::instance::Instance;
 use super::lock::{self, UpdateLock};
@@ -377,8 +378,10 @@ impl Update<'_> {
         fetched.result.map_err(failed(step))
     }
 
-    /// Creates the temporary container and streams its export into the staged extractor. With a
-    /// `gate`, the stream ends well only once the gate says the extra images are there.
+    /// Streams the image's filesystem into the staged extractor: the layer of a one-layer image
+    /// from `podman image save`, otherwise a temporary container's export (see
+    /// `engine/image_stream.rs`). With a `gate`, the stream ends well only once the gate says the
+    /// extra images are there.
     async fn extract(
         &mut self,
         main: &ImageInfo,
@@ -390,29 +393,45 @@ impl Update<'_> {
             .get("org.nethserver.imageroot")
             .map(String::as_str);
         let prefix = extract::imageroot_prefix(label)?;
-        let container = self
-            .podman
-            .create(&self.job.module_url)
-            .await
-            .map_err(|e| ExtractFailure::Other(e.to_string()))?;
+        let url = self.job.module_url.as_str();
+        let source = match Source::saved_layer(url, main) {
+            Some(layer) => layer,
+            None => Source::Export {
+                container: self
+                    .podman
+                    .create(url)
+                    .await
+                    .map_err(|e| ExtractFailure::Other(e.to_string()))?,
+            },
+        };
         let install_dir = self.job.instance.install_dir.clone();
         let podman = self.podman.clone();
-        let exported = {
-            let container = container.clone();
+        let extracted = {
+            let source = source.clone();
             tokio::task::spawn_blocking(move || {
-                export_and_extract(&podman, &container, &install_dir, &prefix, gate)
+                let stream = source
+                    .open(&podman, gate)
+                    .map_err(|e| ExtractFailure::Other(e.to_string()))?;
+                Ok(extract::extract_imageroot(
+                    stream,
+                    &install_dir,
+                    &prefix,
+                    &mut |_| {},
+                )?)
             })
             .await
         };
-        // The export has ended (the extractor waits for it or kills it): the container is not
-        // needed any more. Its removal is awaited before the image cleanup and before the worker
-        // ends, not here.
-        let podman = self.podman.clone();
-        self.container_removal = Some(tokio::spawn(async move {
-            let removed = podman.remove_container(&container).await;
-            (container, removed)
-        }));
-        exported.map_err(|e| ExtractFailure::Other(format!("extraction task failed: {e}")))?
+        if let Source::Export { container } = source {
+            // The export has ended (the extractor waits for it or kills it): the container is
+            // not needed any more. Its removal is awaited before the image cleanup and before
+            // the worker ends, not here.
+            let podman = self.podman.clone();
+            self.container_removal = Some(tokio::spawn(async move {
+                let removed = podman.remove_container(&container).await;
+                (container, removed)
+            }));
+        }
+        extracted.map_err(|e| ExtractFailure::Other(format!("extraction task failed: {e}")))?
     }
 
     /// Reloads the instance's systemd manager over D-Bus. A failure is a warning, as in NS8.
@@ -872,81 +891,6 @@ pub fn stale_images(env: &Environment) -> Vec<String> {
         }
     }
     stale
-}
-
-/// Streams `podman export` into the staged extractor. A failing export turns the end of its stream
-/// into a read error, so a truncated stream is never installed.
-fn export_and_extract(
-    podman: &Podman,
-    container: &str,
-    install_dir: &Path,
-    prefix: &str,
-    gate: Option<mpsc::Receiver<bool>>,
-) -> Result<extract::ExtractOutcome, ExtractFailure> {
-    let mut child = podman
-        .export_blocking(container)
-        .map_err(|e| ExtractFailure::Other(e.to_string()))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| ExtractFailure::Other("podman export has no stdout".to_owned()))?;
-    let mut reader = CheckedExport {
-        stdout,
-        child: Some(child),
-        gate,
-    };
-    let mut progress = |_entries: u64| {};
-    Ok(extract::extract_imageroot(
-        &mut reader,
-        install_dir,
-        prefix,
-        &mut progress,
-    )?)
-}
-
-/// The export's stream, which ends well (EOF) only when `podman export` succeeded and, with a
-/// gate, the extra images were fetched. The extractor reads its stream to the end before it
-/// installs anything, so an error here leaves the install dir as it was.
-struct CheckedExport {
-    stdout: std::process::ChildStdout,
-    child: Option<std::process::Child>,
-    gate: Option<mpsc::Receiver<bool>>,
-}
-
-impl std::io::Read for CheckedExport {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.stdout.read(buf)?;
-        if n == 0
-            && let Some(child) = self.child.take()
-        {
-            let output = child.wait_with_output()?;
-            if !output.status.success() {
-                return Err(std::io::Error::other(format!(
-                    "podman export failed ({}): {}",
-                    output.status,
-                    super::podman::tail(&output.stderr)
-                )));
-            }
-        }
-        if n == 0
-            && let Some(gate) = self.gate.take()
-            && gate.recv() != Ok(true)
-        {
-            return Err(std::io::Error::other(
-                "the extra images could not be pulled",
-            ));
-        }
-        Ok(n)
-    }
-}
-
-impl Drop for CheckedExport {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[cfg(test)]

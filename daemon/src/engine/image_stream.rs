@@ -1,0 +1,402 @@
+//! A module image's filesystem as one tar stream, for the extractor.
+//!
+//! An image of one layer (what `buildah commit` of a `FROM scratch` container gives: the usual
+//! NS8 module build) is read from `podman image save`: its docker-archive starts with that
+//! layer, uncompressed, and the layer of an image built on nothing is the image's whole
+//! filesystem. One podman process then does what three did (`create`, `export`, `rm`), and vfs
+//! storage no longer copies the image into a container first. An image of several layers needs
+//! them applied in order, whiteouts included: podman does that, in a container's `export`.
+//!
+//! Either stream ends well (EOF) only when podman succeeded and, with a gate, the extra images
+//! were fetched; the extractor reads its stream to the end before it installs anything, so a
+//! failed podman or fetch leaves the instance as it was.
+
+use std::io::{self, Read};
+use std::process::{Child, ChildStdout};
+use std::sync::mpsc;
+
+use super::podman::{ImageInfo, Podman, PodmanError, tail};
+
+/// Where an image's filesystem is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The one layer of the image, from `podman image save`; `layer` is its diff id's hex.
+    SavedLayer { image: String, layer: String },
+    /// `podman export` of a container already created from the image.
+    Export { container: String },
+}
+
+impl Source {
+    /// The layer of a one-layer image (by its diff id, as `podman image inspect` gives it in
+    /// `RootFS.Layers`), or `None` when the image must go through a container.
+    pub fn saved_layer(image: &str, info: &ImageInfo) -> Option<Source> {
+        let [diff_id] = info.layers.as_slice() else {
+            return None;
+        };
+        let hex = diff_id.strip_prefix("sha256:")?;
+        let well_formed = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        well_formed.then(|| Source::SavedLayer {
+            image: image.to_owned(),
+            layer: hex.to_ascii_lowercase(),
+        })
+    }
+
+    /// Starts the podman process and returns its stream.
+    pub fn open(
+        &self,
+        podman: &Podman,
+        gate: Option<mpsc::Receiver<bool>>,
+    ) -> Result<Box<dyn Read + Send>, PodmanError> {
+        match self {
+            Source::SavedLayer { image, layer } => {
+                let child = podman.save_blocking(image)?;
+                let stream = Checked::new(child, "podman image save", gate)?;
+                Ok(Box::new(LayerOfArchive::new(stream, layer)))
+            }
+            Source::Export { container } => {
+                let child = podman.export_blocking(container)?;
+                Ok(Box::new(Checked::new(child, "podman export", gate)?))
+            }
+        }
+    }
+}
+
+/// A podman process's stdout that ends well (EOF) only when the process exited with success
+/// and, with a gate, the gate said yes.
+pub struct Checked {
+    stdout: ChildStdout,
+    child: Option<Child>,
+    command: &'static str,
+    gate: Option<mpsc::Receiver<bool>>,
+}
+
+impl Checked {
+    fn new(
+        mut child: Child,
+        command: &'static str,
+        gate: Option<mpsc::Receiver<bool>>,
+    ) -> Result<Checked, PodmanError> {
+        let Some(stdout) = child.stdout.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(PodmanError::Spawn(io::Error::other(format!(
+                "{command} has no stdout"
+            ))));
+        };
+        Ok(Checked {
+            stdout,
+            child: Some(child),
+            command,
+            gate,
+        })
+    }
+}
+
+impl Read for Checked {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stdout.read(buf)?;
+        if n == 0
+            && !buf.is_empty()
+            && let Some(child) = self.child.take()
+        {
+            let output = child.wait_with_output()?;
+            if !output.status.success() {
+                return Err(io::Error::other(format!(
+                    "{} failed ({}): {}",
+                    self.command,
+                    output.status,
+                    tail(&output.stderr)
+                )));
+            }
+        }
+        if n == 0
+            && !buf.is_empty()
+            && let Some(gate) = self.gate.take()
+            && gate.recv() != Ok(true)
+        {
+            return Err(io::Error::other("the extra images could not be pulled"));
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Checked {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+const BLOCK: u64 = 512;
+
+/// The member `<layer>.tar` of a docker-archive stream, as a stream of its own. When the member
+/// ends, the rest of the archive is read to its end first, so that whatever the archive's own
+/// end reports (podman's exit status, the gate) is reported before the layer is taken as whole.
+///
+/// The archive comes from podman; the layer inside it is the image author's, and the extractor
+/// checks it as it checks an export.
+pub struct LayerOfArchive<R> {
+    archive: R,
+    /// `<hex>.tar`, the member's name in the docker-archive layout of containers/image 5.
+    wanted: String,
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Searching,
+    /// In the member: bytes of it not yet read.
+    InLayer(u64),
+    Done,
+}
+
+impl<R: Read> LayerOfArchive<R> {
+    pub fn new(archive: R, layer_hex: &str) -> Self {
+        LayerOfArchive {
+            archive,
+            wanted: format!("{layer_hex}.tar"),
+            state: State::Searching,
+        }
+    }
+
+    /// Reads member headers, skipping members, up to the layer's; returns its size.
+    fn find_layer(&mut self) -> io::Result<u64> {
+        let mut block = [0u8; BLOCK as usize];
+        loop {
+            self.archive.read_exact(&mut block).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    self.not_found("the archive ended")
+                } else {
+                    e
+                }
+            })?;
+            if block.iter().all(|b| *b == 0) {
+                return Err(self.not_found("the archive has no such member"));
+            }
+            let header = tar::Header::from_byte_slice(&block);
+            check_checksum(&block, header)?;
+            let size = header.entry_size()?;
+            let name = header.path_bytes();
+            // The legacy layout names the layer `<id>/layer.tar`; in the current one that is a
+            // symlink to `<hex>.tar`. An image of one layer has one of either.
+            let is_layer = header.entry_type().is_file()
+                && (name.as_ref() == self.wanted.as_bytes() || name.ends_with(b"/layer.tar"));
+            if is_layer {
+                return Ok(size);
+            }
+            let padded = size.div_ceil(BLOCK) * BLOCK;
+            let skipped = io::copy(&mut (&mut self.archive).take(padded), &mut io::sink())?;
+            if skipped < padded {
+                return Err(self.not_found("the archive ended"));
+            }
+        }
+    }
+
+    fn not_found(&self, why: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "podman image save gave no layer member {}: {why}",
+                self.wanted
+            ),
+        )
+    }
+}
+
+impl<R: Read> Read for LayerOfArchive<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.state == State::Searching {
+            self.state = State::InLayer(self.find_layer()?);
+        }
+        match self.state {
+            State::InLayer(0) => {
+                // The padding of the member and the members after it: read to the end, where
+                // the archive's reader reports how podman ended.
+                io::copy(&mut self.archive, &mut io::sink())?;
+                self.state = State::Done;
+                Ok(0)
+            }
+            State::InLayer(left) => {
+                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let n = self.archive.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the image archive ended within its layer {}", self.wanted),
+                    ));
+                }
+                self.state = State::InLayer(left - n as u64);
+                Ok(n)
+            }
+            State::Searching | State::Done => Ok(0),
+        }
+    }
+}
+
+/// A header whose checksum is wrong is no tar header: the stream is not what podman writes.
+fn check_checksum(block: &[u8; BLOCK as usize], header: &tar::Header) -> io::Result<()> {
+    let stored = header.cksum().ok();
+    let computed: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(*b)
+            }
+        })
+        .sum();
+    if stored == Some(computed) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "podman image save wrote no tar archive (a header checksum is wrong)",
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn member(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o444);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder.append_data(&mut header, name, data).unwrap();
+    }
+
+    fn layer_tar() -> Vec<u8> {
+        let mut layer = tar::Builder::new(Vec::new());
+        member(&mut layer, "imageroot/bin/tool", b"2\n");
+        layer.into_inner().unwrap()
+    }
+
+    const HEX: &str = "f30f360914bfaf2e1f1658a73c3b40985f18f0cd34874ba0681398033ac1d3f2";
+
+    /// The docker-archive layout `podman image save` (4.3) writes: layer, config, the legacy
+    /// symlink, manifest.
+    fn archive(layer: &[u8], layer_name: &str) -> Vec<u8> {
+        let mut outer = tar::Builder::new(Vec::new());
+        member(&mut outer, layer_name, layer);
+        member(&mut outer, "3bb3.json", b"{}");
+        let mut link = tar::Header::new_ustar();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        outer
+            .append_link(&mut link, "1c64/layer.tar", format!("../{HEX}.tar"))
+            .unwrap();
+        member(&mut outer, "manifest.json", b"[]");
+        outer.into_inner().unwrap()
+    }
+
+    fn read_all(reader: &mut impl Read) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn the_layer_member_is_the_stream_and_the_rest_is_read_to_the_end() {
+        let layer = layer_tar();
+        let outer = archive(&layer, &format!("{HEX}.tar"));
+        let mut cursor = io::Cursor::new(outer.clone());
+        let got = read_all(&mut LayerOfArchive::new(&mut cursor, HEX)).unwrap();
+        assert_eq!(got, layer);
+        assert_eq!(
+            cursor.position(),
+            outer.len() as u64,
+            "archive read to its end"
+        );
+    }
+
+    #[test]
+    fn the_legacy_layer_name_is_found_too() {
+        let layer = layer_tar();
+        let outer = archive(&layer, "0123abcd/layer.tar");
+        let got = read_all(&mut LayerOfArchive::new(io::Cursor::new(outer), HEX)).unwrap();
+        assert_eq!(got, layer);
+    }
+
+    #[test]
+    fn an_archive_without_the_layer_names_what_was_looked_for() {
+        let outer = archive(&layer_tar(), "other.tar");
+        let err = read_all(&mut LayerOfArchive::new(io::Cursor::new(outer), HEX)).unwrap_err();
+        assert!(err.to_string().contains(&format!("{HEX}.tar")), "{err}");
+    }
+
+    #[test]
+    fn a_cut_archive_is_an_error_not_a_short_layer() {
+        let layer = layer_tar();
+        let outer = archive(&layer, &format!("{HEX}.tar"));
+        for cut in [100, 512, 700, 512 + layer.len() - 1] {
+            let mut reader = LayerOfArchive::new(io::Cursor::new(outer[..cut].to_vec()), HEX);
+            assert!(read_all(&mut reader).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_tar_archive_is_refused() {
+        let err = read_all(&mut LayerOfArchive::new(
+            io::Cursor::new(vec![7u8; 2048]),
+            HEX,
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn an_error_at_the_archive_end_reaches_the_reader_of_the_layer() {
+        struct FailsAtEnd(io::Cursor<Vec<u8>>);
+        impl Read for FailsAtEnd {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match self.0.read(buf)? {
+                    0 => Err(io::Error::other("podman image save failed (exit 125)")),
+                    n => Ok(n),
+                }
+            }
+        }
+        let outer = archive(&layer_tar(), &format!("{HEX}.tar"));
+        let err = read_all(&mut LayerOfArchive::new(
+            FailsAtEnd(io::Cursor::new(outer)),
+            HEX,
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("exit 125"), "{err}");
+    }
+
+    #[test]
+    fn only_an_image_of_one_sha256_layer_is_read_from_its_save() {
+        let info = |layers: &[&str]| ImageInfo {
+            id: "ab".into(),
+            digest: "sha256:1".into(),
+            repo_digest: "r/m@sha256:1".into(),
+            labels: Default::default(),
+            layers: layers.iter().map(|l| (*l).to_owned()).collect(),
+        };
+        let one = format!("sha256:{HEX}");
+        assert_eq!(
+            Source::saved_layer("r/m:2", &info(&[&one])),
+            Some(Source::SavedLayer {
+                image: "r/m:2".into(),
+                layer: HEX.into()
+            })
+        );
+        assert_eq!(Source::saved_layer("r/m:2", &info(&[&one, &one])), None);
+        assert_eq!(Source::saved_layer("r/m:2", &info(&[])), None);
+        assert_eq!(Source::saved_layer("r/m:2", &info(&["sha512:ab"])), None);
+        assert_eq!(
+            Source::saved_layer("r/m:2", &info(&["sha256:../../etc"])),
+            None
+        );
+    }
+}
