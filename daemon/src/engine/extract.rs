@@ -25,6 +25,8 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use tar::EntryType;
 
+use super::unchanged::{self, InstalledTree, MAX_COMPARED};
+
 /// The imageroot used when the `org.nethserver.imageroot` label is absent or empty.
 pub const DEFAULT_PREFIX: &str = "imageroot";
 /// NS8's extract-image lock, in the install dir.
@@ -73,6 +75,9 @@ pub struct ExtractOutcome {
     pub installed: Vec<String>,
     /// Lines of the previous list whose entries were removed because the image no longer ships them.
     pub removed: Vec<String>,
+    /// Lines of `installed` whose file was already there with the same bytes and was kept
+    /// (see `engine/unchanged.rs`): nothing of it was written but its mtime.
+    pub kept: Vec<String>,
 }
 
 /// Errors of an extraction. Unless the message says otherwise, nothing in the install dir was
@@ -226,12 +231,25 @@ pub fn extract_imageroot_with_limits<R: Read>(
             dir: install_dir.to_owned(),
             source,
         })?;
-    let tree = Stager::new(staging.path(), prefix, limits).run(stream, progress)?;
+    let installed_tree = InstalledTree::open(install_dir);
+    let tree = Stager::new(staging.path(), prefix, limits, installed_tree.as_ref())
+        .run(stream, progress)?;
     // No flush between staging, installing and listing: see `sync_installed` for why the
     // caller's one flush afterwards is enough.
     let old_list = read_old_list(install_dir)?;
     let plan = plan_install(&tree, install_dir)?;
-    let installed = install(&tree, &plan, staging.path(), install_dir)?;
+    let installed = install(
+        &tree,
+        &plan,
+        staging.path(),
+        install_dir,
+        installed_tree.as_ref(),
+    )?;
+    let kept = tree
+        .iter()
+        .filter(|(_, node)| matches!(node, Node::Kept { .. }))
+        .map(|(path, node)| list_line(path, node))
+        .collect();
     write_lists(
         install_dir,
         old_list.as_ref().map(|l| l.raw.as_slice()),
@@ -247,7 +265,11 @@ pub fn extract_imageroot_with_limits<R: Read>(
             install_dir.display()
         );
     }
-    Ok(ExtractOutcome { installed, removed })
+    Ok(ExtractOutcome {
+        installed,
+        removed,
+        kept,
+    })
 }
 
 /// Above this many regular files, [`sync_installed`] flushes whole filesystems instead of
@@ -277,9 +299,12 @@ pub fn sync_installed(
     outcome: &ExtractOutcome,
     extra_dirs: &[&Path],
 ) -> io::Result<()> {
+    // A kept file's data was not written (its directory entry was not touched either).
+    let kept: HashSet<&str> = outcome.kept.iter().map(String::as_str).collect();
     let entries: Vec<(&str, bool)> = outcome
         .installed
         .iter()
+        .filter(|l| !kept.contains(l.as_str()))
         .filter_map(|l| parse_list_line(l))
         .collect();
     if entries.iter().filter(|(_, is_dir)| !is_dir).count() > SYNC_FILES_MAX {
@@ -454,6 +479,11 @@ enum Node {
     },
     /// Regular files and hard links.
     File,
+    /// A regular file the install dir already holds as the image has it: not staged, only its
+    /// mtime is set at install (`engine/unchanged.rs`).
+    Kept {
+        mtime: u64,
+    },
     Symlink(String),
 }
 
@@ -487,6 +517,8 @@ enum Selected {
 
 struct Stager<'a> {
     staging: &'a Path,
+    /// The install dir as it is, to keep files that would be rewritten unchanged.
+    installed: Option<&'a InstalledTree>,
     prefix: &'a str,
     prefix_components: Vec<&'a str>,
     limits: &'a Limits,
@@ -497,9 +529,15 @@ struct Stager<'a> {
 }
 
 impl<'a> Stager<'a> {
-    fn new(staging: &'a Path, prefix: &'a str, limits: &'a Limits) -> Self {
+    fn new(
+        staging: &'a Path,
+        prefix: &'a str,
+        limits: &'a Limits,
+        installed: Option<&'a InstalledTree>,
+    ) -> Self {
         Stager {
             staging,
+            installed,
             prefix,
             prefix_components: prefix.split('/').collect(),
             limits,
@@ -719,7 +757,7 @@ impl<'a> Stager<'a> {
                         reason: format!("it would be written through the symlink {ancestor:?}"),
                     });
                 }
-                Some(Node::File) => {
+                Some(Node::File | Node::Kept { .. }) => {
                     return Err(ExtractError::Refused {
                         member: member.to_owned(),
                         reason: format!("its parent {ancestor:?} is not a directory"),
@@ -771,6 +809,11 @@ impl<'a> Stager<'a> {
                 self.nodes.remove(path);
                 Ok(())
             }
+            Some(Node::Kept { .. }) => {
+                // Nothing was staged for it.
+                self.nodes.remove(path);
+                Ok(())
+            }
             Some(_) => {
                 fs::remove_file(&staged).map_err(|e| self.staging_error(path, e))?;
                 self.nodes.remove(path);
@@ -815,6 +858,16 @@ impl<'a> Stager<'a> {
         }
         self.prepare_parents(member, path)?;
         self.free_slot(member, path)?;
+        let plain = matches!(
+            entry.header().entry_type(),
+            EntryType::Regular | EntryType::Continuous
+        );
+        if let Some(installed) = self
+            .installed
+            .filter(|_| plain && entry.size() <= MAX_COMPARED)
+        {
+            return self.stage_or_keep(path, entry, installed);
+        }
         // The tar crate writes the data (seeking over sparse holes) and applies mode & 0o777:
         // setuid, setgid and sticky bits are dropped, ownership is never set.
         entry.set_preserve_permissions(false);
@@ -822,6 +875,33 @@ impl<'a> Stager<'a> {
         entry.set_mask(0);
         entry
             .unpack(self.staging.join(path))
+            .map_err(|e| self.staging_error(path, e))?;
+        self.nodes.insert(path.to_owned(), Node::File);
+        Ok(())
+    }
+
+    /// A small regular file: read into memory, then kept when the install dir already holds it
+    /// as is, else staged from memory as the tar crate would have staged it.
+    fn stage_or_keep<R: Read>(
+        &mut self,
+        path: &str,
+        entry: &mut tar::Entry<'_, R>,
+        installed: &InstalledTree,
+    ) -> Result<(), ExtractError> {
+        let header = entry.header();
+        let mode = header.mode().unwrap_or(0o644);
+        let mtime = header.mtime().unwrap_or(0);
+        let mut data = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0));
+        entry
+            .read_to_end(&mut data)
+            .map_err(|source| ExtractError::Stream {
+                source: flatten(source),
+            })?;
+        if installed.holds(path, &data, mode) {
+            self.nodes.insert(path.to_owned(), Node::Kept { mtime });
+            return Ok(());
+        }
+        unchanged::write_staged(&self.staging.join(path), &data, mode, mtime)
             .map_err(|e| self.staging_error(path, e))?;
         self.nodes.insert(path.to_owned(), Node::File);
         Ok(())
@@ -881,15 +961,35 @@ impl<'a> Stager<'a> {
         if target == path {
             return Err(refuse("the hard link points to itself".to_owned()));
         }
-        if self.nodes.get(&target) != Some(&Node::File) {
-            return Err(refuse(format!(
-                "the hard link target {shown:?} is not a regular file extracted before it"
-            )));
+        match self.nodes.get(&target) {
+            Some(Node::File) => {}
+            Some(Node::Kept { mtime }) => {
+                // A link needs its target staged: stage a copy of the kept file.
+                let mtime = *mtime;
+                self.unkeep(&target, mtime)?;
+            }
+            _ => {
+                return Err(refuse(format!(
+                    "the hard link target {shown:?} is not a regular file extracted before it"
+                )));
+            }
         }
         self.prepare_parents(member, path)?;
         self.free_slot(member, path)?;
         fs::hard_link(self.staging.join(&target), self.staging.join(path))
             .map_err(|e| self.staging_error(path, e))?;
+        self.nodes.insert(path.to_owned(), Node::File);
+        Ok(())
+    }
+
+    /// Stages a copy of the file kept at `path` (which the image has with those bytes).
+    fn unkeep(&mut self, path: &str, mtime: u64) -> Result<(), ExtractError> {
+        let staged = self.staging.join(path);
+        let copied = self
+            .installed
+            .ok_or_else(|| io::Error::other("the install dir is not open"))
+            .and_then(|installed| installed.copy_to(path, &staged, mtime));
+        copied.map_err(|e| self.staging_error(path, e))?;
         self.nodes.insert(path.to_owned(), Node::File);
         Ok(())
     }
@@ -985,6 +1085,8 @@ enum Action {
     Rename,
     /// An empty directory is where a file goes: remove it, then rename.
     RemoveDirThenRename,
+    /// The file there is the image's already: set its mtime only.
+    Keep,
 }
 
 fn list_line(path: &str, node: &Node) -> String {
@@ -1026,7 +1128,15 @@ fn plan_install(tree: &Tree, install_dir: &Path) -> Result<Vec<(String, Action)>
             }
         };
         let is_dir = matches!(tree.get(path), Some(Node::Dir { .. }));
+        let kept = matches!(tree.get(path), Some(Node::Kept { .. }));
         let action = match (is_dir, existing) {
+            (false, Some(false)) if kept => Action::Keep,
+            _ if kept => {
+                return Err(ExtractError::Conflict {
+                    path: target,
+                    reason: "a file found unchanged was removed or replaced while the image was read",
+                });
+            }
             (true, Some(true)) => Action::KeepDir,
             (true, Some(false)) => Action::ReplaceWithDir,
             (true, None) => Action::CreateDir,
@@ -1062,6 +1172,7 @@ fn install(
     plan: &[(String, Action)],
     staging: &Path,
     install_dir: &Path,
+    installed: Option<&InstalledTree>,
 ) -> Result<Vec<String>, ExtractError> {
     let mut created: Vec<(PathBuf, u32)> = Vec::new();
     for (path, action) in plan {
@@ -1076,6 +1187,16 @@ fn install(
         };
         match action {
             Action::KeepDir => {}
+            Action::Keep => {
+                let mtime = match tree.get(path) {
+                    Some(Node::Kept { mtime }) => *mtime,
+                    _ => 0,
+                };
+                installed
+                    .ok_or_else(|| io::Error::other("the install dir is not open"))
+                    .and_then(|installed| installed.touch(path, mtime))
+                    .map_err(err)?;
+            }
             Action::CreateDir | Action::ReplaceWithDir => {
                 if *action == Action::ReplaceWithDir {
                     match fs::remove_file(&target) {
@@ -1846,6 +1967,91 @@ mod tests {
     }
 
     #[test]
+    fn unchanged_files_are_kept_with_the_new_mtime_and_changed_ones_replaced() {
+        let s = Sandbox::with_v1();
+        let ino = |rel: &str| fs::metadata(s.install().join(rel)).unwrap().ino();
+        let kept_before = ino("actions/create-module/20x");
+        let changed_before = ino("systemd/user/foo.service");
+        File::open(s.install().join("actions/create-module/20x"))
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH)
+            .unwrap();
+        let out = s.extract(&v2()).unwrap();
+        assert_eq!(out.kept, ["./actions/create-module/20x"]);
+        assert_eq!(ino("actions/create-module/20x"), kept_before);
+        assert_ne!(ino("systemd/user/foo.service"), changed_before);
+        let meta = fs::metadata(s.install().join("actions/create-module/20x")).unwrap();
+        assert_eq!(meta.mtime(), 1_700_000_000, "the image's mtime");
+        assert_eq!(
+            s.read("systemd/user/foo.service"),
+            "[Service]\nExecStart=/bin/false\n"
+        );
+        assert!(
+            out.installed
+                .contains(&"./actions/create-module/20x".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_kept_file_differing_in_mode_or_replaced_by_a_symlink_is_installed_again() {
+        let s = Sandbox::with_v1();
+        let tool = s.install().join("actions/create-module/20x");
+        fs::set_permissions(&tool, fs::Permissions::from_mode(0o700)).unwrap();
+        let out = s.extract(&v2()).unwrap();
+        assert!(out.kept.is_empty(), "{:?}", out.kept);
+        assert_eq!(s.mode("actions/create-module/20x"), 0o755);
+
+        // The same bytes behind a symlink to a file outside: replaced by the image's file,
+        // and the outside file is untouched.
+        let s = Sandbox::with_v1();
+        let tool = s.install().join("actions/create-module/20x");
+        fs::write(
+            s.root.path().join("outside/20x"),
+            "#!/bin/sh\necho create\n",
+        )
+        .unwrap();
+        fs::set_permissions(
+            s.root.path().join("outside/20x"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        fs::remove_file(&tool).unwrap();
+        std::os::unix::fs::symlink(s.root.path().join("outside/20x"), &tool).unwrap();
+        let out = s.extract(&v2()).unwrap();
+        assert!(out.kept.is_empty(), "{:?}", out.kept);
+        assert!(fs::symlink_metadata(&tool).unwrap().is_file());
+        assert_eq!(
+            fs::read_to_string(s.root.path().join("outside/20x")).unwrap(),
+            "#!/bin/sh\necho create\n"
+        );
+    }
+
+    #[test]
+    fn a_hard_link_to_a_kept_file_and_a_duplicate_of_one_are_installed() {
+        let s = Sandbox::new();
+        let one = Ar::new()
+            .dir("imageroot/", 0o755)
+            .file("imageroot/tool", 0o755, "tool")
+            .file("imageroot/dup", 0o644, "first")
+            .finish();
+        s.extract(&one).unwrap();
+        let two = Ar::new()
+            .dir("imageroot/", 0o755)
+            .file("imageroot/tool", 0o755, "tool")
+            .hardlink("imageroot/alias", "imageroot/tool")
+            .file("imageroot/dup", 0o644, "first")
+            .file("imageroot/dup", 0o644, "second")
+            .finish();
+        let out = s.extract(&two).unwrap();
+        assert!(out.kept.is_empty(), "{:?}", out.kept);
+        let a = fs::metadata(s.install().join("tool")).unwrap();
+        let b = fs::metadata(s.install().join("alias")).unwrap();
+        assert_eq!((a.ino(), a.mode() & 0o777), (b.ino(), 0o755));
+        assert_eq!(s.read("alias"), "tool");
+        assert_eq!(s.read("dup"), "second");
+    }
+
+    #[test]
     fn existing_entries_are_replaced() {
         let s = Sandbox::with_v1();
         let old_ino = fs::metadata(s.install().join("systemd/user/foo.service"))
@@ -2512,6 +2718,7 @@ mod tests {
         let outcome = ExtractOutcome {
             installed: (0..=SYNC_FILES_MAX).map(|i| format!("./f{i}")).collect(),
             removed: Vec::new(),
+            kept: Vec::new(),
         };
         // None of these exist: only the syncfs path can succeed without looking at them.
         sync_installed(&s.install(), &outcome, &[s.root.path()]).unwrap();

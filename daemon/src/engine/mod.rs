@@ -14,5 +14,6 @@ pub mod lock;
 pub mod podman;
 pub mod scripts;
 pub mod shared_images;
+pub mod unchanged;
 pub mod update;
 pub mod worker;
