@@ -158,6 +158,17 @@ const IDLE_TIMEOUT: Key = Key {
     unset: "never exit",
     help: "Exit after this many seconds with no job running and no bus traffic; D-Bus activation starts the daemon again on the next call.",
 };
+const WORKER_NICE: Key = Key {
+    name: "worker_nice",
+    rule: Rule::Number {
+        min: 0,
+        max: 19,
+        unit: "nice levels",
+    },
+    default: Some("10"),
+    unset: "",
+    help: "Run the update workers, and the podman commands and scripts they start, at this niceness, so that an update yields the CPU to the node's services and to the daemon's own answers; 0 runs them at the daemon's priority.",
+};
 const STATE_DIR: Key = Key {
     name: "state_dir",
     rule: Rule::AbsolutePath,
@@ -179,6 +190,7 @@ pub const KEYS: &[Key] = &[
     ROOTFUL_BASE,
     MAX_PARALLEL_KEY,
     SCRIPT_TIMEOUT,
+    WORKER_NICE,
     JOB_LINGER,
     IDLE_TIMEOUT,
     STATE_DIR,
@@ -234,6 +246,9 @@ pub struct Settings {
     /// Update at most this many instances at once, over all jobs [default: 2 × CPUs].
     #[arg(long, value_name = "N", value_parser = max_parallel_flag)]
     pub max_parallel: Option<usize>,
+    /// Run the workers (and their podman commands and scripts) at this niceness, 0 to 19 [default: 10].
+    #[arg(long, value_name = "N", value_parser = worker_nice_flag)]
+    pub worker_nice: Option<u64>,
     /// Keep a finished job on the bus this many seconds so late clients can read it [default: 300].
     #[arg(long, value_name = "SECS", value_parser = job_linger_flag)]
     pub job_linger: Option<u64>,
@@ -254,6 +269,7 @@ impl Settings {
             system_manager_address: self.system_manager_address.or(lower.system_manager_address),
             script_timeout: self.script_timeout.or(lower.script_timeout),
             max_parallel: self.max_parallel.or(lower.max_parallel),
+            worker_nice: self.worker_nice.or(lower.worker_nice),
             job_linger: self.job_linger.or(lower.job_linger),
             state_dir: self.state_dir.or(lower.state_dir),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
@@ -288,6 +304,9 @@ fn system_manager_address_flag(text: &str) -> Result<String, String> {
 fn script_timeout_flag(text: &str) -> Result<u64, String> {
     number_flag(&SCRIPT_TIMEOUT, text)
 }
+fn worker_nice_flag(text: &str) -> Result<u64, String> {
+    number_flag(&WORKER_NICE, text)
+}
 fn job_linger_flag(text: &str) -> Result<u64, String> {
     number_flag(&JOB_LINGER, text)
 }
@@ -308,6 +327,7 @@ struct RawFile {
     rootful_base: Option<PathBuf>,
     max_parallel: Option<i64>,
     script_timeout: Option<i64>,
+    worker_nice: Option<i64>,
     job_linger: Option<i64>,
     idle_timeout: Option<i64>,
     state_dir: Option<PathBuf>,
@@ -357,6 +377,7 @@ impl RawFile {
             system_manager_address: address,
             script_timeout: number(&SCRIPT_TIMEOUT, self.script_timeout)?,
             max_parallel: number(&MAX_PARALLEL_KEY, self.max_parallel)?.map(|n| n as usize),
+            worker_nice: number(&WORKER_NICE, self.worker_nice)?,
             job_linger: number(&JOB_LINGER, self.job_linger)?,
             state_dir: dir(&STATE_DIR, self.state_dir)?,
             idle_timeout: number(&IDLE_TIMEOUT, self.idle_timeout)?,
@@ -524,6 +545,8 @@ pub struct Config {
     pub script_timeout: u64,
     /// `None`: see [`Config::parallelism`].
     pub max_parallel: Option<usize>,
+    /// 0 to 19.
+    pub worker_nice: u8,
     pub job_linger: u64,
     pub state_dir: PathBuf,
     /// `None`: never exit when idle.
@@ -547,6 +570,10 @@ impl Config {
             system_manager_address: settings.system_manager_address,
             script_timeout: settings.script_timeout.unwrap_or(1800),
             max_parallel: settings.max_parallel,
+            // Checked to be at most 19.
+            worker_nice: settings
+                .worker_nice
+                .map_or(10, |n| u8::try_from(n).unwrap_or(19)),
             job_linger: settings.job_linger.unwrap_or(300),
             state_dir: settings
                 .state_dir
@@ -818,7 +845,7 @@ system_manager_address = "unix:path=/run/other/bus"
 
     #[test]
     fn unknown_keys_and_sections_are_refused_with_the_list_of_keys() {
-        let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, \
+        let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, worker_nice, \
                    job_linger, idle_timeout, state_dir, system_manager_address";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),

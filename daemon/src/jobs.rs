@@ -30,6 +30,8 @@ pub struct Settings {
     pub system_manager_address: Option<String>,
     pub script_timeout: Duration,
     pub max_parallel: usize,
+    /// The niceness of the workers (`worker_nice`).
+    pub worker_nice: u8,
     pub job_linger: Duration,
     pub state_dir: PathBuf,
     /// Global podman options for rootful instances only.
@@ -398,6 +400,7 @@ impl Jobs {
                 force: request.force,
                 request_json: request.raw.clone(),
                 script_timeout_secs: self.settings.script_timeout.as_secs(),
+                nice: self.settings.worker_nice,
                 system_manager_address: self.settings.system_manager_address.clone(),
                 // Rootful instances pull as root into their own storage: no archive needed.
                 shared_images: if instance_rootless {

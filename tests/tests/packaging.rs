@@ -885,8 +885,8 @@ fn a_bad_configuration_file_stops_the_daemon_with_exit_status_1_and_says_why() {
             "home_base = \"/home\"\nmax_paralel = 4\n",
             format!(
                 "unknown key max_paralel in {file_arg} (line 2): the keys are home_base, \
-                 rootful_base, max_parallel, script_timeout, job_linger, idle_timeout, state_dir, \
-                 system_manager_address"
+                 rootful_base, max_parallel, script_timeout, worker_nice, job_linger, idle_timeout, \
+                 state_dir, system_manager_address"
             ),
         ),
         (
@@ -923,6 +923,12 @@ fn a_bad_configuration_file_stops_the_daemon_with_exit_status_1_and_says_why() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("invalid value '0' for '--max-parallel <N>': must be at least 1"),
+        "{stderr}"
+    );
+    let (code, stderr) = daemon_exit(&["--worker-nice", "20"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value '20' for '--worker-nice <N>': must be at most 19"),
         "{stderr}"
     );
 }

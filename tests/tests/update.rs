@@ -9,7 +9,7 @@ use common::*;
 use module_updater_tests::{ImageSpec, Sandbox};
 
 /// An update script that records what NS8 promises a script: its uid, cwd, environment, stdin.
-const RECORDER: &str = "#!/bin/sh\nid -u > \"$AGENT_STATE_DIR/script.uid\"\npwd > script.cwd\nenv | sort > script.env\ncat > script.stdin\necho set-progress 50 >&3\necho '<4>recorder says hello'\n";
+const RECORDER: &str = "#!/bin/sh\nid -u > \"$AGENT_STATE_DIR/script.uid\"\npwd > script.cwd\nnice > script.nice\nenv | sort > script.env\ncat > script.stdin\necho set-progress 50 >&3\necho '<4>recorder says hello'\n";
 
 /// A whole 1.0 → 2.0 update of a rootless instance, checked the way an administrator would.
 #[tokio::test(flavor = "multi_thread")]
@@ -203,8 +203,15 @@ async fn rootless_update_from_1_to_2() {
         std::fs::read_to_string(&calls).unwrap_or_default()
     );
 
-    // Scripts: as the user, in the state dir, with the new environment, the request on stdin.
+    // Scripts: as the user, in the state dir, at the workers' lower CPU priority (worker_nice,
+    // default 10), with the new environment, the request on stdin.
     let state = &instance.state_dir;
+    assert_eq!(
+        std::fs::read_to_string(state.join("script.nice"))
+            .unwrap()
+            .trim(),
+        "10"
+    );
     assert_eq!(
         std::fs::read_to_string(state.join("script.uid"))
             .unwrap()

@@ -49,6 +49,9 @@ pub struct UpdateJob {
     /// The request JSON as the caller sent it: the scripts' stdin.
     pub request_json: String,
     pub script_timeout_secs: u64,
+    /// The worker's niceness (0: the daemon's priority), which its children inherit.
+    #[serde(default)]
+    pub nice: u8,
     /// Where the systemd manager of a rootful instance answers (None: the system bus).
     pub system_manager_address: Option<String>,
     /// Global podman options (empty on a real node).

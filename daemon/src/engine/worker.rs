@@ -218,6 +218,15 @@ pub fn worker_main() -> i32 {
         });
         0
     };
+    if let Err(err) = lower_priority(job.nice) {
+        emit_line(&Event::Message {
+            priority: priority::WARNING,
+            text: format!(
+                "cannot lower the update's CPU priority to nice {}: {err}",
+                job.nice
+            ),
+        });
+    }
     if let Err(reason) = become_instance_user(&job) {
         return finished(InstanceResult::failed(Step::Prepare, reason));
     }
@@ -258,6 +267,22 @@ pub fn worker_main() -> i32 {
         update::run(&job, cancel_rx, &mut emit).await
     });
     finished(result)
+}
+
+/// Sets this process's niceness (inherited by podman and the scripts): an update is background
+/// work, and the daemon must go on answering the bus while workers keep the CPUs busy.
+fn lower_priority(nice: u8) -> std::io::Result<()> {
+    if nice == 0 {
+        return Ok(());
+    }
+    // SAFETY: setpriority(2) takes plain integers and touches no memory of ours.
+    let rc =
+        unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, nix::libc::c_int::from(nice)) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn emit_line(event: &Event) {
