@@ -149,14 +149,6 @@ impl Podman {
         self.output(&args).await.map(|_| ())
     }
 
-    /// Pulls one reference unless an image is named by it already: podman itself looks, and an
-    /// image that is present costs no registry request.
-    pub async fn pull_missing(&self, reference: &str) -> Result<(), PodmanError> {
-        self.output(&["pull", "--quiet", "--policy=missing", "--", reference])
-            .await
-            .map(|_| ())
-    }
-
     /// Loads an image archive the daemon prepared (`engine/shared_images.rs`); the archive
     /// names the image, so it lands under the same name, id and digests as a pull would give.
     pub async fn load(&self, archive: &std::path::Path) -> Result<(), PodmanError> {

@@ -245,7 +245,10 @@ impl Update<'_> {
     async fn pull_main_image(&mut self) -> StepResult<ImageInfo> {
         self.begin(Step::PullImage);
         let url = self.job.module_url.as_str();
-        self.fetch_main_image().await?;
+        if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
+            let fetched = fetch.announce(self).run(self.podman.clone()).await;
+            self.fetched(Step::PullImage, fetched)?;
+        }
         let main = self
             .podman
             .inspect(&[url])
@@ -257,47 +260,6 @@ impl Update<'_> {
         self.result.new_image_digest = Some(main.digest.clone());
         self.end(Step::PullImage);
         Ok(main)
-    }
-
-    /// Fetches the module image unless present. When it is to be pulled (not forced, not in the
-    /// node's shared download), `podman pull --policy=missing` starts beside the one listing of
-    /// local images instead of after it: podman skips a present image itself, without asking
-    /// the registry, and the listing (needed for the extra images anyway) says whether a pull
-    /// is to be announced.
-    async fn fetch_main_image(&mut self) -> StepResult<()> {
-        let url = self.job.module_url.clone();
-        if self.job.force || self.job.shared_images.contains_key(&url) {
-            if let Some(fetch) = self.missing(Step::PullImage, &[&url]).await? {
-                let fetched = fetch.announce(self).run(self.podman.clone()).await;
-                self.fetched(Step::PullImage, fetched)?;
-            }
-            return Ok(());
-        }
-        let podman = self.podman.clone();
-        let reference = url.clone();
-        let pull = tokio::spawn(async move { podman.pull_missing(&reference).await });
-        match self.missing(Step::PullImage, &[&url]).await {
-            // Dropping the task kills its podman (kill_on_drop).
-            Err(failure) => {
-                pull.abort();
-                return Err(failure);
-            }
-            Ok(Some(fetch)) => {
-                fetch.announce(self);
-            }
-            Ok(None) => {}
-        }
-        let result = match pull.await {
-            Ok(pulled) => pulled.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("the pull task failed: {e}")),
-        };
-        self.fetched(
-            Step::PullImage,
-            Fetched {
-                warnings: Vec::new(),
-                result,
-            },
-        )
     }
 
     /// The extra images of `org.nethserver.images`, checked before anything changes (NS8 finds a
