@@ -443,7 +443,8 @@ async fn pull_missing_semantics_and_force() {
 
 /// A module image of two layers (a file replaced and one added by the second) is installed as
 /// its merged filesystem, read through a temporary container that is removed afterwards; one of
-/// one layer is read from `podman image save` and leaves no container either.
+/// one layer, named by its digest, is read from `podman image save` and leaves no container
+/// either.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_image_of_two_layers_is_installed_merged() {
     let mut sandbox = Sandbox::new().unwrap();
@@ -493,9 +494,28 @@ async fn a_module_image_of_two_layers_is_installed_merged() {
     assert_eq!(read("bin/added"), "second layer\n");
     assert_eq!(containers(), "");
 
-    let run = run_job(&connection, &request(&v3, &[&instance.id], false)).await;
+    // By digest, as an administrator may pin it: the image is present (pulled by tag), so
+    // nothing is pulled, and it is read by that reference.
+    as_user(&sandbox, &instance, &["podman", "pull", "--quiet", &v3]);
+    let pinned = as_user(
+        &sandbox,
+        &instance,
+        &[
+            "podman",
+            "image",
+            "inspect",
+            "--format",
+            "{{index .RepoDigests 0}}",
+            &v3,
+        ],
+    )
+    .trim()
+    .to_owned();
+    assert!(pinned.contains("@sha256:"), "{pinned}");
+    let run = run_job(&connection, &request(&pinned, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
-    assert_eq!(layers(&v3), "1");
+    assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], pinned);
+    assert_eq!(layers(&pinned), "1");
     assert_eq!(read("bin/tool"), "3\n");
     assert!(!instance.install_dir.join("bin/added").exists());
     assert!(!instance.install_dir.join("bin/kept").exists());

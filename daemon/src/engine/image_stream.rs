@@ -20,24 +20,18 @@ use super::podman::{ImageInfo, Podman, PodmanError, tail};
 /// Where an image's filesystem is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// The one layer of the image, from `podman image save`; `layer` is its diff id's hex.
-    SavedLayer { image: String, layer: String },
+    /// The one layer of the image, from `podman image save`.
+    SavedLayer { image: String },
     /// `podman export` of a container already created from the image.
     Export { container: String },
 }
 
 impl Source {
-    /// The layer of a one-layer image (by its diff id, as `podman image inspect` gives it in
-    /// `RootFS.Layers`), or `None` when the image must go through a container.
+    /// The layer of an image of one layer (`RootFS.Layers` of `podman image inspect`), or
+    /// `None` when the image must go through a container.
     pub fn saved_layer(image: &str, info: &ImageInfo) -> Option<Source> {
-        let [diff_id] = info.layers.as_slice() else {
-            return None;
-        };
-        let hex = diff_id.strip_prefix("sha256:")?;
-        let well_formed = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
-        well_formed.then(|| Source::SavedLayer {
+        (info.layers.len() == 1).then(|| Source::SavedLayer {
             image: image.to_owned(),
-            layer: hex.to_ascii_lowercase(),
         })
     }
 
@@ -48,10 +42,10 @@ impl Source {
         gate: Option<mpsc::Receiver<bool>>,
     ) -> Result<Box<dyn Read + Send>, PodmanError> {
         match self {
-            Source::SavedLayer { image, layer } => {
+            Source::SavedLayer { image } => {
                 let child = podman.save_blocking(image)?;
                 let stream = Checked::new(child, "podman image save", gate)?;
-                Ok(Box::new(LayerOfArchive::new(stream, layer)))
+                Ok(Box::new(LayerOfArchive::new(stream)))
             }
             Source::Export { container } => {
                 let child = podman.export_blocking(container)?;
@@ -131,16 +125,18 @@ impl Drop for Checked {
 
 const BLOCK: u64 = 512;
 
-/// The member `<layer>.tar` of a docker-archive stream, as a stream of its own. When the member
-/// ends, the rest of the archive is read to its end first, so that whatever the archive's own
-/// end reports (podman's exit status, the gate) is reported before the layer is taken as whole.
+/// The layer member of the docker-archive of an image of one layer, as a stream of its own.
+/// When the member ends, the rest of the archive is read to its end first, so that whatever the
+/// archive's own end reports (podman's exit status, the gate) is reported before the layer is
+/// taken as whole.
 ///
-/// The archive comes from podman; the layer inside it is the image author's, and the extractor
-/// checks it as it checks an export.
+/// The member is found by its form, not by the diff id the image's configuration gives: podman
+/// names it by the digest of the layer as its storage gives it back, which differs when the
+/// storage could not store the layer byte for byte (a path it cleaned, a device node rootless
+/// storage cannot make). The archive comes from podman; the layer inside it is the image
+/// author's, and the extractor checks it as it checks an export.
 pub struct LayerOfArchive<R> {
     archive: R,
-    /// `<hex>.tar`, the member's name in the docker-archive layout of containers/image 5.
-    wanted: String,
     state: State,
 }
 
@@ -153,10 +149,9 @@ enum State {
 }
 
 impl<R: Read> LayerOfArchive<R> {
-    pub fn new(archive: R, layer_hex: &str) -> Self {
+    pub fn new(archive: R) -> Self {
         LayerOfArchive {
             archive,
-            wanted: format!("{layer_hex}.tar"),
             state: State::Searching,
         }
     }
@@ -173,16 +168,18 @@ impl<R: Read> LayerOfArchive<R> {
                 }
             })?;
             if block.iter().all(|b| *b == 0) {
+                // Read to the end first: a podman that failed says why there.
+                io::copy(&mut self.archive, &mut io::sink())?;
                 return Err(self.not_found("the archive has no such member"));
             }
             let header = tar::Header::from_byte_slice(&block);
             check_checksum(&block, header)?;
             let size = header.entry_size()?;
             let name = header.path_bytes();
-            // The legacy layout names the layer `<id>/layer.tar`; in the current one that is a
-            // symlink to `<hex>.tar`. An image of one layer has one of either.
-            let is_layer = header.entry_type().is_file()
-                && (name.as_ref() == self.wanted.as_bytes() || name.ends_with(b"/layer.tar"));
+            // containers/image names the layer `<sha256 hex>.tar` (the config is `<hex>.json`);
+            // its legacy layout, `<id>/layer.tar`, is a symlink to it, or the file itself in
+            // older writers. An image of one layer has one such file.
+            let is_layer = header.entry_type().is_file() && is_layer_name(&name);
             if is_layer {
                 return Ok(size);
             }
@@ -198,11 +195,17 @@ impl<R: Read> LayerOfArchive<R> {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "podman image save gave no layer member {}: {why}",
-                self.wanted
+                "podman image save gave no layer (a member <sha256>.tar or <id>/layer.tar): {why}"
             ),
         )
     }
+}
+
+/// `<64 hex digits>.tar` or `<dir>/layer.tar`.
+fn is_layer_name(name: &[u8]) -> bool {
+    let hex_tar =
+        name.len() == 68 && name.ends_with(b".tar") && name[..64].iter().all(u8::is_ascii_hexdigit);
+    hex_tar || name.ends_with(b"/layer.tar")
 }
 
 impl<R: Read> Read for LayerOfArchive<R> {
@@ -227,7 +230,7 @@ impl<R: Read> Read for LayerOfArchive<R> {
                 if n == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        format!("the image archive ended within its layer {}", self.wanted),
+                        "the image archive of podman image save ended within its layer",
                     ));
                 }
                 self.state = State::InLayer(left - n as u64);
@@ -310,7 +313,7 @@ mod tests {
         let layer = layer_tar();
         let outer = archive(&layer, &format!("{HEX}.tar"));
         let mut cursor = io::Cursor::new(outer.clone());
-        let got = read_all(&mut LayerOfArchive::new(&mut cursor, HEX)).unwrap();
+        let got = read_all(&mut LayerOfArchive::new(&mut cursor)).unwrap();
         assert_eq!(got, layer);
         assert_eq!(
             cursor.position(),
@@ -323,15 +326,17 @@ mod tests {
     fn the_legacy_layer_name_is_found_too() {
         let layer = layer_tar();
         let outer = archive(&layer, "0123abcd/layer.tar");
-        let got = read_all(&mut LayerOfArchive::new(io::Cursor::new(outer), HEX)).unwrap();
+        let got = read_all(&mut LayerOfArchive::new(io::Cursor::new(outer))).unwrap();
         assert_eq!(got, layer);
     }
 
     #[test]
     fn an_archive_without_the_layer_names_what_was_looked_for() {
-        let outer = archive(&layer_tar(), "other.tar");
-        let err = read_all(&mut LayerOfArchive::new(io::Cursor::new(outer), HEX)).unwrap_err();
-        assert!(err.to_string().contains(&format!("{HEX}.tar")), "{err}");
+        for name in ["other.tar", "abc.tar", &format!("{HEX}.json")] {
+            let outer = archive(&layer_tar(), name);
+            let err = read_all(&mut LayerOfArchive::new(io::Cursor::new(outer))).unwrap_err();
+            assert!(err.to_string().contains("<sha256>.tar"), "{name}: {err}");
+        }
     }
 
     #[test]
@@ -339,18 +344,14 @@ mod tests {
         let layer = layer_tar();
         let outer = archive(&layer, &format!("{HEX}.tar"));
         for cut in [100, 512, 700, 512 + layer.len() - 1] {
-            let mut reader = LayerOfArchive::new(io::Cursor::new(outer[..cut].to_vec()), HEX);
+            let mut reader = LayerOfArchive::new(io::Cursor::new(outer[..cut].to_vec()));
             assert!(read_all(&mut reader).is_err(), "cut at {cut}");
         }
     }
 
     #[test]
     fn what_is_not_a_tar_archive_is_refused() {
-        let err = read_all(&mut LayerOfArchive::new(
-            io::Cursor::new(vec![7u8; 2048]),
-            HEX,
-        ))
-        .unwrap_err();
+        let err = read_all(&mut LayerOfArchive::new(io::Cursor::new(vec![7u8; 2048]))).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
     }
 
@@ -366,16 +367,13 @@ mod tests {
             }
         }
         let outer = archive(&layer_tar(), &format!("{HEX}.tar"));
-        let err = read_all(&mut LayerOfArchive::new(
-            FailsAtEnd(io::Cursor::new(outer)),
-            HEX,
-        ))
-        .unwrap_err();
+        let err =
+            read_all(&mut LayerOfArchive::new(FailsAtEnd(io::Cursor::new(outer)))).unwrap_err();
         assert!(err.to_string().contains("exit 125"), "{err}");
     }
 
     #[test]
-    fn only_an_image_of_one_sha256_layer_is_read_from_its_save() {
+    fn only_an_image_of_one_layer_is_read_from_its_save() {
         let info = |layers: &[&str]| ImageInfo {
             id: "ab".into(),
             digest: "sha256:1".into(),
@@ -387,16 +385,10 @@ mod tests {
         assert_eq!(
             Source::saved_layer("r/m:2", &info(&[&one])),
             Some(Source::SavedLayer {
-                image: "r/m:2".into(),
-                layer: HEX.into()
+                image: "r/m:2".into()
             })
         );
         assert_eq!(Source::saved_layer("r/m:2", &info(&[&one, &one])), None);
         assert_eq!(Source::saved_layer("r/m:2", &info(&[])), None);
-        assert_eq!(Source::saved_layer("r/m:2", &info(&["sha512:ab"])), None);
-        assert_eq!(
-            Source::saved_layer("r/m:2", &info(&["sha256:../../etc"])),
-            None
-        );
     }
 }
