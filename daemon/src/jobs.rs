@@ -408,6 +408,7 @@ impl Jobs {
                 } else {
                     BTreeMap::new()
                 },
+                shared_module: shared.module.clone().filter(|_| instance_rootless),
             };
             tasks.spawn(async move { jobs.run_instance(id, job, cancel).await });
         }

@@ -7,12 +7,17 @@
 //! storage no longer copies the image into a container first. An image of several layers needs
 //! them applied in order, whiteouts included: podman does that, in a container's `export`.
 //!
-//! Either stream ends well (EOF) only when podman succeeded and, with a gate, the extra images
+//! When the daemon downloaded the image once for the node, it wrote that layer to a file the
+//! workers read instead (`engine/shared_images.rs`).
+//!
+//! Each stream ends well (EOF) only when podman succeeded and, with a gate, the extra images
 //! were fetched; the extractor reads its stream to the end before it installs anything, so a
 //! failed podman or fetch leaves the instance as it was.
 
+use std::fs::File;
 use std::io::{self, Read};
-use std::process::{Child, ChildStdout};
+use std::path::PathBuf;
+use std::process::Child;
 use std::sync::mpsc;
 
 use super::podman::{ImageInfo, Podman, PodmanError, tail};
@@ -24,6 +29,9 @@ pub enum Source {
     SavedLayer { image: String },
     /// `podman export` of a container already created from the image.
     Export { container: String },
+    /// The one layer of the image as a tar file the daemon wrote when it downloaded the image
+    /// once for the node (`engine/shared_images.rs`).
+    LayerFile { path: PathBuf },
 }
 
 impl Source {
@@ -35,37 +43,62 @@ impl Source {
         })
     }
 
-    /// Starts the podman process and returns its stream.
+    /// Starts the podman process (or opens the file) and returns its stream.
     pub fn open(
         &self,
         podman: &Podman,
         gate: Option<mpsc::Receiver<bool>>,
-    ) -> Result<Box<dyn Read + Send>, PodmanError> {
+    ) -> Result<Box<dyn Read + Send>, StreamError> {
         match self {
             Source::SavedLayer { image } => {
                 let child = podman.save_blocking(image)?;
-                let stream = Checked::new(child, "podman image save", gate)?;
+                let stream = Checked::of_child(child, "podman image save", gate)?;
                 Ok(Box::new(LayerOfArchive::new(stream)))
             }
             Source::Export { container } => {
                 let child = podman.export_blocking(container)?;
-                Ok(Box::new(Checked::new(child, "podman export", gate)?))
+                Ok(Box::new(Checked::of_child(child, "podman export", gate)?))
+            }
+            Source::LayerFile { path } => {
+                let file = File::open(path).map_err(|source| StreamError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(Box::new(Checked {
+                    stream: Box::new(file),
+                    child: None,
+                    command: "",
+                    gate,
+                }))
             }
         }
     }
 }
 
-/// A podman process's stdout that ends well (EOF) only when the process exited with success
-/// and, with a gate, the gate said yes.
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Podman(#[from] PodmanError),
+    #[error("cannot open the image layer {path} the daemon downloaded: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A stream that ends well (EOF) only when the podman process writing it, if any, exited with
+/// success and, with a gate, the gate said yes.
 pub struct Checked {
-    stdout: ChildStdout,
+    stream: Box<dyn Read + Send>,
     child: Option<Child>,
     command: &'static str,
     gate: Option<mpsc::Receiver<bool>>,
 }
 
 impl Checked {
-    fn new(
+    fn of_child(
         mut child: Child,
         command: &'static str,
         gate: Option<mpsc::Receiver<bool>>,
@@ -78,7 +111,7 @@ impl Checked {
             ))));
         };
         Ok(Checked {
-            stdout,
+            stream: Box::new(stdout),
             child: Some(child),
             command,
             gate,
@@ -88,7 +121,7 @@ impl Checked {
 
 impl Read for Checked {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.stdout.read(buf)?;
+        let n = self.stream.read(buf)?;
         if n == 0
             && !buf.is_empty()
             && let Some(child) = self.child.take()

@@ -37,8 +37,9 @@ pub enum PodmanError {
 /// The name of the temporary container whose filesystem is extracted.
 pub const EXTRACT_CONTAINER: &str = "module-updater-extract";
 
-/// What `podman image inspect` tells about an image (only what the update uses).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What `podman image inspect` tells about an image (only what the update uses). Serializable:
+/// the daemon hands its own inspection of a shared image to the workers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct ImageInfo {
     /// 64 hex digits, no prefix.
     pub id: String,

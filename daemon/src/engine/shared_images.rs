@@ -1,7 +1,10 @@
 //! One download per node: when a job updates several rootless instances, the daemon pulls the
 //! module image and its extra images once, into a storage of its own, and saves each as an OCI
 //! archive the instances' workers load into their own storages (`podman load`), instead of
-//! every instance pulling the same blobs from the registry.
+//! every instance pulling the same blobs from the registry. The workers that load the module
+//! image from its archive also take the daemon's inspection of it instead of their own, and,
+//! for an image of one layer, read its filesystem from the layer file the daemon wrote
+//! (`module-layer.tar`) instead of running `podman image save` each.
 //!
 //! Isolation stays as it was: each instance's storage is written only by its own user; the
 //! archives are written by root into a root-owned directory and are only readable (0644, in a
@@ -17,9 +20,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use std::os::unix::fs::OpenOptionsExt;
+
+use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
-use super::podman::{Podman, PodmanError, tail};
+use super::image_stream::Source;
+use super::podman::{ImageInfo, Podman, PodmanError, tail};
 
 /// Where a job's shared images live: `<state dir>/shared-images/<job>-<random>/`.
 pub const DIR_NAME: &str = "shared-images";
@@ -42,12 +49,25 @@ pub enum SharedImagesError {
 /// podman's run root must be shorter than 50 characters: a state dir may be longer.
 const RUNROOT_PARENT: &str = "/run/module-updater";
 
+/// What the daemon learnt of the module image it downloaded, for workers that load it from its
+/// archive: they skip their own `podman image inspect` (the loaded image is the same image:
+/// same id, digest and repository digest) and, for an image of one layer, read its filesystem
+/// from `layer` instead of their own `podman image save`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedModule {
+    pub info: ImageInfo,
+    /// The image's one layer as a tar file (0644 in the job's 0711 directory).
+    pub layer: Option<PathBuf>,
+}
+
 /// A job's downloaded images: reference → archive. Removed with [`SharedImages::remove`].
 #[derive(Debug, Default)]
 pub struct SharedImages {
     dir: Option<PathBuf>,
     runroot: Option<PathBuf>,
     pub archives: BTreeMap<String, PathBuf>,
+    /// Set when the module image has an archive.
+    pub module: Option<SharedModule>,
     /// References left for the instances to pull, and why.
     pub skipped: Vec<(String, String)>,
 }
@@ -117,6 +137,7 @@ pub async fn download(
             let cleanup = SharedImages {
                 archives: BTreeMap::new(),
                 skipped: Vec::new(),
+                module: None,
                 ..shared
             };
             let _ = tokio::task::spawn_blocking(move || cleanup.remove()).await;
@@ -192,7 +213,48 @@ async fn fill(
         set_mode(&archive, 0o644)?;
         shared.archives.insert((*reference).to_owned(), archive);
     }
+    if shared.archives.contains_key(module_url) {
+        let layer = write_layer(&podman, module_url, &main, dir).await;
+        shared.module = Some(SharedModule { info: main, layer });
+    }
     Ok(())
+}
+
+/// Writes the one layer of the module image to `<dir>/module-layer.tar` (0644), as a worker's
+/// `podman image save` would give it. `None` for an image of several layers, or when it cannot
+/// be written (logged: each worker then saves the image itself).
+async fn write_layer(
+    podman: &Podman,
+    module_url: &str,
+    main: &ImageInfo,
+    dir: &Path,
+) -> Option<PathBuf> {
+    let source = Source::saved_layer(module_url, main)?;
+    let path = dir.join("module-layer.tar");
+    let podman = podman.clone();
+    let target = path.clone();
+    let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let mut stream = source.open(&podman, None).map_err(|e| e.to_string())?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&target)
+            .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        std::io::copy(&mut stream, &mut file).map_err(|e| e.to_string())?;
+        // The umask may have taken bits: the workers must be able to read it.
+        set_mode(&target, 0o644).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the task failed: {e}")));
+    match written {
+        Ok(()) => Some(path),
+        Err(err) => {
+            log::warn!("cannot write the layer of {module_url} for the workers: {err}");
+            let _ = std::fs::remove_file(&path);
+            None
+        }
+    }
 }
 
 /// `<state dir>/shared-images/<job>-<random>/`, root-owned, 0711 all the way down from the

@@ -32,6 +32,7 @@ use super::instance::Instance;
 use super::lock::{self, UpdateLock};
 use super::podman::{ImageInfo, Podman, PodmanError};
 use super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
+use super::shared_images::SharedModule;
 
 /// NS8's built-in step names, merged with the module's own steps by name.
 pub const PULL_STEP: &str = "05pullimages";
@@ -60,6 +61,9 @@ pub struct UpdateJob {
     /// (`engine/shared_images.rs`): a missing reference is loaded from it instead of pulled.
     #[serde(default)]
     pub shared_images: BTreeMap<String, std::path::PathBuf>,
+    /// What the daemon knows of the module image it downloaded (with `shared_images`).
+    #[serde(default)]
+    pub shared_module: Option<SharedModule>,
 }
 
 /// The instance's progress (0–100) at the start of each step; the step fills the gap to the next.
@@ -112,6 +116,7 @@ pub async fn run(
         initial_env: Environment::new(),
         local_images: None,
         result: InstanceResult::new(InstanceStatus::Completed),
+        main_from_archive: false,
         changed: false,
         container_removal: None,
         flush: None,
@@ -134,6 +139,9 @@ struct Update<'a> {
     local_images: Option<std::collections::HashSet<String>>,
     /// The environment file as it was when the update began.
     initial_env: Environment,
+    /// Whether this update loaded the module image from the node's shared download (then the
+    /// daemon's inspection and layer file of it are this instance's image's).
+    main_from_archive: bool,
     /// Whether files or the environment were touched (a failure after that keeps the marker).
     changed: bool,
     /// `podman rm` of the temporary container, running in the background after the export.
@@ -247,15 +255,21 @@ impl Update<'_> {
         let url = self.job.module_url.as_str();
         if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
             let fetched = fetch.announce(self).run(self.podman.clone()).await;
+            self.main_from_archive = fetched.loaded.iter().any(|r| r == url);
             self.fetched(Step::PullImage, fetched)?;
         }
-        let main = self
-            .podman
-            .inspect(&[url])
-            .await
-            .map_err(|e| failed(Step::PullImage)(e.to_string()))?
-            .pop()
-            .ok_or_else(|| failed(Step::PullImage)(format!("podman returned nothing for {url}")))?;
+        let main = match &self.job.shared_module {
+            Some(shared) if self.main_from_archive => shared.info.clone(),
+            _ => self
+                .podman
+                .inspect(&[url])
+                .await
+                .map_err(|e| failed(Step::PullImage)(e.to_string()))?
+                .pop()
+                .ok_or_else(|| {
+                    failed(Step::PullImage)(format!("podman returned nothing for {url}"))
+                })?,
+        };
         self.result.new_image_url = Some(url.to_owned());
         self.result.new_image_digest = Some(main.digest.clone());
         self.end(Step::PullImage);
@@ -321,6 +335,7 @@ impl Update<'_> {
             // Awaited even when the extraction failed: the pull is not cut off mid-write, and
             // its failure, the earlier step, is the one reported.
             let fetched = task.await.unwrap_or_else(|e| Fetched {
+                loaded: Vec::new(),
                 warnings: Vec::new(),
                 result: Err(format!("the pull task failed: {e}")),
             });
@@ -397,9 +412,16 @@ impl Update<'_> {
             .map(String::as_str);
         let prefix = extract::imageroot_prefix(label)?;
         let url = self.job.module_url.as_str();
-        let source = match Source::saved_layer(url, main) {
-            Some(layer) => layer,
-            None => Source::Export {
+        let shared_layer = self
+            .job
+            .shared_module
+            .as_ref()
+            .and_then(|shared| shared.layer.clone())
+            .filter(|_| self.main_from_archive);
+        let source = match (shared_layer, Source::saved_layer(url, main)) {
+            (Some(path), Some(_)) => Source::LayerFile { path },
+            (_, Some(layer)) => layer,
+            (_, None) => Source::Export {
                 container: self
                     .podman
                     .create(url)
@@ -798,9 +820,11 @@ struct Fetch {
     pulls: Vec<String>,
 }
 
-/// What a fetch did: warnings (a failed load, then pulled) and its outcome.
+/// What a fetch did: the references loaded from the shared download, warnings (a failed load,
+/// then pulled) and its outcome.
 #[derive(Debug)]
 struct Fetched {
+    loaded: Vec<String>,
     warnings: Vec<String>,
     result: Result<(), String>,
 }
@@ -825,17 +849,25 @@ impl Fetch {
     async fn run(self, podman: Podman) -> Fetched {
         let Fetch { loads, mut pulls } = self;
         let mut warnings = Vec::new();
+        let mut loaded = Vec::new();
         for (reference, archive) in loads {
-            if let Err(err) = podman.load(&archive).await {
-                warnings.push(format!(
-                    "cannot load {reference} from the shared download: {err}; pulling it"
-                ));
-                pulls.push(reference);
+            match podman.load(&archive).await {
+                Ok(()) => loaded.push(reference),
+                Err(err) => {
+                    warnings.push(format!(
+                        "cannot load {reference} from the shared download: {err}; pulling it"
+                    ));
+                    pulls.push(reference);
+                }
             }
         }
         let references: Vec<&str> = pulls.iter().map(String::as_str).collect();
         let result = podman.pull(&references).await.map_err(|e| e.to_string());
-        Fetched { warnings, result }
+        Fetched {
+            loaded,
+            warnings,
+            result,
+        }
     }
 
     /// Runs the fetch as a task of its own. The receiver gets, once, whether it succeeded (it
