@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use module_updater_tests::{ImageSpec, Sandbox};
+use module_updater_tests::{ImageSpec, Instance, Sandbox};
 
 /// An update script that records what NS8 promises a script: its uid, cwd, environment, stdin.
 const RECORDER: &str = "#!/bin/sh\nid -u > \"$AGENT_STATE_DIR/script.uid\"\npwd > script.cwd\nnice > script.nice\nenv | sort > script.env\ncat > script.stdin\necho set-progress 50 >&3\necho '<4>recorder says hello'\n";
@@ -439,6 +439,139 @@ async fn pull_missing_semantics_and_force() {
         std::fs::read_to_string(instance.install_dir.join("bin/which")).unwrap(),
         "second\n"
     );
+}
+
+/// The extra images start downloading while the module image is pulled, from its labels read in
+/// the registry (skopeo); a label that differs from the pulled image's (the tag moved between
+/// the two reads) and a module image that fails to pull leave nothing behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn extra_images_are_fetched_beside_the_module_image_pull() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let registry = sandbox.registry();
+    let db1 = sandbox.build_blob_image("aheaddb", "1", 4096, 11).unwrap();
+    let db2 = sandbox.build_blob_image("aheaddb", "2", 4096, 12).unwrap();
+    let other = sandbox
+        .build_blob_image("aheadother", "1", 4096, 13)
+        .unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "ahead",
+            "1.0",
+            std::slice::from_ref(&db1),
+        ))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "ahead",
+            "2.0",
+            std::slice::from_ref(&db2),
+        ))
+        .unwrap();
+    let instances: Vec<_> = (0..3)
+        .map(|_| {
+            let instance = sandbox.add_rootless_instance("ahead").unwrap();
+            sandbox.install(&instance, &v1).unwrap();
+            instance
+        })
+        .collect();
+
+    // First in the daemon's PATH: a podman that delays the module image's pull by a second, so
+    // that the registry's answer always comes first, and a skopeo that, while `label` exists,
+    // answers with that label instead of asking the registry.
+    let trap = sandbox.root().join("trap");
+    std::fs::create_dir_all(&trap).unwrap();
+    let label_file = trap.join("label");
+    let scripts = [
+        (
+            "podman",
+            "#!/bin/sh\ncase \" $* \" in *\" pull \"*/ahead:*) sleep 1 ;; esac\nexec /usr/bin/podman \"$@\"\n"
+                .to_owned(),
+        ),
+        (
+            "skopeo",
+            format!(
+                "#!/bin/sh\nif [ -f {label} ]; then\n  printf '{{\"config\":{{\"Labels\":{{\"org.nethserver.images\":\"%s\"}}}}}}' \"$(cat {label})\"\n  exit 0\nfi\nexec /usr/bin/skopeo \"$@\"\n",
+                label = label_file.display()
+            ),
+        ),
+    ];
+    for (name, script) in scripts {
+        std::fs::write(trap.join(name), script).unwrap();
+        std::fs::set_permissions(
+            trap.join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+    }
+    for dir in [&trap, &sandbox.root().to_path_buf()] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let mut command = sandbox.daemon_command(&[]).unwrap();
+    command.args(daemon_args(&sandbox));
+    command.env(
+        "PATH",
+        format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            trap.display()
+        ),
+    );
+    let _daemon = sandbox.start_daemon_with(command).unwrap();
+    let connection = connect(&sandbox).await;
+    let has_image = |instance: &Instance, reference: &str| {
+        sandbox
+            .run_as(instance, &["podman", "image", "exists", reference])
+            .unwrap()
+            .status
+            .success()
+    };
+    let images = |instance: &Instance| {
+        as_user(
+            &sandbox,
+            instance,
+            &["podman", "image", "list", "--format", "{{.Id}} {{.Names}}"],
+        )
+    };
+
+    // The registry's label: the extra image is fetched beside the module image's pull.
+    let [fresh, moved, broken] = &instances[..] else {
+        unreachable!()
+    };
+    let run = run_job(&connection, &request(&v2, &[&fresh.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let messages = run.messages_of(&fresh.id);
+    let ahead = format!("The registry's {v2} names {db2}: fetching them beside it");
+    assert!(messages.contains(&ahead), "{messages:#?}");
+    assert_eq!(fresh.read_env().unwrap()["AHEADDB_IMAGE"], db2);
+    assert!(has_image(fresh, &db2));
+    assert!(!has_image(fresh, &db1), "the stale extra image is removed");
+
+    // The registry named another image than the one pulled has: that one is removed again, the
+    // right one fetched.
+    std::fs::write(&label_file, &other).unwrap();
+    let run = run_job(&connection, &request(&v2, &[&moved.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let messages = run.messages_of(&moved.id);
+    let removed =
+        format!("Removing {other} again: the module image's label changed while it was pulled");
+    assert!(messages.contains(&removed), "{messages:#?}");
+    assert_eq!(moved.read_env().unwrap()["AHEADDB_IMAGE"], db2);
+    assert!(has_image(moved, &db2));
+    assert!(!has_image(moved, &other), "{}", images(moved));
+
+    // The module image cannot be pulled: what was fetched ahead goes, the storage is as before.
+    let before = images(broken);
+    let missing = format!("{registry}/ahead:9.9");
+    let run = run_job(&connection, &request(&missing, &[&broken.id], false)).await;
+    let result = run.instance(&broken.id);
+    assert_eq!(result["status"], "failed", "{result:#}");
+    assert_eq!(result["error"]["step"], "pull-image", "{result:#}");
+    let messages = run.messages_of(&broken.id);
+    let removed = format!("Removing {other} again: the update did not get to use them");
+    assert!(messages.contains(&removed), "{messages:#?}");
+    assert_eq!(images(broken), before);
+    assert_eq!(broken.read_env().unwrap()["IMAGE_URL"], v1);
 }
 
 /// A module image of two layers (a file replaced and one added by the second) is installed as

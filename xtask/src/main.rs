@@ -23,6 +23,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("uidmap", "newuidmap/newgidmap for rootless podman"),
     (
+        "skopeo",
+        "reads a module image's labels in the registry while podman pulls it",
+    ),
+    (
         "docker-registry",
         "a real OCI registry on loopback for test images",
     ),

@@ -14,6 +14,7 @@ pub mod lock;
 pub mod podman;
 pub mod scripts;
 pub mod shared_images;
+pub mod skopeo;
 pub mod unchanged;
 pub mod update;
 pub mod worker;

@@ -34,6 +34,13 @@ pub enum PodmanError {
     Missing(String),
 }
 
+impl PodmanError {
+    /// Whether podman said the image does not exist (`image not known`).
+    pub fn is_unknown_image(&self) -> bool {
+        matches!(self, PodmanError::Failed { stderr, .. } if stderr.contains(IMAGE_UNKNOWN))
+    }
+}
+
 /// The name of the temporary container whose filesystem is extracted.
 pub const EXTRACT_CONTAINER: &str = "module-updater-extract";
 

@@ -27,6 +27,7 @@ use tokio::process::Command;
 
 use super::image_stream::Source;
 use super::podman::{ImageInfo, Podman, PodmanError, tail};
+use super::skopeo::IMAGES_LABEL;
 
 /// Where a job's shared images live: `<state dir>/shared-images/<job>-<random>/`.
 pub const DIR_NAME: &str = "shared-images";
@@ -176,9 +177,12 @@ async fn fill(
         .await?
         .pop()
         .ok_or_else(|| PodmanError::Missing(module_url.to_owned()))?;
+    // Not read ahead from the registry as a worker does (`update.rs`: pull_main_image): that
+    // read fetches the image's configuration blob, which the pull then fetches again, and this
+    // download is what makes each blob be served once per job.
     let extras: Vec<&str> = main
         .labels
-        .get("org.nethserver.images")
+        .get(IMAGES_LABEL)
         .map(|label| label.split_whitespace().collect())
         .unwrap_or_default();
     // A malformed reference is the instances' error to report, at their own step.

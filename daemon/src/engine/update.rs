@@ -33,6 +33,7 @@ use super::lock::{self, UpdateLock};
 use super::podman::{ImageInfo, Podman, PodmanError};
 use super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
 use super::shared_images::SharedModule;
+use super::skopeo::{self, IMAGES_LABEL};
 
 /// NS8's built-in step names, merged with the module's own steps by name.
 pub const PULL_STEP: &str = "05pullimages";
@@ -118,6 +119,7 @@ pub async fn run(
         result: InstanceResult::new(InstanceStatus::Completed),
         main_from_archive: false,
         changed: false,
+        ahead: None,
         container_removal: None,
         flush: None,
     };
@@ -144,6 +146,9 @@ struct Update<'a> {
     main_from_archive: bool,
     /// Whether files or the environment were touched (a failure after that keeps the marker).
     changed: bool,
+    /// The fetch of the extra images that the registry's copy of the module image names,
+    /// started while the module image is pulled (see [`Update::fetch_ahead`]).
+    ahead: Option<Ahead>,
     /// `podman rm` of the temporary container, running in the background after the export.
     container_removal: Option<JoinHandle<(String, Result<(), PodmanError>)>>,
     /// The flush of the installed files (`extract::sync_installed`), started when the
@@ -250,14 +255,35 @@ impl Update<'_> {
         self.update_environment(env, &main, &extras)
     }
 
+    /// Pulls the module image unless present, and inspects it. While podman lists and pulls, the
+    /// image's labels are read from the registry (`engine/skopeo.rs`), and the extra images they
+    /// name start downloading as soon as they are known.
     async fn pull_main_image(&mut self) -> StepResult<ImageInfo> {
         self.begin(Step::PullImage);
         let url = self.job.module_url.as_str();
+        // An image of the node's shared download is loaded, not pulled: nothing to overlap.
+        let mut peek =
+            (!self.job.shared_images.contains_key(url)).then(|| skopeo::Peek::start(url));
         if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
-            let fetched = fetch.announce(self).run(self.podman.clone()).await;
+            let run = fetch.announce(self).run(self.podman.clone());
+            let fetched = match peek.as_mut() {
+                Some(peek) => {
+                    tokio::pin!(run);
+                    tokio::select! {
+                        fetched = &mut run => fetched,
+                        labels = peek.wait() => {
+                            self.fetch_ahead(labels).await;
+                            run.await
+                        }
+                    }
+                }
+                None => run.await,
+            };
             self.main_from_archive = fetched.loaded.iter().any(|r| r == url);
             self.fetched(Step::PullImage, fetched)?;
         }
+        // Read or not, the labels are the pulled image's from here on.
+        drop(peek);
         let main = match &self.job.shared_module {
             Some(shared) if self.main_from_archive => shared.info.clone(),
             _ => self
@@ -276,28 +302,106 @@ impl Update<'_> {
         Ok(main)
     }
 
+    /// Starts fetching the missing extra images named by the labels read from the registry,
+    /// beside the module image's pull. It is only a head start: [`Update::take_ahead`] checks
+    /// it against the label of the image podman pulled. Labels that could not be read, or name
+    /// a malformed reference, start nothing (the step after the pull reports a bad label).
+    async fn fetch_ahead(&mut self, labels: Result<BTreeMap<String, String>, String>) {
+        let labels = match labels {
+            Ok(labels) => labels,
+            Err(err) => {
+                self.message(
+                    priority::DEBUG,
+                    format!("the extra images are looked up after the pull: {err}"),
+                );
+                return;
+            }
+        };
+        let label = labels.get(IMAGES_LABEL).cloned().unwrap_or_default();
+        let Ok(extras) = extras_of(&label) else {
+            return;
+        };
+        let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
+        let Ok(Some(fetch)) = self.missing(Step::PullExtraImages, &urls).await else {
+            return;
+        };
+        let references = fetch.references();
+        self.message(
+            priority::INFO,
+            format!(
+                "The registry's {} names {}: fetching them beside it",
+                self.job.module_url,
+                references.join(" ")
+            ),
+        );
+        let (gate, task) = fetch.announce(self).spawn(self.podman.clone());
+        self.ahead = Some(Ahead {
+            label,
+            references,
+            gate,
+            task,
+        });
+    }
+
+    /// The fetch started ahead, if it fetches what `label` (the pulled image's) names. One
+    /// started from another label (the tag moved between the two reads) is awaited: what it
+    /// brought that `extras` name counts as present, the rest is removed again.
+    async fn take_ahead(
+        &mut self,
+        label: &str,
+        extras: &[ExtraImage],
+    ) -> Option<(mpsc::Receiver<bool>, JoinHandle<Fetched>)> {
+        let ahead = self.ahead.take()?;
+        if ahead.label == label {
+            return Some((ahead.gate, ahead.task));
+        }
+        let fetched = ahead.task.await.ok();
+        let complete = fetched.as_ref().is_some_and(|f| f.result.is_ok());
+        let (needed, unneeded): (Vec<String>, Vec<String>) = ahead
+            .references
+            .into_iter()
+            .partition(|r| extras.iter().any(|e| &e.url == r));
+        if complete && let Some(local) = self.local_images.as_mut() {
+            local.extend(needed);
+        }
+        self.remove_fetched_ahead(
+            unneeded,
+            "the module image's label changed while it was pulled",
+        )
+        .await;
+        None
+    }
+
+    /// Removes images fetched ahead that the update does not use (none of them was present
+    /// before). A failure is a warning.
+    async fn remove_fetched_ahead(&mut self, references: Vec<String>, why: &str) {
+        if references.is_empty() {
+            return;
+        }
+        self.message(
+            priority::INFO,
+            format!("Removing {} again: {why}", references.join(" ")),
+        );
+        for (reference, outcome) in self.podman.remove_images(&references).await {
+            match outcome {
+                // A fetch that failed may not have brought it.
+                Err(err) if !err.is_unknown_image() => {
+                    self.warning(format!("cannot remove image {reference}: {err}"));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// The extra images of `org.nethserver.images`, checked before anything changes (NS8 finds a
     /// malformed one only after the files were replaced).
     fn extra_images(&self, main: &ImageInfo) -> StepResult<Vec<ExtraImage>> {
-        let label = main
-            .labels
-            .get("org.nethserver.images")
-            .map(String::as_str)
-            .unwrap_or("");
-        label
-            .split_whitespace()
-            .map(|url| {
-                let bad = |e: String| {
-                    failed(Step::PullExtraImages)(format!("label org.nethserver.images: {e}"))
-                };
-                imagename::validate_reference(url).map_err(|e| bad(e.to_string()))?;
-                let name = imagename::image_name_from_url(url).map_err(|e| bad(e.to_string()))?;
-                Ok(ExtraImage {
-                    url: url.to_owned(),
-                    var: imagename::image_env_var(name),
-                })
-            })
-            .collect()
+        extras_of(
+            main.labels
+                .get(IMAGES_LABEL)
+                .map(String::as_str)
+                .unwrap_or(""),
+        )
     }
 
     /// The extra images are fetched (pulled, or loaded from the node's shared download) while
@@ -313,10 +417,16 @@ impl Update<'_> {
         extras: &[ExtraImage],
     ) -> StepResult<()> {
         self.begin(Step::PullExtraImages);
-        let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
-        let (gate, task) = match self.missing(Step::PullExtraImages, &urls).await? {
-            Some(fetch) => Some(fetch.announce(self).spawn(self.podman.clone())),
-            None => None,
+        let label = main.labels.get(IMAGES_LABEL).map(String::as_str);
+        let (gate, task) = match self.take_ahead(label.unwrap_or(""), extras).await {
+            Some(ahead) => Some(ahead),
+            None => {
+                let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
+                match self.missing(Step::PullExtraImages, &urls).await? {
+                    Some(fetch) => Some(fetch.announce(self).spawn(self.podman.clone())),
+                    None => None,
+                }
+            }
         }
         .unzip();
         let extracted = self.extract(main, gate).await;
@@ -723,6 +833,13 @@ impl Update<'_> {
     /// update outlives the worker's result.
     async fn settle(&mut self) {
         self.await_container_removal().await;
+        // A fetch started ahead and never used: the update failed before the extra images'
+        // step. What it brought was not there before, and goes, so the storage is as it was.
+        if let Some(ahead) = self.ahead.take() {
+            let _ = ahead.task.await;
+            self.remove_fetched_ahead(ahead.references, "the update did not get to use them")
+                .await;
+        }
         if let Some(flush) = self.flush.take() {
             let _ = flush.await;
         }
@@ -829,7 +946,40 @@ struct Fetched {
     result: Result<(), String>,
 }
 
+/// A fetch of extra images started from the labels read in the registry.
+struct Ahead {
+    /// The `org.nethserver.images` label it was started from.
+    label: String,
+    /// What it fetches (none of it was present).
+    references: Vec<String>,
+    gate: mpsc::Receiver<bool>,
+    task: JoinHandle<Fetched>,
+}
+
+/// The extra images a `org.nethserver.images` label names, each validated.
+fn extras_of(label: &str) -> StepResult<Vec<ExtraImage>> {
+    label
+        .split_whitespace()
+        .map(|url| {
+            let bad =
+                |e: String| failed(Step::PullExtraImages)(format!("label {IMAGES_LABEL}: {e}"));
+            imagename::validate_reference(url).map_err(|e| bad(e.to_string()))?;
+            let name = imagename::image_name_from_url(url).map_err(|e| bad(e.to_string()))?;
+            Ok(ExtraImage {
+                url: url.to_owned(),
+                var: imagename::image_env_var(name),
+            })
+        })
+        .collect()
+}
+
 impl Fetch {
+    /// Every reference it brings in.
+    fn references(&self) -> Vec<String> {
+        let loads = self.loads.iter().map(|(reference, _)| reference.clone());
+        loads.chain(self.pulls.iter().cloned()).collect()
+    }
+
     /// Says what is about to be fetched.
     fn announce(self, update: &mut Update<'_>) -> Self {
         for (reference, _) in &self.loads {

@@ -1,0 +1,152 @@
+//! Reads an image's labels from its registry without pulling it (`skopeo inspect --config`), so
+//! that the extra images of the module image's `org.nethserver.images` label can be pulled
+//! while the module image itself is still being pulled: they no longer wait for that pull and
+//! the inspection after it.
+//!
+//! It is a hint, never trusted: the pipeline compares it with the label of the image podman
+//! actually pulled and reconciles a difference (a tag moved between the two reads). skopeo
+//! shares podman's image library, so it reads the same registries.conf (mirrors, insecure
+//! registries), the same credentials of the same user and picks the same platform from a
+//! manifest list. Without skopeo, or when the registry does not answer, nothing is read ahead
+//! and the update runs as before.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+
+use serde::Deserialize;
+use tokio::process::Command;
+use tokio::task::JoinHandle;
+
+use super::podman::tail;
+
+/// The label that names a module's extra images.
+pub const IMAGES_LABEL: &str = "org.nethserver.images";
+
+/// How long skopeo may wait for the registry (its `--command-timeout`): the read is dropped
+/// anyway when the module image's pull ends first, this only bounds a read nobody waits for.
+const COMMAND_TIMEOUT: &str = "60s";
+
+/// Why the labels could not be read ahead (the update then reads them after the pull).
+#[derive(Debug, thiserror::Error)]
+pub enum SkopeoError {
+    #[error("cannot run skopeo: {0} (apt-get install skopeo)")]
+    Spawn(#[source] std::io::Error),
+    #[error("`skopeo inspect --config` of {reference} failed ({status}): {stderr}")]
+    Failed {
+        reference: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot parse the configuration of {reference} that skopeo printed: {source}")]
+    Parse {
+        reference: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    config: Option<RawContainerConfig>,
+}
+
+#[derive(Deserialize)]
+struct RawContainerConfig {
+    #[serde(default, rename = "Labels")]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+/// The labels of the image `reference` names in its registry (`reference` is a validated
+/// registry reference, `host/path:tag` or `host/path@digest`).
+pub async fn labels(reference: &str) -> Result<BTreeMap<String, String>, SkopeoError> {
+    let transport = format!("docker://{reference}");
+    let output = Command::new("skopeo")
+        .args(["--command-timeout", COMMAND_TIMEOUT, "inspect"])
+        .args(["--config", "--raw", "--", &transport])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(SkopeoError::Spawn)?;
+    if !output.status.success() {
+        return Err(SkopeoError::Failed {
+            reference: reference.to_owned(),
+            status: output.status.to_string(),
+            stderr: tail(&output.stderr),
+        });
+    }
+    parse_labels(reference, &output.stdout)
+}
+
+/// The labels of an OCI or Docker image configuration (`config.Labels`, absent or null: none).
+fn parse_labels(reference: &str, config: &[u8]) -> Result<BTreeMap<String, String>, SkopeoError> {
+    let raw: RawConfig = serde_json::from_slice(config).map_err(|source| SkopeoError::Parse {
+        reference: reference.to_owned(),
+        source,
+    })?;
+    Ok(raw.config.and_then(|c| c.labels).unwrap_or_default())
+}
+
+/// A read of labels under way, in a task of its own so that it runs while its owner awaits
+/// other things (the listing of local images, then the pull). Dropping it kills skopeo.
+pub struct Peek(JoinHandle<Result<BTreeMap<String, String>, SkopeoError>>);
+
+impl Peek {
+    pub fn start(reference: &str) -> Peek {
+        let reference = reference.to_owned();
+        Peek(tokio::spawn(async move { labels(&reference).await }))
+    }
+
+    /// The labels, once read (the task's own failure is reported as a failed read).
+    pub async fn wait(&mut self) -> Result<BTreeMap<String, String>, String> {
+        match (&mut self.0).await {
+            Ok(read) => read.map_err(|e| e.to_string()),
+            Err(err) => Err(format!("the task reading the labels failed: {err}")),
+        }
+    }
+}
+
+impl Drop for Peek {
+    fn drop(&mut self) {
+        // The task owns skopeo's process (kill_on_drop): aborting the task kills it.
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_of_an_oci_configuration() {
+        let config = br#"{"architecture":"amd64","config":{"Labels":{"org.nethserver.images":"ghcr.io/a/b:1 ghcr.io/a/c:1","x":"y"}},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let labels = parse_labels("r", config).unwrap();
+        assert_eq!(
+            labels.get(IMAGES_LABEL).map(String::as_str),
+            Some("ghcr.io/a/b:1 ghcr.io/a/c:1")
+        );
+        assert_eq!(labels.len(), 2);
+    }
+
+    #[test]
+    fn a_configuration_without_labels_has_none() {
+        for config in [
+            &br#"{"config":{"Labels":null}}"#[..],
+            br#"{"config":{}}"#,
+            br#"{"config":null}"#,
+            br#"{"architecture":"amd64"}"#,
+        ] {
+            assert!(parse_labels("r", config).unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_that_names_the_image() {
+        let err = parse_labels("ghcr.io/a/b:1", b"<html>").unwrap_err();
+        assert!(err.to_string().contains("ghcr.io/a/b:1"), "{err}");
+    }
+}
