@@ -43,30 +43,15 @@ impl Source {
         })
     }
 
-    /// Starts the podman process (or opens the file) and returns its stream. `saving` is a
-    /// `podman image save` of the image started earlier (while the image was inspected): a
-    /// [`Source::SavedLayer`] reads it instead of starting another, any other source stops it.
+    /// Starts the podman process (or opens the file) and returns its stream.
     pub fn open(
         &self,
         podman: &Podman,
         gate: Option<mpsc::Receiver<bool>>,
-        saving: Option<Child>,
     ) -> Result<Box<dyn Read + Send>, StreamError> {
-        let saving = match (self, saving) {
-            (Source::SavedLayer { .. }, saving) => saving,
-            (_, Some(mut unused)) => {
-                let _ = unused.kill();
-                let _ = unused.wait();
-                None
-            }
-            (_, None) => None,
-        };
         match self {
             Source::SavedLayer { image } => {
-                let child = match saving {
-                    Some(child) => child,
-                    None => podman.save_blocking(image)?,
-                };
+                let child = podman.save_blocking(image)?;
                 let stream = Checked::of_child(child, "podman image save", gate)?;
                 Ok(Box::new(LayerOfArchive::new(stream)))
             }

@@ -120,7 +120,6 @@ pub async fn run(
         main_from_archive: false,
         changed: false,
         ahead: None,
-        early_save: None,
         container_removal: None,
         flush: None,
     };
@@ -150,9 +149,6 @@ struct Update<'a> {
     /// The fetch of the extra images that the registry's copy of the module image names,
     /// started while the module image is pulled (see [`Update::fetch_ahead`]).
     ahead: Option<Ahead>,
-    /// `podman image save` of the module image, started beside its inspection; read or
-    /// stopped by `extract`, stopped by `settle` if the update ends before.
-    early_save: Option<std::process::Child>,
     /// `podman rm` of the temporary container, running in the background after the export.
     container_removal: Option<JoinHandle<(String, Result<(), PodmanError>)>>,
     /// The flush of the installed files (`extract::sync_installed`), started when the
@@ -290,20 +286,15 @@ impl Update<'_> {
         drop(peek);
         let main = match &self.job.shared_module {
             Some(shared) if self.main_from_archive => shared.info.clone(),
-            _ => {
-                // The image's filesystem is read from `podman image save` unless it has
-                // several layers (rare: NS8 builds have one), so the save starts beside the
-                // inspection rather than after it; `extract` stops it if it is not needed.
-                self.early_save = self.podman.save_blocking(url).ok();
-                self.podman
-                    .inspect(&[url])
-                    .await
-                    .map_err(|e| failed(Step::PullImage)(e.to_string()))?
-                    .pop()
-                    .ok_or_else(|| {
-                        failed(Step::PullImage)(format!("podman returned nothing for {url}"))
-                    })?
-            }
+            _ => self
+                .podman
+                .inspect(&[url])
+                .await
+                .map_err(|e| failed(Step::PullImage)(e.to_string()))?
+                .pop()
+                .ok_or_else(|| {
+                    failed(Step::PullImage)(format!("podman returned nothing for {url}"))
+                })?,
         };
         self.result.new_image_url = Some(url.to_owned());
         self.result.new_image_digest = Some(main.digest.clone());
@@ -550,12 +541,11 @@ impl Update<'_> {
         };
         let install_dir = self.job.instance.install_dir.clone();
         let podman = self.podman.clone();
-        let saving = self.early_save.take();
         let extracted = {
             let source = source.clone();
             tokio::task::spawn_blocking(move || {
                 let stream = source
-                    .open(&podman, gate, saving)
+                    .open(&podman, gate)
                     .map_err(|e| ExtractFailure::Other(e.to_string()))?;
                 Ok(extract::extract_imageroot(
                     stream,
@@ -843,10 +833,6 @@ impl Update<'_> {
     /// update outlives the worker's result.
     async fn settle(&mut self) {
         self.await_container_removal().await;
-        if let Some(mut saving) = self.early_save.take() {
-            let _ = saving.kill();
-            let _ = tokio::task::spawn_blocking(move || saving.wait()).await;
-        }
         // A fetch started ahead and never used: the update failed before the extra images'
         // step. What it brought was not there before, and goes, so the storage is as it was.
         if let Some(ahead) = self.ahead.take() {
