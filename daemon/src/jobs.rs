@@ -134,6 +134,14 @@ pub enum JobEvent {
     Removed { job: u64 },
 }
 
+/// At most this many jobs run at once; more are refused before any job exists. Running jobs are
+/// already bounded by the instances on the node (an instance is in at most one running job);
+/// this bounds them on a node with very many instances too.
+pub const MAX_RUNNING_JOBS: usize = 64;
+/// At most this many jobs are known at once, running or lingering after their end
+/// (`--job-linger`); more are refused until some leave.
+pub const MAX_KNOWN_JOBS: usize = 1024;
+
 /// Why a request was not turned into a job.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -143,6 +151,14 @@ pub enum SubmitError {
     Busy(Vec<ValidationError>),
     #[error("the daemon is shutting down and takes no new jobs; retry when it is back")]
     ShuttingDown,
+    #[error(
+        "too many jobs: {0} are running (the limit is {MAX_RUNNING_JOBS}); wait for some to finish"
+    )]
+    TooManyRunning(usize),
+    #[error(
+        "too many jobs: {0} are on the bus, running or lingering (the limit is {MAX_KNOWN_JOBS}); wait until finished ones leave (--job-linger)"
+    )]
+    TooManyKnown(usize),
     #[error("cannot record the job in {path}: {source}")]
     Persist {
         path: PathBuf,
@@ -181,6 +197,16 @@ pub struct Jobs {
     permits: Arc<Semaphore>,
     shutting_down: AtomicBool,
     idle: tokio::sync::Notify,
+}
+
+/// The log level of a journal priority (0–7) of the engine's messages.
+fn journal_level(priority: u8) -> log::Level {
+    match priority {
+        0..=3 => log::Level::Error,
+        4 => log::Level::Warn,
+        5 | 6 => log::Level::Info,
+        _ => log::Level::Debug,
+    }
 }
 
 fn now_usec() -> u64 {
@@ -320,6 +346,18 @@ impl Jobs {
                 .collect();
             if !busy.is_empty() {
                 return Err(SubmitError::Busy(busy));
+            }
+            // Counted under the lock that adds the job, so concurrent calls cannot overshoot.
+            let running = state
+                .jobs
+                .values()
+                .filter(|e| !e.record.status.finished())
+                .count();
+            if running >= MAX_RUNNING_JOBS {
+                return Err(SubmitError::TooManyRunning(running));
+            }
+            if state.jobs.len() >= MAX_KNOWN_JOBS {
+                return Err(SubmitError::TooManyKnown(state.jobs.len()));
             }
             let id = state.next_id;
             self.store
@@ -622,12 +660,20 @@ impl Jobs {
                     self.send(JobEvent::Changed { job: id });
                 }
             }
-            Event::Message { priority, text } => self.send(JobEvent::Message {
-                job: id,
-                instance: instance.to_owned(),
-                priority,
-                text,
-            }),
+            Event::Message { priority, text } => {
+                // Every line is journalled; the bus gets them within a budget (`bus/pump.rs`).
+                log::log!(
+                    journal_level(priority),
+                    JOB_ID = id, MODULE_ID = instance;
+                    "job {id}: {instance}: {text}"
+                );
+                self.send(JobEvent::Message {
+                    job: id,
+                    instance: instance.to_owned(),
+                    priority,
+                    text,
+                })
+            }
             Event::StepFinished { .. } | Event::Finished { .. } => {}
         }
     }

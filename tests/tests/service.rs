@@ -695,3 +695,79 @@ async fn instance_queries_see_new_instances_and_changed_environments_at_once() {
     assert_eq!(name, "org.nethserver.ModuleUpdater.Error.ValidationFailed");
     assert_eq!(array[0]["error"], "instances_instance_not_found");
 }
+
+/// At most 1024 jobs are on the bus at once, running or lingering: with that many finished jobs
+/// still lingering (recovered from their records), the next `UpdateModule` is refused with
+/// `Failed` naming the limit and the way out, and no job is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
+    use module_updaterd::jobs::{JobRecord, JobStatus, MAX_KNOWN_JOBS};
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("limits", "1.0"))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("limits").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let jobs = sandbox.daemon_state_dir().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    for id in 1..=MAX_KNOWN_JOBS as u64 {
+        let record = JobRecord {
+            id,
+            action: "update-module".into(),
+            request: request(&v1, &[&instance.id], false),
+            instances: vec![instance.id.clone()],
+            status: JobStatus::Completed,
+            progress: 100,
+            exit_code: 0,
+            caller_uid: 0,
+            started_usec: now,
+            finished_usec: now,
+            steps: Default::default(),
+            results: Default::default(),
+            error: None,
+        };
+        std::fs::write(
+            jobs.join(format!("{id}.json")),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+    }
+    let _daemon = start_daemon(&sandbox, &["--job-linger", "3600"]);
+
+    let out = busctl(
+        &sandbox,
+        &[
+            "call",
+            NAME,
+            PATH,
+            NAME,
+            "UpdateModule",
+            "s",
+            &request(&v1, &[&instance.id], false),
+        ],
+    );
+    assert!(!out.status.success(), "accepted: {}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("too many jobs: 1024 are on the bus") && stderr.contains("--job-linger"),
+        "{stderr}"
+    );
+    let out = gdbus_call(
+        &sandbox,
+        PATH,
+        "org.nethserver.ModuleUpdater.UpdateModule",
+        &[&request(&v1, &[&instance.id], false)],
+    );
+    assert!(
+        text(&out.stderr).contains("org.nethserver.ModuleUpdater.Error.Failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let listed = text(&busctl(&sandbox, &["call", NAME, PATH, NAME, "ListJobs"]).stdout);
+    assert!(listed.starts_with("ao 1024 "), "{listed}");
+    assert!(!jobs.join("1025.json").exists(), "a job record was written");
+}

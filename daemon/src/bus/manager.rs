@@ -53,7 +53,6 @@ impl Manager {
             None,
         )
         .await?;
-        super::check_job_limits(&self.jobs)?;
         let id = self.jobs.submit(request, caller.uid)?;
         super::pump::update_status(&self.jobs);
         let path = object_path(job_path(id));

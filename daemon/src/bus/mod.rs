@@ -9,15 +9,7 @@ pub mod pump;
 use module_updater_dbus::Error;
 use zbus::DBusError;
 
-use crate::jobs::{JobError, Jobs, SubmitError};
-
-/// At most this many jobs run at once; more are refused (`Failed`) before any job exists.
-/// Running jobs are already bounded by the instances on the node (an instance is in at most one
-/// running job); this bounds them on a node with very many instances too.
-pub const MAX_RUNNING_JOBS: usize = 64;
-/// At most this many jobs are on the bus at once, running or lingering after their end
-/// (`--job-linger`); more are refused (`Failed`) until some leave.
-pub const MAX_KNOWN_JOBS: usize = 1024;
+use crate::jobs::{JobError, SubmitError};
 
 /// What a method answers on failure: one of the service's own errors
 /// (`org.nethserver.ModuleUpdater.Error.*`), or a refusal with a standard name
@@ -74,23 +66,6 @@ impl From<JobError> for CallError {
     }
 }
 
-/// Refuses a new job when [`MAX_RUNNING_JOBS`] or [`MAX_KNOWN_JOBS`] is reached.
-pub fn check_job_limits(jobs: &Jobs) -> Result<(), Error> {
-    let running = jobs.running().len();
-    if running >= MAX_RUNNING_JOBS {
-        return Err(Error::Failed(format!(
-            "too many jobs: {running} are running (the limit is {MAX_RUNNING_JOBS}); wait for some to finish"
-        )));
-    }
-    let known = jobs.ids().len();
-    if known >= MAX_KNOWN_JOBS {
-        return Err(Error::Failed(format!(
-            "too many jobs: {known} are on the bus, running or lingering (the limit is {MAX_KNOWN_JOBS}); wait until finished ones leave (--job-linger)"
-        )));
-    }
-    Ok(())
-}
-
 /// Caller credentials from the bus (never from the message body).
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -131,7 +106,9 @@ impl From<SubmitError> for Error {
             SubmitError::Invalid(_) => Error::ValidationFailed(err.to_string()),
             SubmitError::Busy(_) => Error::Busy(err.to_string()),
             SubmitError::ShuttingDown => Error::ShuttingDown(err.to_string()),
-            SubmitError::Persist { .. } => Error::Failed(err.to_string()),
+            SubmitError::Persist { .. }
+            | SubmitError::TooManyRunning(_)
+            | SubmitError::TooManyKnown(_) => Error::Failed(err.to_string()),
         }
     }
 }
