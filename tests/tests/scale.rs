@@ -669,3 +669,57 @@ async fn three_instances_download_each_blob_once() {
         }
     }
 }
+
+/// A script that prints 5 000 lines at once: the bus gets the first ones and then at most 50 a
+/// second from that instance; a warning counts the messages left out and names the journal
+/// query that has them all. Every line is either shown or counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_script_lines_is_cut_to_the_message_budget() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&module_updater_tests::ImageSpec::module("flood", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(
+            &module_updater_tests::ImageSpec::module("flood", "2.0").file(
+                "update-module.d/10flood",
+                "#!/bin/sh\nseq 1 5000 | sed 's/^/line /'\n",
+                0o755,
+            ),
+        )
+        .unwrap();
+    let (instances, _, _) = provision(&mut sandbox, "flood", 1, &v1);
+    let id = instances[0].id.as_str();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let run = run_job(&connection, &request(&v2, &[id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+
+    let messages = run.messages_of(id);
+    let shown = messages.iter().filter(|m| m.starts_with("line ")).count();
+    let notices: Vec<&String> = messages
+        .iter()
+        .filter(|m| m.contains("messages were not sent on the bus"))
+        .collect();
+    let counted: usize = notices
+        .iter()
+        .filter_map(|m| m.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    assert!(!notices.is_empty(), "no notice among {messages:#?}");
+    assert!(
+        notices
+            .iter()
+            .all(|n| n.ends_with(&format!("journalctl JOB_ID=1 MODULE_ID={id}"))),
+        "{notices:#?}"
+    );
+    let others: Vec<&String> = messages.iter().filter(|m| !m.starts_with("line ")).collect();
+    // The count covers every message of the instance left out: the 5 000 lines and the
+    // engine's own last messages (cleanup) that came after them within the same second.
+    assert!(
+        (5000..5010).contains(&(shown + counted)),
+        "{shown} shown, {counted} counted, besides: {others:#?}"
+    );
+    assert!(shown < 1000, "{shown} lines went out on the bus");
+    // The first lines are the first ones printed, in order.
+    assert!(messages.contains(&"line 1".to_owned()), "{messages:#?}");
+}

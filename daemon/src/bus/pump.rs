@@ -9,6 +9,12 @@
 //! that waited longest goes first). One of them is kept for the instances that finish: an
 //! instance's last progress goes out before its `InstanceFinished` when the budget allows, and
 //! is dropped otherwise (the `InstanceFinished` says the rest).
+//!
+//! `Message` signals have a budget per instance: at most [`MESSAGES_PER_SECOND`] in any second.
+//! A script that prints faster loses the excess on the bus, not in the journal (every message
+//! is journalled with `JOB_ID` and `MODULE_ID`, `jobs.rs`); the next message that goes out, or
+//! the instance's end, is preceded by a warning that tells how many were left out and where to
+//! read them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -23,6 +29,7 @@ use zbus::object_server::SignalEmitter;
 
 use super::job::JobObject;
 use super::manager::Manager;
+use crate::engine::events::priority;
 use crate::jobs::{JobEvent, job_path};
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
@@ -30,15 +37,19 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// Most `Progress` signals of one job in any one second.
 pub const PROGRESS_PER_SECOND: usize = 5;
 
-/// When a job's recent `Progress` signals went out, to keep it within its budget.
+/// Most `Message` signals of one instance in any one second.
+pub const MESSAGES_PER_SECOND: usize = 50;
+
+/// When recent signals went out, to keep them within a budget per second.
 #[derive(Default)]
 struct Budget {
     sent: VecDeque<Instant>,
 }
 
 impl Budget {
-    /// Whether one more signal fits, leaving `reserve` slots of the current second unused.
-    fn allows(&mut self, now: Instant, reserve: usize) -> bool {
+    /// Whether one more signal fits in `per_second`, leaving `reserve` slots of the current
+    /// second unused.
+    fn allows(&mut self, now: Instant, per_second: usize, reserve: usize) -> bool {
         while self
             .sent
             .front()
@@ -46,7 +57,7 @@ impl Budget {
         {
             self.sent.pop_front();
         }
-        self.sent.len() + reserve < PROGRESS_PER_SECOND
+        self.sent.len() + reserve < per_second
     }
 
     fn spend(&mut self, now: Instant) {
@@ -96,6 +107,9 @@ struct Pending {
     budgets: HashMap<u64, Budget>,
     /// What PropertiesChanged last said of each job.
     sent: HashMap<u64, Sent>,
+    /// Each (job, instance)'s `Message` budget, and how many of its messages were left out
+    /// since the last one that went out.
+    messages: HashMap<(u64, String), (Budget, u64)>,
 }
 
 impl Pending {
@@ -110,7 +124,12 @@ impl Pending {
         }
         let mut due = Vec::new();
         for (job, (_, instance)) in oldest {
-            if !self.budgets.entry(job).or_default().allows(now, 1) {
+            if !self
+                .budgets
+                .entry(job)
+                .or_default()
+                .allows(now, PROGRESS_PER_SECOND, 1)
+            {
                 continue;
             }
             if let Some((step, percent, _)) = self.progress.remove(&(job, instance.clone())) {
@@ -119,6 +138,52 @@ impl Pending {
             }
         }
         due
+    }
+
+    /// The `Message` signals (priority, text) that go out for one message of an instance: none
+    /// when its budget is spent (the message is counted as left out), else the message,
+    /// preceded by the notice of those left out before it.
+    fn admit_message(
+        &mut self,
+        job: u64,
+        instance: &str,
+        message: (u8, String),
+        now: Instant,
+    ) -> Vec<(u8, String)> {
+        let (budget, left_out) = self.messages.entry((job, instance.to_owned())).or_default();
+        let mut out = Vec::new();
+        if *left_out > 0 && budget.allows(now, MESSAGES_PER_SECOND, 0) {
+            budget.spend(now);
+            out.push((priority::WARNING, left_out_notice(job, instance, *left_out)));
+            *left_out = 0;
+        }
+        if budget.allows(now, MESSAGES_PER_SECOND, 0) {
+            budget.spend(now);
+            out.push(message);
+        } else {
+            *left_out += 1;
+        }
+        out
+    }
+
+    /// Forgets the `Message` budget of a finishing instance (`None`: of every instance of a
+    /// finishing job), with the notice of what it left out, if anything (always sent).
+    fn finish_messages(&mut self, job: u64, instance: Option<&str>) -> Vec<(String, String)> {
+        let keys: Vec<(u64, String)> = self
+            .messages
+            .keys()
+            .filter(|(j, i)| *j == job && instance.is_none_or(|wanted| wanted == i))
+            .cloned()
+            .collect();
+        let mut notices = Vec::new();
+        for key in keys {
+            if let Some((_, left_out)) = self.messages.remove(&key)
+                && left_out > 0
+            {
+                notices.push((key.1.clone(), left_out_notice(job, &key.1, left_out)));
+            }
+        }
+        notices
     }
 
     /// Takes the pending progress of one finishing instance, or of every instance of a
@@ -141,13 +206,21 @@ impl Pending {
                 continue;
             };
             let budget = self.budgets.entry(job).or_default();
-            if budget.allows(now, 0) {
+            if budget.allows(now, PROGRESS_PER_SECOND, 0) {
                 budget.spend(now);
                 out.push((key.1, step, percent));
             }
         }
         out
     }
+}
+
+/// The warning that stands for messages left out of the bus.
+fn left_out_notice(job: u64, instance: &str, count: u64) -> String {
+    format!(
+        "{count} messages were not sent on the bus (more than {MESSAGES_PER_SECOND} a second); \
+         the journal has them all: journalctl JOB_ID={job} MODULE_ID={instance}"
+    )
 }
 
 async fn progress(
@@ -200,8 +273,13 @@ async fn handle(
             priority,
             text,
         } => {
-            let emitter = emitter(connection, job)?;
-            JobObject::message(&emitter, &instance, u32::from(priority), &text).await?;
+            let admitted = pending.admit_message(job, &instance, (priority, text), Instant::now());
+            if !admitted.is_empty() {
+                let emitter = emitter(connection, job)?;
+                for (priority, text) in admitted {
+                    JobObject::message(&emitter, &instance, u32::from(priority), &text).await?;
+                }
+            }
         }
         JobEvent::InstanceFinished {
             job,
@@ -209,6 +287,11 @@ async fn handle(
             status,
             exit_code,
         } => {
+            for (instance, notice) in pending.finish_messages(job, Some(&instance)) {
+                let emitter = emitter(connection, job)?;
+                let warning = u32::from(priority::WARNING);
+                JobObject::message(&emitter, &instance, warning, &notice).await?;
+            }
             for (instance, step, percent) in
                 pending.take_final(job, Some(&instance), Instant::now())
             {
@@ -226,6 +309,11 @@ async fn handle(
                 progress(connection, job, &instance, step, percent).await?;
             }
             pending.budgets.remove(&job);
+            // Messages of the daemon's own (the shared download) for instances that never ran.
+            for (instance, notice) in pending.finish_messages(job, None) {
+                let warning = u32::from(priority::WARNING);
+                JobObject::message(&emitter(connection, job)?, &instance, warning, &notice).await?;
+            }
             pending.properties.remove(&job);
             flush(connection, jobs, &mut pending.sent, job).await;
             JobObject::finished(&emitter(connection, job)?, status.as_str(), exit_code).await?;
@@ -386,6 +474,49 @@ mod tests {
         assert_eq!(who.len(), 50, "{who:?}");
         // The slot kept for finishing instances was there every time.
         assert_eq!(finals, 20);
+    }
+
+    #[test]
+    fn a_flood_of_messages_is_cut_to_the_budget_and_the_rest_is_counted() {
+        let start = Instant::now();
+        let mut pending = Pending::default();
+        let mut sent: Vec<(Instant, String)> = Vec::new();
+        // One instance prints 10 000 lines in 2 s (one every 0.2 ms); another prints 3.
+        for n in 0..10_000u64 {
+            let now = start + Duration::from_micros(n * 200);
+            for (_, text) in pending.admit_message(1, "loud1", (6, format!("line {n}")), now) {
+                sent.push((now, text));
+            }
+        }
+        let quiet: Vec<_> = (0..3)
+            .flat_map(|n| pending.admit_message(1, "quiet2", (6, format!("q{n}")), start))
+            .collect();
+        assert_eq!(quiet.len(), 3, "another instance has its own budget");
+        let times: Vec<Instant> = sent.iter().map(|(t, _)| *t).collect();
+        assert!(busiest_second(&times) <= MESSAGES_PER_SECOND);
+        // The first second's budget, then a notice and lines in the next second.
+        assert_eq!(sent[0].1, "line 0");
+        let notice = &sent[MESSAGES_PER_SECOND].1;
+        assert!(
+            notice.starts_with("4950 messages were not sent on the bus")
+                && notice.ends_with("journalctl JOB_ID=1 MODULE_ID=loud1"),
+            "{notice}"
+        );
+        // The instance ends: what it left out since is told once, then forgotten.
+        let at_end = pending.finish_messages(1, Some("loud1"));
+        assert_eq!(at_end.len(), 1);
+        let texts: Vec<&str> = sent
+            .iter()
+            .map(|(_, text)| text.as_str())
+            .chain(at_end.iter().map(|(_, notice)| notice.as_str()))
+            .collect();
+        let shown = texts.iter().filter(|t| t.starts_with("line ")).count() as u64;
+        let counted: u64 = texts
+            .iter()
+            .filter_map(|t| t.split(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(shown + counted, 10_000, "every line is shown or counted");
+        assert!(pending.finish_messages(1, Some("loud1")).is_empty());
     }
 
     #[test]
