@@ -44,7 +44,7 @@ impl InstalledTree {
 
     /// The installed regular file at `path` (relative), if there is one reachable without a
     /// symbolic link; never blocks (a FIFO put there is opened non-blocking, then refused).
-    fn regular_file(&self, path: &str) -> Option<File> {
+    fn regular_file(&self, path: &str) -> Option<(File, std::fs::Metadata)> {
         let how = OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
             .resolve(
@@ -54,7 +54,7 @@ impl InstalledTree {
             );
         let file = File::from(nix::fcntl::openat2(&self.dir, path, how).ok()?);
         let meta = file.metadata().ok()?;
-        meta.is_file().then_some(file)
+        meta.is_file().then_some((file, meta))
     }
 
     /// Whether the installed file at `path` is what staging `data` with `mode` would install:
@@ -62,10 +62,7 @@ impl InstalledTree {
     /// sticky bits differs), owner (the extracting user) and a single link (keeping a file
     /// with other names would keep them linked, which a fresh copy would not).
     pub fn holds(&self, path: &str, data: &[u8], mode: u32) -> bool {
-        let Some(file) = self.regular_file(path) else {
-            return false;
-        };
-        let Ok(meta) = file.metadata() else {
+        let Some((file, meta)) = self.regular_file(path) else {
             return false;
         };
         let same_meta = meta.len() == data.len() as u64
@@ -89,7 +86,7 @@ impl InstalledTree {
     /// Sets the mtime of the installed file at `path` to `mtime` (seconds since the epoch), as
     /// installing a fresh copy would have. Resolved as [`InstalledTree::holds`] resolves it.
     pub fn touch(&self, path: &str, mtime: u64) -> io::Result<()> {
-        let file = self
+        let (file, _) = self
             .regular_file(path)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no longer a regular file"))?;
         file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime))
@@ -98,15 +95,22 @@ impl InstalledTree {
 
 impl InstalledTree {
     /// Copies the installed file at `path` to a new staged file `to` with its permission bits
-    /// and `mtime` (for a hard link whose target was kept).
+    /// and `mtime` (for a hard link whose target was kept). Only a file that could have been
+    /// kept is copied, one of at most [`MAX_COMPARED`] bytes (read into memory); a larger one
+    /// is an error, never a truncated copy.
     pub fn copy_to(&self, path: &str, to: &Path, mtime: u64) -> io::Result<()> {
-        let mut file = self
+        let (mut file, meta) = self
             .regular_file(path)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no longer a regular file"))?;
-        let mode = file.metadata()?.mode();
         let mut data = Vec::new();
         (&mut file).take(MAX_COMPARED + 1).read_to_end(&mut data)?;
-        write_staged(to, &data, mode, mtime)
+        if data.len() as u64 > MAX_COMPARED {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("larger than {MAX_COMPARED} bytes: it cannot be a kept file"),
+            ));
+        }
+        write_staged(to, &data, meta.mode(), mtime)
     }
 }
 
@@ -206,6 +210,17 @@ mod tests {
         let meta = std::fs::metadata(&to).unwrap();
         assert_eq!(std::fs::read(&to).unwrap(), b"same\n");
         assert_eq!((meta.mode() & 0o777, meta.mtime()), (0o755, 1_600_000_000));
+    }
+
+    #[test]
+    fn copy_to_refuses_a_file_larger_than_a_kept_one() {
+        let (dir, tree) = tree();
+        let big = vec![b'x'; MAX_COMPARED as usize + 1];
+        std::fs::write(dir.path().join("bin/big"), &big).unwrap();
+        let to = dir.path().join("copy");
+        let err = tree.copy_to("bin/big", &to, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::FileTooLarge, "{err}");
+        assert!(!to.exists(), "no truncated copy");
     }
 
     #[test]
