@@ -81,35 +81,17 @@ async fn rootless_update_from_1_to_2() {
         .permissions();
 
     // A `systemctl` first in the daemon's PATH records any call: an update must make none.
-    let trap = sandbox.root().join("trap");
-    std::fs::create_dir_all(&trap).unwrap();
+    // The record is writable by everyone: the workers run as the instance user.
     let calls = sandbox.root().join("systemctl-calls");
-    std::fs::write(
-        trap.join("systemctl"),
-        format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", calls.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        trap.join("systemctl"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::set_permissions(&trap, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(
-        sandbox.root(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let mut command = sandbox.daemon_command(&[]).unwrap();
-    command.args(daemon_args(&sandbox));
-    command.env(
-        "PATH",
-        format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            trap.display()
-        ),
+    std::fs::write(&calls, "").unwrap();
+    std::fs::set_permissions(&calls, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let _daemon = start_daemon_with_trap(
+        &sandbox,
+        &[(
+            "systemctl",
+            format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", calls.display()),
+        )],
     );
-    let _daemon = sandbox.start_daemon_with(command).unwrap();
 
     let connection = connect(&sandbox).await;
     let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
@@ -197,10 +179,10 @@ async fn rootless_update_from_1_to_2() {
             .unwrap(),
         "b false"
     );
-    assert!(
-        !calls.exists(),
-        "systemctl was run: {}",
-        std::fs::read_to_string(&calls).unwrap_or_default()
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "",
+        "systemctl was run"
     );
 
     // Scripts: as the user, in the state dir, at the workers' lower CPU priority (worker_nice,
@@ -480,44 +462,24 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     // First in the daemon's PATH: a podman that delays the module image's pull by a second, so
     // that the registry's answer always comes first, and a skopeo that, while `label` exists,
     // answers with that label instead of asking the registry.
-    let trap = sandbox.root().join("trap");
-    std::fs::create_dir_all(&trap).unwrap();
-    let label_file = trap.join("label");
-    let scripts = [
-        (
-            "podman",
-            "#!/bin/sh\ncase \" $* \" in *\" pull \"*/ahead:*) sleep 1 ;; esac\nexec /usr/bin/podman \"$@\"\n"
-                .to_owned(),
-        ),
-        (
-            "skopeo",
-            format!(
-                "#!/bin/sh\nif [ -f {label} ]; then\n  printf '{{\"config\":{{\"Labels\":{{\"org.nethserver.images\":\"%s\"}}}}}}' \"$(cat {label})\"\n  exit 0\nfi\nexec /usr/bin/skopeo \"$@\"\n",
-                label = label_file.display()
+    let label_file = sandbox.root().join("trap/label");
+    let _daemon = start_daemon_with_trap(
+        &sandbox,
+        &[
+            (
+                "podman",
+                "#!/bin/sh\ncase \" $* \" in *\" pull \"*/ahead:*) sleep 1 ;; esac\nexec /usr/bin/podman \"$@\"\n"
+                    .to_owned(),
             ),
-        ),
-    ];
-    for (name, script) in scripts {
-        std::fs::write(trap.join(name), script).unwrap();
-        std::fs::set_permissions(
-            trap.join(name),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-    }
-    for dir in [&trap, &sandbox.root().to_path_buf()] {
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
-    let mut command = sandbox.daemon_command(&[]).unwrap();
-    command.args(daemon_args(&sandbox));
-    command.env(
-        "PATH",
-        format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            trap.display()
-        ),
+            (
+                "skopeo",
+                format!(
+                    "#!/bin/sh\nif [ -f {label} ]; then\n  printf '{{\"config\":{{\"Labels\":{{\"org.nethserver.images\":\"%s\"}}}}}}' \"$(cat {label})\"\n  exit 0\nfi\nexec /usr/bin/skopeo \"$@\"\n",
+                    label = label_file.display()
+                ),
+            ),
+        ],
     );
-    let _daemon = sandbox.start_daemon_with(command).unwrap();
     let connection = connect(&sandbox).await;
     let has_image = |instance: &Instance, reference: &str| {
         sandbox

@@ -33,6 +33,33 @@ pub fn start_daemon(sandbox: &Sandbox, extra: &[&str]) -> Daemon {
     sandbox.start_daemon(&args).expect("start module-updaterd")
 }
 
+/// Starts the daemon with [`daemon_args`] and, first in its PATH (hence its workers' and the
+/// scripts'), a directory `<sandbox>/trap` holding the executable `scripts` (name, content):
+/// stand-ins for tools we did not write, to record or steer how they are called.
+pub fn start_daemon_with_trap(sandbox: &Sandbox, scripts: &[(&str, String)]) -> Daemon {
+    use std::os::unix::fs::PermissionsExt;
+    let trap = sandbox.root().join("trap");
+    std::fs::create_dir_all(&trap).unwrap();
+    for (name, script) in scripts {
+        std::fs::write(trap.join(name), script).unwrap();
+        std::fs::set_permissions(trap.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Instance users run the workers' tools: they must reach the directory.
+    for dir in [trap.as_path(), sandbox.root()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut command = sandbox.daemon_command(&[]).unwrap();
+    command.args(daemon_args(sandbox));
+    command.env(
+        "PATH",
+        format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            trap.display()
+        ),
+    );
+    sandbox.start_daemon_with(command).unwrap()
+}
+
 pub async fn connect(sandbox: &Sandbox) -> zbus::Connection {
     zbus::connection::Builder::address(sandbox.bus_address().as_str())
         .build()
