@@ -120,10 +120,11 @@ pub struct WorkerSample {
     pub peak_rss_kib: u64,
 }
 
-/// Samples the children of a process (the daemon's workers) every few milliseconds from a
-/// thread: their own CPU time is lost when they are reaped (it goes into the parent's children
-/// times together with podman's), so it is read while they live. What a worker spends after its
-/// last sample (at most one period) is missed.
+/// Samples the children of a process that run its own executable (the daemon's workers, not
+/// the podman processes of its shared download) every few milliseconds from a thread: their own
+/// CPU time is lost when they are reaped (it goes into the parent's children times together with
+/// podman's), so it is read while they live. What a worker spends after its last sample (at
+/// most one period) is missed.
 pub struct WorkerSampler {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<WorkerSample>,
@@ -137,9 +138,14 @@ impl WorkerSampler {
             // (pid, start time) -> own ticks last seen
             let mut seen: BTreeMap<(u32, u64), u64> = BTreeMap::new();
             let mut peak_rss = 0;
+            let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            let own = exe(parent);
             loop {
                 let last = flag.load(Ordering::Relaxed);
                 for child in children(parent) {
+                    if own.is_none() || exe(child) != own {
+                        continue;
+                    }
                     if let Ok(cpu) = proc_cpu(&child.to_string()) {
                         let ticks = cpu.utime + cpu.stime;
                         let entry = seen.entry((child, cpu.start_time)).or_default();
