@@ -712,7 +712,10 @@ async fn a_flood_of_script_lines_is_cut_to_the_message_budget() {
             .all(|n| n.ends_with(&format!("journalctl JOB_ID=1 MODULE_ID={id}"))),
         "{notices:#?}"
     );
-    let others: Vec<&String> = messages.iter().filter(|m| !m.starts_with("line ")).collect();
+    let others: Vec<&String> = messages
+        .iter()
+        .filter(|m| !m.starts_with("line "))
+        .collect();
     // The count covers every message of the instance left out: the 5 000 lines and the
     // engine's own last messages (cleanup) that came after them within the same second.
     assert!(
