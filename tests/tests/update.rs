@@ -534,6 +534,17 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     assert!(messages.contains(&removed), "{messages:#?}");
     assert_eq!(images(broken), before);
     assert_eq!(broken.read_env().unwrap()["IMAGE_URL"], v1);
+
+    // Forced, nothing is read ahead (every image is fetched again, present or not, so what is
+    // fetched could not be told apart from what was there before).
+    let run = run_job(&connection, &request(&v2, &[&fresh.id], true)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let messages = run.messages_of(&fresh.id);
+    assert!(
+        !messages.iter().any(|m| m.contains("beside it")),
+        "{messages:#?}"
+    );
+    assert!(has_image(fresh, &db2));
 }
 
 /// A module image of two layers (a file replaced and one added by the second) is installed as

@@ -262,8 +262,10 @@ impl Update<'_> {
         self.begin(Step::PullImage);
         let url = self.job.module_url.as_str();
         // An image of the node's shared download is loaded, not pulled: nothing to overlap.
-        let mut peek =
-            (!self.job.shared_images.contains_key(url)).then(|| skopeo::Peek::start(url));
+        // Forced, every image is fetched again, present or not: what is fetched ahead could not
+        // be told apart from what was there before, to be removed if the update fails.
+        let read_ahead = !self.job.force && !self.job.shared_images.contains_key(url);
+        let mut peek = read_ahead.then(|| skopeo::Peek::start(url));
         if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
             let run = fetch.announce(self).run(self.podman.clone());
             let fetched = match peek.as_mut() {
