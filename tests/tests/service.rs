@@ -771,3 +771,80 @@ async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
     assert!(listed.starts_with("ao 1024 "), "{listed}");
     assert!(!jobs.join("1025.json").exists(), "a job record was written");
 }
+
+/// A cancel while podman pulls the module image: podman is stopped with the worker, and the
+/// instance ends `cancelled` (not `failed` with podman's error), unchanged, with no re-run owed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_during_the_pull_ends_the_instance_cancelled_and_unchanged() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("slowpull", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("slowpull", "2.0"))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("slowpull").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    // A podman whose pull of 2.0 takes five minutes.
+    let _daemon = start_daemon_with_trap(
+        &sandbox,
+        &[(
+            "podman",
+            "#!/bin/sh\ncase \" $* \" in *\" pull \"*/slowpull:2.0*) sleep 301 ;; esac\nexec /usr/bin/podman \"$@\"\n"
+                .to_owned(),
+        )],
+    );
+    let connection = connect(&sandbox).await;
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &request(&v2, &[&instance.id], false))
+        .await
+        .unwrap();
+    let pulling = || {
+        Command::new("pgrep")
+            .args(["-u", &instance.id, "-f", "sleep 301"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let started = Instant::now();
+    while !pulling() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the pull never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = busctl(
+        &sandbox,
+        &[
+            "call",
+            NAME,
+            path.as_str(),
+            "org.nethserver.ModuleUpdater.Job",
+            "Cancel",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = follow(&connection, &mut stream, path).await;
+    assert_eq!(run.status, "aborted", "{:#}", run.result);
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "cancelled", "{result:#}");
+    assert!(result["error"].is_null(), "{result:#}");
+    assert!(
+        result["warnings"].as_array().unwrap().iter().any(|w| w
+            .as_str()
+            .unwrap()
+            .starts_with("cancelled during pull-image")),
+        "{result:#}"
+    );
+    assert!(!pulling(), "the pull still runs");
+    assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
+    assert!(
+        !instance
+            .state_dir
+            .join(".module-updater.in-progress")
+            .exists(),
+        "nothing changed, yet a re-run is owed"
+    );
+}

@@ -910,9 +910,18 @@ impl Update<'_> {
             Ok(status) => {
                 self.result.status = status;
             }
-            Err(Failed { reason, .. }) if reason == CANCELLED => {
+            // Cancelled between steps, or a step that failed once a cancel was asked for: the
+            // cancel stopped it (a podman or script process killed by the cancel's SIGTERM).
+            Err(Failed { step, reason }) if reason == CANCELLED || *self.cancel.borrow() => {
                 self.result.status = InstanceStatus::Cancelled;
+                if reason != CANCELLED {
+                    self.warning(format!("cancelled during {step}: {reason}"));
+                }
                 self.message(priority::WARNING, "update cancelled".into());
+                // Nothing changed yet: the instance is as before, no re-run is owed.
+                if !self.changed {
+                    let _ = lock::mark_finished(&self.job.instance.state_dir);
+                }
             }
             Err(Failed { step, reason }) => {
                 self.message(priority::ERR, format!("{step} failed: {reason}"));

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use module_updater_dbus::types::{InstanceResult, Step};
+use module_updater_dbus::types::{InstanceResult, InstanceStatus, Step};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -182,10 +182,21 @@ pub async fn update_instance(
     }
     let stderr_tail = stderr_task.await.unwrap_or_default();
     match result {
-        Some(result) => result,
-        None if *cancel.borrow() => {
-            InstanceResult::new(module_updater_dbus::types::InstanceStatus::Cancelled)
+        // The cancel's SIGTERM may stop a podman or script process before the worker itself
+        // notices the cancel: a step that failed after a cancel was asked for was cancelled.
+        Some(mut result) if *cancel.borrow() && result.status == InstanceStatus::Failed => {
+            if let Some(failure) = result.error.take() {
+                result.warnings.push(format!(
+                    "cancelled during {}: {}",
+                    failure.step, failure.reason
+                ));
+            }
+            result.status = InstanceStatus::Cancelled;
+            result.exit_code = InstanceStatus::Cancelled.exit_code();
+            result
         }
+        Some(result) => result,
+        None if *cancel.borrow() => InstanceResult::new(InstanceStatus::Cancelled),
         None => {
             let status = status
                 .map(|s| s.to_string())
