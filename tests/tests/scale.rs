@@ -570,28 +570,7 @@ async fn a_slow_instance_does_not_delay_the_others() {
 #[tokio::test(flavor = "multi_thread")]
 async fn three_instances_download_each_blob_once() {
     let mut sandbox = Sandbox::new().unwrap();
-    let db1 = sandbox
-        .build_blob_image("shareddb", "1", 1 << 21, 11)
-        .unwrap();
-    let db2 = sandbox
-        .build_blob_image("shareddb", "2", 1 << 21, 12)
-        .unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "shared",
-            "1.0",
-            std::slice::from_ref(&db1),
-        ))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "shared",
-            "2.0",
-            std::slice::from_ref(&db2),
-        ))
-        .unwrap();
+    let [_, db2, v1, v2] = module_with_changing_extra(&sandbox, "shared", "shareddb", 1 << 21);
     let (instances, _, _) = provision(&mut sandbox, "shared", 3, &v1);
     let lone = sandbox.add_rootless_instance("shared").unwrap();
     sandbox.install(&lone, &v1).unwrap();

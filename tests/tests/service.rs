@@ -40,6 +40,48 @@ fn gdbus_call(sandbox: &Sandbox, path: &str, method: &str, args: &[&str]) -> std
         .unwrap()
 }
 
+/// Whether `user` runs a process whose command line matches `pattern` (`pgrep -f`).
+fn runs(user: &str, pattern: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-u", user, "-f", pattern])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Waits (a minute at most) until `user` runs `pattern`, then cancels the job with busctl and
+/// follows it to its end.
+async fn cancel_once_running(
+    sandbox: &Sandbox,
+    connection: &zbus::Connection,
+    stream: &mut zbus::MessageStream,
+    path: zbus::OwnedObjectPath,
+    user: &str,
+    pattern: &str,
+) -> JobRun {
+    let started = Instant::now();
+    while !runs(user, pattern) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "`{pattern}` never ran as {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = busctl(
+        sandbox,
+        &[
+            "call",
+            NAME,
+            path.as_str(),
+            "org.nethserver.ModuleUpdater.Job",
+            "Cancel",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    follow(connection, stream, path).await
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -382,33 +424,8 @@ async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
     let next_id: u64 = path.as_str().rsplit('/').next().unwrap().parse().unwrap();
     let old_id: u64 = job.rsplit('/').next().unwrap().parse().unwrap();
     assert!(next_id > old_id, "job ids are never reused across restarts");
-    let started = Instant::now();
-    loop {
-        let ps = Command::new("pgrep")
-            .args(["-u", &a.id, "-f", "sleep 300"])
-            .output()
-            .unwrap();
-        if ps.status.success() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the script never started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let out = busctl(
-        &sandbox,
-        &[
-            "call",
-            NAME,
-            path.as_str(),
-            "org.nethserver.ModuleUpdater.Job",
-            "Cancel",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let run = follow(&connection, &mut stream, path).await;
+    let run =
+        cancel_once_running(&sandbox, &connection, &mut stream, path, &a.id, "sleep 300").await;
     assert_eq!(run.status, "aborted");
     assert_eq!(
         run.instance(&a.id)["status"],
@@ -416,11 +433,7 @@ async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
         "{:#}",
         run.result
     );
-    let ps = Command::new("pgrep")
-        .args(["-u", &a.id, "-f", "sleep 300"])
-        .output()
-        .unwrap();
-    assert!(!ps.status.success(), "the cancelled script still runs");
+    assert!(!runs(&a.id, "sleep 300"), "the cancelled script still runs");
     drop(daemon);
 }
 
@@ -799,34 +812,15 @@ async fn a_cancel_during_the_pull_ends_the_instance_cancelled_and_unchanged() {
     let path = submit(&connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
-    let pulling = || {
-        Command::new("pgrep")
-            .args(["-u", &instance.id, "-f", "sleep 301"])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
-    let started = Instant::now();
-    while !pulling() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the pull never started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let out = busctl(
+    let run = cancel_once_running(
         &sandbox,
-        &[
-            "call",
-            NAME,
-            path.as_str(),
-            "org.nethserver.ModuleUpdater.Job",
-            "Cancel",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let run = follow(&connection, &mut stream, path).await;
+        &connection,
+        &mut stream,
+        path,
+        &instance.id,
+        "sleep 301",
+    )
+    .await;
     assert_eq!(run.status, "aborted", "{:#}", run.result);
     let result = run.instance(&instance.id);
     assert_eq!(result["status"], "cancelled", "{result:#}");
@@ -838,7 +832,7 @@ async fn a_cancel_during_the_pull_ends_the_instance_cancelled_and_unchanged() {
             .starts_with("cancelled during pull-image")),
         "{result:#}"
     );
-    assert!(!pulling(), "the pull still runs");
+    assert!(!runs(&instance.id, "sleep 301"), "the pull still runs");
     assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
     assert!(
         !instance

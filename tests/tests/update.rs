@@ -430,26 +430,9 @@ async fn pull_missing_semantics_and_force() {
 async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let mut sandbox = Sandbox::new().unwrap();
     let registry = sandbox.registry();
-    let db1 = sandbox.build_blob_image("aheaddb", "1", 4096, 11).unwrap();
-    let db2 = sandbox.build_blob_image("aheaddb", "2", 4096, 12).unwrap();
+    let [db1, db2, v1, v2] = module_with_changing_extra(&sandbox, "ahead", "aheaddb", 4096);
     let other = sandbox
         .build_blob_image("aheadother", "1", 4096, 13)
-        .unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "ahead",
-            "1.0",
-            std::slice::from_ref(&db1),
-        ))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "ahead",
-            "2.0",
-            std::slice::from_ref(&db2),
-        ))
         .unwrap();
     let instances: Vec<_> = (0..3)
         .map(|_| {

@@ -294,6 +294,36 @@ pub fn module_image(sandbox: &Sandbox, repo: &str, tag: &str, extras: &[String])
         .label("org.nethserver.images", extras.join(" "))
 }
 
+/// A module at 1.0 and 2.0 (`module_image`) whose one extra image changes between them:
+/// `<extra>:1` and `<extra>:2` of `size` incompressible bytes. Returns the four references:
+/// extra 1, extra 2, module 1.0, module 2.0.
+pub fn module_with_changing_extra(
+    sandbox: &Sandbox,
+    repo: &str,
+    extra: &str,
+    size: u64,
+) -> [String; 4] {
+    let extra1 = sandbox.build_blob_image(extra, "1", size, 11).unwrap();
+    let extra2 = sandbox.build_blob_image(extra, "2", size, 12).unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(
+            sandbox,
+            repo,
+            "1.0",
+            std::slice::from_ref(&extra1),
+        ))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&module_image(
+            sandbox,
+            repo,
+            "2.0",
+            std::slice::from_ref(&extra2),
+        ))
+        .unwrap();
+    [extra1, extra2, v1, v2]
+}
+
 /// Runs a command as the instance user and returns its stdout (panics with stderr on failure).
 pub fn as_user(sandbox: &Sandbox, instance: &Instance, argv: &[&str]) -> String {
     let output = sandbox
