@@ -342,7 +342,7 @@ pub fn sync_installed(
 /// (a script may have replaced it since), is skipped: symbolic links are never followed, and a
 /// FIFO put in a file's place does not block. Returns false for an entry the permissions do not
 /// let us open.
-fn sync_entry(path: &Path, is_dir: bool) -> io::Result<bool> {
+pub(super) fn sync_entry(path: &Path, is_dir: bool) -> io::Result<bool> {
     let err = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let file = match OpenOptions::new()
         .read(true)

@@ -15,6 +15,7 @@ pub mod podman;
 pub mod scripts;
 pub mod shared_images;
 pub mod skopeo;
+pub mod state_flush;
 pub mod unchanged;
 pub mod update;
 pub mod worker;

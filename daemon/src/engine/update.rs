@@ -34,6 +34,7 @@ use super::podman::{ImageInfo, Podman, PodmanError};
 use super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
 use super::shared_images::SharedModule;
 use super::skopeo::{self, IMAGES_LABEL};
+use super::state_flush;
 
 /// NS8's built-in step names, merged with the module's own steps by name.
 pub const PULL_STEP: &str = "05pullimages";
@@ -120,6 +121,7 @@ pub async fn run(
         main_from_archive: false,
         changed: false,
         ahead: None,
+        started: std::time::SystemTime::now(),
         container_removal: None,
         flush: None,
     };
@@ -149,6 +151,8 @@ struct Update<'a> {
     /// The fetch of the extra images that the registry's copy of the module image names,
     /// started while the module image is pulled (see [`Update::fetch_ahead`]).
     ahead: Option<Ahead>,
+    /// When the update began: what the scripts changed in the state dir since is flushed.
+    started: std::time::SystemTime,
     /// `podman rm` of the temporary container, running in the background after the export.
     container_removal: Option<JoinHandle<(String, Result<(), PodmanError>)>>,
     /// The flush of the installed files (`extract::sync_installed`), started when the
@@ -232,6 +236,20 @@ impl Update<'_> {
                 .await
                 .unwrap_or_else(|e| Err(format!("the flush task failed: {e}"))),
             None => Ok(()),
+        };
+        // So must what the scripts wrote in the state dir (`engine/state_flush.rs`).
+        let flushed = match flushed {
+            Ok(()) => {
+                let (dir, since) = (state_dir.clone(), self.started);
+                tokio::task::spawn_blocking(move || state_flush::flush_changed(&dir, since))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+                    .map(|_| ())
+                    .map_err(|e| {
+                        format!("cannot flush what changed in {}: {e}", state_dir.display())
+                    })
+            }
+            Err(err) => Err(err),
         };
         match flushed {
             Ok(()) => lock::mark_finished(&state_dir).map_err(|e| {
