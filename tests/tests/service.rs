@@ -82,6 +82,14 @@ async fn cancel_once_running(
     follow(connection, stream, path).await
 }
 
+/// `busctl call ... UpdateModule s <request>`.
+fn update_module_with_busctl(sandbox: &Sandbox, request: &str) -> std::process::Output {
+    busctl(
+        sandbox,
+        &["call", NAME, PATH, NAME, "UpdateModule", "s", request],
+    )
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -263,18 +271,7 @@ async fn validation_errors_busy_and_instance_queries() {
     );
 
     // Busy: a second request for an instance in a running job names the job that holds it.
-    let out = busctl(
-        &sandbox,
-        &[
-            "call",
-            NAME,
-            PATH,
-            NAME,
-            "UpdateModule",
-            "s",
-            &request(&slow, &[id], false),
-        ],
-    );
+    let out = update_module_with_busctl(&sandbox, &request(&slow, &[id], false));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let job = text(&out.stdout)
         .trim()
@@ -751,18 +748,7 @@ async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
     }
     let _daemon = start_daemon(&sandbox, &["--job-linger", "3600"]);
 
-    let out = busctl(
-        &sandbox,
-        &[
-            "call",
-            NAME,
-            PATH,
-            NAME,
-            "UpdateModule",
-            "s",
-            &request(&v1, &[&instance.id], false),
-        ],
-    );
+    let out = update_module_with_busctl(&sandbox, &request(&v1, &[&instance.id], false));
     assert!(!out.status.success(), "accepted: {}", text(&out.stdout));
     let stderr = text(&out.stderr);
     assert!(

@@ -111,7 +111,8 @@ impl Podman {
         command
     }
 
-    async fn output(&self, args: &[&str]) -> Result<Vec<u8>, PodmanError> {
+    /// Runs `podman <global> <args>` and returns its stdout, or its failure with stderr's tail.
+    pub async fn output(&self, args: &[&str]) -> Result<Vec<u8>, PodmanError> {
         let output = self.run(args).await?;
         if output.status.success() {
             Ok(output.stdout)

@@ -18,15 +18,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use std::os::unix::fs::OpenOptionsExt;
 
 use serde::{Deserialize, Serialize};
-use tokio::process::Command;
 
 use super::image_stream::Source;
-use super::podman::{ImageInfo, Podman, PodmanError, tail};
+use super::podman::{ImageInfo, Podman, PodmanError};
 use super::skopeo::IMAGES_LABEL;
 
 /// Where a job's shared images live: `<state dir>/shared-images/<job>-<random>/`.
@@ -368,25 +366,7 @@ async fn save(global: &[String], reference: &str, archive: &Path) -> Result<(), 
     .map(|_| ())
 }
 
+/// One podman command on the daemon's private storage, its stdout on success.
 async fn run(global: &[String], args: &[&str]) -> Result<Vec<u8>, SharedImagesError> {
-    let output = Command::new("podman")
-        .args(global)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(PodmanError::Spawn)?;
-    if output.status.success() {
-        Ok(output.stdout)
-    } else {
-        Err(PodmanError::Failed {
-            command: args.join(" "),
-            status: output.status.to_string(),
-            stderr: tail(&output.stderr),
-        }
-        .into())
-    }
+    Ok(Podman::new(global.to_vec()).output(args).await?)
 }
