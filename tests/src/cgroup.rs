@@ -2,8 +2,8 @@
 //!
 //! Why: a manager started in the root cgroup takes it over and moves every process of the machine
 //! into its `init.scope`, and two managers sharing a cgroup kill each other's services on shutdown
-//! (`../shared/sandbox.md` beside the workspace). A non-root manager also needs the directories to be its own, and
-//! it must be moved there by root, before privileges are dropped.
+//! (`../shared/sandbox.md` beside the workspace). A non-root manager also needs the directories
+//! to be its own, and it must be moved there by root, before privileges are dropped.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
