@@ -169,12 +169,7 @@ impl Pending {
     /// Forgets the `Message` budget of a finishing instance (`None`: of every instance of a
     /// finishing job), with the notice of what it left out, if anything (always sent).
     fn finish_messages(&mut self, job: u64, instance: Option<&str>) -> Vec<(String, String)> {
-        let keys: Vec<(u64, String)> = self
-            .messages
-            .keys()
-            .filter(|(j, i)| *j == job && instance.is_none_or(|wanted| wanted == i))
-            .cloned()
-            .collect();
+        let keys = keys_of(self.messages.keys(), job, instance);
         let mut notices = Vec::new();
         for key in keys {
             if let Some((_, left_out)) = self.messages.remove(&key)
@@ -194,12 +189,7 @@ impl Pending {
         instance: Option<&str>,
         now: Instant,
     ) -> Vec<(String, Step, u8)> {
-        let keys: Vec<(u64, String)> = self
-            .progress
-            .keys()
-            .filter(|(j, i)| *j == job && instance.is_none_or(|wanted| wanted == i))
-            .cloned()
-            .collect();
+        let keys = keys_of(self.progress.keys(), job, instance);
         let mut out = Vec::new();
         for key in keys {
             let Some((step, percent, _)) = self.progress.remove(&key) else {
@@ -213,6 +203,30 @@ impl Pending {
         }
         out
     }
+}
+
+/// The (job, instance) keys of one instance of a job, or of all its instances (`None`).
+fn keys_of<'a>(
+    keys: impl Iterator<Item = &'a (u64, String)>,
+    job: u64,
+    instance: Option<&str>,
+) -> Vec<(u64, String)> {
+    keys.filter(|(j, i)| *j == job && instance.is_none_or(|wanted| wanted == i))
+        .cloned()
+        .collect()
+}
+
+/// Sends the warnings that stand for messages left out of the bus, (instance, text) each.
+async fn left_out_notices(
+    connection: &Connection,
+    job: u64,
+    notices: Vec<(String, String)>,
+) -> zbus::Result<()> {
+    for (instance, notice) in notices {
+        let warning = u32::from(priority::WARNING);
+        JobObject::message(&emitter(connection, job)?, &instance, warning, &notice).await?;
+    }
+    Ok(())
 }
 
 /// The warning that stands for messages left out of the bus.
@@ -287,11 +301,8 @@ async fn handle(
             status,
             exit_code,
         } => {
-            for (instance, notice) in pending.finish_messages(job, Some(&instance)) {
-                let emitter = emitter(connection, job)?;
-                let warning = u32::from(priority::WARNING);
-                JobObject::message(&emitter, &instance, warning, &notice).await?;
-            }
+            let notices = pending.finish_messages(job, Some(&instance));
+            left_out_notices(connection, job, notices).await?;
             for (instance, step, percent) in
                 pending.take_final(job, Some(&instance), Instant::now())
             {
@@ -310,10 +321,7 @@ async fn handle(
             }
             pending.budgets.remove(&job);
             // Messages of the daemon's own (the shared download) for instances that never ran.
-            for (instance, notice) in pending.finish_messages(job, None) {
-                let warning = u32::from(priority::WARNING);
-                JobObject::message(&emitter(connection, job)?, &instance, warning, &notice).await?;
-            }
+            left_out_notices(connection, job, pending.finish_messages(job, None)).await?;
             pending.properties.remove(&job);
             flush(connection, jobs, &mut pending.sent, job).await;
             JobObject::finished(&emitter(connection, job)?, status.as_str(), exit_code).await?;

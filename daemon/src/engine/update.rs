@@ -237,18 +237,9 @@ impl Update<'_> {
                 .unwrap_or_else(|e| Err(format!("the flush task failed: {e}"))),
             None => Ok(()),
         };
-        // So must what the scripts wrote in the state dir (`engine/state_flush.rs`).
+        // So must what the scripts wrote in the state dir.
         let flushed = match flushed {
-            Ok(()) => {
-                let (dir, since) = (state_dir.clone(), self.started);
-                tokio::task::spawn_blocking(move || state_flush::flush_changed(&dir, since))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-                    .map(|_| ())
-                    .map_err(|e| {
-                        format!("cannot flush what changed in {}: {e}", state_dir.display())
-                    })
-            }
+            Ok(()) => self.flush_state_dir().await,
             Err(err) => Err(err),
         };
         match flushed {
@@ -261,6 +252,17 @@ impl Update<'_> {
             )),
         }
         Ok(InstanceStatus::Completed)
+    }
+
+    /// fsyncs what changed in the state dir since the update began (`engine/state_flush.rs`).
+    async fn flush_state_dir(&self) -> Result<(), String> {
+        let (dir, since) = (self.job.instance.state_dir.clone(), self.started);
+        let shown = dir.display().to_string();
+        tokio::task::spawn_blocking(move || state_flush::flush_changed(&dir, since))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            .map(|_| ())
+            .map_err(|e| format!("cannot flush what changed in {shown}: {e}"))
     }
 
     /// `05pullimages`: pull, inspect, pull the extra images while extracting, reload, write the
@@ -337,7 +339,7 @@ impl Update<'_> {
                 return;
             }
         };
-        let label = labels.get(IMAGES_LABEL).cloned().unwrap_or_default();
+        let label = images_label(&labels).to_owned();
         let Ok(extras) = extras_of(&label) else {
             return;
         };
@@ -416,12 +418,7 @@ impl Update<'_> {
     /// The extra images of `org.nethserver.images`, checked before anything changes (NS8 finds a
     /// malformed one only after the files were replaced).
     fn extra_images(&self, main: &ImageInfo) -> StepResult<Vec<ExtraImage>> {
-        extras_of(
-            main.labels
-                .get(IMAGES_LABEL)
-                .map(String::as_str)
-                .unwrap_or(""),
-        )
+        extras_of(images_label(&main.labels))
     }
 
     /// The extra images are fetched (pulled, or loaded from the node's shared download) while
@@ -437,8 +434,7 @@ impl Update<'_> {
         extras: &[ExtraImage],
     ) -> StepResult<()> {
         self.begin(Step::PullExtraImages);
-        let label = main.labels.get(IMAGES_LABEL).map(String::as_str);
-        let (gate, task) = match self.take_ahead(label.unwrap_or(""), extras).await {
+        let (gate, task) = match self.take_ahead(images_label(&main.labels), extras).await {
             Some(ahead) => Some(ahead),
             None => {
                 let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
@@ -983,6 +979,11 @@ struct Ahead {
     references: Vec<String>,
     gate: mpsc::Receiver<bool>,
     task: JoinHandle<Fetched>,
+}
+
+/// The `org.nethserver.images` label of an image ("" when it has none).
+fn images_label(labels: &BTreeMap<String, String>) -> &str {
+    labels.get(IMAGES_LABEL).map_or("", String::as_str)
 }
 
 /// The extra images a `org.nethserver.images` label names, each validated.
