@@ -323,6 +323,75 @@ impl Builder {
         self.build_and_push(&context, &url)
     }
 
+    /// Pushes the image `source` (built here) again as `<repository>:<tag>`, its layers
+    /// compressed by GNU gzip instead of podman's own gzip code: an image as another build tool
+    /// makes it. Its layer digests, hence its manifest digest, are ones podman would not give
+    /// if it compressed the layers again. Returns the new URL.
+    pub fn push_gzipped_elsewhere(
+        &self,
+        source: &str,
+        repository: &str,
+        tag: &str,
+    ) -> Result<String> {
+        let url = self.url(repository, tag)?;
+        let layout = self.context(repository)?.join("layout");
+        let mut save = self.podman();
+        save.args(["save", "--quiet", "--uncompressed", "--format", "oci-dir"]);
+        save.arg("--output").arg(&layout).arg(source);
+        cmd::run(&mut save)?;
+        let blob = |digest: &str| {
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:"))
+        };
+        let read_json = |path: &Path| -> Result<serde_json::Value> {
+            let bytes = std::fs::read(path).map_err(|e| SandboxError::io("read", path, e))?;
+            serde_json::from_slice(&bytes).map_err(|e| SandboxError::InvalidSpec {
+                detail: format!("{} is not JSON: {e}", path.display()),
+            })
+        };
+        let index_path = layout.join("index.json");
+        let mut index = read_json(&index_path)?;
+        let manifest_digest = index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let mut manifest = read_json(&blob(&manifest_digest))?;
+        let layers =
+            manifest["layers"]
+                .as_array_mut()
+                .ok_or_else(|| SandboxError::InvalidSpec {
+                    detail: format!("the manifest of {source} has no layers"),
+                })?;
+        for layer in layers.iter_mut() {
+            let digest = layer["digest"].as_str().unwrap_or_default().to_owned();
+            let mut gzip = cmd::clean("gzip");
+            gzip.args(["-9nc"]).arg(blob(&digest));
+            let gzipped = cmd::run(&mut gzip)?.stdout;
+            let new_digest = write_blob(&layout, &gzipped)?;
+            layer["digest"] = new_digest.into();
+            layer["size"] = gzipped.len().into();
+            layer["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+        }
+        let manifest_bytes = manifest.to_string().into_bytes();
+        index["manifests"][0]["digest"] = write_blob(&layout, &manifest_bytes)?.into();
+        index["manifests"][0]["size"] = manifest_bytes.len().into();
+        std::fs::write(&index_path, index.to_string())
+            .map_err(|e| SandboxError::io("write", &index_path, e))?;
+        // `--preserve-digests`: skopeo pushes the bytes as they are, or fails.
+        let mut push = cmd::clean("skopeo");
+        push.args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ]);
+        push.arg(format!("oci:{}", layout.display()));
+        push.arg(format!("docker://{url}"));
+        cmd::run(&mut push)?;
+        Ok(url)
+    }
+
     fn url(&self, repository: &str, tag: &str) -> Result<String> {
         let repo_ok = !repository.is_empty()
             && repository.split('/').all(|part| {
@@ -398,6 +467,23 @@ pub fn image_env_var(url: &str) -> Result<String> {
         var.insert(0, 'I');
     }
     Ok(var)
+}
+
+/// Writes `data` as a blob of the OCI layout `layout`; returns its digest `sha256:…`.
+fn write_blob(layout: &Path, data: &[u8]) -> Result<String> {
+    let scratch = layout.join("blob.tmp");
+    std::fs::write(&scratch, data).map_err(|e| SandboxError::io("write", &scratch, e))?;
+    let mut sum = cmd::clean("sha256sum");
+    sum.arg(&scratch);
+    let out = cmd::run(&mut sum)?.stdout;
+    let hex = String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let path = layout.join("blobs/sha256").join(&hex);
+    std::fs::rename(&scratch, &path).map_err(|e| SandboxError::io("rename into", &path, e))?;
+    Ok(format!("sha256:{hex}"))
 }
 
 #[cfg(test)]

@@ -260,6 +260,17 @@ impl Sandbox {
         self.builder.build_image(spec)
     }
 
+    /// Pushes the image `source` again as `<repository>:<tag>` with its layers compressed by
+    /// GNU gzip, as an image another build tool made.
+    pub fn push_gzipped_elsewhere(
+        &self,
+        source: &str,
+        repository: &str,
+        tag: &str,
+    ) -> Result<String> {
+        self.builder.push_gzipped_elsewhere(source, repository, tag)
+    }
+
     /// Builds and pushes a "service" image holding `/blob`: `size_bytes` of incompressible data
     /// derived from `seed`.
     pub fn build_blob_image(

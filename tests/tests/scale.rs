@@ -649,6 +649,149 @@ async fn three_instances_download_each_blob_once() {
     }
 }
 
+/// Images another build tool compressed (GNU gzip, not podman's own gzip code) still give every
+/// instance the registry's digest. With skopeo the daemon shares them as the registry serves
+/// them (each blob served once). Without skopeo it saves them from its podman storage, and podman
+/// compresses the layers again: an image podman itself pushed comes out the same and is shared,
+/// one another tool compressed would get other digests, so each instance pulls it, and is told.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_compressed_by_another_tool_keep_the_registry_digest() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let built_db = sandbox
+        .build_blob_image("gzdb", "built", 1 << 20, 21)
+        .unwrap();
+    let db2 = sandbox
+        .push_gzipped_elsewhere(&built_db, "gzdb", "2")
+        .unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(&sandbox, "gz", "1.0", &[]))
+        .unwrap();
+    // Pushed by podman, and the same image pushed again with GNU gzip's layers.
+    let by_podman = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "gz",
+            "2.0-podman",
+            std::slice::from_ref(&db2),
+        ))
+        .unwrap();
+    let v2 = sandbox
+        .push_gzipped_elsewhere(&by_podman, "gz", "2.0")
+        .unwrap();
+    let (instances, _, _) = provision(&mut sandbox, "gz", 4, &v1);
+    let registry_digest = |url: &str| {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+            .arg(format!("docker://{url}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert_ne!(
+        registry_digest(&v2),
+        registry_digest(&by_podman),
+        "GNU gzip gave podman's bytes: the test would prove nothing"
+    );
+    // What the instance's own pull would give: the registry's digests, under the name pulled.
+    let check = |instance: &Instance, module: &str| {
+        let inspect = as_user(
+            &sandbox,
+            instance,
+            &[
+                "podman",
+                "image",
+                "inspect",
+                "--format",
+                "{{.Digest}} {{.RepoDigests}}",
+                module,
+                &db2,
+            ],
+        );
+        let expected: Vec<String> = [module, db2.as_str()]
+            .iter()
+            .map(|url| {
+                let digest = registry_digest(url);
+                let repo = url.rsplit_once(':').map_or(*url, |(repo, _)| repo);
+                format!("{digest} [{repo}@{digest}]")
+            })
+            .collect();
+        assert_eq!(
+            inspect.lines().collect::<Vec<_>>(),
+            expected,
+            "{}",
+            instance.id
+        );
+        let env = instance.read_env().unwrap();
+        assert_eq!(
+            env["IMAGE_DIGEST"],
+            registry_digest(module),
+            "{}",
+            instance.id
+        );
+        assert_eq!(env["GZDB_IMAGE"], db2, "{}", instance.id);
+    };
+    let (with_skopeo, without_skopeo) = instances.split_at(2);
+
+    let daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let offset = sandbox.registry_log_offset().unwrap();
+    let run = run_job(&connection, &request(&v2, &ids(with_skopeo), false)).await;
+    assert_eq!(
+        run.status,
+        "completed",
+        "{:#}\n{}",
+        run.result,
+        daemon.log()
+    );
+    let traffic = sandbox.registry_traffic_since(offset).unwrap();
+    assert_eq!(
+        traffic.max_serves_per_blob(),
+        1,
+        "{traffic:?}\n{}",
+        daemon.log()
+    );
+    for instance in with_skopeo {
+        check(instance, &v2);
+    }
+    drop(connection);
+    drop(daemon);
+
+    // A skopeo that is not there (as a shell says it).
+    let daemon = start_daemon_with_trap(
+        &sandbox,
+        &[(
+            "skopeo",
+            "#!/bin/sh\necho 'skopeo: not found' >&2\nexit 127\n".to_owned(),
+        )],
+    );
+    let connection = connect(&sandbox).await;
+    let run = run_job(
+        &connection,
+        &request(&by_podman, &ids(without_skopeo), false),
+    )
+    .await;
+    assert_eq!(
+        run.status,
+        "completed",
+        "{:#}\n{}",
+        run.result,
+        daemon.log()
+    );
+    for instance in without_skopeo {
+        check(instance, &by_podman);
+        let messages = run.messages_of(&instance.id);
+        let shared = format!("Loading {by_podman} (downloaded once for the node)");
+        let pulled = format!("{db2} is pulled by each instance: podman would save its layers");
+        assert!(messages.contains(&shared), "{}: {messages:#?}", instance.id);
+        assert!(
+            messages.iter().any(|m| m.starts_with(&pulled)),
+            "{}: {messages:#?}",
+            instance.id
+        );
+    }
+}
+
 /// A script that prints 5 000 lines at once: the bus gets the first ones and then at most 50 a
 /// second from that instance; a warning counts the messages left out and names the journal
 /// query that has them all. Every line is either shown or counted.

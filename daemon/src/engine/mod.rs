@@ -11,6 +11,7 @@ pub mod imagename;
 pub mod instance;
 pub mod instance_cache;
 pub mod lock;
+pub mod oci_archive;
 pub mod podman;
 pub mod scripts;
 pub mod shared_images;

@@ -1,22 +1,24 @@
-//! One download per node: when a job updates several rootless instances, the daemon pulls the
-//! module image and its extra images once, into a storage of its own, and saves each as an OCI
-//! archive the instances' workers load into their own storages (`podman load`), instead of
-//! every instance pulling the same blobs from the registry. The workers that load the module
-//! image from its archive also take the daemon's inspection of it instead of their own, and,
-//! for an image of one layer, read its filesystem from the layer file the daemon wrote
-//! (`module-layer.tar`) instead of running `podman image save` each.
+//! One download per node: when a job updates several rootless instances, the daemon downloads
+//! the module image and its extra images once, each into an OCI archive the instances'
+//! workers load into their own storages (`podman load`), instead of every instance pulling the
+//! same blobs from the registry. The workers that load the module image from its archive also
+//! take the daemon's inspection of it instead of their own, and, for an image of
+//! one layer, read its filesystem from the layer file the daemon wrote (`module-layer.tar`)
+//! instead of running `podman image save` each.
 //!
 //! Isolation stays as it was: each instance's storage is written only by its own user; the
 //! archives are written by root into a root-owned directory and are only readable (0644, in a
 //! 0711 directory under a random name that only the job's workers are told).
 //!
 //! An archive must give the instance exactly what a pull would: the same name, image id, digest
-//! and repository digest. An OCI archive keeps the manifest bytes, hence the digest, only for
-//! an image whose registry manifest is an OCI manifest and that was not picked from a manifest
-//! list (a list's digest would be lost); any other image is left for the instances to pull, as
-//! is everything when the shared download fails (the workers then report their own errors).
+//! and repository digest, so the manifest must come through byte for byte (`oci_archive.rs`).
+//! skopeo copies the registry's bytes; without skopeo the images are pulled into a private
+//! storage and saved from there, which keeps the digest only when podman compresses the layers
+//! again exactly as they were, and that is checked. Any image an archive cannot carry unchanged is
+//! left for the instances to pull, as is everything when the shared download fails (the
+//! workers then report their own errors).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -24,8 +26,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use serde::{Deserialize, Serialize};
 
 use super::image_stream::Source;
+use super::oci_archive::{self, ArchiveError};
 use super::podman::{ImageInfo, Podman, PodmanError};
-use super::skopeo::IMAGES_LABEL;
+use super::skopeo::{self, IMAGES_LABEL, SkopeoError};
 
 /// Where a job's shared images live: `<state dir>/shared-images/<job>-<random>/`.
 pub const DIR_NAME: &str = "shared-images";
@@ -43,6 +46,10 @@ pub enum SharedImagesError {
     },
     #[error("{0}")]
     Podman(#[from] PodmanError),
+    #[error("{0}")]
+    Skopeo(#[from] SkopeoError),
+    #[error("{0}")]
+    Archive(#[from] ArchiveError),
 }
 
 /// podman's run root must be shorter than 50 characters: a state dir may be longer.
@@ -110,14 +117,14 @@ pub fn remove_leftovers(state_dir: &Path) {
     }
 }
 
-/// Pulls `module_url` and the extra images its `org.nethserver.images` label names, once, and
-/// saves each one that an archive can carry faithfully. Extra images in `present` (named in
+/// Downloads `module_url` and the extra images its `org.nethserver.images` label names, once,
+/// into an archive each, for each one that an archive carries unchanged. Extra images in `present` (named in
 /// every instance's environment, hence in every storage) are not fetched.
 pub async fn download(
     state_dir: &Path,
     job_id: u64,
     module_url: &str,
-    present: &std::collections::HashSet<String>,
+    present: &HashSet<String>,
 ) -> Result<SharedImages, SharedImagesError> {
     let dir = make_job_dir(state_dir, job_id)?;
     let runroot = make_runroot(job_id);
@@ -150,7 +157,7 @@ async fn fill(
     dir: &Path,
     runroot: &Path,
     module_url: &str,
-    present: &std::collections::HashSet<String>,
+    present: &HashSet<String>,
 ) -> Result<(), SharedImagesError> {
     // A storage of the daemon's own, vfs so that removing the directory removes everything.
     // 0700: the layers (which may hold device nodes a hostile image ships) are root's alone.
@@ -162,64 +169,220 @@ async fn fill(
     set_mode(&storage, 0o700)?;
     let global: Vec<String> = vec![
         "--root".into(),
-        dir.join("storage").display().to_string(),
+        storage.display().to_string(),
         "--runroot".into(),
         runroot.display().to_string(),
         "--storage-driver".into(),
         "vfs".into(),
     ];
-    let podman = Podman::new(global.clone());
+    let podman = Podman::new(global);
+    let mut archives = Archives {
+        shared,
+        dir,
+        made: Vec::new(),
+    };
+    match copy_from_registry(&mut archives, &podman, module_url, present).await {
+        // Not installed, too old for `--preserve-digests`, or the registry failed it: podman
+        // tells which, as it pulls.
+        Err(SharedImagesError::Skopeo(err)) => {
+            log::warn!("{err}: the shared images are pulled with podman, then saved");
+            archives.forget();
+            pull_and_save(&mut archives, &podman, module_url, present).await
+        }
+        copied => copied,
+    }
+}
+
+/// The job's archives, `<dir>/<n>.tar`, and what they hold.
+struct Archives<'a> {
+    shared: &'a mut SharedImages,
+    dir: &'a Path,
+    /// Every archive path handed out, kept or not (a failed copy may leave half of one).
+    made: Vec<PathBuf>,
+}
+
+impl Archives<'_> {
+    /// Where the next archive goes: a name not used before in the job.
+    fn next(&mut self) -> PathBuf {
+        let archive = self.dir.join(format!("{}.tar", self.made.len()));
+        self.made.push(archive.clone());
+        archive
+    }
+
+    /// Records an archive that gives exactly what a pull of `reference` would.
+    fn keep(&mut self, reference: &str, archive: PathBuf) -> Result<(), SharedImagesError> {
+        // The umask may have taken bits: the workers must be able to read it.
+        set_mode(&archive, 0o644)?;
+        self.shared.archives.insert(reference.to_owned(), archive);
+        Ok(())
+    }
+
+    /// Leaves `reference` for each instance to pull, and says why.
+    fn skip(&mut self, reference: &str, why: String) {
+        self.shared.skipped.push((reference.to_owned(), why));
+    }
+
+    /// Removes every archive made so far and what was recorded of them, to start again.
+    fn forget(&mut self) {
+        for archive in &self.made {
+            if archive.exists() {
+                remove_archive(archive);
+            }
+        }
+        self.shared.archives.clear();
+        self.shared.skipped.clear();
+    }
+}
+
+/// With skopeo: each image is copied from its registry into an archive byte for byte (manifest
+/// and compressed layers as served). The module image is then loaded into the private storage,
+/// for its inspection and its layer file; the extra images never go through it.
+async fn copy_from_registry(
+    archives: &mut Archives<'_>,
+    podman: &Podman,
+    module_url: &str,
+    present: &HashSet<String>,
+) -> Result<(), SharedImagesError> {
+    let main = match copy(archives, module_url).await? {
+        Some(archive) => {
+            podman.load(&archive).await?;
+            Some(inspect(podman, module_url).await?)
+        }
+        None => None,
+    };
+    let labels = match &main {
+        Some(main) => main.labels.clone(),
+        // Left for the instances to pull, the module image still names the extra images.
+        None => skopeo::labels(module_url).await?,
+    };
+    for extra in extras_to_share(&labels, present) {
+        copy(archives, extra).await?;
+    }
+    if let Some(main) = main {
+        module_from_storage(archives, podman, module_url, main).await;
+    }
+    Ok(())
+}
+
+/// Copies `reference` into a new archive if one can carry it unchanged; `None` when it is left
+/// for the instances to pull (and why is recorded).
+async fn copy(
+    archives: &mut Archives<'_>,
+    reference: &str,
+) -> Result<Option<PathBuf>, SharedImagesError> {
+    let served = skopeo::raw_manifest(reference).await?;
+    if let Err(why) = oci_archive::carried_unchanged(&served) {
+        archives.skip(reference, why);
+        return Ok(None);
+    }
+    let archive = archives.next();
+    skopeo::copy_to_archive(reference, &archive).await?;
+    let (_, copied) = oci_archive::manifest(&archive)?;
+    if copied != served {
+        // The tag moved between the two reads: the instances resolve it themselves.
+        remove_archive(&archive);
+        archives.skip(reference, "its tag moved during the download".to_owned());
+        return Ok(None);
+    }
+    archives.keep(reference, archive.clone())?;
+    Ok(Some(archive))
+}
+
+/// Without skopeo: the images are pulled into the private storage and saved from there. podman
+/// compresses the layers again as it saves, so an archive is kept only when its manifest digest
+/// is still the pulled one (the image was compressed by the same gzip code).
+async fn pull_and_save(
+    archives: &mut Archives<'_>,
+    podman: &Podman,
+    module_url: &str,
+    present: &HashSet<String>,
+) -> Result<(), SharedImagesError> {
     podman.pull(&[module_url]).await?;
-    let main = podman
-        .inspect(&[module_url])
-        .await?
-        .pop()
-        .ok_or_else(|| PodmanError::Missing(module_url.to_owned()))?;
-    // Not read ahead from the registry as a worker does (`update.rs`: pull_main_image): that
-    // read fetches the image's configuration blob, which the pull then fetches again, and this
-    // download is what makes each blob be served once per job.
-    let extras: Vec<&str> = main
-        .labels
-        .get(IMAGES_LABEL)
-        .map(|label| label.split_whitespace().collect())
-        .unwrap_or_default();
-    // A malformed reference is the instances' error to report, at their own step.
-    let extras: Vec<&str> = extras
-        .into_iter()
-        .filter(|r| super::imagename::validate_reference(r).is_ok() && !present.contains(*r))
-        .collect();
+    let main = inspect(podman, module_url).await?;
+    let extras = extras_to_share(&main.labels, present);
     podman.pull(&extras).await?;
 
     let mut references = vec![module_url];
     references.extend(extras);
-    for (reference, (manifest_type, repo_digests)) in references
+    for (reference, (manifest_type, repo_digests, digest)) in references
         .iter()
-        .zip(manifest_types(&global, &references).await?)
+        .zip(manifest_types(podman, &references).await?)
     {
         if manifest_type != OCI_MANIFEST {
-            shared.skipped.push((
-                (*reference).to_owned(),
+            archives.skip(
+                reference,
                 format!("its manifest is {manifest_type}, which an OCI archive would convert"),
-            ));
+            );
             continue;
         }
         if repo_digests != 1 {
-            shared.skipped.push((
-                (*reference).to_owned(),
+            archives.skip(
+                reference,
                 "it comes from a manifest list, whose digest an archive would lose".to_owned(),
-            ));
+            );
             continue;
         }
-        let archive = dir.join(format!("{}.tar", shared.archives.len()));
-        save(&global, reference, &archive).await?;
-        set_mode(&archive, 0o644)?;
-        shared.archives.insert((*reference).to_owned(), archive);
+        let archive = archives.next();
+        save(podman, reference, &archive).await?;
+        let (saved, _) = oci_archive::manifest(&archive)?;
+        if saved != digest {
+            remove_archive(&archive);
+            archives.skip(
+                reference,
+                "podman would save its layers compressed otherwise than the registry \
+                 serves them, under another digest (skopeo copies them unchanged)"
+                    .to_owned(),
+            );
+            continue;
+        }
+        archives.keep(reference, archive)?;
     }
-    if shared.archives.contains_key(module_url) {
-        let layer = write_layer(&podman, module_url, &main, dir).await;
-        shared.module = Some(SharedModule { info: main, layer });
-    }
+    module_from_storage(archives, podman, module_url, main).await;
     Ok(())
+}
+
+/// The extra images the module image's labels name that the instances do not all have. A
+/// malformed reference is the instances' error to report, at their own step.
+fn extras_to_share<'a>(
+    labels: &'a BTreeMap<String, String>,
+    present: &HashSet<String>,
+) -> Vec<&'a str> {
+    labels
+        .get(IMAGES_LABEL)
+        .map(|label| label.split_whitespace().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| super::imagename::validate_reference(r).is_ok() && !present.contains(*r))
+        .collect()
+}
+
+/// What the workers that load the module image take from the daemon: its inspection and, for
+/// an image of one layer, the layer file. Nothing when the module image has no archive.
+async fn module_from_storage(
+    archives: &mut Archives<'_>,
+    podman: &Podman,
+    module_url: &str,
+    main: ImageInfo,
+) {
+    if archives.shared.archives.contains_key(module_url) {
+        let layer = write_layer(podman, module_url, &main, archives.dir).await;
+        archives.shared.module = Some(SharedModule { info: main, layer });
+    }
+}
+
+async fn inspect(podman: &Podman, reference: &str) -> Result<ImageInfo, SharedImagesError> {
+    Ok(podman
+        .inspect(&[reference])
+        .await?
+        .pop()
+        .ok_or_else(|| PodmanError::Missing(reference.to_owned()))?)
+}
+
+/// Removes an archive that is not kept (logged: the job's directory goes at its end anyway).
+fn remove_archive(archive: &Path) {
+    if let Err(err) = std::fs::remove_file(archive) {
+        log::warn!("cannot remove {}: {err}", archive.display());
+    }
 }
 
 /// Writes the one layer of the module image to `<dir>/module-layer.tar` (0644), as a worker's
@@ -319,26 +482,30 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), SharedImagesError> {
     })
 }
 
-/// Each reference's manifest type and number of repository digests, in one podman process.
+/// Each reference's manifest type, number of repository digests and digest, in one podman
+/// process.
 async fn manifest_types(
-    global: &[String],
+    podman: &Podman,
     references: &[&str],
-) -> Result<Vec<(String, usize)>, SharedImagesError> {
+) -> Result<Vec<(String, usize, String)>, SharedImagesError> {
     let mut args: Vec<&str> = vec![
         "image",
         "inspect",
         "--format",
-        "{{.ManifestType}} {{len .RepoDigests}}",
+        "{{.ManifestType}} {{len .RepoDigests}} {{.Digest}}",
         "--",
     ];
     args.extend_from_slice(references);
-    let stdout = run(global, &args).await?;
+    let stdout = podman.output(&args).await?;
     let text = String::from_utf8_lossy(&stdout);
-    let parsed: Vec<(String, usize)> = text
+    let parsed: Vec<(String, usize, String)> = text
         .lines()
         .filter_map(|line| {
-            let (kind, count) = line.trim().rsplit_once(' ')?;
-            Some((kind.to_owned(), count.parse().ok()?))
+            let mut fields = line.split_whitespace();
+            let kind = fields.next()?.to_owned();
+            let count = fields.next()?.parse().ok()?;
+            let digest = fields.next()?.to_owned();
+            Some((kind, count, digest))
         })
         .collect();
     if parsed.len() != references.len() {
@@ -347,11 +514,11 @@ async fn manifest_types(
     Ok(parsed)
 }
 
-async fn save(global: &[String], reference: &str, archive: &Path) -> Result<(), SharedImagesError> {
+/// Saves an image of the private storage as an OCI archive at `archive`.
+async fn save(podman: &Podman, reference: &str, archive: &Path) -> Result<(), SharedImagesError> {
     let output = archive.display().to_string();
-    run(
-        global,
-        &[
+    podman
+        .output(&[
             "save",
             "--quiet",
             "--format",
@@ -360,13 +527,7 @@ async fn save(global: &[String], reference: &str, archive: &Path) -> Result<(), 
             &output,
             "--",
             reference,
-        ],
-    )
-    .await
-    .map(|_| ())
-}
-
-/// One podman command on the daemon's private storage, its stdout on success.
-async fn run(global: &[String], args: &[&str]) -> Result<Vec<u8>, SharedImagesError> {
-    Ok(Podman::new(global.to_vec()).output(args).await?)
+        ])
+        .await?;
+    Ok(())
 }

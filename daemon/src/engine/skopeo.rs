@@ -9,8 +9,12 @@
 //! registries), the same credentials of the same user and picks the same platform from a
 //! manifest list. Without skopeo, or when the registry does not answer, nothing is read ahead
 //! and the update runs as before.
+//!
+//! The daemon's shared download (`engine/shared_images.rs`) also copies images with it, as the
+//! registry serves them, into OCI archives the instances load.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Stdio;
 
 use serde::Deserialize;
@@ -31,8 +35,9 @@ const COMMAND_TIMEOUT: &str = "60s";
 pub enum SkopeoError {
     #[error("cannot run skopeo: {0} (apt-get install skopeo)")]
     Spawn(#[source] std::io::Error),
-    #[error("`skopeo inspect --config` of {reference} failed ({status}): {stderr}")]
+    #[error("`skopeo {command}` of {reference} failed ({status}): {stderr}")]
     Failed {
+        command: &'static str,
         reference: String,
         status: String,
         stderr: String,
@@ -60,10 +65,72 @@ struct RawContainerConfig {
 /// The labels of the image `reference` names in its registry (`reference` is a validated
 /// registry reference, `host/path:tag` or `host/path@digest`).
 pub async fn labels(reference: &str) -> Result<BTreeMap<String, String>, SkopeoError> {
-    let transport = format!("docker://{reference}");
+    let config = run(
+        "inspect --config",
+        reference,
+        &[
+            "--command-timeout",
+            COMMAND_TIMEOUT,
+            "inspect",
+            "--config",
+            "--raw",
+            "--",
+        ],
+        &format!("docker://{reference}"),
+    )
+    .await?;
+    parse_labels(reference, &config)
+}
+
+/// The manifest `reference` names, as its registry serves it (a list stays a list).
+pub async fn raw_manifest(reference: &str) -> Result<Vec<u8>, SkopeoError> {
+    run(
+        "inspect --raw",
+        reference,
+        &[
+            "--command-timeout",
+            COMMAND_TIMEOUT,
+            "inspect",
+            "--raw",
+            "--",
+        ],
+        &format!("docker://{reference}"),
+    )
+    .await
+}
+
+/// Copies the image `reference` names into a new OCI archive at `archive`, named `reference`
+/// there (the name `podman load` gives it), with the registry's own bytes: skopeo fails rather
+/// than change a digest (`--preserve-digests`). No timeout: a large image takes its time, and
+/// dropping the future kills skopeo.
+pub async fn copy_to_archive(reference: &str, archive: &Path) -> Result<(), SkopeoError> {
+    let destination = format!("oci-archive:{}:{reference}", archive.display());
+    run(
+        "copy",
+        reference,
+        &[
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--",
+            &format!("docker://{reference}"),
+        ],
+        &destination,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Runs skopeo with `args` then `last`, and returns its standard output if it succeeded.
+async fn run(
+    command: &'static str,
+    reference: &str,
+    args: &[&str],
+    last: &str,
+) -> Result<Vec<u8>, SkopeoError> {
     let output = Command::new("skopeo")
-        .args(["--command-timeout", COMMAND_TIMEOUT, "inspect"])
-        .args(["--config", "--raw", "--", &transport])
+        .args(args)
+        .arg(last)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -73,12 +140,13 @@ pub async fn labels(reference: &str) -> Result<BTreeMap<String, String>, SkopeoE
         .map_err(SkopeoError::Spawn)?;
     if !output.status.success() {
         return Err(SkopeoError::Failed {
+            command,
             reference: reference.to_owned(),
             status: output.status.to_string(),
             stderr: tail(&output.stderr),
         });
     }
-    parse_labels(reference, &output.stdout)
+    Ok(output.stdout)
 }
 
 /// The labels of an OCI or Docker image configuration (`config.Labels`, absent or null: none).

@@ -1,0 +1,228 @@
+//! The few things the shared download needs to know of an OCI archive (a tar of an OCI image
+//! layout: `index.json`, `blobs/sha256/…`): which manifest it holds, and whether a registry
+//! manifest is one that an archive, then `podman load`, gives back byte for byte. (An archive,
+//! not a layout directory: podman names an image loaded from a directory after the directory,
+//! and one loaded from an archive after the name the archive gives it.)
+//!
+//! Byte for byte matters: an image's digest is the hash of its manifest bytes, and an instance
+//! must end with the digest its own pull would have given. An archive written by skopeo from
+//! the registry keeps the registry's bytes; one saved by podman from its storage holds layers
+//! that podman compressed again, whose digests match the registry's only if the image was
+//! compressed by the same gzip code in the first place.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Why an archive cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} has no {member}")]
+    Missing { path: PathBuf, member: String },
+    #[error("the index.json of {path} is not an image index: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the index.json of {path} lists {count} manifests where one was written")]
+    NotOne { path: PathBuf, count: usize },
+    #[error("the index.json of {path} names the manifest {digest:?}, not a sha256 digest")]
+    BadDigest { path: PathBuf, digest: String },
+}
+
+#[derive(Deserialize)]
+struct Index {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+}
+
+/// The one manifest of an archive: its digest (`sha256:…`) and its bytes.
+pub fn manifest(archive: &Path) -> Result<(String, Vec<u8>), ArchiveError> {
+    let index: Index =
+        serde_json::from_slice(&member(archive, "index.json")?).map_err(|source| {
+            ArchiveError::Parse {
+                path: archive.to_owned(),
+                source,
+            }
+        })?;
+    let [only] = index.manifests.as_slice() else {
+        return Err(ArchiveError::NotOne {
+            path: archive.to_owned(),
+            count: index.manifests.len(),
+        });
+    };
+    let hex = only
+        .digest
+        .strip_prefix("sha256:")
+        .filter(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| ArchiveError::BadDigest {
+            path: archive.to_owned(),
+            digest: only.digest.clone(),
+        })?;
+    let bytes = member(archive, &format!("blobs/sha256/{hex}"))?;
+    Ok((only.digest.clone(), bytes))
+}
+
+/// The bytes of the archive's member `name` (a manifest or an index: small). The layers are
+/// skipped by seeking, not read.
+fn member(archive: &Path, name: &str) -> Result<Vec<u8>, ArchiveError> {
+    use std::io::Read;
+    let io = |source| ArchiveError::Io {
+        path: archive.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(archive).map_err(io)?;
+    let mut tar = tar::Archive::new(file);
+    for entry in tar.entries_with_seek().map_err(io)? {
+        let mut entry = entry.map_err(io)?;
+        let path = entry.path().map_err(io)?;
+        if path.strip_prefix(".").unwrap_or(&path) == Path::new(name) {
+            let mut bytes = Vec::new();
+            // A manifest is a few KiB: an archive that says otherwise is not read whole.
+            entry
+                .by_ref()
+                .take(MAX_MEMBER)
+                .read_to_end(&mut bytes)
+                .map_err(io)?;
+            return Ok(bytes);
+        }
+    }
+    Err(ArchiveError::Missing {
+        path: archive.to_owned(),
+        member: name.to_owned(),
+    })
+}
+
+/// The most read of an index or a manifest (the registry's own limit for a manifest is 4 MiB).
+const MAX_MEMBER: u64 = 4 << 20;
+
+#[derive(Deserialize)]
+struct RawManifest {
+    #[serde(default, rename = "mediaType")]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Option<serde_json::Value>,
+    #[serde(default)]
+    config: Option<serde_json::Value>,
+}
+
+/// Whether a manifest, as its registry serves it, comes back unchanged through an OCI archive:
+/// only an OCI image manifest does. A Docker manifest would be converted (another digest), and
+/// for a manifest list podman records the list's digest too, which an archive of the one image
+/// picked from it loses. `Err` says why not.
+pub fn carried_unchanged(raw: &[u8]) -> Result<(), String> {
+    let manifest: RawManifest = serde_json::from_slice(raw)
+        .map_err(|e| format!("its manifest is not JSON that can be read ({e})"))?;
+    match (
+        manifest.media_type.as_deref(),
+        manifest.manifests,
+        manifest.config,
+    ) {
+        (Some(OCI_MANIFEST), None, Some(_)) => Ok(()),
+        // The OCI specification lets an image manifest leave its mediaType out.
+        (None, None, Some(_)) => Ok(()),
+        (_, Some(_), _) => {
+            Err("it comes from a manifest list, whose digest an archive would lose".to_owned())
+        }
+        (Some(other), _, _) => Err(format!(
+            "its manifest is {other}, which an OCI archive would convert"
+        )),
+        (None, None, None) => Err("its manifest names no configuration".to_owned()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000abc";
+
+    /// An archive of `index` and, if given, the blob of [`DIGEST`] after a large layer.
+    fn archive_with(index: &str, blob: Option<&[u8]>) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut tar = tar::Builder::new(file.reopen().unwrap());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, name, data).unwrap();
+        };
+        add("blobs/sha256/layer", &vec![7u8; 1 << 20]);
+        if let Some(blob) = blob {
+            add(
+                &format!("./blobs/sha256/{}", DIGEST.trim_start_matches("sha256:")),
+                blob,
+            );
+        }
+        add("index.json", index.as_bytes());
+        tar.finish().unwrap();
+        file
+    }
+
+    #[test]
+    fn the_one_manifest_and_its_bytes() {
+        let index = format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"{DIGEST}"}}]}}"#);
+        let archive = archive_with(&index, Some(b"{\"manifest\":1}"));
+        let (digest, bytes) = manifest(archive.path()).unwrap();
+        assert_eq!(digest, DIGEST);
+        assert_eq!(bytes, b"{\"manifest\":1}");
+    }
+
+    #[test]
+    fn an_index_of_two_or_none_or_a_strange_digest_is_refused() {
+        let two = format!(r#"{{"manifests":[{{"digest":"{DIGEST}"}},{{"digest":"{DIGEST}"}}]}}"#);
+        let err = manifest(archive_with(&two, None).path()).unwrap_err();
+        assert!(
+            matches!(err, ArchiveError::NotOne { count: 2, .. }),
+            "{err}"
+        );
+        let none = manifest(archive_with(r#"{"manifests":[]}"#, None).path()).unwrap_err();
+        assert!(
+            matches!(none, ArchiveError::NotOne { count: 0, .. }),
+            "{none}"
+        );
+        let escape = r#"{"manifests":[{"digest":"sha256:../../../etc/passwd"}]}"#;
+        let err = manifest(archive_with(escape, None).path()).unwrap_err();
+        assert!(matches!(err, ArchiveError::BadDigest { .. }), "{err}");
+        let missing = format!(r#"{{"manifests":[{{"digest":"{DIGEST}"}}]}}"#);
+        let err = manifest(archive_with(&missing, None).path()).unwrap_err();
+        assert!(matches!(err, ArchiveError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("blobs/sha256/"), "{err}");
+    }
+
+    #[test]
+    fn only_an_oci_image_manifest_is_carried() {
+        let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
+        assert_eq!(carried_unchanged(oci), Ok(()));
+        let untyped = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
+        assert_eq!(carried_unchanged(untyped), Ok(()));
+        let docker = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{},"layers":[]}"#;
+        let err = carried_unchanged(docker).unwrap_err();
+        assert!(err.contains("vnd.docker.distribution.manifest.v2"), "{err}");
+        let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        assert!(carried_unchanged(index).unwrap_err().contains("list"));
+        let untyped_index = br#"{"schemaVersion":2,"manifests":[]}"#;
+        assert!(
+            carried_unchanged(untyped_index)
+                .unwrap_err()
+                .contains("list")
+        );
+        assert!(carried_unchanged(b"<html>").is_err());
+    }
+}
