@@ -511,14 +511,11 @@ impl Jobs {
         if needing.len() < 2 || cancelled_already {
             return SharedImages::default();
         }
+        // Said to each instance as its own messages are: journalled under its MODULE_ID too.
         let say = |priority: u8, text: &str| {
             for instance in &needing {
-                self.send(JobEvent::Message {
-                    job: id,
-                    instance: instance.clone(),
-                    priority,
-                    text: text.to_owned(),
-                });
+                let text = text.to_owned();
+                self.instance_event(id, instance, Event::Message { priority, text });
             }
         };
         say(
@@ -564,7 +561,6 @@ impl Jobs {
                 shared
             }
             Err(err) => {
-                log::warn!(JOB_ID = id; "job {id}: the shared download failed: {err}");
                 say(
                     priority::WARNING,
                     &format!("the shared download failed ({err}): each instance pulls for itself"),

@@ -597,6 +597,7 @@ async fn three_instances_download_each_blob_once() {
     );
     // The module's layer and config and the new extra image's layer and config.
     assert!(traffic.blob_downloads.len() >= 4, "{traffic:?}");
+    let log = daemon.log();
     for instance in &instances {
         assert!(
             run.messages_of(&instance.id)
@@ -605,6 +606,14 @@ async fn three_instances_download_each_blob_once() {
             "{}: {:?}",
             instance.id,
             run.messages_of(&instance.id)
+        );
+        // Journalled as the instance's own messages are, under its MODULE_ID.
+        let prefix = format!("job 1: {}: Downloading {v2} ", instance.id);
+        let field = format!("MODULE_ID={}", instance.id);
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&prefix) && l.contains(&field)),
+            "{prefix}… {field} not in\n{log}"
         );
     }
     // Nothing of the shared download is left once the job has ended.
