@@ -96,6 +96,23 @@ fn list_instances(sandbox: &Sandbox) -> BTreeMap<String, (String, String, String
         .collect()
 }
 
+/// Runs the job `request` asks for and checks it completed (the daemon's log if not).
+async fn run_completed(
+    connection: &zbus::Connection,
+    daemon: &module_updater_tests::Daemon,
+    request: &str,
+) -> JobRun {
+    let run = run_job(connection, request).await;
+    assert_eq!(
+        run.status,
+        "completed",
+        "{:#}\n{}",
+        run.result,
+        daemon.log()
+    );
+    run
+}
+
 /// `n` rootless instances of `module`, installed at `url`. Users and their managers are created
 /// one after the other (the sandbox needs `&mut` for that); the installs, which take most of the
 /// time, run on [`INSTALL_THREADS`] threads. Returns the instances and the two durations.
@@ -578,14 +595,7 @@ async fn three_instances_download_each_blob_once() {
     let connection = connect(&sandbox).await;
 
     let offset = sandbox.registry_log_offset().unwrap();
-    let run = run_job(&connection, &request(&v2, &ids(&instances), false)).await;
-    assert_eq!(
-        run.status,
-        "completed",
-        "{:#}\n{}",
-        run.result,
-        daemon.log()
-    );
+    let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
     // The registry logs a request when it has answered it; the job has ended by now.
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
     eprintln!("three instances: {traffic:?}");
@@ -745,14 +755,12 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
     let daemon = start_daemon(&sandbox, &[]);
     let connection = connect(&sandbox).await;
     let offset = sandbox.registry_log_offset().unwrap();
-    let run = run_job(&connection, &request(&v2, &ids(with_skopeo), false)).await;
-    assert_eq!(
-        run.status,
-        "completed",
-        "{:#}\n{}",
-        run.result,
-        daemon.log()
-    );
+    let run = run_completed(
+        &connection,
+        &daemon,
+        &request(&v2, &ids(with_skopeo), false),
+    )
+    .await;
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
     assert_eq!(
         traffic.max_serves_per_blob(),
@@ -762,6 +770,11 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
     );
     for instance in with_skopeo {
         check(instance, &v2);
+        let messages = run.messages_of(&instance.id);
+        for url in [&v2, &db2] {
+            let shared = format!("Loading {url} (downloaded once for the node)");
+            assert!(messages.contains(&shared), "{}: {messages:#?}", instance.id);
+        }
     }
     drop(connection);
     drop(daemon);
@@ -775,18 +788,8 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
         )],
     );
     let connection = connect(&sandbox).await;
-    let run = run_job(
-        &connection,
-        &request(&by_podman, &ids(without_skopeo), false),
-    )
-    .await;
-    assert_eq!(
-        run.status,
-        "completed",
-        "{:#}\n{}",
-        run.result,
-        daemon.log()
-    );
+    let job = request(&by_podman, &ids(without_skopeo), false);
+    let run = run_completed(&connection, &daemon, &job).await;
     for instance in without_skopeo {
         check(instance, &by_podman);
         let messages = run.messages_of(&instance.id);
