@@ -687,9 +687,13 @@ async fn the_installed_package_activates_updates_and_purges_cleanly() {
         ))
         .unwrap();
     let rootless = sandbox.add_rootless_instance("hardened").unwrap();
+    // A second rootless instance: the job downloads the images once for both (skopeo and
+    // podman as root, inside the unit's sandboxing).
+    let rootless2 = sandbox.add_rootless_instance("hardened").unwrap();
     let rootful = sandbox.add_rootful_instance("hardened").unwrap();
-    sandbox.install(&rootless, &v1).unwrap();
-    sandbox.install(&rootful, &v1).unwrap();
+    for instance in [&rootless, &rootless2, &rootful] {
+        sandbox.install(instance, &v1).unwrap();
+    }
     let config = manager.dir.join("config.toml");
     std::fs::write(
         &config,
@@ -728,7 +732,7 @@ async fn the_installed_package_activates_updates_and_purges_cleanly() {
         .unwrap();
     let run = common::run_job(
         &connection,
-        &common::request(&v2, &[&rootless.id, &rootful.id], false),
+        &common::request(&v2, &[&rootless.id, &rootless2.id, &rootful.id], false),
     )
     .await;
     let update_took = update_started.elapsed();
@@ -741,7 +745,12 @@ async fn the_installed_package_activates_updates_and_purges_cleanly() {
     );
     let active = wait_active(&manager);
     assert_hardened(&active["MainPID"]);
-    for instance in [&rootless, &rootful] {
+    for instance in [&rootless, &rootless2] {
+        let loaded = format!("Loading {v2} (downloaded once for the node)");
+        let messages = run.messages_of(&instance.id);
+        assert!(messages.contains(&loaded), "{}: {messages:#?}", instance.id);
+    }
+    for instance in [&rootless, &rootless2, &rootful] {
         assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
         let record = read(instance.state_dir.join("record"));
         assert!(

@@ -182,10 +182,19 @@ async fn fill(
         made: Vec::new(),
     };
     match copy_from_registry(&mut archives, &podman, module_url, present).await {
-        // Not installed, too old for `--preserve-digests`, or the registry failed it: podman
-        // tells which, as it pulls.
+        // Not installed (it is only recommended), too old for `--preserve-digests`, or the
+        // registry failed it (then podman's pull fails too, and says so).
         Err(SharedImagesError::Skopeo(err)) => {
-            log::warn!("{err}: the shared images are pulled with podman, then saved");
+            let level = match &err {
+                SkopeoError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    log::Level::Info
+                }
+                _ => log::Level::Warn,
+            };
+            log::log!(
+                level,
+                "{err}: the shared images are pulled with podman, then saved"
+            );
             archives.forget();
             pull_and_save(&mut archives, &podman, module_url, present).await
         }
