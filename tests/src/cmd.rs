@@ -15,6 +15,9 @@ pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 /// The tools the sandbox runs, with the Debian package that provides each.
 pub const TOOLS: &[(&str, &str)] = &[
     ("podman", "podman"),
+    ("skopeo", "skopeo"),
+    ("gzip", "gzip"),
+    ("sha256sum", "coreutils"),
     ("newuidmap", "uidmap"),
     ("docker-registry", "docker-registry"),
     ("dbus-daemon", "dbus"),

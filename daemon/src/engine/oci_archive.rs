@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The media type of an OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// Why an archive cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,14 @@ fn member(archive: &Path, name: &str) -> Result<Vec<u8>, ArchiveError> {
 /// The most read of an index or a manifest (the registry's own limit for a manifest is 4 MiB).
 const MAX_MEMBER: u64 = 4 << 20;
 
+/// Why an image picked from a manifest list is not carried.
+pub const FROM_A_LIST: &str = "it comes from a manifest list, whose digest an archive would lose";
+
+/// Why an image whose manifest is of the media type `kind` (not OCI's) is not carried.
+pub fn converted(kind: &str) -> String {
+    format!("its manifest is {kind}, which an OCI archive would convert")
+}
+
 #[derive(Deserialize)]
 struct RawManifest {
     #[serde(default, rename = "mediaType")]
@@ -135,12 +144,8 @@ pub fn carried_unchanged(raw: &[u8]) -> Result<(), String> {
         (Some(OCI_MANIFEST), None, Some(_)) => Ok(()),
         // The OCI specification lets an image manifest leave its mediaType out.
         (None, None, Some(_)) => Ok(()),
-        (_, Some(_), _) => {
-            Err("it comes from a manifest list, whose digest an archive would lose".to_owned())
-        }
-        (Some(other), _, _) => Err(format!(
-            "its manifest is {other}, which an OCI archive would convert"
-        )),
+        (_, Some(_), _) => Err(FROM_A_LIST.to_owned()),
+        (Some(other), _, _) => Err(converted(other)),
         (None, None, None) => Err("its manifest names no configuration".to_owned()),
     }
 }

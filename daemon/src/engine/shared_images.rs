@@ -26,14 +26,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use serde::{Deserialize, Serialize};
 
 use super::image_stream::Source;
-use super::oci_archive::{self, ArchiveError};
+use super::oci_archive::{self, ArchiveError, OCI_MANIFEST};
 use super::podman::{ImageInfo, Podman, PodmanError};
 use super::skopeo::{self, IMAGES_LABEL, SkopeoError};
 
 /// Where a job's shared images live: `<state dir>/shared-images/<job>-<random>/`.
 pub const DIR_NAME: &str = "shared-images";
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// Why the shared download was not done (the instances then pull for themselves).
 #[derive(Debug, thiserror::Error)]
@@ -318,17 +316,11 @@ async fn pull_and_save(
         .zip(manifest_types(podman, &references).await?)
     {
         if manifest_type != OCI_MANIFEST {
-            archives.skip(
-                reference,
-                format!("its manifest is {manifest_type}, which an OCI archive would convert"),
-            );
+            archives.skip(reference, oci_archive::converted(&manifest_type));
             continue;
         }
         if repo_digests != 1 {
-            archives.skip(
-                reference,
-                "it comes from a manifest list, whose digest an archive would lose".to_owned(),
-            );
+            archives.skip(reference, oci_archive::FROM_A_LIST.to_owned());
             continue;
         }
         let archive = archives.next();

@@ -65,6 +65,7 @@ struct RawContainerConfig {
 /// The labels of the image `reference` names in its registry (`reference` is a validated
 /// registry reference, `host/path:tag` or `host/path@digest`).
 pub async fn labels(reference: &str) -> Result<BTreeMap<String, String>, SkopeoError> {
+    let source = format!("docker://{reference}");
     let config = run(
         "inspect --config",
         reference,
@@ -75,8 +76,8 @@ pub async fn labels(reference: &str) -> Result<BTreeMap<String, String>, SkopeoE
             "--config",
             "--raw",
             "--",
+            &source,
         ],
-        &format!("docker://{reference}"),
     )
     .await?;
     parse_labels(reference, &config)
@@ -84,19 +85,16 @@ pub async fn labels(reference: &str) -> Result<BTreeMap<String, String>, SkopeoE
 
 /// The manifest `reference` names, as its registry serves it (a list stays a list).
 pub async fn raw_manifest(reference: &str) -> Result<Vec<u8>, SkopeoError> {
-    run(
-        "inspect --raw",
-        reference,
-        &[
-            "--command-timeout",
-            COMMAND_TIMEOUT,
-            "inspect",
-            "--raw",
-            "--",
-        ],
-        &format!("docker://{reference}"),
-    )
-    .await
+    let source = format!("docker://{reference}");
+    let args = [
+        "--command-timeout",
+        COMMAND_TIMEOUT,
+        "inspect",
+        "--raw",
+        "--",
+        &source,
+    ];
+    run("inspect --raw", reference, &args).await
 }
 
 /// Copies the image `reference` names into a new OCI archive at `archive`, named `reference`
@@ -104,33 +102,27 @@ pub async fn raw_manifest(reference: &str) -> Result<Vec<u8>, SkopeoError> {
 /// than change a digest (`--preserve-digests`). No timeout: a large image takes its time, and
 /// dropping the future kills skopeo.
 pub async fn copy_to_archive(reference: &str, archive: &Path) -> Result<(), SkopeoError> {
+    let source = format!("docker://{reference}");
     let destination = format!("oci-archive:{}:{reference}", archive.display());
-    run(
+    let args = [
         "copy",
-        reference,
-        &[
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--",
-            &format!("docker://{reference}"),
-        ],
+        "--quiet",
+        "--preserve-digests",
+        "--",
+        &source,
         &destination,
-    )
-    .await
-    .map(|_| ())
+    ];
+    run("copy", reference, &args).await.map(|_| ())
 }
 
-/// Runs skopeo with `args` then `last`, and returns its standard output if it succeeded.
+/// Runs skopeo with `args`; its standard output if it succeeded.
 async fn run(
     command: &'static str,
     reference: &str,
     args: &[&str],
-    last: &str,
 ) -> Result<Vec<u8>, SkopeoError> {
     let output = Command::new("skopeo")
         .args(args)
-        .arg(last)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
