@@ -752,7 +752,21 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
     };
     let (with_skopeo, without_skopeo) = instances.split_at(2);
 
-    let daemon = start_daemon(&sandbox, &[]);
+    // skopeo and the daemon's own podman, recorded: where they stage images.
+    let record = sandbox.root().join("staging");
+    let record_root_commands = |tool: &str| {
+        format!(
+            "#!/bin/sh\nif [ \"$(id -u)\" = 0 ]; then echo \"TMPDIR=$TMPDIR $*\" >> {}; fi\nexec /usr/bin/{tool} \"$@\"\n",
+            record.display()
+        )
+    };
+    let daemon = start_daemon_with_trap(
+        &sandbox,
+        &[
+            ("skopeo", record_root_commands("skopeo")),
+            ("podman", record_root_commands("podman")),
+        ],
+    );
     let connection = connect(&sandbox).await;
     let offset = sandbox.registry_log_offset().unwrap();
     let run = run_completed(
@@ -775,6 +789,32 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
             let shared = format!("Loading {url} (downloaded once for the node)");
             assert!(messages.contains(&shared), "{}: {messages:#?}", instance.id);
         }
+    }
+    // What skopeo copies and what the daemon's podman unpacks is staged in the job's own
+    // directory, which is gone with the job: a copy killed half-way leaves nothing elsewhere.
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let jobs_dir = sandbox.daemon_state_dir().join("shared-images");
+    let staging: Vec<&str> = recorded
+        .lines()
+        .filter(|l| l.contains(" copy "))
+        .filter_map(|l| l.split(" --tmpdir ").nth(1)?.split(' ').next())
+        .collect();
+    assert_eq!(staging.len(), 2, "{recorded}");
+    for dir in &staging {
+        let dir = std::path::Path::new(dir);
+        assert_eq!(
+            dir.parent().and_then(|p| p.parent()),
+            Some(jobs_dir.as_path())
+        );
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+    let loads: Vec<&str> = recorded.lines().filter(|l| l.contains(" load ")).collect();
+    assert!(!loads.is_empty(), "{recorded}");
+    for line in loads {
+        assert!(
+            line.starts_with(&format!("TMPDIR={} ", staging[0])),
+            "{line}"
+        );
     }
     drop(connection);
     drop(daemon);

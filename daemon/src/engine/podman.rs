@@ -94,20 +94,40 @@ struct RawListed {
 #[derive(Debug, Clone, Default)]
 pub struct Podman {
     global: Vec<String>,
+    /// `TMPDIR` for podman's large temporary files (an archive unpacked by `load`, an image
+    /// staged by `save`); `None`: podman's default, /var/tmp.
+    tmpdir: Option<std::path::PathBuf>,
 }
 
 impl Podman {
     pub fn new(global: Vec<String>) -> Self {
-        Podman { global }
+        Podman {
+            global,
+            tmpdir: None,
+        }
+    }
+
+    /// The same podman, its temporary files in `dir`.
+    pub fn with_tmpdir(self, dir: std::path::PathBuf) -> Self {
+        Podman {
+            tmpdir: Some(dir),
+            ..self
+        }
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new("podman");
+        let mut command = Command::from(self.std_command(args));
+        command.kill_on_drop(true);
         command
-            .args(&self.global)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+    }
+
+    /// `podman <global> <args>` with stdin closed, as a blocking (std) command.
+    fn std_command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new("podman");
+        command.args(&self.global).args(args).stdin(Stdio::null());
+        if let Some(dir) = &self.tmpdir {
+            command.env("TMPDIR", dir);
+        }
         command
     }
 
@@ -225,10 +245,7 @@ impl Podman {
     /// Starts `podman export` of a container, its tar stream on the child's stdout. Blocking
     /// (std) process, because the tar reader that consumes it is synchronous.
     pub fn export_blocking(&self, container: &str) -> Result<std::process::Child, PodmanError> {
-        std::process::Command::new("podman")
-            .args(&self.global)
-            .args(["export", "--", container])
-            .stdin(Stdio::null())
+        self.std_command(&["export", "--", container])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -238,10 +255,7 @@ impl Podman {
     /// Starts `podman image save` of an image as a docker-archive on the child's stdout (its
     /// layers uncompressed, the layers first). Blocking (std) process, like the export.
     pub fn save_blocking(&self, image: &str) -> Result<std::process::Child, PodmanError> {
-        std::process::Command::new("podman")
-            .args(&self.global)
-            .args(["image", "save", "--format", "docker-archive", "--", image])
-            .stdin(Stdio::null())
+        self.std_command(&["image", "save", "--format", "docker-archive", "--", image])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -165,6 +165,14 @@ async fn fill(
         source,
     })?;
     set_mode(&storage, 0o700)?;
+    // Where skopeo and podman stage images: inside the job's directory, so that what a killed
+    // copy leaves (a cancelled job, a stopped daemon) goes with it.
+    let tmp = dir.join("tmp");
+    std::fs::create_dir(&tmp).map_err(|source| SharedImagesError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    set_mode(&tmp, 0o700)?;
     let global: Vec<String> = vec![
         "--root".into(),
         storage.display().to_string(),
@@ -173,10 +181,11 @@ async fn fill(
         "--storage-driver".into(),
         "vfs".into(),
     ];
-    let podman = Podman::new(global);
+    let podman = Podman::new(global).with_tmpdir(tmp.clone());
     let mut archives = Archives {
         shared,
         dir,
+        tmp: &tmp,
         made: Vec::new(),
     };
     match copy_from_registry(&mut archives, &podman, module_url, present).await {
@@ -204,6 +213,8 @@ async fn fill(
 struct Archives<'a> {
     shared: &'a mut SharedImages,
     dir: &'a Path,
+    /// Where skopeo stages what it copies.
+    tmp: &'a Path,
     /// Every archive path handed out, kept or not (a failed copy may leave half of one).
     made: Vec<PathBuf>,
 }
@@ -283,7 +294,7 @@ async fn copy(
         return Ok(None);
     }
     let archive = archives.next();
-    skopeo::copy_to_archive(reference, &archive).await?;
+    skopeo::copy_to_archive(reference, &archive, archives.tmp).await?;
     let (_, copied) = oci_archive::manifest(&archive)?;
     if copied != served {
         // The tag moved between the two reads: the instances resolve it themselves.

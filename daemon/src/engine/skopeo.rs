@@ -99,12 +99,20 @@ pub async fn raw_manifest(reference: &str) -> Result<Vec<u8>, SkopeoError> {
 
 /// Copies the image `reference` names into a new OCI archive at `archive`, named `reference`
 /// there (the name `podman load` gives it), with the registry's own bytes: skopeo fails rather
-/// than change a digest (`--preserve-digests`). No timeout: a large image takes its time, and
-/// dropping the future kills skopeo.
-pub async fn copy_to_archive(reference: &str, archive: &Path) -> Result<(), SkopeoError> {
+/// than change a digest (`--preserve-digests`). skopeo stages the image in `tmpdir` before it
+/// writes the archive. No timeout: a large image takes its time, and dropping the future kills
+/// skopeo (what it staged stays in `tmpdir`).
+pub async fn copy_to_archive(
+    reference: &str,
+    archive: &Path,
+    tmpdir: &Path,
+) -> Result<(), SkopeoError> {
+    let tmpdir = tmpdir.display().to_string();
     let source = format!("docker://{reference}");
     let destination = format!("oci-archive:{}:{reference}", archive.display());
     let args = [
+        "--tmpdir",
+        &tmpdir,
         "copy",
         "--quiet",
         "--preserve-digests",
