@@ -456,7 +456,7 @@ impl Jobs {
     }
 
     /// One download per node: when two or more rootless instances of the job need the images,
-    /// the daemon pulls them once and hands the workers archives to load (see
+    /// the daemon downloads them once and hands the workers archives to load (see
     /// `engine/shared_images.rs`). Anything that goes wrong here only means the instances pull
     /// for themselves, as they would have anyway.
     async fn download_once(
