@@ -1,10 +1,10 @@
 //! One download per node: when a job updates several rootless instances, the daemon downloads
-//! the module image and its extra images once, each into an OCI archive the instances'
-//! workers load into their own storages (`podman load`), instead of every instance pulling the
-//! same blobs from the registry. The workers that load the module image from its archive also
-//! take the daemon's inspection of it instead of their own, and, for an image of
-//! one layer, read its filesystem from the layer file the daemon wrote (`module-layer.tar`)
-//! instead of running `podman image save` each.
+//! the module image and its extra images once, each into an OCI archive the instances' workers
+//! load into their own storages (`podman load`), instead of every instance pulling the same
+//! blobs from the registry. The workers that load the module image from its archive also take
+//! the daemon's inspection of it instead of their own, and, for an image of one layer, read its
+//! filesystem from the layer file the daemon wrote (`module-layer.tar`) instead of running
+//! `podman image save` each.
 //!
 //! Isolation stays as it was: each instance's storage is written only by its own user; the
 //! archives are written by root into a root-owned directory and are only readable (0644, in a
@@ -14,9 +14,9 @@
 //! and repository digest, so the manifest must come through byte for byte (`oci_archive.rs`).
 //! skopeo copies the registry's bytes; without skopeo the images are pulled into a private
 //! storage and saved from there, which keeps the digest only when podman compresses the layers
-//! again exactly as they were, and that is checked. Any image an archive cannot carry unchanged is
-//! left for the instances to pull, as is everything when the shared download fails (the
-//! workers then report their own errors).
+//! again exactly as they were, and that is checked. Any image an archive cannot carry
+//! unchanged is left for the instances to pull, as is everything when the shared download
+//! fails (the workers then report their own errors).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -116,8 +116,8 @@ pub fn remove_leftovers(state_dir: &Path) {
 }
 
 /// Downloads `module_url` and the extra images its `org.nethserver.images` label names, once,
-/// into an archive each, for each one that an archive carries unchanged. Extra images in `present` (named in
-/// every instance's environment, hence in every storage) are not fetched.
+/// into an archive each, for each one that an archive carries unchanged. Extra images in
+/// `present` (named in every instance's environment, hence in every storage) are not fetched.
 pub async fn download(
     state_dir: &Path,
     job_id: u64,
