@@ -828,3 +828,80 @@ async fn a_cancel_during_the_pull_ends_the_instance_cancelled_and_unchanged() {
         "nothing changed, yet a re-run is owed"
     );
 }
+
+/// A job cancelled while the daemon downloads the images once for its instances: the copy
+/// stops (skopeo is killed), nothing of the download is left, no instance was touched, and the
+/// next job downloads again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_during_the_shared_download_stops_it_and_leaves_nothing() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("slowcopy", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("slowcopy", "2.0"))
+        .unwrap();
+    let instances: Vec<_> = (0..2)
+        .map(|_| {
+            let instance = sandbox.add_rootless_instance("slowcopy").unwrap();
+            sandbox.install(&instance, &v1).unwrap();
+            instance
+        })
+        .collect();
+    let ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+    // A skopeo whose copy takes five minutes while `slow` exists (the daemon kills the process
+    // it started: this one is it).
+    let slow = sandbox.root().join("trap/slow");
+    let _daemon = start_daemon_with_trap(
+        &sandbox,
+        &[(
+            "skopeo",
+            format!(
+                "#!/bin/sh\ncase \" $* \" in *\" copy \"*) [ -f {} ] && exec sleep 302 ;; esac\nexec /usr/bin/skopeo \"$@\"\n",
+                slow.display()
+            ),
+        )],
+    );
+    std::fs::write(&slow, "").unwrap();
+    let connection = connect(&sandbox).await;
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &request(&v2, &ids, false))
+        .await
+        .unwrap();
+    let run = cancel_once_running(
+        &sandbox,
+        &connection,
+        &mut stream,
+        path,
+        "root",
+        "sleep 302",
+    )
+    .await;
+    assert_eq!(run.status, "aborted", "{:#}", run.result);
+    for instance in &instances {
+        assert_eq!(
+            run.instance(&instance.id)["status"],
+            "cancelled",
+            "{:#}",
+            run.result
+        );
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
+    }
+    assert!(!runs("root", "sleep 302"), "the copy still runs");
+    let shared = sandbox.daemon_state_dir().join("shared-images");
+    let left: Vec<_> = std::fs::read_dir(&shared)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", shared.display());
+
+    // The next job downloads again, with the real skopeo.
+    std::fs::remove_file(&slow).unwrap();
+    let run = run_job(&connection, &request(&v2, &ids, false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    for instance in &instances {
+        let loaded = format!("Loading {v2} (downloaded once for the node)");
+        let messages = run.messages_of(&instance.id);
+        assert!(messages.contains(&loaded), "{}: {messages:#?}", instance.id);
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
+    }
+}
