@@ -841,13 +841,7 @@ async fn a_cancel_during_the_shared_download_stops_it_and_leaves_nothing() {
     let v2 = sandbox
         .build_image(&ImageSpec::module("slowcopy", "2.0"))
         .unwrap();
-    let instances: Vec<_> = (0..2)
-        .map(|_| {
-            let instance = sandbox.add_rootless_instance("slowcopy").unwrap();
-            sandbox.install(&instance, &v1).unwrap();
-            instance
-        })
-        .collect();
+    let instances = installed_instances(&mut sandbox, "slowcopy", 2, &v1);
     let ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
     // A skopeo whose copy takes five minutes while `slow` exists (the daemon kills the process
     // it started: this one is it).

@@ -434,13 +434,7 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let other = sandbox
         .build_blob_image("aheadother", "1", 4096, 13)
         .unwrap();
-    let instances: Vec<_> = (0..3)
-        .map(|_| {
-            let instance = sandbox.add_rootless_instance("ahead").unwrap();
-            sandbox.install(&instance, &v1).unwrap();
-            instance
-        })
-        .collect();
+    let instances = installed_instances(&mut sandbox, "ahead", 3, &v1);
 
     // First in the daemon's PATH: a podman that delays the module image's pull by a second, so
     // that the registry's answer always comes first, and a skopeo that, while `label` exists,

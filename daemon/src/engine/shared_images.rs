@@ -159,20 +159,10 @@ async fn fill(
 ) -> Result<(), SharedImagesError> {
     // A storage of the daemon's own, vfs so that removing the directory removes everything.
     // 0700: the layers (which may hold device nodes a hostile image ships) are root's alone.
-    let storage = dir.join("storage");
-    std::fs::create_dir(&storage).map_err(|source| SharedImagesError::Io {
-        path: storage.clone(),
-        source,
-    })?;
-    set_mode(&storage, 0o700)?;
+    let storage = private_dir(dir.join("storage"))?;
     // Where skopeo and podman stage images: inside the job's directory, so that what a killed
     // copy leaves (a cancelled job, a stopped daemon) goes with it.
-    let tmp = dir.join("tmp");
-    std::fs::create_dir(&tmp).map_err(|source| SharedImagesError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    set_mode(&tmp, 0o700)?;
+    let tmp = private_dir(dir.join("tmp"))?;
     let global: Vec<String> = vec![
         "--root".into(),
         storage.display().to_string(),
@@ -482,6 +472,16 @@ fn ensure_traversable(dir: &Path) -> Result<(), SharedImagesError> {
         set_mode(dir, mode | 0o001)?;
     }
     Ok(())
+}
+
+/// Creates `path`, mode 0700 (root's alone).
+fn private_dir(path: PathBuf) -> Result<PathBuf, SharedImagesError> {
+    std::fs::create_dir(&path).map_err(|source| SharedImagesError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    set_mode(&path, 0o700)?;
+    Ok(path)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), SharedImagesError> {

@@ -324,6 +324,22 @@ pub fn module_with_changing_extra(
     [extra1, extra2, v1, v2]
 }
 
+/// Adds `n` rootless instances of `module`, each installed at `url`.
+pub fn installed_instances(
+    sandbox: &mut Sandbox,
+    module: &str,
+    n: usize,
+    url: &str,
+) -> Vec<Instance> {
+    (0..n)
+        .map(|_| {
+            let instance = sandbox.add_rootless_instance(module).unwrap();
+            sandbox.install(&instance, url).unwrap();
+            instance
+        })
+        .collect()
+}
+
 /// Runs a command as the instance user and returns its stdout (panics with stderr on failure).
 pub fn as_user(sandbox: &Sandbox, instance: &Instance, argv: &[&str]) -> String {
     let output = sandbox
