@@ -425,7 +425,9 @@ async fn pull_missing_semantics_and_force() {
 
 /// The extra images start downloading while the module image is pulled, from its labels read in
 /// the registry (skopeo); a label that differs from the pulled image's (the tag moved between
-/// the two reads) and a module image that fails to pull leave nothing behind.
+/// the two reads) and a module image that fails to pull leave nothing behind. The imageroot is
+/// read from the layer skopeo copied from the registry meanwhile, checked against the pulled
+/// image: a layer that is not the image's fails the extraction and installs nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let mut sandbox = Sandbox::new().unwrap();
@@ -434,12 +436,18 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let other = sandbox
         .build_blob_image("aheadother", "1", 4096, 13)
         .unwrap();
-    let instances = installed_instances(&mut sandbox, "ahead", 3, &v1);
+    let instances = installed_instances(&mut sandbox, "ahead", 4, &v1);
 
     // First in the daemon's PATH: a podman that delays the module image's pull by a second, so
     // that the registry's answer always comes first, and a skopeo that, while `label` exists,
-    // answers with that label instead of asking the registry.
+    // answers with that label instead of asking the registry, and while `tamper` exists adds
+    // 1 KiB of zeros to the end of the (gzip) layer it copies into a directory.
     let label_file = sandbox.root().join("trap/label");
+    let tamper_file = sandbox.root().join("trap/tamper");
+    let tamper = format!(
+        "case \" $* \" in *\" copy \"*\" dir:\"*) if [ -f {} ]; then\n  /usr/bin/skopeo \"$@\" || exit $?\n  for a in \"$@\"; do dir=${{a#dir:}}; done\n  for f in \"$dir\"/*; do\n    if [ \"$(head -c2 \"$f\" | od -An -tx1 | tr -d ' \\n')\" = 1f8b ]; then\n      {{ gzip -dc \"$f\"; head -c 1024 /dev/zero; }} | gzip > \"$f.t\" && mv \"$f.t\" \"$f\"\n    fi\n  done\n  exit 0\nfi ;; esac\n",
+        tamper_file.display()
+    );
     let _daemon = start_daemon_with_trap(
         &sandbox,
         &[
@@ -451,8 +459,8 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
             (
                 "skopeo",
                 format!(
-                    "#!/bin/sh\nif [ -f {label} ]; then\n  printf '{{\"config\":{{\"Labels\":{{\"org.nethserver.images\":\"%s\"}}}}}}' \"$(cat {label})\"\n  exit 0\nfi\nexec /usr/bin/skopeo \"$@\"\n",
-                    label = label_file.display()
+                    "#!/bin/sh\nif [ -f {label} ]; then\n  printf '{{\"config\":{{\"Labels\":{{\"org.nethserver.images\":\"%s\"}}}}}}' \"$(cat {label})\"\n  exit 0\nfi\n{tamper}exec /usr/bin/skopeo \"$@\"\n",
+                    label = label_file.display(),
                 ),
             ),
         ],
@@ -474,7 +482,7 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     };
 
     // The registry's label: the extra image is fetched beside the module image's pull.
-    let [fresh, moved, broken] = &instances[..] else {
+    let [fresh, moved, broken, tampered] = &instances[..] else {
         unreachable!()
     };
     let run = run_job(&connection, &request(&v2, &[&fresh.id], false)).await;
@@ -482,6 +490,25 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let messages = run.messages_of(&fresh.id);
     let ahead = format!("The registry's {v2} names {db2}: fetching them beside it");
     assert!(messages.contains(&ahead), "{messages:#?}");
+    let from_registry = format!(
+        "The imageroot is read from the layer the registry served for {v2}, while podman stores the images"
+    );
+    assert!(messages.contains(&from_registry), "{messages:#?}");
+    assert_eq!(
+        std::fs::read_to_string(fresh.install_dir.join("bin/version")).unwrap(),
+        "2.0\n"
+    );
+    let env = fresh.read_env().unwrap();
+    let inspected = as_user(
+        &sandbox,
+        fresh,
+        &["podman", "image", "inspect", "--format", "{{.Digest}}", &v2],
+    );
+    assert_eq!(
+        env["IMAGE_DIGEST"],
+        inspected.trim(),
+        "podman's digest, not the copy's"
+    );
     assert_eq!(fresh.read_env().unwrap()["AHEADDB_IMAGE"], db2);
     assert!(has_image(fresh, &db2));
     assert!(!has_image(fresh, &db1), "the stale extra image is removed");
@@ -495,6 +522,17 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let removed =
         format!("Removing {other} again: the module image's label changed while it was pulled");
     assert!(messages.contains(&removed), "{messages:#?}");
+    // The stand-in skopeo wrote no copy either: the layer comes from podman.
+    assert!(
+        messages.iter().any(|m| m.starts_with(
+            "The imageroot is read from podman's storage: skopeo wrote no readable manifest.json"
+        )),
+        "{messages:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(moved.install_dir.join("bin/version")).unwrap(),
+        "2.0\n"
+    );
     assert_eq!(moved.read_env().unwrap()["AHEADDB_IMAGE"], db2);
     assert!(has_image(moved, &db2));
     assert!(!has_image(moved, &other), "{}", images(moved));
@@ -511,6 +549,42 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     assert!(messages.contains(&removed), "{messages:#?}");
     assert_eq!(images(broken), before);
     assert_eq!(broken.read_env().unwrap()["IMAGE_URL"], v1);
+
+    // The registry's copy has a layer that is not the one the image's configuration names: the
+    // extraction fails before it installs anything.
+    std::fs::remove_file(&label_file).unwrap();
+    std::fs::write(&tamper_file, "").unwrap();
+    let run = run_job(&connection, &request(&v2, &[&tampered.id], false)).await;
+    std::fs::remove_file(&tamper_file).unwrap();
+    let result = run.instance(&tampered.id);
+    assert_eq!(result["status"], "failed", "{result:#}");
+    assert_eq!(result["error"]["step"], "extract", "{result:#}");
+    let error = result["error"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the layer the registry served is not the image's"),
+        "{result:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tampered.install_dir.join("bin/version")).unwrap(),
+        "1.0\n"
+    );
+    assert_eq!(tampered.read_env().unwrap()["IMAGE_URL"], v1);
+    let pulled = as_user(
+        &sandbox,
+        tampered,
+        &["podman", "image", "inspect", "--format", "{{.Digest}}", &v2],
+    );
+    assert_eq!(result["new_image_digest"], pulled.trim(), "{result:#}");
+    // The copies went with their updates.
+    for instance in [fresh, tampered] {
+        let copies: Vec<_> = std::fs::read_dir(&instance.runtime_dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("module-updater-layer-"))
+            .collect();
+        assert!(copies.is_empty(), "{copies:?}");
+    }
 
     // Forced, nothing is read ahead (every image is fetched again, present or not, so what is
     // fetched could not be told apart from what was there before).

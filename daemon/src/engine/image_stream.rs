@@ -8,7 +8,9 @@
 //! them applied in order, whiteouts included: podman does that, in a container's `export`.
 //!
 //! When the daemon downloaded the image once for the node, it wrote that layer to a file the
-//! workers read instead (`engine/shared_images.rs`).
+//! workers read instead (`engine/shared_images.rs`); when the worker copied the image from the
+//! registry while podman pulled it (`engine/registry_layer.rs`), the layer is read from that
+//! copy, decompressed and checked against the image's diff id.
 //!
 //! Each stream ends well (EOF) only when podman succeeded and, with a gate, the extra images
 //! were fetched; the extractor reads its stream to the end before it installs anything, so a
@@ -20,7 +22,10 @@ use std::path::PathBuf;
 use std::process::Child;
 use std::sync::mpsc;
 
+use sha2::{Digest, Sha256};
+
 use super::podman::{ImageInfo, Podman, PodmanError, tail};
+use super::registry_layer::Layer;
 
 /// Where an image's filesystem is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +37,8 @@ pub enum Source {
     /// The one layer of the image as a tar file the daemon wrote when it downloaded the image
     /// once for the node (`engine/shared_images.rs`).
     LayerFile { path: PathBuf },
+    /// The one layer of the image as the registry served it, copied by the worker.
+    RegistryLayer { layer: Layer },
 }
 
 impl Source {
@@ -71,7 +78,72 @@ impl Source {
                     gate,
                 }))
             }
+            Source::RegistryLayer { layer } => {
+                let file = File::open(&layer.path).map_err(|source| StreamError::Open {
+                    path: layer.path.clone(),
+                    source,
+                })?;
+                let tar: Box<dyn Read + Send> = if layer.gzip {
+                    // podman's and skopeo's gzip writers may write several members.
+                    Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(file)))
+                } else {
+                    Box::new(file)
+                };
+                Ok(Box::new(Checked {
+                    stream: Box::new(DiffIdChecked::new(tar, layer.diff_id.clone())),
+                    child: None,
+                    command: "",
+                    gate,
+                }))
+            }
         }
+    }
+}
+
+/// A layer stream that ends well only if what it gave hashes to the diff id the image's
+/// configuration names: the layer is the image's, whatever the registry served.
+pub struct DiffIdChecked<R> {
+    stream: R,
+    hasher: Option<Sha256>,
+    diff_id: String,
+}
+
+impl<R: Read> DiffIdChecked<R> {
+    pub fn new(stream: R, diff_id: String) -> Self {
+        DiffIdChecked {
+            stream,
+            hasher: Some(Sha256::new()),
+            diff_id,
+        }
+    }
+}
+
+impl<R: Read> Read for DiffIdChecked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        if n > 0 {
+            if let Some(hasher) = self.hasher.as_mut() {
+                hasher.update(&buf[..n]);
+            }
+        } else if !buf.is_empty()
+            && let Some(hasher) = self.hasher.take()
+        {
+            let read: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if self.diff_id.strip_prefix("sha256:") != Some(read.as_str()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the layer the registry served is not the image's: it hashes to sha256:{read}, the image's configuration names {}",
+                        self.diff_id
+                    ),
+                ));
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -423,5 +495,47 @@ mod tests {
         );
         assert_eq!(Source::saved_layer("r/m:2", &info(&[&one, &one])), None);
         assert_eq!(Source::saved_layer("r/m:2", &info(&[])), None);
+    }
+
+    fn sha256(data: &[u8]) -> String {
+        let hex: String = Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("sha256:{hex}")
+    }
+
+    #[test]
+    fn a_gzip_layer_of_the_registry_is_read_and_checked_against_its_diff_id() {
+        let layer = layer_tar();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &layer).unwrap();
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        let source = |diff_id: String| Source::RegistryLayer {
+            layer: Layer {
+                path: path.clone(),
+                gzip: true,
+                diff_id,
+            },
+        };
+        let podman = Podman::new(Vec::new());
+        let mut right = source(sha256(&layer)).open(&podman, None).unwrap();
+        assert_eq!(read_all(&mut right).unwrap(), layer);
+
+        let other = sha256(b"another layer");
+        let mut wrong = source(other.clone()).open(&podman, None).unwrap();
+        let err = read_all(&mut wrong).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains(&other), "{err}");
+        assert!(err.to_string().contains(&sha256(&layer)), "{err}");
+
+        // The extra images' gate still has the last word.
+        let (done, gate) = mpsc::sync_channel(1);
+        done.send(false).unwrap();
+        let mut gated = source(sha256(&layer)).open(&podman, Some(gate)).unwrap();
+        let err = read_all(&mut gated).unwrap_err();
+        assert!(err.to_string().contains("extra images"), "{err}");
     }
 }

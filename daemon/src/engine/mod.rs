@@ -13,6 +13,7 @@ pub mod instance_cache;
 pub mod lock;
 pub mod oci_archive;
 pub mod podman;
+pub mod registry_layer;
 pub mod scripts;
 pub mod shared_images;
 pub mod skopeo;

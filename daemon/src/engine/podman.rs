@@ -167,15 +167,22 @@ impl Podman {
             .collect())
     }
 
-    /// Pulls every reference in one podman process. Its progress output goes to `stderr` lines.
-    pub async fn pull(&self, references: &[&str]) -> Result<(), PodmanError> {
+    /// Pulls every reference in one podman process; the ids of the pulled images, one per line
+    /// as `--quiet` prints them.
+    pub async fn pull(&self, references: &[&str]) -> Result<Vec<String>, PodmanError> {
         if references.is_empty() {
             // NS8 runs `podman pull` with no argument when forced with no extra images and fails.
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut args = vec!["pull", "--quiet", "--"];
         args.extend_from_slice(references);
-        self.output(&args).await.map(|_| ())
+        let stdout = self.output(&args).await?;
+        Ok(String::from_utf8_lossy(&stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Loads an image archive the daemon prepared (`engine/shared_images.rs`); the archive

@@ -123,6 +123,24 @@ pub async fn copy_to_archive(
     run("copy", reference, &args).await.map(|_| ())
 }
 
+/// Copies the image `reference` names into the directory `dir` (skopeo's `dir:` transport:
+/// `manifest.json` and each blob in a file named by its sha256), its blobs as the registry
+/// serves them (skopeo checks each against its digest).
+pub async fn copy_to_dir(reference: &str, dir: &Path) -> Result<(), SkopeoError> {
+    let source = format!("docker://{reference}");
+    let destination = format!("dir:{}", dir.display());
+    let args = [
+        "--command-timeout",
+        COMMAND_TIMEOUT,
+        "copy",
+        "--quiet",
+        "--",
+        &source,
+        &destination,
+    ];
+    run("copy", reference, &args).await.map(|_| ())
+}
+
 /// Runs skopeo with `args`; its standard output if it succeeded.
 async fn run(
     command: &'static str,

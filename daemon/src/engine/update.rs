@@ -31,6 +31,7 @@ use super::imagename;
 use super::instance::Instance;
 use super::lock::{self, UpdateLock};
 use super::podman::{ImageInfo, Podman, PodmanError};
+use super::registry_layer::{LayerAhead, RegistryImage};
 use super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
 use super::shared_images::SharedModule;
 use super::skopeo::{self, IMAGES_LABEL};
@@ -121,6 +122,8 @@ pub async fn run(
         main_from_archive: false,
         changed: false,
         ahead: None,
+        registry_image: None,
+        inspection: None,
         started: std::time::SystemTime::now(),
         container_removal: None,
         flush: None,
@@ -151,6 +154,12 @@ struct Update<'a> {
     /// The fetch of the extra images that the registry's copy of the module image names,
     /// started while the module image is pulled (see [`Update::fetch_ahead`]).
     ahead: Option<Ahead>,
+    /// The registry's copy of the module image (`engine/registry_layer.rs`), when it is the
+    /// image podman pulled: its layer is extracted, its labels used before podman's inspection.
+    registry_image: Option<RegistryImage>,
+    /// podman's inspection of the module image, running in the background when the update went
+    /// on with the registry's copy (it waits for the extra images' pull to commit).
+    inspection: Option<JoinHandle<Result<Vec<ImageInfo>, PodmanError>>>,
     /// When the update began: what the scripts changed in the state dir since is flushed.
     started: std::time::SystemTime,
     /// `podman rm` of the temporary container, running in the background after the export.
@@ -272,6 +281,7 @@ impl Update<'_> {
         let extras = self.extra_images(&main)?;
         self.pull_extras_and_extract(&main, &extras).await?;
         self.reload().await;
+        let main = self.inspected(main).await?;
         self.update_environment(env, &main, &extras)
     }
 
@@ -286,6 +296,14 @@ impl Update<'_> {
         // be told apart from what was there before, to be removed if the update fails.
         let read_ahead = !self.job.force && !self.job.shared_images.contains_key(url);
         let mut peek = read_ahead.then(|| skopeo::Peek::start(url));
+        let mut copy = self
+            .job
+            .instance
+            .runtime_dir
+            .as_deref()
+            .filter(|_| read_ahead && self.job.instance.rootless)
+            .map(|dir| LayerAhead::start(url, dir));
+        let mut pulled_id = None;
         if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
             let run = fetch.announce(self).run(self.podman.clone());
             let fetched = match peek.as_mut() {
@@ -302,25 +320,122 @@ impl Update<'_> {
                 None => run.await,
             };
             self.main_from_archive = fetched.loaded.iter().any(|r| r == url);
+            if let [id] = &fetched.pulled_ids[..] {
+                pulled_id = Some(id.clone());
+            }
             self.fetched(Step::PullImage, fetched)?;
         }
         // Read or not, the labels are the pulled image's from here on.
         drop(peek);
+        self.result.new_image_url = Some(url.to_owned());
         let main = match &self.job.shared_module {
             Some(shared) if self.main_from_archive => shared.info.clone(),
-            _ => self
-                .podman
-                .inspect(&[url])
+            _ => match self.registry_copy(copy.as_mut(), pulled_id).await {
+                Some(image) => {
+                    let main = ImageInfo {
+                        id: image.id.clone(),
+                        digest: String::new(),
+                        repo_digest: String::new(),
+                        labels: image.labels.clone(),
+                        layers: image.diff_ids.clone(),
+                    };
+                    self.registry_image = Some(image);
+                    let (podman, url) = (self.podman.clone(), url.to_owned());
+                    self.inspection =
+                        Some(tokio::spawn(async move { podman.inspect(&[&url]).await }));
+                    self.end(Step::PullImage);
+                    return Ok(main);
+                }
+                None => self.inspect_main().await?,
+            },
+        };
+        self.result.new_image_digest = Some(main.digest.clone());
+        self.end(Step::PullImage);
+        Ok(main)
+    }
+
+    /// podman's inspection of the module image.
+    async fn inspect_main(&self) -> StepResult<ImageInfo> {
+        let url = self.job.module_url.as_str();
+        self.podman
+            .inspect(&[url])
+            .await
+            .map_err(|e| failed(Step::PullImage)(e.to_string()))?
+            .pop()
+            .ok_or_else(|| failed(Step::PullImage)(format!("podman returned nothing for {url}")))
+    }
+
+    /// The registry's copy of the module image, if it is the image podman pulled (`pulled_id`:
+    /// the id `podman pull` printed). Otherwise says why the layer is read from podman.
+    async fn registry_copy(
+        &mut self,
+        copy: Option<&mut LayerAhead>,
+        pulled_id: Option<String>,
+    ) -> Option<RegistryImage> {
+        let (copy, pulled_id) = (copy?, pulled_id?);
+        // The copy (a small image) is usually written before podman's pull ends; one that is
+        // not by then would only make the update wait.
+        let why = match tokio::time::timeout(COPY_GRACE, copy.wait()).await {
+            Ok(Ok(image)) if image.id == pulled_id => match &image.layer {
+                Ok(_) => {
+                    self.message(
+                        priority::DEBUG,
+                        format!(
+                            "The imageroot is read from the layer the registry served for {}, while podman stores the images",
+                            self.job.module_url
+                        ),
+                    );
+                    return Some(image);
+                }
+                // Its labels are still the pulled image's: podman merges the layers.
+                Err(why) => {
+                    let why = why.clone();
+                    self.message(
+                        priority::DEBUG,
+                        format!("The imageroot is read from podman's storage: {why}"),
+                    );
+                    return Some(image);
+                }
+            },
+            Ok(Ok(image)) => format!(
+                "the registry's copy is the image {}, podman pulled {pulled_id} (the tag moved)",
+                image.id
+            ),
+            Ok(Err(err)) => err,
+            Err(_) => format!(
+                "the copy from the registry took more than {} ms after the pull",
+                COPY_GRACE.as_millis()
+            ),
+        };
+        self.message(
+            priority::DEBUG,
+            format!("The imageroot is read from podman's storage: {why}"),
+        );
+        None
+    }
+
+    /// The module image as podman inspects it, when the update went on with the registry's copy
+    /// (`main` from its configuration): the digests come from podman, the id must be the same.
+    async fn inspected(&mut self, mut main: ImageInfo) -> StepResult<ImageInfo> {
+        if let Some(task) = self.inspection.take() {
+            let url = self.job.module_url.as_str();
+            let inspected = task
                 .await
+                .unwrap_or_else(|e| Err(PodmanError::Spawn(std::io::Error::other(e.to_string()))))
                 .map_err(|e| failed(Step::PullImage)(e.to_string()))?
                 .pop()
                 .ok_or_else(|| {
                     failed(Step::PullImage)(format!("podman returned nothing for {url}"))
-                })?,
-        };
-        self.result.new_image_url = Some(url.to_owned());
-        self.result.new_image_digest = Some(main.digest.clone());
-        self.end(Step::PullImage);
+                })?;
+            if inspected.id != main.id {
+                return Err(failed(Step::PullImage)(format!(
+                    "{url} changed in the instance's storage during the update: the update installed the image {}, podman now names {}; run the update again",
+                    main.id, inspected.id
+                )));
+            }
+            main = inspected;
+            self.result.new_image_digest = Some(main.digest.clone());
+        }
         Ok(main)
     }
 
@@ -462,6 +577,7 @@ impl Update<'_> {
             // its failure, the earlier step, is the one reported.
             let fetched = task.await.unwrap_or_else(|e| Fetched {
                 loaded: Vec::new(),
+                pulled_ids: Vec::new(),
                 warnings: Vec::new(),
                 result: Err(format!("the pull task failed: {e}")),
             });
@@ -544,10 +660,15 @@ impl Update<'_> {
             .as_ref()
             .and_then(|shared| shared.layer.clone())
             .filter(|_| self.main_from_archive);
-        let source = match (shared_layer, Source::saved_layer(url, main)) {
-            (Some(path), Some(_)) => Source::LayerFile { path },
-            (_, Some(layer)) => layer,
-            (_, None) => Source::Export {
+        let registry_layer = self
+            .registry_image
+            .as_ref()
+            .and_then(|image| image.layer.clone().ok());
+        let source = match (shared_layer, registry_layer, Source::saved_layer(url, main)) {
+            (Some(path), _, Some(_)) => Source::LayerFile { path },
+            (_, Some(layer), Some(_)) => Source::RegistryLayer { layer },
+            (_, _, Some(layer)) => layer,
+            (_, _, None) => Source::Export {
                 container: self
                     .podman
                     .create(url)
@@ -849,6 +970,16 @@ impl Update<'_> {
     /// update outlives the worker's result.
     async fn settle(&mut self) {
         self.await_container_removal().await;
+        // An inspection nobody took (the update failed before the environment step) still
+        // names the pulled image's digest in the result; the registry's copy of the module
+        // image goes.
+        if let Some(inspection) = self.inspection.take()
+            && let Ok(Ok(mut inspected)) = inspection.await
+            && let Some(main) = inspected.pop()
+        {
+            self.result.new_image_digest.get_or_insert(main.digest);
+        }
+        self.registry_image = None;
         // A fetch started ahead and never used: the update failed before the extra images'
         // step. What it brought was not there before, and goes, so the storage is as it was.
         if let Some(ahead) = self.ahead.take() {
@@ -954,6 +1085,9 @@ impl Update<'_> {
 
 const CANCELLED: &str = "cancelled";
 
+/// How long the registry's copy of the module image may still take once podman pulled it.
+const COPY_GRACE: Duration = Duration::from_millis(500);
+
 /// Missing images to bring into the instance's storage.
 #[derive(Debug, Default)]
 struct Fetch {
@@ -967,6 +1101,8 @@ struct Fetch {
 #[derive(Debug)]
 struct Fetched {
     loaded: Vec<String>,
+    /// The ids `podman pull` printed, one per pulled reference.
+    pulled_ids: Vec<String>,
     warnings: Vec<String>,
     result: Result<(), String>,
 }
@@ -1042,9 +1178,13 @@ impl Fetch {
             }
         }
         let references: Vec<&str> = pulls.iter().map(String::as_str).collect();
-        let result = podman.pull(&references).await.map_err(|e| e.to_string());
+        let (pulled_ids, result) = match podman.pull(&references).await {
+            Ok(ids) => (ids, Ok(())),
+            Err(err) => (Vec::new(), Err(err.to_string())),
+        };
         Fetched {
             loaded,
+            pulled_ids,
             warnings,
             result,
         }

@@ -1,0 +1,308 @@
+//! The module image's layer read from the registry while podman pulls the image, so that the
+//! imageroot is staged while podman is still writing images into the instance's storage.
+//!
+//! Without it the layer comes from `podman image save` after the pull, and that waits for every
+//! pull under way into the same storage: podman holds the storage's lock while it commits a
+//! layer, so a save (or an inspect) started while the extra images are pulled waits for them.
+//! skopeo, run as the instance's user with podman's registries.conf and credentials, copies the
+//! image (a small one: the imageroot) into a private directory instead.
+//!
+//! A copy is used only for the image podman pulled: its configuration's digest must be the id
+//! `podman pull` printed, and the layer, decompressed, must hash to the diff id that
+//! configuration names (checked as the extractor reads it, before anything is installed). Any
+//! other outcome (no skopeo, a registry error, a tag that moved between the two reads, an image
+//! of several layers, a compression we do not read) leaves the update to `podman image save`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+
+use super::skopeo;
+
+/// What the copy in the directory is: what the update needs before podman's inspection.
+#[derive(Debug)]
+pub struct RegistryImage {
+    /// The directory of the copy, removed when this is dropped.
+    _dir: tempfile::TempDir,
+    /// The configuration's digest, hex: the image id podman gives the image.
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    /// `rootfs.diff_ids` of the configuration, `sha256:…`, bottom first.
+    pub diff_ids: Vec<String>,
+    /// The layer, when the image has one in a form the extractor reads.
+    pub layer: Result<Layer, String>,
+}
+
+/// The one layer of the image, as the registry served it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    pub path: PathBuf,
+    pub gzip: bool,
+    /// The digest of the uncompressed layer, `sha256:…`.
+    pub diff_id: String,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+}
+
+#[derive(Deserialize)]
+struct Config {
+    #[serde(default)]
+    config: Option<ContainerConfig>,
+    #[serde(default)]
+    rootfs: Option<RootFs>,
+}
+
+#[derive(Deserialize)]
+struct ContainerConfig {
+    #[serde(default, rename = "Labels")]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+/// Reads the copy skopeo wrote in `dir` (its `dir:` transport).
+fn read(dir: tempfile::TempDir) -> Result<RegistryImage, String> {
+    let manifest: Manifest = serde_json::from_slice(&read_file(dir.path(), "manifest.json")?)
+        .map_err(|e| format!("skopeo wrote a manifest that is not an image manifest: {e}"))?;
+    let config = manifest
+        .config
+        .ok_or("the registry serves a manifest without a configuration (schema 1)")?;
+    let id = sha256_hex(&config.digest)?.to_owned();
+    let parsed: Config = serde_json::from_slice(&read_file(dir.path(), &id)?)
+        .map_err(|e| format!("the image configuration is not JSON of an image: {e}"))?;
+    let labels = parsed.config.and_then(|c| c.labels).unwrap_or_default();
+    let diff_ids = parsed.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+    let layer = one_layer(dir.path(), &manifest.layers, &diff_ids);
+    Ok(RegistryImage {
+        _dir: dir,
+        id,
+        labels,
+        diff_ids,
+        layer,
+    })
+}
+
+/// The layer of an image of one layer, gzip-compressed or not.
+fn one_layer(dir: &Path, layers: &[Descriptor], diff_ids: &[String]) -> Result<Layer, String> {
+    let ([layer], [diff_id]) = (layers, diff_ids) else {
+        return Err(format!(
+            "the image has {} layers: podman merges them",
+            layers.len()
+        ));
+    };
+    let gzip = match layer.media_type.as_str() {
+        t if t.ends_with("tar+gzip") || t.ends_with(".tar.gzip") => true,
+        t if t.ends_with(".tar") => false,
+        other => {
+            return Err(format!(
+                "its layer is of type {other:?}, read by podman only"
+            ));
+        }
+    };
+    sha256_hex(diff_id)?;
+    Ok(Layer {
+        path: dir.join(sha256_hex(&layer.digest)?),
+        gzip,
+        diff_id: diff_id.clone(),
+    })
+}
+
+/// The hex of a `sha256:` digest of 64 lowercase hex digits (also a safe file name).
+fn sha256_hex(digest: &str) -> Result<&str, String> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|hex| {
+            hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        })
+        .ok_or_else(|| format!("{digest:?} is not a sha256 digest"))
+}
+
+fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
+    fs::read(dir.join(name)).map_err(|e| format!("skopeo wrote no readable {name}: {e}"))
+}
+
+/// The name of a copy's directory starts with this.
+const PREFIX: &str = "module-updater-layer-";
+
+/// Removes the copies a killed worker left in `parent`. Only one update of an instance runs at a
+/// time (the instance lock is held), so no other copy there is in use.
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(PREFIX)
+            && let Err(e) = fs::remove_dir_all(entry.path())
+        {
+            log::warn!("cannot remove {}: {e}", entry.path().display());
+        }
+    }
+}
+
+/// A copy under way, in a task of its own; dropping it kills skopeo and removes the directory.
+pub struct LayerAhead(JoinHandle<Result<RegistryImage, String>>);
+
+impl LayerAhead {
+    /// Starts copying `reference` into a new directory in `parent` (private to the user: the
+    /// instance's runtime directory), once the copies a killed worker left there are removed.
+    pub fn start(reference: &str, parent: &Path) -> LayerAhead {
+        let (reference, parent) = (reference.to_owned(), parent.to_owned());
+        LayerAhead(tokio::spawn(async move {
+            remove_stale(&parent);
+            let dir = tempfile::Builder::new()
+                .prefix(PREFIX)
+                .tempdir_in(&parent)
+                .map_err(|e| format!("cannot make a directory in {}: {e}", parent.display()))?;
+            skopeo::copy_to_dir(&reference, dir.path())
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::task::spawn_blocking(move || read(dir))
+                .await
+                .map_err(|e| format!("the task reading the copy failed: {e}"))?
+        }))
+    }
+
+    /// The copy, once written (the task's own failure is reported as a failed copy).
+    pub async fn wait(&mut self) -> Result<RegistryImage, String> {
+        match (&mut self.0).await {
+            Ok(copied) => copied,
+            Err(err) => Err(format!("the task copying the image failed: {err}")),
+        }
+    }
+}
+
+impl Drop for LayerAhead {
+    fn drop(&mut self) {
+        // The task owns skopeo's process (kill_on_drop) and the directory: aborting the task
+        // kills one and removes the other.
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const CONFIG_HEX: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const LAYER_HEX: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+    const DIFF_ID: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+
+    fn copy(manifest: &str, config: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("manifest.json"), manifest).unwrap();
+        fs::write(dir.path().join(CONFIG_HEX), config).unwrap();
+        dir
+    }
+
+    fn manifest(layer_type: &str, layers: usize) -> String {
+        let layer = format!(r#"{{"mediaType":"{layer_type}","digest":"sha256:{LAYER_HEX}"}}"#);
+        let layers = vec![layer; layers].join(",");
+        format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"sha256:{CONFIG_HEX}"}},"layers":[{layers}]}}"#
+        )
+    }
+
+    const CONFIG: &str = r#"{"config":{"Labels":{"org.nethserver.images":"a/b:1"}},"rootfs":{"type":"layers","diff_ids":["sha256:3333333333333333333333333333333333333333333333333333333333333333"]}}"#;
+
+    #[test]
+    fn an_image_of_one_gzip_layer_is_read() {
+        for media_type in [
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        ] {
+            let dir = copy(&manifest(media_type, 1), CONFIG);
+            let path = dir.path().to_owned();
+            let image = read(dir).unwrap();
+            assert_eq!(image.id, CONFIG_HEX);
+            assert_eq!(image.labels["org.nethserver.images"], "a/b:1");
+            assert_eq!(
+                image.layer,
+                Ok(Layer {
+                    path: path.join(LAYER_HEX),
+                    gzip: true,
+                    diff_id: DIFF_ID.to_owned(),
+                })
+            );
+        }
+        let image = read(copy(
+            &manifest("application/vnd.oci.image.layer.v1.tar", 1),
+            CONFIG,
+        ))
+        .unwrap();
+        assert!(!image.layer.unwrap().gzip);
+    }
+
+    #[test]
+    fn other_images_are_left_to_podman() {
+        let zstd = read(copy(
+            &manifest("application/vnd.oci.image.layer.v1.tar+zstd", 1),
+            CONFIG,
+        ))
+        .unwrap();
+        assert!(zstd.layer.unwrap_err().contains("+zstd"));
+        let two = read(copy(
+            &manifest("application/vnd.oci.image.layer.v1.tar+gzip", 2),
+            CONFIG,
+        ))
+        .unwrap();
+        assert!(two.layer.unwrap_err().contains("2 layers"));
+        let schema1 = read(copy(r#"{"schemaVersion":1,"fsLayers":[]}"#, CONFIG)).unwrap_err();
+        assert!(schema1.contains("schema 1"), "{schema1}");
+    }
+
+    #[test]
+    fn a_digest_is_never_a_path() {
+        for digest in [
+            "sha256:../../etc/passwd",
+            "sha512:1111",
+            "sha256:1111111111111111111111111111111111111111111111111111111111111111/x",
+            "sha256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(sha256_hex(digest).is_err(), "{digest}");
+        }
+        let bad_config = r#"{"config":{"digest":"sha256:../x"},"layers":[]}"#;
+        assert!(
+            read(copy(bad_config, CONFIG))
+                .unwrap_err()
+                .contains("not a sha256")
+        );
+    }
+
+    #[test]
+    fn copies_a_killed_worker_left_are_removed_and_nothing_else() {
+        let parent = tempfile::tempdir().unwrap();
+        let stale = parent.path().join(format!("{PREFIX}abc"));
+        fs::create_dir_all(stale.join("sub")).unwrap();
+        fs::write(stale.join("sub/blob"), "x").unwrap();
+        fs::create_dir(parent.path().join("bus-of-the-user")).unwrap();
+        fs::write(parent.path().join("module-updater-layer"), "").unwrap();
+        remove_stale(parent.path());
+        let mut left: Vec<_> = fs::read_dir(parent.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["bus-of-the-user", "module-updater-layer"]);
+    }
+}
