@@ -577,11 +577,12 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     assert_eq!(result["new_image_digest"], pulled.trim(), "{result:#}");
     // The copies went with their updates.
     for instance in [fresh, tampered] {
-        let copies: Vec<_> = std::fs::read_dir(&instance.runtime_dir)
+        let prefix = format!("module-updater-{}-layer-", instance.id);
+        let copies: Vec<_> = std::fs::read_dir("/var/tmp")
             .unwrap()
             .filter_map(Result::ok)
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|name| name.starts_with("module-updater-layer-"))
+            .filter(|name| name.starts_with(&prefix))
             .collect();
         assert!(copies.is_empty(), "{copies:?}");
     }

@@ -5,7 +5,9 @@
 //! pull under way into the same storage: podman holds the storage's lock while it commits a
 //! layer, so a save (or an inspect) started while the extra images are pulled waits for them.
 //! skopeo, run as the instance's user with podman's registries.conf and credentials, copies the
-//! image (a small one: the imageroot) into a private directory instead.
+//! image (a small one: the imageroot) into a private directory instead, in /var/tmp where podman
+//! stages its own downloads (disk, not the user's runtime tmpfs: a large module image must not
+//! fill the memory the user's services write their runtime files to).
 //!
 //! A copy is used only for the image podman pulled: its configuration's digest must be the id
 //! `podman pull` printed, and the layer, decompressed, must hash to the diff id that
@@ -141,17 +143,24 @@ fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
     fs::read(dir.join(name)).map_err(|e| format!("skopeo wrote no readable {name}: {e}"))
 }
 
-/// The name of a copy's directory starts with this.
-const PREFIX: &str = "module-updater-layer-";
+/// Where the copies go: podman's own default for large temporary files.
+const PARENT: &str = "/var/tmp";
 
-/// Removes the copies a killed worker left in `parent`. Only one update of an instance runs at a
-/// time (the instance lock is held), so no other copy there is in use.
-fn remove_stale(parent: &Path) {
+/// The start of the name of a copy's directory for `instance`.
+fn prefix(instance: &str) -> String {
+    format!("module-updater-{instance}-layer-")
+}
+
+/// Removes the copies a killed worker of `instance` left in `parent`. Only one update of an
+/// instance runs at a time (the instance lock is held), so no other copy of it is in use; one of
+/// another user cannot be removed (the sticky bit) and is not tried.
+fn remove_stale(parent: &Path, instance: &str) {
     let Ok(entries) = fs::read_dir(parent) else {
         return;
     };
+    let prefix = prefix(instance);
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(PREFIX)
+        if entry.file_name().to_string_lossy().starts_with(&prefix)
             && let Err(e) = fs::remove_dir_all(entry.path())
         {
             log::warn!("cannot remove {}: {e}", entry.path().display());
@@ -163,15 +172,16 @@ fn remove_stale(parent: &Path) {
 pub struct LayerAhead(JoinHandle<Result<RegistryImage, String>>);
 
 impl LayerAhead {
-    /// Starts copying `reference` into a new directory in `parent` (private to the user: the
-    /// instance's runtime directory), once the copies a killed worker left there are removed.
-    pub fn start(reference: &str, parent: &Path) -> LayerAhead {
-        let (reference, parent) = (reference.to_owned(), parent.to_owned());
+    /// Starts copying `reference` into a new directory of /var/tmp (0700, the instance user's),
+    /// once the copies a killed worker of `instance` left there are removed.
+    pub fn start(reference: &str, instance: &str) -> LayerAhead {
+        let (reference, instance) = (reference.to_owned(), instance.to_owned());
         LayerAhead(tokio::spawn(async move {
-            remove_stale(&parent);
+            let parent = Path::new(PARENT);
+            remove_stale(parent, &instance);
             let dir = tempfile::Builder::new()
-                .prefix(PREFIX)
-                .tempdir_in(&parent)
+                .prefix(&prefix(&instance))
+                .tempdir_in(parent)
                 .map_err(|e| format!("cannot make a directory in {}: {e}", parent.display()))?;
             skopeo::copy_to_dir(&reference, dir.path())
                 .await
@@ -292,17 +302,25 @@ mod tests {
     #[test]
     fn copies_a_killed_worker_left_are_removed_and_nothing_else() {
         let parent = tempfile::tempdir().unwrap();
-        let stale = parent.path().join(format!("{PREFIX}abc"));
+        let stale = parent.path().join(format!("{}abc", prefix("mail1")));
         fs::create_dir_all(stale.join("sub")).unwrap();
         fs::write(stale.join("sub/blob"), "x").unwrap();
-        fs::create_dir(parent.path().join("bus-of-the-user")).unwrap();
-        fs::write(parent.path().join("module-updater-layer"), "").unwrap();
-        remove_stale(parent.path());
+        fs::create_dir(parent.path().join("podman-pull-1")).unwrap();
+        fs::create_dir(parent.path().join(format!("{}abc", prefix("mail12")))).unwrap();
+        fs::write(parent.path().join("module-updater-mail1-layer"), "").unwrap();
+        remove_stale(parent.path(), "mail1");
         let mut left: Vec<_> = fs::read_dir(parent.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["bus-of-the-user", "module-updater-layer"]);
+        assert_eq!(
+            left,
+            [
+                "module-updater-mail1-layer",
+                "module-updater-mail12-layer-abc",
+                "podman-pull-1"
+            ]
+        );
     }
 }

@@ -296,13 +296,7 @@ impl Update<'_> {
         // be told apart from what was there before, to be removed if the update fails.
         let read_ahead = !self.job.force && !self.job.shared_images.contains_key(url);
         let mut peek = read_ahead.then(|| skopeo::Peek::start(url));
-        let mut copy = self
-            .job
-            .instance
-            .runtime_dir
-            .as_deref()
-            .filter(|_| read_ahead && self.job.instance.rootless)
-            .map(|dir| LayerAhead::start(url, dir));
+        let mut copy = read_ahead.then(|| LayerAhead::start(url, &self.job.instance.id));
         let mut pulled_id = None;
         if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
             let run = fetch.announce(self).run(self.podman.clone());
