@@ -647,6 +647,15 @@ async fn a_module_image_of_two_layers_is_installed_merged() {
     let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(layers(&v2), "2");
+    // The registry's copy of it gives the labels only: podman merges the layers.
+    let messages = run.messages_of(&instance.id);
+    assert!(
+        messages.contains(
+            &"The imageroot is read from podman's storage: the image has 2 layers: podman merges them"
+                .to_owned()
+        ),
+        "{messages:#?}"
+    );
     assert_eq!(read("bin/tool"), "2\n");
     assert_eq!(read("bin/kept"), "first layer\n");
     assert_eq!(read("bin/added"), "second layer\n");

@@ -370,27 +370,19 @@ impl Update<'_> {
         // The copy (a small image) is usually written before podman's pull ends; one that is
         // not by then would only make the update wait.
         let why = match tokio::time::timeout(COPY_GRACE, copy.wait()).await {
-            Ok(Ok(image)) if image.id == pulled_id => match &image.layer {
-                Ok(_) => {
-                    self.message(
-                        priority::DEBUG,
-                        format!(
-                            "The imageroot is read from the layer the registry served for {}, while podman stores the images",
-                            self.job.module_url
-                        ),
-                    );
-                    return Some(image);
-                }
-                // Its labels are still the pulled image's: podman merges the layers.
-                Err(why) => {
-                    let why = why.clone();
-                    self.message(
-                        priority::DEBUG,
-                        format!("The imageroot is read from podman's storage: {why}"),
-                    );
-                    return Some(image);
-                }
-            },
+            Ok(Ok(image)) if image.id == pulled_id => {
+                // An image of several layers still gives the pulled image's labels; podman
+                // merges its layers.
+                let text = match &image.layer {
+                    Ok(_) => format!(
+                        "The imageroot is read from the layer the registry served for {}, while podman stores the images",
+                        self.job.module_url
+                    ),
+                    Err(why) => format!("The imageroot is read from podman's storage: {why}"),
+                };
+                self.message(priority::DEBUG, text);
+                return Some(image);
+            }
             Ok(Ok(image)) => format!(
                 "the registry's copy is the image {}, podman pulled {pulled_id} (the tag moved)",
                 image.id
