@@ -66,16 +66,20 @@ pub fn manifest(archive: &Path) -> Result<(String, Vec<u8>), ArchiveError> {
             count: index.manifests.len(),
         });
     };
-    let hex = only
-        .digest
-        .strip_prefix("sha256:")
-        .filter(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| ArchiveError::BadDigest {
-            path: archive.to_owned(),
-            digest: only.digest.clone(),
-        })?;
+    let hex = sha256_hex(&only.digest).ok_or_else(|| ArchiveError::BadDigest {
+        path: archive.to_owned(),
+        digest: only.digest.clone(),
+    })?;
     let bytes = member(archive, &format!("blobs/sha256/{hex}"))?;
     Ok((only.digest.clone(), bytes))
+}
+
+/// The hex of a `sha256:` digest of 64 lowercase hex digits, the only form a content digest has
+/// here; being that, it is also a safe file name (never a path).
+pub fn sha256_hex(digest: &str) -> Option<&str> {
+    digest.strip_prefix("sha256:").filter(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 /// The bytes of the archive's member `name` (a manifest or an index: small). The layers are

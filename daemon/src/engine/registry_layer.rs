@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tokio::task::JoinHandle;
 
-use super::skopeo;
+use super::{oci_archive, skopeo};
 
 /// What the copy in the directory is: what the update needs before podman's inspection.
 #[derive(Debug)]
@@ -62,26 +62,6 @@ struct Descriptor {
     digest: String,
 }
 
-#[derive(Deserialize)]
-struct Config {
-    #[serde(default)]
-    config: Option<ContainerConfig>,
-    #[serde(default)]
-    rootfs: Option<RootFs>,
-}
-
-#[derive(Deserialize)]
-struct ContainerConfig {
-    #[serde(default, rename = "Labels")]
-    labels: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
 /// Reads the copy skopeo wrote in `dir` (its `dir:` transport).
 fn read(dir: tempfile::TempDir) -> Result<RegistryImage, String> {
     let manifest: Manifest = serde_json::from_slice(&read_file(dir.path(), "manifest.json")?)
@@ -90,10 +70,9 @@ fn read(dir: tempfile::TempDir) -> Result<RegistryImage, String> {
         .config
         .ok_or("the registry serves a manifest without a configuration (schema 1)")?;
     let id = sha256_hex(&config.digest)?.to_owned();
-    let parsed: Config = serde_json::from_slice(&read_file(dir.path(), &id)?)
-        .map_err(|e| format!("the image configuration is not JSON of an image: {e}"))?;
-    let labels = parsed.config.and_then(|c| c.labels).unwrap_or_default();
-    let diff_ids = parsed.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+    let skopeo::ImageConfig { labels, diff_ids } =
+        skopeo::parse_config(&config.digest, &read_file(dir.path(), &id)?)
+            .map_err(|e| e.to_string())?;
     let layer = one_layer(dir.path(), &manifest.layers, &diff_ids);
     Ok(RegistryImage {
         _dir: dir,
@@ -129,14 +108,9 @@ fn one_layer(dir: &Path, layers: &[Descriptor], diff_ids: &[String]) -> Result<L
     })
 }
 
-/// The hex of a `sha256:` digest of 64 lowercase hex digits (also a safe file name).
+/// The hex of a `sha256:` digest (`oci_archive::sha256_hex`), or why it is none.
 fn sha256_hex(digest: &str) -> Result<&str, String> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|hex| {
-            hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        })
-        .ok_or_else(|| format!("{digest:?} is not a sha256 digest"))
+    oci_archive::sha256_hex(digest).ok_or_else(|| format!("{digest:?} is not a sha256 digest"))
 }
 
 fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>, String> {

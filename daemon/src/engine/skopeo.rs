@@ -54,6 +54,23 @@ pub enum SkopeoError {
 struct RawConfig {
     #[serde(default)]
     config: Option<RawContainerConfig>,
+    #[serde(default)]
+    rootfs: Option<RawRootFs>,
+}
+
+#[derive(Deserialize)]
+struct RawRootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+/// What the update uses of an image configuration.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// `config.Labels` (absent or null: none).
+    pub labels: BTreeMap<String, String>,
+    /// `rootfs.diff_ids`, `sha256:…`, bottom first.
+    pub diff_ids: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -167,13 +184,20 @@ async fn run(
     Ok(output.stdout)
 }
 
-/// The labels of an OCI or Docker image configuration (`config.Labels`, absent or null: none).
-fn parse_labels(reference: &str, config: &[u8]) -> Result<BTreeMap<String, String>, SkopeoError> {
+/// The labels and diff ids of an OCI or Docker image configuration of `reference`.
+pub fn parse_config(reference: &str, config: &[u8]) -> Result<ImageConfig, SkopeoError> {
     let raw: RawConfig = serde_json::from_slice(config).map_err(|source| SkopeoError::Parse {
         reference: reference.to_owned(),
         source,
     })?;
-    Ok(raw.config.and_then(|c| c.labels).unwrap_or_default())
+    Ok(ImageConfig {
+        labels: raw.config.and_then(|c| c.labels).unwrap_or_default(),
+        diff_ids: raw.rootfs.map(|r| r.diff_ids).unwrap_or_default(),
+    })
+}
+
+fn parse_labels(reference: &str, config: &[u8]) -> Result<BTreeMap<String, String>, SkopeoError> {
+    parse_config(reference, config).map(|c| c.labels)
 }
 
 /// A read of labels under way, in a task of its own so that it runs while its owner awaits

@@ -337,13 +337,15 @@ impl Update<'_> {
                     let (podman, url) = (self.podman.clone(), url.to_owned());
                     self.inspection =
                         Some(tokio::spawn(async move { podman.inspect(&[&url]).await }));
-                    self.end(Step::PullImage);
-                    return Ok(main);
+                    main
                 }
                 None => self.inspect_main().await?,
             },
         };
-        self.result.new_image_digest = Some(main.digest.clone());
+        // Without podman's inspection yet, the digest is known later (`Update::inspected`).
+        if self.inspection.is_none() {
+            self.result.new_image_digest = Some(main.digest.clone());
+        }
         self.end(Step::PullImage);
         Ok(main)
     }
