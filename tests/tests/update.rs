@@ -423,11 +423,11 @@ async fn pull_missing_semantics_and_force() {
     );
 }
 
-/// The extra images start downloading while the module image is pulled, from its labels read in
-/// the registry (skopeo); a label that differs from the pulled image's (the tag moved between
-/// the two reads) and a module image that fails to pull leave nothing behind. The imageroot is
-/// read from the layer skopeo copied from the registry meanwhile, checked against the pulled
-/// image: a layer that is not the image's fails the extraction and installs nothing.
+/// The extra images start downloading while the module image is pulled, from the labels of its
+/// copy from the registry (skopeo); a copy of another image (the tag moved between the copy and
+/// the pull) and a module image that fails to pull leave nothing behind. The imageroot is read
+/// from the layer of that copy, checked against the pulled image: a layer that is not the
+/// image's fails the extraction and installs nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let mut sandbox = Sandbox::new().unwrap();
@@ -436,13 +436,22 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let other = sandbox
         .build_blob_image("aheadother", "1", 4096, 13)
         .unwrap();
+    // What the tag points to for skopeo when it "moved": a module image naming `other`.
+    let moved_to = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "ahead",
+            "3.0",
+            std::slice::from_ref(&other),
+        ))
+        .unwrap();
     let instances = installed_instances(&mut sandbox, "ahead", 4, &v1);
 
     // First in the daemon's PATH: a podman that delays the module image's pull by a second, so
-    // that the registry's answer always comes first, and a skopeo that, while `label` exists,
-    // answers with that label instead of asking the registry, and while `tamper` exists adds
+    // that the registry's answer always comes first, and a skopeo that, while `moved` exists,
+    // reads the image it names instead of the one asked for, and while `tamper` exists adds
     // 1 KiB of zeros to the end of the (gzip) layer it copies into a directory.
-    let label_file = sandbox.root().join("trap/label");
+    let moved_file = sandbox.root().join("trap/moved");
     let tamper_file = sandbox.root().join("trap/tamper");
     let tamper = format!(
         "case \" $* \" in *\" copy \"*\" dir:\"*) if [ -f {} ]; then\n  /usr/bin/skopeo \"$@\" || exit $?\n  for a in \"$@\"; do dir=${{a#dir:}}; done\n  for f in \"$dir\"/*; do\n    if [ \"$(head -c2 \"$f\" | od -An -tx1 | tr -d ' \\n')\" = 1f8b ]; then\n      {{ gzip -dc \"$f\"; head -c 1024 /dev/zero; }} | gzip > \"$f.t\" && mv \"$f.t\" \"$f\"\n    fi\n  done\n  exit 0\nfi ;; esac\n",
@@ -459,8 +468,8 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
             (
                 "skopeo",
                 format!(
-                    "#!/bin/sh\nif [ -f {label} ]; then\n  printf '{{\"config\":{{\"Labels\":{{\"org.nethserver.images\":\"%s\"}}}}}}' \"$(cat {label})\"\n  exit 0\nfi\n{tamper}exec /usr/bin/skopeo \"$@\"\n",
-                    label = label_file.display(),
+                    "#!/bin/sh\nif [ -f {moved} ]; then\n  n=$#\n  for a in \"$@\"; do\n    case $a in docker://*) a=\"docker://$(cat {moved})\" ;; esac\n    set -- \"$@\" \"$a\"\n  done\n  shift $n\nfi\n{tamper}exec /usr/bin/skopeo \"$@\"\n",
+                    moved = moved_file.display(),
                 ),
             ),
         ],
@@ -513,20 +522,19 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     assert!(has_image(fresh, &db2));
     assert!(!has_image(fresh, &db1), "the stale extra image is removed");
 
-    // The registry named another image than the one pulled has: that one is removed again, the
-    // right one fetched.
-    std::fs::write(&label_file, &other).unwrap();
+    // skopeo copied another image than the one podman pulled, whose label names another extra
+    // image: that one is removed again, the right one fetched, the layer read from podman.
+    std::fs::write(&moved_file, &moved_to).unwrap();
     let run = run_job(&connection, &request(&v2, &[&moved.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let messages = run.messages_of(&moved.id);
     let removed =
         format!("Removing {other} again: the module image's label changed while it was pulled");
     assert!(messages.contains(&removed), "{messages:#?}");
-    // The stand-in skopeo wrote no copy either: the layer comes from podman.
     assert!(
         messages.iter().any(|m| m.starts_with(
-            "The imageroot is read from podman's storage: skopeo wrote no readable manifest.json"
-        )),
+            "The imageroot is read from podman's storage: the registry's copy is the image "
+        ) && m.ends_with("(the tag moved)")),
         "{messages:#?}"
     );
     assert_eq!(
@@ -549,10 +557,22 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     assert!(messages.contains(&removed), "{messages:#?}");
     assert_eq!(images(broken), before);
     assert_eq!(broken.read_env().unwrap()["IMAGE_URL"], v1);
+    // Nothing of the copy skopeo wrote meanwhile was installed or left staged.
+    assert_eq!(
+        std::fs::read_to_string(broken.install_dir.join("bin/version")).unwrap(),
+        "1.0\n"
+    );
+    let staging: Vec<_> = std::fs::read_dir(&broken.install_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".imageroot.staging"))
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
 
     // The registry's copy has a layer that is not the one the image's configuration names: the
     // extraction fails before it installs anything.
-    std::fs::remove_file(&label_file).unwrap();
+    std::fs::remove_file(&moved_file).unwrap();
     std::fs::write(&tamper_file, "").unwrap();
     let run = run_job(&connection, &request(&v2, &[&tampered.id], false)).await;
     std::fs::remove_file(&tamper_file).unwrap();

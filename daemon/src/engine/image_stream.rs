@@ -128,11 +128,7 @@ impl<R: Read> Read for DiffIdChecked<R> {
         } else if !buf.is_empty()
             && let Some(hasher) = self.hasher.take()
         {
-            let read: String = hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let read = super::oci_archive::lowercase_hex(&hasher.finalize());
             if self.diff_id.strip_prefix("sha256:") != Some(read.as_str()) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,

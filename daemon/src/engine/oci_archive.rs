@@ -82,6 +82,17 @@ pub fn sha256_hex(digest: &str) -> Option<&str> {
     })
 }
 
+/// The SHA-256 of `bytes`, as lowercase hex (the form [`sha256_hex`] takes out of a digest).
+pub fn sha256_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    lowercase_hex(&sha2::Sha256::digest(bytes))
+}
+
+/// `bytes` as lowercase hex.
+pub fn lowercase_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The bytes of the archive's member `name` (a manifest or an index: small). The layers are
 /// skipped by seeking, not read.
 fn member(archive: &Path, name: &str) -> Result<Vec<u8>, ArchiveError> {

@@ -1,5 +1,6 @@
-//! The module image's layer read from the registry while podman pulls the image, so that the
-//! imageroot is staged while podman is still writing images into the instance's storage.
+//! The module image copied from the registry while podman pulls the image, so that its labels
+//! start the extra images' download beside that pull and its imageroot is staged while podman
+//! is still writing images into the instance's storage.
 //!
 //! Without it the layer comes from `podman image save` after the pull, and that waits for every
 //! pull under way into the same storage: podman holds the storage's lock while it commits a
@@ -70,9 +71,18 @@ fn read(dir: tempfile::TempDir) -> Result<RegistryImage, String> {
         .config
         .ok_or("the registry serves a manifest without a configuration (schema 1)")?;
     let id = sha256_hex(&config.digest)?.to_owned();
+    let bytes = read_file(dir.path(), &id)?;
+    // skopeo checked it as it copied; checked again because the labels steer the update
+    // before podman's inspection confirms them (a few KiB).
+    let hashed = oci_archive::sha256_of(&bytes);
+    if hashed != id {
+        return Err(format!(
+            "the configuration skopeo wrote hashes to sha256:{hashed}, not {}",
+            config.digest
+        ));
+    }
     let skopeo::ImageConfig { labels, diff_ids } =
-        skopeo::parse_config(&config.digest, &read_file(dir.path(), &id)?)
-            .map_err(|e| e.to_string())?;
+        skopeo::parse_config(&config.digest, &bytes).map_err(|e| e.to_string())?;
     let layer = one_layer(dir.path(), &manifest.layers, &diff_ids);
     Ok(RegistryImage {
         _dir: dir,
@@ -143,14 +153,19 @@ fn remove_stale(parent: &Path, instance: &str) {
 }
 
 /// A copy under way, in a task of its own; dropping it kills skopeo and removes the directory.
-pub struct LayerAhead(JoinHandle<Result<RegistryImage, String>>);
+pub struct LayerAhead {
+    /// The task, until it has ended.
+    task: Option<JoinHandle<Result<RegistryImage, String>>>,
+    /// What it gave, until [`LayerAhead::wait`] takes it.
+    copied: Option<Result<RegistryImage, String>>,
+}
 
 impl LayerAhead {
     /// Starts copying `reference` into a new directory of /var/tmp (0700, the instance user's),
     /// once the copies a killed worker of `instance` left there are removed.
     pub fn start(reference: &str, instance: &str) -> LayerAhead {
         let (reference, instance) = (reference.to_owned(), instance.to_owned());
-        LayerAhead(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let parent = Path::new(PARENT);
             remove_stale(parent, &instance);
             let dir = tempfile::Builder::new()
@@ -163,23 +178,52 @@ impl LayerAhead {
             tokio::task::spawn_blocking(move || read(dir))
                 .await
                 .map_err(|e| format!("the task reading the copy failed: {e}"))?
-        }))
+        });
+        LayerAhead {
+            task: Some(task),
+            copied: None,
+        }
+    }
+
+    /// Waits for the copy to be written. Cancel-safe: dropped while waiting, it waits again
+    /// the next time.
+    async fn settle(&mut self) {
+        if let Some(task) = self.task.as_mut() {
+            let copied = match task.await {
+                Ok(copied) => copied,
+                Err(err) => Err(format!("the task copying the image failed: {err}")),
+            };
+            self.task = None;
+            self.copied = Some(copied);
+        }
+    }
+
+    /// The labels of the copied image's configuration, once it is written.
+    pub async fn labels(&mut self) -> Result<BTreeMap<String, String>, String> {
+        self.settle().await;
+        match &self.copied {
+            Some(Ok(image)) => Ok(image.labels.clone()),
+            Some(Err(err)) => Err(err.clone()),
+            None => Err(TAKEN.to_owned()),
+        }
     }
 
     /// The copy, once written (the task's own failure is reported as a failed copy).
     pub async fn wait(&mut self) -> Result<RegistryImage, String> {
-        match (&mut self.0).await {
-            Ok(copied) => copied,
-            Err(err) => Err(format!("the task copying the image failed: {err}")),
-        }
+        self.settle().await;
+        self.copied.take().unwrap_or_else(|| Err(TAKEN.to_owned()))
     }
 }
+
+const TAKEN: &str = "the registry's copy was already used";
 
 impl Drop for LayerAhead {
     fn drop(&mut self) {
         // The task owns skopeo's process (kill_on_drop) and the directory: aborting the task
         // kills one and removes the other.
-        self.0.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -188,14 +232,13 @@ impl Drop for LayerAhead {
 mod tests {
     use super::*;
 
-    const CONFIG_HEX: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const LAYER_HEX: &str = "2222222222222222222222222222222222222222222222222222222222222222";
     const DIFF_ID: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
 
     fn copy(manifest: &str, config: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("manifest.json"), manifest).unwrap();
-        fs::write(dir.path().join(CONFIG_HEX), config).unwrap();
+        fs::write(dir.path().join(config_hex()), config).unwrap();
         dir
     }
 
@@ -203,11 +246,32 @@ mod tests {
         let layer = format!(r#"{{"mediaType":"{layer_type}","digest":"sha256:{LAYER_HEX}"}}"#);
         let layers = vec![layer; layers].join(",");
         format!(
-            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"sha256:{CONFIG_HEX}"}},"layers":[{layers}]}}"#
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"sha256:{}"}},"layers":[{layers}]}}"#,
+            config_hex()
         )
     }
 
     const CONFIG: &str = r#"{"config":{"Labels":{"org.nethserver.images":"a/b:1"}},"rootfs":{"type":"layers","diff_ids":["sha256:3333333333333333333333333333333333333333333333333333333333333333"]}}"#;
+
+    /// The digest `CONFIG` is named by.
+    fn config_hex() -> String {
+        oci_archive::sha256_of(CONFIG.as_bytes())
+    }
+
+    #[test]
+    fn a_configuration_that_is_not_its_digest_is_refused() {
+        let dir = copy(
+            &manifest("application/vnd.oci.image.layer.v1.tar+gzip", 1),
+            CONFIG,
+        );
+        let other = CONFIG.replace("a/b:1", "c/d:2");
+        fs::write(dir.path().join(config_hex()), &other).unwrap();
+        let err = read(dir).unwrap_err();
+        assert!(
+            err.contains(&format!("not sha256:{}", config_hex())),
+            "{err}"
+        );
+    }
 
     #[test]
     fn an_image_of_one_gzip_layer_is_read() {
@@ -218,7 +282,7 @@ mod tests {
             let dir = copy(&manifest(media_type, 1), CONFIG);
             let path = dir.path().to_owned();
             let image = read(dir).unwrap();
-            assert_eq!(image.id, CONFIG_HEX);
+            assert_eq!(image.id, config_hex());
             assert_eq!(image.labels["org.nethserver.images"], "a/b:1");
             assert_eq!(
                 image.layer,

@@ -1,17 +1,13 @@
-//! Reads an image's labels from its registry without pulling it (`skopeo inspect --config`), so
-//! that the extra images of the module image's `org.nethserver.images` label can be pulled
-//! while the module image itself is still being pulled: they no longer wait for that pull and
-//! the inspection after it.
+//! skopeo, for what podman cannot do: read an image in its registry without pulling it, and copy
+//! it exactly as the registry serves it.
 //!
-//! It is a hint, never trusted: the pipeline compares it with the label of the image podman
-//! actually pulled and reconciles a difference (a tag moved between the two reads). skopeo
-//! shares podman's image library, so it reads the same registries.conf (mirrors, insecure
-//! registries), the same credentials of the same user and picks the same platform from a
-//! manifest list. Without skopeo, or when the registry does not answer, nothing is read ahead
-//! and the update runs as before.
-//!
-//! The daemon's shared download (`engine/shared_images.rs`) also copies images with it, as the
-//! registry serves them, into OCI archives the instances load.
+//! skopeo shares podman's image library, so it reads the same registries.conf (mirrors,
+//! insecure registries), the same credentials of the same user and picks the same platform from
+//! a manifest list. The worker copies the module image into a directory while podman pulls it
+//! (`engine/registry_layer.rs`: its labels start the extra images' download, its layer is
+//! extracted); the daemon's shared download (`engine/shared_images.rs`) reads the module image's
+//! labels and copies images into OCI archives the instances load. Without skopeo, or when the
+//! registry does not answer, the update runs as before, one podman step after the other.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,18 +15,17 @@ use std::process::Stdio;
 
 use serde::Deserialize;
 use tokio::process::Command;
-use tokio::task::JoinHandle;
 
 use super::podman::tail;
 
 /// The label that names a module's extra images.
 pub const IMAGES_LABEL: &str = "org.nethserver.images";
 
-/// How long skopeo may wait for the registry (its `--command-timeout`): the read is dropped
-/// anyway when the module image's pull ends first, this only bounds a read nobody waits for.
+/// How long skopeo may wait for the registry (its `--command-timeout`) where a read is small: it
+/// bounds a read that nobody waits for any more.
 const COMMAND_TIMEOUT: &str = "60s";
 
-/// Why the labels could not be read ahead (the update then reads them after the pull).
+/// Why skopeo could not read or copy an image.
 #[derive(Debug, thiserror::Error)]
 pub enum SkopeoError {
     #[error("cannot run skopeo: {0} (apt-get install skopeo)")]
@@ -198,32 +193,6 @@ pub fn parse_config(reference: &str, config: &[u8]) -> Result<ImageConfig, Skope
 
 fn parse_labels(reference: &str, config: &[u8]) -> Result<BTreeMap<String, String>, SkopeoError> {
     parse_config(reference, config).map(|c| c.labels)
-}
-
-/// A read of labels under way, in a task of its own so that it runs while its owner awaits
-/// other things (the listing of local images, then the pull). Dropping it kills skopeo.
-pub struct Peek(JoinHandle<Result<BTreeMap<String, String>, SkopeoError>>);
-
-impl Peek {
-    pub fn start(reference: &str) -> Peek {
-        let reference = reference.to_owned();
-        Peek(tokio::spawn(async move { labels(&reference).await }))
-    }
-
-    /// The labels, once read (the task's own failure is reported as a failed read).
-    pub async fn wait(&mut self) -> Result<BTreeMap<String, String>, String> {
-        match (&mut self.0).await {
-            Ok(read) => read.map_err(|e| e.to_string()),
-            Err(err) => Err(format!("the task reading the labels failed: {err}")),
-        }
-    }
-}
-
-impl Drop for Peek {
-    fn drop(&mut self) {
-        // The task owns skopeo's process (kill_on_drop): aborting the task kills it.
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]

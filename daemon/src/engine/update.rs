@@ -34,7 +34,7 @@ use super::podman::{ImageInfo, Podman, PodmanError};
 use super::registry_layer::{LayerAhead, RegistryImage};
 use super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
 use super::shared_images::SharedModule;
-use super::skopeo::{self, IMAGES_LABEL};
+use super::skopeo::IMAGES_LABEL;
 use super::state_flush;
 
 /// NS8's built-in step names, merged with the module's own steps by name.
@@ -286,8 +286,8 @@ impl Update<'_> {
     }
 
     /// Pulls the module image unless present, and inspects it. While podman lists and pulls, the
-    /// image's labels are read from the registry (`engine/skopeo.rs`), and the extra images they
-    /// name start downloading as soon as they are known.
+    /// image is copied from the registry (`engine/registry_layer.rs`), and the extra images its
+    /// labels name start downloading as soon as the copy is written.
     async fn pull_main_image(&mut self) -> StepResult<ImageInfo> {
         self.begin(Step::PullImage);
         let url = self.job.module_url.as_str();
@@ -295,17 +295,16 @@ impl Update<'_> {
         // Forced, every image is fetched again, present or not: what is fetched ahead could not
         // be told apart from what was there before, to be removed if the update fails.
         let read_ahead = !self.job.force && !self.job.shared_images.contains_key(url);
-        let mut peek = read_ahead.then(|| skopeo::Peek::start(url));
         let mut copy = read_ahead.then(|| LayerAhead::start(url, &self.job.instance.id));
         let mut pulled_id = None;
         if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
             let run = fetch.announce(self).run(self.podman.clone());
-            let fetched = match peek.as_mut() {
-                Some(peek) => {
+            let fetched = match copy.as_mut() {
+                Some(copy) => {
                     tokio::pin!(run);
                     tokio::select! {
                         fetched = &mut run => fetched,
-                        labels = peek.wait() => {
+                        labels = copy.labels() => {
                             self.fetch_ahead(labels).await;
                             run.await
                         }
@@ -320,7 +319,6 @@ impl Update<'_> {
             self.fetched(Step::PullImage, fetched)?;
         }
         // Read or not, the labels are the pulled image's from here on.
-        drop(peek);
         self.result.new_image_url = Some(url.to_owned());
         let main = match &self.job.shared_module {
             Some(shared) if self.main_from_archive => shared.info.clone(),
@@ -427,7 +425,7 @@ impl Update<'_> {
         Ok(main)
     }
 
-    /// Starts fetching the missing extra images named by the labels read from the registry,
+    /// Starts fetching the missing extra images named by the labels of the registry's copy,
     /// beside the module image's pull. It is only a head start: [`Update::take_ahead`] checks
     /// it against the label of the image podman pulled. Labels that could not be read, or name
     /// a malformed reference, start nothing (the step after the pull reports a bad label).
@@ -627,9 +625,9 @@ impl Update<'_> {
     }
 
     /// Streams the image's filesystem into the staged extractor: the layer of a one-layer image
-    /// from `podman image save`, otherwise a temporary container's export (see
-    /// `engine/image_stream.rs`). With a `gate`, the stream ends well only once the gate says the
-    /// extra images are there.
+    /// from the registry's copy, the node's shared download or `podman image save`, otherwise a
+    /// temporary container's export (see `engine/image_stream.rs`). With a `gate`, the stream
+    /// ends well only once the gate says the extra images are there.
     async fn extract(
         &mut self,
         main: &ImageInfo,
@@ -1095,7 +1093,7 @@ struct Fetched {
     result: Result<(), String>,
 }
 
-/// A fetch of extra images started from the labels read in the registry.
+/// A fetch of extra images started from the labels of the registry's copy.
 struct Ahead {
     /// The `org.nethserver.images` label it was started from.
     label: String,
