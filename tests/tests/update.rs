@@ -1383,3 +1383,63 @@ async fn stale_images_are_removed_together_with_per_image_outcomes() {
     assert!(images.lines().any(|l| l == v2), "{images}");
     assert!(images.lines().any(|l| l == side2), "{images}");
 }
+
+/// podman's temporary files (what a pull stages, what `load` unpacks) go to a directory of the
+/// update's own in /var/tmp, gone when the update ends; what a killed worker of the instance left
+/// there is removed by its next update, and nothing of another instance's.
+#[tokio::test(flavor = "multi_thread")]
+async fn podmans_temporary_files_go_with_the_update() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut sandbox = Sandbox::new().unwrap();
+    let [_, _, v1, v2] = module_with_changing_extra(&sandbox, "scratch", "scratchdb", 4096);
+    let instances = installed_instances(&mut sandbox, "scratch", 2, &v1);
+    let [updated, other] = &instances[..] else {
+        unreachable!()
+    };
+    // A podman that notes its TMPDIR for every pull and load.
+    let record = sandbox.root().join("tmpdirs");
+    std::fs::write(&record, "").unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let _daemon = start_daemon_with_trap(
+        &sandbox,
+        &[(
+            "podman",
+            format!(
+                "#!/bin/sh\ncase \" $* \" in *\" pull \"*|*\" load \"*) echo \"$TMPDIR\" >> {} ;; esac\nexec /usr/bin/podman \"$@\"\n",
+                record.display()
+            ),
+        )],
+    );
+    let connection = connect(&sandbox).await;
+    // What a killed worker of each instance left: a directory with a blob in it.
+    let left = |instance: &Instance| {
+        let dir = format!("/var/tmp/module-updater-{}-tmp-Killed1", instance.id);
+        as_user(&sandbox, instance, &["mkdir", &dir]);
+        as_user(&sandbox, instance, &["touch", &format!("{dir}/blob")]);
+        std::path::PathBuf::from(dir)
+    };
+    let (left_by_updated, left_by_other) = (left(updated), left(other));
+
+    let run = run_job(&connection, &request(&v2, &[&updated.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let tmpdirs = std::fs::read_to_string(&record).unwrap();
+    let tmpdirs: std::collections::BTreeSet<&str> = tmpdirs.lines().collect();
+    let prefix = format!("/var/tmp/module-updater-{}-tmp-", updated.id);
+    assert_eq!(
+        tmpdirs.len(),
+        1,
+        "one directory for the update: {tmpdirs:?}"
+    );
+    let tmpdir = tmpdirs.first().unwrap();
+    assert!(tmpdir.starts_with(&prefix), "{tmpdirs:?}");
+    assert!(
+        !std::path::Path::new(tmpdir).exists(),
+        "{tmpdir} outlived its update"
+    );
+    assert!(!left_by_updated.exists(), "the stale directory is removed");
+    assert!(
+        left_by_other.join("blob").exists(),
+        "another instance's directory is left alone"
+    );
+    std::fs::remove_dir_all(&left_by_other).unwrap();
+}

@@ -14,6 +14,7 @@ pub mod lock;
 pub mod oci_archive;
 pub mod podman;
 pub mod registry_layer;
+pub mod scratch;
 pub mod scripts;
 pub mod shared_images;
 pub mod skopeo;

@@ -6,9 +6,8 @@
 //! pull under way into the same storage: podman holds the storage's lock while it commits a
 //! layer, so a save (or an inspect) started while the extra images are pulled waits for them.
 //! skopeo, run as the instance's user with podman's registries.conf and credentials, copies the
-//! image (a small one: the imageroot) into a private directory instead, in /var/tmp where podman
-//! stages its own downloads (disk, not the user's runtime tmpfs: a large module image must not
-//! fill the memory the user's services write their runtime files to).
+//! image (a small one: the imageroot) into a private directory of the update's in /var/tmp
+//! instead (`engine/scratch.rs`).
 //!
 //! A copy is used only for the image podman pulled: its configuration's digest must be the id
 //! `podman pull` printed, and the layer, decompressed, must hash to the diff id that
@@ -23,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tokio::task::JoinHandle;
 
-use super::{oci_archive, skopeo};
+use super::{oci_archive, scratch, skopeo};
 
 /// What the copy in the directory is: what the update needs before podman's inspection.
 #[derive(Debug)]
@@ -127,31 +126,6 @@ fn read_file(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
     fs::read(dir.join(name)).map_err(|e| format!("skopeo wrote no readable {name}: {e}"))
 }
 
-/// Where the copies go: podman's own default for large temporary files.
-const PARENT: &str = "/var/tmp";
-
-/// The start of the name of a copy's directory for `instance`.
-fn prefix(instance: &str) -> String {
-    format!("module-updater-{instance}-layer-")
-}
-
-/// Removes the copies a killed worker of `instance` left in `parent`. Only one update of an
-/// instance runs at a time (the instance lock is held), so no other copy of it is in use; one of
-/// another user cannot be removed (the sticky bit) and is not tried.
-fn remove_stale(parent: &Path, instance: &str) {
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    let prefix = prefix(instance);
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix)
-            && let Err(e) = fs::remove_dir_all(entry.path())
-        {
-            log::warn!("cannot remove {}: {e}", entry.path().display());
-        }
-    }
-}
-
 /// A copy under way, in a task of its own; dropping it kills skopeo and removes the directory.
 pub struct LayerAhead {
     /// The task, until it has ended.
@@ -161,16 +135,13 @@ pub struct LayerAhead {
 }
 
 impl LayerAhead {
-    /// Starts copying `reference` into a new directory of /var/tmp (0700, the instance user's),
-    /// once the copies a killed worker of `instance` left there are removed.
+    /// Starts copying `reference` into a new directory of `instance` in /var/tmp (0700, the
+    /// instance user's).
     pub fn start(reference: &str, instance: &str) -> LayerAhead {
         let (reference, instance) = (reference.to_owned(), instance.to_owned());
         let task = tokio::spawn(async move {
-            let parent = Path::new(PARENT);
-            remove_stale(parent, &instance);
-            let dir = tempfile::Builder::new()
-                .prefix(&prefix(&instance))
-                .tempdir_in(parent)
+            let parent = Path::new(scratch::PARENT);
+            let dir = scratch::make(parent, &instance, scratch::Kind::Layer)
                 .map_err(|e| format!("cannot make a directory in {}: {e}", parent.display()))?;
             skopeo::copy_to_dir(&reference, dir.path())
                 .await
@@ -334,31 +305,6 @@ mod tests {
             read(copy(bad_config, CONFIG))
                 .unwrap_err()
                 .contains("not a sha256")
-        );
-    }
-
-    #[test]
-    fn copies_a_killed_worker_left_are_removed_and_nothing_else() {
-        let parent = tempfile::tempdir().unwrap();
-        let stale = parent.path().join(format!("{}abc", prefix("mail1")));
-        fs::create_dir_all(stale.join("sub")).unwrap();
-        fs::write(stale.join("sub/blob"), "x").unwrap();
-        fs::create_dir(parent.path().join("podman-pull-1")).unwrap();
-        fs::create_dir(parent.path().join(format!("{}abc", prefix("mail12")))).unwrap();
-        fs::write(parent.path().join("module-updater-mail1-layer"), "").unwrap();
-        remove_stale(parent.path(), "mail1");
-        let mut left: Vec<_> = fs::read_dir(parent.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [
-                "module-updater-mail1-layer",
-                "module-updater-mail12-layer-abc",
-                "podman-pull-1"
-            ]
         );
     }
 }

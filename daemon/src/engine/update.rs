@@ -32,6 +32,7 @@ use super::instance::Instance;
 use super::lock::{self, UpdateLock};
 use super::podman::{ImageInfo, Podman, PodmanError};
 use super::registry_layer::{LayerAhead, RegistryImage};
+use super::scratch;
 use super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
 use super::shared_images::SharedModule;
 use super::skopeo::IMAGES_LABEL;
@@ -127,6 +128,7 @@ pub async fn run(
         started: std::time::SystemTime::now(),
         container_removal: None,
         flush: None,
+        podman_tmp: None,
     };
     let outcome = update.pipeline().await;
     update.settle().await;
@@ -167,6 +169,8 @@ struct Update<'a> {
     /// The flush of the installed files (`extract::sync_installed`), started when the
     /// extraction ends and awaited before the in-progress marker is removed.
     flush: Option<JoinHandle<Result<(), String>>>,
+    /// podman's `TMPDIR`, a directory of this update's in /var/tmp (see [`Update::make_scratch`]).
+    podman_tmp: Option<tempfile::TempDir>,
 }
 
 impl Update<'_> {
@@ -176,6 +180,7 @@ impl Update<'_> {
         self.begin(Step::Prepare);
         let _lock =
             UpdateLock::acquire(&state_dir).map_err(|e| failed(Step::Prepare)(e.to_string()))?;
+        self.make_scratch();
         let env = Environment::load(&state_dir.join("environment")).map_err(|e| {
             failed(Step::Prepare)(format!("cannot read the instance environment: {e}"))
         })?;
@@ -261,6 +266,28 @@ impl Update<'_> {
             )),
         }
         Ok(InstanceStatus::Completed)
+    }
+
+    /// Removes what a killed worker of this instance left in /var/tmp (this update holds the
+    /// instance lock: no other one runs), and gives podman a directory of this update's there
+    /// for its temporary files, removed when the update ends (`engine/scratch.rs`).
+    fn make_scratch(&mut self) {
+        let parent = Path::new(scratch::PARENT);
+        let id = &self.job.instance.id;
+        scratch::remove_stale(parent, id);
+        match scratch::make(parent, id, scratch::Kind::Podman) {
+            Ok(dir) => {
+                self.podman = self.podman.clone().with_tmpdir(dir.path().to_owned());
+                self.podman_tmp = Some(dir);
+            }
+            Err(e) => self.message(
+                priority::DEBUG,
+                format!(
+                    "podman's temporary files go to its default place: cannot make a directory in {}: {e}",
+                    parent.display()
+                ),
+            ),
+        }
     }
 
     /// fsyncs what changed in the state dir since the update began (`engine/state_flush.rs`).
@@ -976,6 +1003,8 @@ impl Update<'_> {
         if let Some(flush) = self.flush.take() {
             let _ = flush.await;
         }
+        // Every podman process of the update has ended: its temporary files go.
+        self.podman_tmp = None;
     }
 
     /// The modules' steps and the built-in ones, merged by name; with `after`, only those after it.

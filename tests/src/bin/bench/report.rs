@@ -265,9 +265,8 @@ fn targets(summaries: &[Summary]) -> Vec<Target> {
     };
     out.push(bytes);
     // The target is about several instances sharing one download. At N = 1 the one instance
-    // pulls for itself: the module image's configuration blob (a few KiB) is served three
-    // times (skopeo's read of the labels ahead, `engine/skopeo.rs`; skopeo's copy of the module
-    // image, `engine/registry_layer.rs`; podman's pull) and its layer twice (the copy and the
+    // pulls for itself: the module image's configuration blob (a few KiB) and its layer are
+    // served twice (skopeo's copy of the module image, `engine/registry_layer.rs`, and podman's
     // pull); the table shows it.
     let most_served = summaries.iter().filter(|s| s.n >= 2).max_by(|a, b| {
         a.daemon_max_serves_per_blob

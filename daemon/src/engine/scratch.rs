@@ -1,0 +1,134 @@
+//! The worker's large temporary files in /var/tmp: the registry's copy of the module image
+//! (`engine/registry_layer.rs`) and podman's own (an archive `podman load` unpacks, the blobs a
+//! pull stages before it commits them), each in a directory of the update's own.
+//!
+//! podman and skopeo clean up after themselves when they end, not when they are killed: a
+//! cancelled job kills the worker's process group, and what a killed `podman load` unpacked (the
+//! size of the image) would stay in /var/tmp, per instance. With every such file in a directory
+//! named after the instance, the update removes its directories when it ends, and the instance's
+//! next update removes what a killed worker left.
+//!
+//! /var/tmp rather than the user's runtime dir: it is on disk, where podman stages its own
+//! downloads, and a large image must not fill the memory the user's services write their
+//! runtime files to.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// Where the directories go: podman's own default for large temporary files.
+pub const PARENT: &str = "/var/tmp";
+
+/// What a directory holds, part of its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The registry's copy of the module image.
+    Layer,
+    /// podman's temporary files (its `TMPDIR`).
+    Podman,
+}
+
+impl Kind {
+    const ALL: [Kind; 2] = [Kind::Layer, Kind::Podman];
+
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Layer => "layer",
+            Kind::Podman => "tmp",
+        }
+    }
+}
+
+/// The start of the name of a directory of `kind` for `instance`; the rest is tempfile's random
+/// suffix (letters and digits).
+fn prefix(instance: &str, kind: Kind) -> String {
+    format!("module-updater-{instance}-{}-", kind.word())
+}
+
+/// Whether `name` is a directory name [`make`] gives for `instance`. Instance ids may contain
+/// dashes, so the suffix must be the random one: `mail1`'s prefix is a prefix of names of an
+/// instance `mail1-layer-2` too.
+fn is_of(name: &str, instance: &str) -> bool {
+    Kind::ALL.iter().any(|kind| {
+        name.strip_prefix(&prefix(instance, *kind))
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+    })
+}
+
+/// A new directory of `kind` for `instance` in `parent` (0700, the caller's), removed when the
+/// returned value is dropped.
+pub fn make(parent: &Path, instance: &str, kind: Kind) -> io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    // tempfile's default is the umask's (0755 with the usual one): others could read the copy.
+    tempfile::Builder::new()
+        .prefix(&prefix(instance, kind))
+        .permissions(fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)
+}
+
+/// Removes the directories a killed worker of `instance` left in `parent`. Only one update of
+/// an instance runs at a time (the caller holds the instance lock), so none of them is in use;
+/// one of another user cannot be removed (the sticky bit) and is not tried.
+pub fn remove_stale(parent: &Path, instance: &str) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if is_of(&entry.file_name().to_string_lossy(), instance)
+            && let Err(e) = fs::remove_dir_all(entry.path())
+        {
+            log::warn!("cannot remove {}: {e}", entry.path().display());
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_killed_worker_left_is_removed_and_nothing_else() {
+        let parent = tempfile::tempdir().unwrap();
+        // What a killed worker leaves is a directory not removed on drop.
+        let left = |instance: &str, kind: Kind| make(parent.path(), instance, kind).unwrap().keep();
+        let layer = left("mail1", Kind::Layer);
+        fs::create_dir_all(layer.join("sub")).unwrap();
+        fs::write(layer.join("sub/blob"), "x").unwrap();
+        left("mail1", Kind::Podman);
+        // Other instances' (one whose id starts like mail1's), podman's own, a bare prefix.
+        left("mail12", Kind::Layer);
+        left("mail1-layer-2", Kind::Podman);
+        fs::create_dir(parent.path().join("podman-pull-1")).unwrap();
+        fs::write(parent.path().join("module-updater-mail1-layer-"), "").unwrap();
+        remove_stale(parent.path(), "mail1");
+        let mut left: Vec<_> = fs::read_dir(parent.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), 4, "{left:?}");
+        assert_eq!(left[0], "module-updater-mail1-layer-");
+        assert!(
+            left[1].starts_with("module-updater-mail1-layer-2-tmp-"),
+            "{left:?}"
+        );
+        assert!(
+            left[2].starts_with("module-updater-mail12-layer-"),
+            "{left:?}"
+        );
+        assert_eq!(left[3], "podman-pull-1");
+    }
+
+    #[test]
+    fn a_directory_is_private_and_goes_when_dropped() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = make(parent.path(), "mail1", Kind::Podman).unwrap();
+        let mode = fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let path = dir.path().to_owned();
+        drop(dir);
+        assert!(!path.exists());
+    }
+}
