@@ -199,6 +199,11 @@ impl Footprint {
                     items.push(format!("directory {}", dir.display()));
                 }
             }
+            if !reused {
+                for entry in owned_in(Path::new(SHARED_TMP), user.uid) {
+                    items.push(format!("{} of uid {}", entry.display(), user.uid));
+                }
+            }
         }
         for dir in &self.cgroups {
             if dir.exists() {
@@ -207,6 +212,23 @@ impl Footprint {
         }
         Leftovers { items }
     }
+}
+
+/// Where the instance users' processes write large temporary files (podman's default, and the
+/// daemon's workers' directories).
+const SHARED_TMP: &str = "/var/tmp";
+
+/// The entries of `dir` that `uid` owns.
+fn owned_in(dir: &Path, uid: u32) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.metadata().is_ok_and(|m| m.uid() == uid))
+        .map(|e| e.path())
+        .collect()
 }
 
 /// Stops everything of a rootless instance's user and deletes it (home included). `ours` says
@@ -231,6 +253,15 @@ pub(crate) fn remove_user(user: &UserRecord, ours: bool) -> Vec<String> {
         let survivors = process::kill_uid(user.uid);
         if !survivors.is_empty() {
             problems.push(format!("processes {survivors:?} of {}", user.name));
+        }
+        // What its processes left in /var/tmp (podman's or a worker's temporary files, when a
+        // test killed the daemon in the middle of a job): userdel removes the home only.
+        for entry in owned_in(Path::new(SHARED_TMP), user.uid) {
+            let mut rm = cmd::clean("rm");
+            rm.arg("-rf").arg(&entry);
+            if let Err(err) = cmd::run(&mut rm) {
+                problems.push(err.to_string());
+            }
         }
     }
     if same && let Err(err) = userdel(&user.name) {

@@ -948,6 +948,15 @@ async fn killed_worker_and_script_timeout() {
         "the install dir changed"
     );
     assert_eq!(std::fs::read(instance.env_file()).unwrap(), env_before);
+    // The killed worker's directory for podman's temporary files went with it.
+    let scratch = format!("module-updater-{}-", instance.id);
+    let left: Vec<String> = std::fs::read_dir("/var/tmp")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&scratch))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     let lock = instance.state_dir.join(".update-module.lock");
     assert!(
         sandbox

@@ -66,15 +66,36 @@ pub fn make(parent: &Path, instance: &str, kind: Kind) -> io::Result<tempfile::T
         .tempdir_in(parent)
 }
 
-/// Removes the directories a killed worker of `instance` left in `parent`. Only one update of
-/// an instance runs at a time (the caller holds the instance lock), so none of them is in use;
-/// one of another user cannot be removed (the sticky bit) and is not tried.
+/// Removes the directories a killed worker of `instance` left in `parent`: the worker's side, at
+/// the start of an update. Only one update of an instance runs at a time (the caller holds the
+/// instance lock), so none of them is in use; one of another user cannot be removed (the sticky
+/// bit) and is not tried.
 pub fn remove_stale(parent: &Path, instance: &str) {
+    remove_matching(parent, instance, |_| true);
+}
+
+/// Removes the directories of `instance` in `parent` that `uid` owns: the daemon's side, once
+/// the instance's worker and its process group are gone (a worker killed by a cancel's SIGKILL
+/// cannot clean up after itself). The daemon is root: what another user made under such a name
+/// is left alone.
+pub fn remove_left_by(parent: &Path, instance: &str, uid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    remove_matching(parent, instance, |meta| meta.uid() == uid);
+}
+
+fn remove_matching(parent: &Path, instance: &str, owned: impl Fn(&fs::Metadata) -> bool) {
     let Ok(entries) = fs::read_dir(parent) else {
         return;
     };
     for entry in entries.flatten() {
-        if is_of(&entry.file_name().to_string_lossy(), instance)
+        if !is_of(&entry.file_name().to_string_lossy(), instance) {
+            continue;
+        }
+        // Not followed: a link is removed as a link, by `remove_dir_all` too.
+        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if owned(&meta)
             && let Err(e) = fs::remove_dir_all(entry.path())
         {
             log::warn!("cannot remove {}: {e}", entry.path().display());
@@ -118,6 +139,18 @@ mod tests {
             "{left:?}"
         );
         assert_eq!(left[3], "podman-pull-1");
+    }
+
+    #[test]
+    fn the_daemon_removes_only_what_the_instance_user_owns() {
+        use std::os::unix::fs::MetadataExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = make(parent.path(), "mail1", Kind::Podman).unwrap().keep();
+        let me = fs::metadata(&dir).unwrap().uid();
+        remove_left_by(parent.path(), "mail1", me + 1);
+        assert!(dir.exists(), "another owner's directory is left alone");
+        remove_left_by(parent.path(), "mail1", me);
+        assert!(!dir.exists());
     }
 
     #[test]

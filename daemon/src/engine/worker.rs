@@ -21,6 +21,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::events::{Event, priority};
+use super::scratch;
 use super::update::{self, UpdateJob};
 
 /// The first argument that starts the daemon binary in worker mode.
@@ -180,6 +181,13 @@ pub async fn update_instance(
     if let Some(pid) = pid {
         let _ = killpg(pid, Signal::SIGKILL);
     }
+    // Nothing of the update runs any more: what a killed worker left in /var/tmp goes now, not
+    // at the instance's next update.
+    let (id, uid) = (job.instance.id.clone(), job.instance.uid);
+    let _ = tokio::task::spawn_blocking(move || {
+        scratch::remove_left_by(Path::new(scratch::PARENT), &id, uid);
+    })
+    .await;
     let stderr_tail = stderr_task.await.unwrap_or_default();
     match result {
         // The cancel's SIGTERM may stop a podman or script process before the worker itself
