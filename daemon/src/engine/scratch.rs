@@ -5,8 +5,9 @@
 //! podman and skopeo clean up after themselves when they end, not when they are killed: a
 //! cancelled job kills the worker's process group, and what a killed `podman load` unpacked (the
 //! size of the image) would stay in /var/tmp, per instance. With every such file in a directory
-//! named after the instance, the update removes its directories when it ends, and the instance's
-//! next update removes what a killed worker left.
+//! named after the instance, the update removes its directories when it ends, the daemon removes
+//! those of a killed worker once it is gone, and the instance's next update removes what is left
+//! when the daemon itself was killed.
 //!
 //! /var/tmp rather than the user's runtime dir: it is on disk, where podman stages its own
 //! downloads, and a large image must not fill the memory the user's services write their
@@ -66,24 +67,13 @@ pub fn make(parent: &Path, instance: &str, kind: Kind) -> io::Result<tempfile::T
         .tempdir_in(parent)
 }
 
-/// Removes the directories a killed worker of `instance` left in `parent`: the worker's side, at
-/// the start of an update. Only one update of an instance runs at a time (the caller holds the
-/// instance lock), so none of them is in use; one of another user cannot be removed (the sticky
-/// bit) and is not tried.
-pub fn remove_stale(parent: &Path, instance: &str) {
-    remove_matching(parent, instance, |_| true);
-}
-
-/// Removes the directories of `instance` in `parent` that `uid` owns: the daemon's side, once
-/// the instance's worker and its process group are gone (a worker killed by a cancel's SIGKILL
-/// cannot clean up after itself). The daemon is root: what another user made under such a name
-/// is left alone.
+/// Removes the directories of `instance` in `parent` that `uid` (the instance's worker's uid)
+/// owns, when no worker of the instance runs: the daemon once a worker is gone (one killed by a
+/// cancel's SIGKILL cannot clean up after itself), and a worker at the start of an update (it
+/// holds the instance lock), for what a killed daemon's workers left. Both may run as root: what
+/// another user made under such a name is left alone.
 pub fn remove_left_by(parent: &Path, instance: &str, uid: u32) {
     use std::os::unix::fs::MetadataExt;
-    remove_matching(parent, instance, |meta| meta.uid() == uid);
-}
-
-fn remove_matching(parent: &Path, instance: &str, owned: impl Fn(&fs::Metadata) -> bool) {
     let Ok(entries) = fs::read_dir(parent) else {
         return;
     };
@@ -95,7 +85,7 @@ fn remove_matching(parent: &Path, instance: &str, owned: impl Fn(&fs::Metadata) 
         let Ok(meta) = fs::symlink_metadata(entry.path()) else {
             continue;
         };
-        if owned(&meta)
+        if meta.uid() == uid
             && let Err(e) = fs::remove_dir_all(entry.path())
         {
             log::warn!("cannot remove {}: {e}", entry.path().display());
@@ -122,7 +112,7 @@ mod tests {
         left("mail1-layer-2", Kind::Podman);
         fs::create_dir(parent.path().join("podman-pull-1")).unwrap();
         fs::write(parent.path().join("module-updater-mail1-layer-"), "").unwrap();
-        remove_stale(parent.path(), "mail1");
+        remove_left_by(parent.path(), "mail1", nix::unistd::geteuid().as_raw());
         let mut left: Vec<_> = fs::read_dir(parent.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -274,7 +274,7 @@ impl Update<'_> {
     fn make_scratch(&mut self) {
         let parent = Path::new(scratch::PARENT);
         let id = &self.job.instance.id;
-        scratch::remove_stale(parent, id);
+        scratch::remove_left_by(parent, id, nix::unistd::geteuid().as_raw());
         match scratch::make(parent, id, scratch::Kind::Podman) {
             Ok(dir) => {
                 self.podman = self.podman.clone().with_tmpdir(dir.path().to_owned());
@@ -345,7 +345,6 @@ impl Update<'_> {
             }
             self.fetched(Step::PullImage, fetched)?;
         }
-        // Read or not, the labels are the pulled image's from here on.
         self.result.new_image_url = Some(url.to_owned());
         let main = match &self.job.shared_module {
             Some(shared) if self.main_from_archive => shared.info.clone(),
