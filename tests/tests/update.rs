@@ -1395,7 +1395,8 @@ async fn stale_images_are_removed_together_with_per_image_outcomes() {
 
 /// podman's temporary files (what a pull stages, what `load` unpacks) go to a directory of the
 /// update's own in /var/tmp, gone when the update ends; what a killed worker of the instance left
-/// there is removed by its next update, and nothing of another instance's.
+/// there is removed by its next update, and nothing of another instance's. The registry's copy
+/// of the module image is gone once the imageroot is extracted.
 #[tokio::test(flavor = "multi_thread")]
 async fn podmans_temporary_files_go_with_the_update() {
     use std::os::unix::fs::PermissionsExt;
@@ -1405,17 +1406,24 @@ async fn podmans_temporary_files_go_with_the_update() {
     let [updated, other] = &instances[..] else {
         unreachable!()
     };
-    // A podman that notes its TMPDIR for every pull and load.
+    // A podman that notes its TMPDIR for every pull and load, and which copies of the module
+    // image from the registry are in /var/tmp when it removes the stale images (the last step,
+    // after the scripts).
     let record = sandbox.root().join("tmpdirs");
-    std::fs::write(&record, "").unwrap();
-    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let copies = sandbox.root().join("copies");
+    for file in [&record, &copies] {
+        std::fs::write(file, "").unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
     let _daemon = start_daemon_with_trap(
         &sandbox,
         &[(
             "podman",
             format!(
-                "#!/bin/sh\ncase \" $* \" in *\" pull \"*|*\" load \"*) echo \"$TMPDIR\" >> {} ;; esac\nexec /usr/bin/podman \"$@\"\n",
-                record.display()
+                "#!/bin/sh\ncase \" $* \" in\n  *\" pull \"*|*\" load \"*) echo \"$TMPDIR\" >> {record} ;;\n  *\" image rm \"*) ls -d /var/tmp/module-updater-{id}-layer-* >> {copies} 2>/dev/null ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
+                record = record.display(),
+                copies = copies.display(),
+                id = updated.id,
             ),
         )],
     );
@@ -1446,6 +1454,18 @@ async fn podmans_temporary_files_go_with_the_update() {
         "{tmpdir} outlived its update"
     );
     assert!(!left_by_updated.exists(), "the stale directory is removed");
+    let messages = run.messages_of(&updated.id);
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("The imageroot is read from the layer the registry served")),
+        "the update extracted from the registry's copy: {messages:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&copies).unwrap(),
+        "",
+        "the registry's copy outlived the extraction"
+    );
     assert!(
         left_by_other.join("blob").exists(),
         "another instance's directory is left alone"

@@ -158,6 +158,7 @@ struct Update<'a> {
     ahead: Option<Ahead>,
     /// The registry's copy of the module image (`engine/registry_layer.rs`), when it is the
     /// image podman pulled: its layer is extracted, its labels used before podman's inspection.
+    /// Removed once the extraction has read it.
     registry_image: Option<RegistryImage>,
     /// podman's inspection of the module image, running in the background when the update went
     /// on with the registry's copy (it waits for the extra images' pull to commit).
@@ -672,8 +673,10 @@ impl Update<'_> {
             .as_ref()
             .and_then(|shared| shared.layer.clone())
             .filter(|_| self.main_from_archive);
-        let registry_layer = self
-            .registry_image
+        // Only this extraction reads the registry's copy: it goes when the extraction ends, not
+        // when the update does (a hung script would keep it in /var/tmp).
+        let registry_image = self.registry_image.take();
+        let registry_layer = registry_image
             .as_ref()
             .and_then(|image| image.layer.clone().ok());
         let source = match (shared_layer, registry_layer, Source::saved_layer(url, main)) {
@@ -705,6 +708,7 @@ impl Update<'_> {
             })
             .await
         };
+        drop(registry_image);
         if let Source::Export { container } = source {
             // The export has ended (the extractor waits for it or kills it): the container is
             // not needed any more. Its removal is awaited before the image cleanup and before
