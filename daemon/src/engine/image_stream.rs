@@ -494,11 +494,7 @@ mod tests {
     }
 
     fn sha256(data: &[u8]) -> String {
-        let hex: String = Sha256::digest(data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("sha256:{hex}")
+        format!("sha256:{}", super::super::oci_archive::sha256_of(data))
     }
 
     #[test]
