@@ -668,6 +668,125 @@ async fn three_instances_download_each_blob_once() {
     }
 }
 
+/// An instance of a job that shares a download loads the module image and the extra image it
+/// names in one podman process (a process fewer per instance); when that process fails, the
+/// instance loads them one by one and is updated all the same, with the same images. podman
+/// runs with Go's collector off and a heap limit, unless the daemon's environment sets its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_download_is_loaded_by_one_podman_process() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut sandbox = Sandbox::new().unwrap();
+    let [_, db2, v1, v2] = module_with_changing_extra(&sandbox, "together", "togetherdb", 4096);
+    let (instances, _, _) = provision(&mut sandbox, "together", 2, &v1);
+    let [together, apart] = &instances[..] else {
+        unreachable!()
+    };
+    // A podman that records who runs it, with which Go settings, and fails `apart`'s loads by
+    // `podman pull`.
+    let record = sandbox.root().join("podman-calls");
+    std::fs::write(&record, "").unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let podman = format!(
+        "#!/bin/sh\necho \"$(id -un) [$GOGC $GOMEMLIMIT] $*\" >> {record}\ncase \"$(id -un) $*\" in\n  \"{apart} pull \"*oci-archive:*) echo 'Error: a load that fails' >&2; exit 125 ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
+        record = record.display(),
+        apart = apart.id,
+    );
+    let daemon = start_daemon_with_trap(&sandbox, &[("podman", podman.clone())]);
+    let connection = connect(&sandbox).await;
+    let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
+
+    // (Go settings, arguments) of each podman `user` ran.
+    let calls_of = |user: &str| -> Vec<(String, String)> {
+        let calls = std::fs::read_to_string(&record).unwrap();
+        let prefix = format!("{user} [");
+        calls
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix)?.split_once("] "))
+            .map(|(go, args)| (go.to_owned(), args.to_owned()))
+            .collect()
+    };
+    let mine = calls_of(&together.id);
+    let combined: Vec<&String> = mine
+        .iter()
+        .map(|(_, args)| args)
+        .filter(|args| args.contains("oci-archive:"))
+        .collect();
+    assert_eq!(combined.len(), 1, "one combined load: {mine:#?}");
+    assert_eq!(combined[0].matches("oci-archive:").count(), 2, "{mine:#?}");
+    assert!(
+        !mine.iter().any(|(_, args)| args.starts_with("load ")),
+        "{mine:#?}"
+    );
+    assert!(
+        run.messages_of(&together.id)
+            .iter()
+            .any(|m| m
+                == &format!("Loading {db2} with the module image (downloaded once for the node)")),
+        "{:#?}",
+        run.messages_of(&together.id)
+    );
+    let theirs = calls_of(&apart.id);
+    let loads = theirs
+        .iter()
+        .filter(|(_, args)| args.starts_with("load "))
+        .count();
+    assert_eq!(
+        loads, 2,
+        "one load per archive after the failure: {theirs:#?}"
+    );
+    assert!(
+        run.messages_of(&apart.id)
+            .iter()
+            .any(|m| m.starts_with("cannot load ")
+                && m.contains("in one podman process: ")
+                && m.contains("a load that fails")),
+        "the failure is told: {:#?}",
+        run.messages_of(&apart.id)
+    );
+    // The workers' podman and the daemon's own.
+    for user in [together.id.as_str(), apart.id.as_str(), "root"] {
+        let calls = calls_of(user);
+        assert!(!calls.is_empty(), "{user} ran no podman");
+        for (go, args) in &calls {
+            assert_eq!(go, "off 128MiB", "{user}: podman {args}");
+        }
+    }
+
+    let inspect = |instance: &Instance| {
+        as_user(
+            &sandbox,
+            instance,
+            &[
+                "podman",
+                "image",
+                "inspect",
+                "--format",
+                "{{.Id}} {{.Digest}} {{.RepoDigests}} {{.RepoTags}}",
+                &v2,
+                &db2,
+            ],
+        )
+    };
+    assert_eq!(inspect(together), inspect(apart));
+    for instance in &instances {
+        let env = instance.read_env().unwrap();
+        assert_eq!(env["IMAGE_URL"], v2, "{}", instance.id);
+    }
+
+    // An admin's own setting reaches every podman instead.
+    drop(daemon);
+    std::fs::write(&record, "").unwrap();
+    let daemon =
+        start_daemon_with_trap_and_env(&sandbox, &[("podman", podman)], &[("GOGC", "100")]);
+    let connection = connect(&sandbox).await;
+    run_completed(&connection, &daemon, &request(&v2, &[&together.id], true)).await;
+    let calls = calls_of(&together.id);
+    assert!(!calls.is_empty(), "the forced update ran no podman");
+    for (go, args) in &calls {
+        assert_eq!(go, "100 ", "podman {args}");
+    }
+}
+
 /// Images another build tool compressed (GNU gzip, not podman's own gzip code) still give every
 /// instance the registry's digest. With skopeo the daemon shares them as the registry serves
 /// them (each blob served once). Without skopeo it saves them from its podman storage, and podman
@@ -785,8 +904,11 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
     for instance in with_skopeo {
         check(instance, &v2);
         let messages = run.messages_of(&instance.id);
-        for url in [&v2, &db2] {
-            let shared = format!("Loading {url} (downloaded once for the node)");
+        // The extra image is loaded with the module image, by the same podman process.
+        for shared in [
+            format!("Loading {v2} (downloaded once for the node)"),
+            format!("Loading {db2} with the module image (downloaded once for the node)"),
+        ] {
             assert!(messages.contains(&shared), "{}: {messages:#?}", instance.id);
         }
     }

@@ -6,6 +6,7 @@
 pub mod environment;
 pub mod events;
 pub mod extract;
+pub mod go_runtime;
 pub mod image_stream;
 pub mod imagename;
 pub mod instance;

@@ -161,6 +161,7 @@ async fn run(
 ) -> Result<Vec<u8>, SkopeoError> {
     let output = Command::new("skopeo")
         .args(args)
+        .envs(super::go_runtime::for_this_process())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

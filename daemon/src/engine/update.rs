@@ -123,6 +123,7 @@ pub async fn run(
         main_from_archive: false,
         changed: false,
         ahead: None,
+        maybe_loaded: Vec::new(),
         registry_image: None,
         inspection: None,
         started: std::time::SystemTime::now(),
@@ -156,6 +157,9 @@ struct Update<'a> {
     /// The fetch of the extra images that the registry's copy of the module image names,
     /// started while the module image is pulled (see [`Update::fetch_ahead`]).
     ahead: Option<Ahead>,
+    /// Extra images a failed combined load may have brought with the module image (none of
+    /// them was present): removed if the module image the update uses does not name them.
+    maybe_loaded: Vec<String>,
     /// The registry's copy of the module image (`engine/registry_layer.rs`), when it is the
     /// image podman pulled: its layer is extracted, its labels used before podman's inspection.
     /// Removed once the extraction has read it.
@@ -326,6 +330,8 @@ impl Update<'_> {
         let mut copy = read_ahead.then(|| LayerAhead::start(url, &self.job.instance.id));
         let mut pulled_id = None;
         if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
+            let fetch = self.along_with_main(fetch).await;
+            let along: Vec<String> = fetch.along.iter().map(|(r, _)| r.clone()).collect();
             let run = fetch.announce(self).run(self.podman.clone());
             let fetched = match copy.as_mut() {
                 Some(copy) => {
@@ -341,6 +347,14 @@ impl Update<'_> {
                 None => run.await,
             };
             self.main_from_archive = fetched.loaded.iter().any(|r| r == url);
+            if let Some(local) = self.local_images.as_mut() {
+                local.extend(fetched.loaded.iter().cloned());
+            }
+            // A combined load that failed may still have brought some of them.
+            self.maybe_loaded = along
+                .into_iter()
+                .filter(|r| !fetched.loaded.contains(r))
+                .collect();
             if let [id] = &fetched.pulled_ids[..] {
                 pulled_id = Some(id.clone());
             }
@@ -373,6 +387,29 @@ impl Update<'_> {
         }
         self.end(Step::PullImage);
         Ok(main)
+    }
+
+    /// Adds to a fetch that loads the module image from the node's shared download the extra
+    /// images it names that are missing here and downloaded too, so that one podman process
+    /// loads them all: a podman process costs 25–45 ms, and every instance of the job pays it.
+    /// The daemon inspected that image, so its labels are known before it is loaded. Not when
+    /// forced: then each step fetches its images again.
+    async fn along_with_main(&mut self, mut fetch: Fetch) -> Fetch {
+        let job = self.job;
+        let Some(shared) = &job.shared_module else {
+            return fetch;
+        };
+        if job.force || fetch.loads.is_empty() {
+            return fetch;
+        }
+        let Ok(extras) = extras_of(images_label(&shared.info.labels)) else {
+            return fetch;
+        };
+        let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
+        if let Ok(Some(more)) = self.missing(Step::PullExtraImages, &urls).await {
+            fetch.along = more.loads;
+        }
+        fetch
     }
 
     /// podman's inspection of the module image.
@@ -562,6 +599,15 @@ impl Update<'_> {
         extras: &[ExtraImage],
     ) -> StepResult<()> {
         self.begin(Step::PullExtraImages);
+        let unused: Vec<String> = std::mem::take(&mut self.maybe_loaded)
+            .into_iter()
+            .filter(|r| !extras.iter().any(|e| &e.url == r))
+            .collect();
+        self.remove_fetched_ahead(
+            unused,
+            "the module image did not come from the node's download, and names other images",
+        )
+        .await;
         let (gate, task) = match self.take_ahead(images_label(&main.labels), extras).await {
             Some(ahead) => Some(ahead),
             None => {
@@ -592,6 +638,7 @@ impl Update<'_> {
                 loaded: Vec::new(),
                 pulled_ids: Vec::new(),
                 warnings: Vec::new(),
+                notes: Vec::new(),
                 result: Err(format!("the pull task failed: {e}")),
             });
             self.fetched(Step::PullExtraImages, fetched)?;
@@ -645,6 +692,9 @@ impl Update<'_> {
 
     /// Reports a finished fetch: its warnings, then its failure as `step`'s.
     fn fetched(&mut self, step: Step, fetched: Fetched) -> StepResult<()> {
+        for note in fetched.notes {
+            self.message(priority::DEBUG, note);
+        }
         for warning in fetched.warnings {
             self.warning(warning);
         }
@@ -1112,16 +1162,22 @@ struct Fetch {
     /// Reference → archive of the daemon's shared download (`engine/shared_images.rs`).
     loads: Vec<(String, PathBuf)>,
     pulls: Vec<String>,
+    /// Extra images of the shared download loaded with the module image, by the same podman
+    /// process (see [`Update::along_with_main`]). One that does not load is left to its step.
+    along: Vec<(String, PathBuf)>,
 }
 
 /// What a fetch did: the references loaded from the shared download, warnings (a failed load,
 /// then pulled) and its outcome.
 #[derive(Debug)]
 struct Fetched {
+    /// With the references of `along` when they loaded.
     loaded: Vec<String>,
     /// The ids `podman pull` printed, one per pulled reference.
     pulled_ids: Vec<String>,
     warnings: Vec<String>,
+    /// What only a debugging admin needs (a combined load that failed, then done one by one).
+    notes: Vec<String>,
     result: Result<(), String>,
 }
 
@@ -1160,7 +1216,8 @@ fn extras_of(label: &str) -> StepResult<Vec<ExtraImage>> {
 impl Fetch {
     /// Every reference it brings in.
     fn references(&self) -> Vec<String> {
-        let loads = self.loads.iter().map(|(reference, _)| reference.clone());
+        let loads = self.loads.iter().chain(&self.along);
+        let loads = loads.map(|(reference, _)| reference.clone());
         loads.chain(self.pulls.iter().cloned()).collect()
     }
 
@@ -1172,6 +1229,12 @@ impl Fetch {
                 format!("Loading {reference} (downloaded once for the node)"),
             );
         }
+        for (reference, _) in &self.along {
+            update.message(
+                priority::INFO,
+                format!("Loading {reference} with the module image (downloaded once for the node)"),
+            );
+        }
         if !self.pulls.is_empty() {
             update.message(priority::INFO, format!("Pulling {}", self.pulls.join(" ")));
         }
@@ -1179,11 +1242,30 @@ impl Fetch {
     }
 
     /// Loads what the daemon downloaded, then pulls the rest and what failed to load, in one
-    /// podman pull.
+    /// podman pull. Several archives are loaded by one podman process; if that fails, the
+    /// `loads` are loaded one by one and the `along` left to the step that needs them.
     async fn run(self, podman: Podman) -> Fetched {
-        let Fetch { loads, mut pulls } = self;
+        let Fetch {
+            loads,
+            mut pulls,
+            along,
+        } = self;
         let mut warnings = Vec::new();
+        let mut notes = Vec::new();
         let mut loaded = Vec::new();
+        let together: Vec<&(String, PathBuf)> = loads.iter().chain(&along).collect();
+        if together.len() > 1 {
+            let archives: Vec<&Path> = together.iter().map(|(_, a)| a.as_path()).collect();
+            let references: Vec<&str> = together.iter().map(|(r, _)| r.as_str()).collect();
+            match podman.load_all(&archives).await {
+                Ok(()) => loaded.extend(references.iter().map(|r| (*r).to_owned())),
+                Err(err) => notes.push(format!(
+                    "cannot load {} in one podman process: {err}; loading them one by one",
+                    references.join(" ")
+                )),
+            }
+        }
+        let loads = if loaded.is_empty() { loads } else { Vec::new() };
         for (reference, archive) in loads {
             match podman.load(&archive).await {
                 Ok(()) => loaded.push(reference),
@@ -1204,6 +1286,7 @@ impl Fetch {
             loaded,
             pulled_ids,
             warnings,
+            notes,
             result,
         }
     }

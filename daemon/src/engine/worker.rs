@@ -70,6 +70,12 @@ pub fn worker_environment(job: &UpdateJob) -> BTreeMap<String, String> {
     if let Some(runtime_dir) = &instance.runtime_dir {
         env.insert("XDG_RUNTIME_DIR".into(), runtime_dir.display().to_string());
     }
+    // An admin's choice for podman's garbage collector (`engine/go_runtime.rs`).
+    for key in super::go_runtime::VARIABLES {
+        if let Ok(value) = std::env::var(key) {
+            env.insert(key.to_owned(), value);
+        }
+    }
     if !instance.rootless {
         for key in PODMAN_PASSTHROUGH {
             if let Ok(value) = std::env::var(key) {

@@ -37,6 +37,15 @@ pub fn start_daemon(sandbox: &Sandbox, extra: &[&str]) -> Daemon {
 /// scripts'), a directory `<sandbox>/trap` holding the executable `scripts` (name, content):
 /// stand-ins for tools we did not write, to record or steer how they are called.
 pub fn start_daemon_with_trap(sandbox: &Sandbox, scripts: &[(&str, String)]) -> Daemon {
+    start_daemon_with_trap_and_env(sandbox, scripts, &[])
+}
+
+/// [`start_daemon_with_trap`], with `env` added to the daemon's environment.
+pub fn start_daemon_with_trap_and_env(
+    sandbox: &Sandbox,
+    scripts: &[(&str, String)],
+    env: &[(&str, &str)],
+) -> Daemon {
     use std::os::unix::fs::PermissionsExt;
     let trap = sandbox.root().join("trap");
     std::fs::create_dir_all(&trap).unwrap();
@@ -57,6 +66,7 @@ pub fn start_daemon_with_trap(sandbox: &Sandbox, scripts: &[(&str, String)]) -> 
             trap.display()
         ),
     );
+    command.envs(env.iter().copied());
     sandbox.start_daemon_with(command).unwrap()
 }
 

@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use module_updater_tests::{Instance, Sandbox, cmd};
+use module_updaterd::engine::go_runtime;
 use serde::Serialize;
 
 use crate::BenchError;
@@ -119,7 +120,8 @@ pub struct Floor {
 /// the other: the daemon runs the copy, the pull of the extra image and the inspection beside
 /// the module image's pull, so its wall time can be below this. Then, apart from
 /// the podman floor, the manager's `Reload` (busctl, as the user) and the update scripts as the
-/// daemon runs them (cwd the state dir, the environment loaded). Each step is timed inside one
+/// daemon runs them (cwd the state dir, the environment loaded). podman and skopeo get the Go
+/// settings the daemon gives them (`engine/go_runtime.rs`), the rest does not. Each step is timed inside one
 /// shell (`EPOCHREALTIME`), so no process start of ours is counted.
 const FLOOR_SCRIPT: &str = r#"set -u
 v2=$1 db2=$2 v1=$3 db1=$4
@@ -138,6 +140,7 @@ rm -rf "$copy"
 step podman-image-inspect podman image inspect -- "$v2"
 step podman-pull-extra podman pull --quiet -- "$db2"
 step podman-image-rm podman image rm -- "$v1" "$db1"
+unset GOGC GOMEMLIMIT
 step reload busctl --user call org.freedesktop.systemd1 /org/freedesktop/systemd1 \
   org.freedesktop.systemd1.Manager Reload
 while IFS= read -r line; do [[ $line == *=* ]] && export "${line%%=*}=${line#*=}"; done < ./environment
@@ -153,9 +156,12 @@ pub fn measure(
     instance: &Instance,
     images: &Images,
 ) -> Result<Floor, BenchError> {
-    let argv = [
+    let mut argv = vec![
         "env".to_owned(),
         format!("AGENT_INSTALL_DIR={}", instance.install_dir.display()),
+    ];
+    argv.extend(go_settings());
+    argv.extend([
         "bash".to_owned(),
         "-c".to_owned(),
         FLOOR_SCRIPT.to_owned(),
@@ -164,7 +170,7 @@ pub fn measure(
         images.db2.clone(),
         images.v1.clone(),
         images.db1.clone(),
-    ];
+    ]);
     let mut command = sandbox.command_as(instance, &argv);
     command.current_dir(&instance.state_dir);
     let cpu_before = measure::proc_cpu("self").map_err(|e| BenchError::proc("self", e))?;
@@ -221,4 +227,13 @@ pub fn measure(
         )));
     }
     Ok(floor)
+}
+
+/// `NAME=value` of the Go settings the daemon gives podman: the sandbox starts it with a clean
+/// environment, so none of its own.
+fn go_settings() -> Vec<String> {
+    go_runtime::settings(|_| false)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
 }
