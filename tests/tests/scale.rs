@@ -787,6 +787,71 @@ async fn a_shared_download_is_loaded_by_one_podman_process() {
     }
 }
 
+/// A combined load that brought an extra image and then failed, and a module image that does
+/// not load from the node's download either: the worker pulls the module image, and when the
+/// registry's names other extra images than the download's (the tag moved), the one the failed
+/// load brought is removed again; the update completes with the registry's images.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extra_image_a_failed_combined_load_brought_goes_if_unused() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let [db1, db2, v1, v2] = module_with_changing_extra(&sandbox, "astray", "astraydb", 4096);
+    let other = sandbox
+        .build_blob_image("astrayother", "1", 4096, 13)
+        .unwrap();
+    // What the daemon downloads for 2.0: a module image naming `other`.
+    let moved_to = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "astray",
+            "3.0",
+            std::slice::from_ref(&other),
+        ))
+        .unwrap();
+    let (instances, _, _) = provision(&mut sandbox, "astray", 2, &v1);
+    // The daemon's skopeo reads 3.0 when asked for 2.0. The workers' combined load brings the
+    // extra image (the archive after the module image's) and fails; their `load` fails.
+    let skopeo = format!(
+        "#!/bin/sh\nn=$#\nfor a in \"$@\"; do\n  [ \"$a\" = docker://{v2} ] && a=docker://{moved_to}\n  set -- \"$@\" \"$a\"\ndone\nshift $n\nexec /usr/bin/skopeo \"$@\"\n"
+    );
+    let podman = "#!/bin/sh\nif [ \"$(id -u)\" != 0 ]; then\n  case \" $* \" in\n    *\" pull \"*oci-archive:*) /usr/bin/podman pull --quiet -- \"$5\" >/dev/null; echo 'Error: a load that fails' >&2; exit 125 ;;\n    *\" load \"*) echo 'Error: a load that fails' >&2; exit 125 ;;\n  esac\nfi\nexec /usr/bin/podman \"$@\"\n"
+        .to_owned();
+    let daemon = start_daemon_with_trap(&sandbox, &[("skopeo", skopeo), ("podman", podman)]);
+    let connection = connect(&sandbox).await;
+    let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
+    let has_image = |instance: &Instance, reference: &str| {
+        sandbox
+            .run_as(instance, &["podman", "image", "exists", reference])
+            .unwrap()
+            .status
+            .success()
+    };
+    for instance in &instances {
+        let messages = run.messages_of(&instance.id);
+        let removed = format!(
+            "Removing {other} again: the module image did not come from the node's download, and names other images"
+        );
+        assert!(
+            messages.contains(&removed),
+            "{}: {messages:#?}",
+            instance.id
+        );
+        assert!(
+            !has_image(instance, &other),
+            "{}: {other} is left",
+            instance.id
+        );
+        assert!(has_image(instance, &db2), "{}", instance.id);
+        assert!(!has_image(instance, &db1), "{}", instance.id);
+        assert_eq!(
+            std::fs::read_to_string(instance.install_dir.join("bin/version")).unwrap(),
+            "2.0\n"
+        );
+        let env = instance.read_env().unwrap();
+        assert_eq!(env["ASTRAYDB_IMAGE"], db2, "{}", instance.id);
+        assert_eq!(env["IMAGE_URL"], v2, "{}", instance.id);
+    }
+}
+
 /// Images another build tool compressed (GNU gzip, not podman's own gzip code) still give every
 /// instance the registry's digest. With skopeo the daemon shares them as the registry serves
 /// them (each blob served once). Without skopeo it saves them from its podman storage, and podman
