@@ -642,21 +642,7 @@ async fn three_instances_download_each_blob_once() {
         traffic.blob_bytes >= 1 << 21,
         "the lone instance did not pull: {traffic:?}"
     );
-    let inspect = |instance: &Instance| {
-        as_user(
-            &sandbox,
-            instance,
-            &[
-                "podman",
-                "image",
-                "inspect",
-                "--format",
-                "{{.Id}} {{.Digest}} {{.RepoDigests}} {{.RepoTags}}",
-                &v2,
-                &db2,
-            ],
-        )
-    };
+    let inspect = |instance: &Instance| image_identity(&sandbox, instance, &[&v2, &db2]);
     let expected = inspect(&lone);
     for instance in &instances {
         assert_eq!(inspect(instance), expected, "{}", instance.id);
@@ -752,21 +738,7 @@ async fn a_shared_download_is_loaded_by_one_podman_process() {
         }
     }
 
-    let inspect = |instance: &Instance| {
-        as_user(
-            &sandbox,
-            instance,
-            &[
-                "podman",
-                "image",
-                "inspect",
-                "--format",
-                "{{.Id}} {{.Digest}} {{.RepoDigests}} {{.RepoTags}}",
-                &v2,
-                &db2,
-            ],
-        )
-    };
+    let inspect = |instance: &Instance| image_identity(&sandbox, instance, &[&v2, &db2]);
     assert_eq!(inspect(together), inspect(apart));
     for instance in &instances {
         let env = instance.read_env().unwrap();
@@ -818,13 +790,7 @@ async fn an_extra_image_a_failed_combined_load_brought_goes_if_unused() {
     let daemon = start_daemon_with_trap(&sandbox, &[("skopeo", skopeo), ("podman", podman)]);
     let connection = connect(&sandbox).await;
     let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
-    let has_image = |instance: &Instance, reference: &str| {
-        sandbox
-            .run_as(instance, &["podman", "image", "exists", reference])
-            .unwrap()
-            .status
-            .success()
-    };
+    let has_image = |instance: &Instance, reference: &str| has_image(&sandbox, instance, reference);
     for instance in &instances {
         let messages = run.messages_of(&instance.id);
         let removed = format!(

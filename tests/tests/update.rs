@@ -475,13 +475,7 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
         ],
     );
     let connection = connect(&sandbox).await;
-    let has_image = |instance: &Instance, reference: &str| {
-        sandbox
-            .run_as(instance, &["podman", "image", "exists", reference])
-            .unwrap()
-            .status
-            .success()
-    };
+    let has_image = |instance: &Instance, reference: &str| has_image(&sandbox, instance, reference);
     let images = |instance: &Instance| {
         as_user(
             &sandbox,

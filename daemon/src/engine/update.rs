@@ -8,10 +8,11 @@
 //! installed, and timeouts on scripts.
 //!
 //! What does not depend on each other overlaps, without changing what is observed: the extra
-//! images are pulled while the imageroot is read and staged (the install waits for the pull),
-//! the temporary container of an image of several layers is removed in the background, and the
-//! one flush that makes the installed files durable runs in the background from the end of the
-//! extraction until the in-progress marker is removed.
+//! images are pulled while the imageroot is read and staged (the install waits for the pull;
+//! what the node's shared download has of them is loaded with the module image instead, by the
+//! same podman process), the temporary container of an image of several layers is removed in
+//! the background, and the one flush that makes the installed files durable runs in the
+//! background from the end of the extraction until the in-progress marker is removed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -363,3 +363,21 @@ pub fn as_user(sandbox: &Sandbox, instance: &Instance, argv: &[&str]) -> String 
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Whether the instance's storage has an image named `reference` (`podman image exists`).
+pub fn has_image(sandbox: &Sandbox, instance: &Instance, reference: &str) -> bool {
+    sandbox
+        .run_as(instance, &["podman", "image", "exists", reference])
+        .unwrap()
+        .status
+        .success()
+}
+
+/// What a user checks to tell two copies of images apart: id, digest, repository digests and
+/// tags of each of `references` in the instance's storage.
+pub fn image_identity(sandbox: &Sandbox, instance: &Instance, references: &[&str]) -> String {
+    let format = "{{.Id}} {{.Digest}} {{.RepoDigests}} {{.RepoTags}}";
+    let mut argv = vec!["podman", "image", "inspect", "--format", format];
+    argv.extend_from_slice(references);
+    as_user(sandbox, instance, &argv)
+}
