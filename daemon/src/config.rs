@@ -634,6 +634,16 @@ pub fn man_page(out: &mut dyn Write) -> io::Result<()> {
             roff_escape(&key.rule.allowed())
         )?;
     }
+    writeln!(out, ".SH ENVIRONMENT")?;
+    writeln!(out, ".TP")?;
+    writeln!(out, "\\fBGOGC\\fR, \\fBGOMEMLIMIT\\fR")?;
+    let text = format!(
+        "For podman and skopeo, which are Go programs. When neither is set, they get GOGC=off and \
+         GOMEMLIMIT={}: Go's garbage collector runs only as a process's heap nears that size. \
+         When either is set, podman, skopeo and the update workers get the daemon's values.",
+        crate::engine::go_runtime::HEAP_LIMIT
+    );
+    writeln!(out, "{}", roff_escape(&text))?;
     writeln!(out, ".SH SEE ALSO")?;
     writeln!(
         out,
@@ -969,6 +979,7 @@ system_manager_address = "unix:path=/run/other/bus"
         assert!(text.contains(".TH module-updaterd 8"), "{text}");
         assert!(text.contains("\\-\\-max\\-parallel"), "{text}");
         assert!(text.contains("\\-\\-config"), "{text}");
+        assert!(text.contains("\\fBGOMEMLIMIT\\fR"), "{text}");
         assert!(
             !text.contains("generate\\-man"),
             "hidden flag shown:\n{text}"
