@@ -121,8 +121,8 @@ pub struct Floor {
 /// the module image's pull, so its wall time can be below this. Then, apart from
 /// the podman floor, the manager's `Reload` (busctl, as the user) and the update scripts as the
 /// daemon runs them (cwd the state dir, the environment loaded). podman and skopeo get the Go
-/// settings the daemon gives them (`engine/go_runtime.rs`), the rest does not. Each step is timed inside one
-/// shell (`EPOCHREALTIME`), so no process start of ours is counted.
+/// settings the daemon gives them (`engine/go_runtime.rs`), the rest does not. Each step is
+/// timed inside one shell (`EPOCHREALTIME`), so no process start of ours is counted.
 const FLOOR_SCRIPT: &str = r#"set -u
 v2=$1 db2=$2 v1=$3 db1=$4
 step() {
