@@ -71,19 +71,20 @@ pub fn worker_environment(job: &UpdateJob) -> BTreeMap<String, String> {
         env.insert("XDG_RUNTIME_DIR".into(), runtime_dir.display().to_string());
     }
     // An admin's choice for podman's garbage collector (`engine/go_runtime.rs`).
-    for key in super::go_runtime::VARIABLES {
-        if let Ok(value) = std::env::var(key) {
-            env.insert(key.to_owned(), value);
-        }
-    }
+    pass_through(&mut env, &super::go_runtime::VARIABLES);
     if !instance.rootless {
-        for key in PODMAN_PASSTHROUGH {
-            if let Ok(value) = std::env::var(key) {
-                env.insert(key.to_owned(), value);
-            }
-        }
+        pass_through(&mut env, &PODMAN_PASSTHROUGH);
     }
     env
+}
+
+/// Copies the daemon's own value of each of `keys` that it has into `env`.
+fn pass_through(env: &mut BTreeMap<String, String>, keys: &[&str]) {
+    for key in keys {
+        if let Ok(value) = std::env::var(key) {
+            env.insert((*key).to_owned(), value);
+        }
+    }
 }
 
 /// Daemon side: updates one instance in a worker process and returns its result. `on_event` gets
