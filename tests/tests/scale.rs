@@ -654,6 +654,111 @@ async fn three_instances_download_each_blob_once() {
     }
 }
 
+/// The shared download copies the extra images while podman loads the module image into the
+/// daemon's storage, and several extra images at once: the workers wait for the longest of
+/// these, not for their sum. Shown with a podman whose load takes 2 s more and a skopeo whose
+/// copies take 1 s more each; the instances still end with the registry's images.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_extra_images_download_beside_each_other_and_the_module_image_load() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut sandbox = Sandbox::new().unwrap();
+    let blob =
+        |repo: &str, tag: &str, seed: u64| sandbox.build_blob_image(repo, tag, 4096, seed).unwrap();
+    let (a1, a2) = (blob("besidea", "1", 21), blob("besidea", "2", 22));
+    let (b1, b2) = (blob("besideb", "1", 23), blob("besideb", "2", 24));
+    let v1 = sandbox
+        .build_image(&module_image(&sandbox, "beside", "1.0", &[a1, b1]))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&module_image(
+            &sandbox,
+            "beside",
+            "2.0",
+            &[a2.clone(), b2.clone()],
+        ))
+        .unwrap();
+    let (instances, _, _) = provision(&mut sandbox, "beside", 2, &v1);
+
+    let record = sandbox.root().join("download-times");
+    std::fs::write(&record, "").unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // `<seconds> start|end <what>` around the daemon's load and every copy into an archive.
+    let timed = |real: &str, what: &str, delay: u32| {
+        format!(
+            "  echo \"$(date +%s.%N) start {what}\" >> {record}\n  sleep {delay}\n  {real} \"$@\"\n  rc=$?\n  echo \"$(date +%s.%N) end {what}\" >> {record}\n  exit $rc ;;\n",
+            record = record.display(),
+        )
+    };
+    let podman = format!(
+        "#!/bin/sh\ncase \"$(id -u) $*\" in\n\"0 \"*\" load \"*)\n{}esac\nexec /usr/bin/podman \"$@\"\n",
+        timed("/usr/bin/podman", "load", 2)
+    );
+    let skopeo = format!(
+        "#!/bin/sh\nfor arg; do case \"$arg\" in docker://*) ref=${{arg#docker://}} ;; esac; done\ncase \"$*\" in\n*\" copy \"*oci-archive:*)\n{}esac\nexec /usr/bin/skopeo \"$@\"\n",
+        timed("/usr/bin/skopeo", "$ref", 1)
+    );
+    let daemon = start_daemon_with_trap(&sandbox, &[("podman", podman), ("skopeo", skopeo)]);
+    let connection = connect(&sandbox).await;
+    let offset = sandbox.registry_log_offset().unwrap();
+    run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
+    let traffic = sandbox.registry_traffic_since(offset).unwrap();
+    assert_eq!(traffic.max_serves_per_blob(), 1, "{traffic:?}");
+
+    let times = std::fs::read_to_string(&record).unwrap();
+    let at = |event: &str| -> f64 {
+        let found: Vec<f64> = times
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, e)| *e == event)
+            .map(|(t, _)| t.parse().unwrap())
+            .collect();
+        assert_eq!(found.len(), 1, "{event}: {times}");
+        found[0]
+    };
+    let load_end = at("end load");
+    for extra in [&a2, &b2] {
+        assert!(
+            at(&format!("start {extra}")) < load_end,
+            "{extra} was copied after the module image's load:\n{times}"
+        );
+    }
+    let (a, b) = (&a2, &b2);
+    assert!(
+        at(&format!("start {a}")) < at(&format!("end {b}"))
+            && at(&format!("start {b}")) < at(&format!("end {a}")),
+        "the extra images were copied one after the other:\n{times}"
+    );
+    for instance in &instances {
+        for image in [&v2, &a2, &b2] {
+            assert!(
+                has_image(&sandbox, instance, image),
+                "{}: {image}",
+                instance.id
+            );
+        }
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
+    }
+    drop(connection);
+    drop(daemon);
+
+    // A copy that fails while the module image loads: the download starts again without
+    // skopeo, and the layer file the first attempt wrote for the workers is not in its way.
+    let (more, _, _) = provision(&mut sandbox, "beside", 2, &v1);
+    let failing = "#!/bin/sh\ncase \"$*\" in\n*\" copy \"*besideb*) echo 'a copy that fails' >&2; exit 1 ;;\nesac\nexec /usr/bin/skopeo \"$@\"\n";
+    let daemon = start_daemon_with_trap(&sandbox, &[("skopeo", failing.to_owned())]);
+    let connection = connect(&sandbox).await;
+    run_completed(&connection, &daemon, &request(&v2, &ids(&more), false)).await;
+    let log = daemon.log();
+    assert!(
+        log.contains("a copy that fails") && log.contains("pulled with podman, then saved"),
+        "{log}"
+    );
+    assert!(!log.contains("cannot write the layer"), "{log}");
+    for instance in &more {
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
+    }
+}
+
 /// An instance of a job that shares a download loads the module image and the extra image it
 /// names in one podman process (a process fewer per instance); when that process fails, the
 /// instance loads them one by one and is updated all the same, with the same images. podman

@@ -38,6 +38,10 @@ pub enum ArchiveError {
     NotOne { path: PathBuf, count: usize },
     #[error("the index.json of {path} names the manifest {digest:?}, not a sha256 digest")]
     BadDigest { path: PathBuf, digest: String },
+    #[error("the manifest in {path} names no configuration of a sha256 digest: {detail}")]
+    NoConfig { path: PathBuf, detail: String },
+    #[error("{member} in {path} does not hash to the digest it is named by")]
+    Corrupt { path: PathBuf, member: String },
 }
 
 #[derive(Deserialize)]
@@ -72,6 +76,34 @@ pub fn manifest(archive: &Path) -> Result<(String, Vec<u8>), ArchiveError> {
     })?;
     let bytes = member(archive, &format!("blobs/sha256/{hex}"))?;
     Ok((only.digest.clone(), bytes))
+}
+
+#[derive(Deserialize)]
+struct ImageManifest {
+    config: Descriptor,
+}
+
+/// The configuration blob `manifest` (a manifest of the archive, as [`manifest`] gave it)
+/// names, checked against its digest: the labels the shared download acts on are then the
+/// image's own.
+pub fn config(archive: &Path, manifest: &[u8]) -> Result<Vec<u8>, ArchiveError> {
+    let no_config = |detail: String| ArchiveError::NoConfig {
+        path: archive.to_owned(),
+        detail,
+    };
+    let parsed: ImageManifest =
+        serde_json::from_slice(manifest).map_err(|e| no_config(e.to_string()))?;
+    let hex = sha256_hex(&parsed.config.digest)
+        .ok_or_else(|| no_config(format!("{:?}", parsed.config.digest)))?;
+    let name = format!("blobs/sha256/{hex}");
+    let bytes = member(archive, &name)?;
+    if sha256_of(&bytes) != hex {
+        return Err(ArchiveError::Corrupt {
+            path: archive.to_owned(),
+            member: name,
+        });
+    }
+    Ok(bytes)
 }
 
 /// The hex of a `sha256:` digest of 64 lowercase hex digits, the only form a content digest has
@@ -244,5 +276,40 @@ mod tests {
                 .contains("list")
         );
         assert!(carried_unchanged(b"<html>").is_err());
+    }
+
+    #[test]
+    fn the_configuration_is_read_only_under_its_own_digest() {
+        let config = br#"{"config":{"Labels":{"org.nethserver.images":"x/y:1"}}}"#;
+        let named = |digest: &str| format!(r#"{{"config":{{"digest":"{digest}"}},"layers":[]}}"#);
+        let hex = sha256_of(config);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut tar = tar::Builder::new(file.reopen().unwrap());
+        for (name, data) in [
+            (format!("blobs/sha256/{hex}"), &config[..]),
+            (format!("blobs/sha256/{}", &DIGEST[7..]), &config[..]),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, name, data).unwrap();
+        }
+        tar.finish().unwrap();
+
+        let read = super::config(file.path(), named(&format!("sha256:{hex}")).as_bytes()).unwrap();
+        assert_eq!(read, config);
+        // A blob whose bytes are not what its name says is refused, as is a manifest that
+        // names no configuration, or none of a sha256 digest.
+        let err = super::config(file.path(), named(DIGEST).as_bytes()).unwrap_err();
+        assert!(matches!(err, ArchiveError::Corrupt { .. }), "{err}");
+        for manifest in [r#"{"layers":[]}"#.to_owned(), named("md5:abc")] {
+            let err = super::config(file.path(), manifest.as_bytes()).unwrap_err();
+            assert!(matches!(err, ArchiveError::NoConfig { .. }), "{err}");
+        }
+        let missing =
+            named("sha256:1111111111111111111111111111111111111111111111111111111111111111");
+        let err = super::config(file.path(), missing.as_bytes()).unwrap_err();
+        assert!(matches!(err, ArchiveError::Missing { .. }), "{err}");
     }
 }

@@ -230,6 +230,25 @@ impl Archives<'_> {
         self.shared.skipped.push((reference.to_owned(), why));
     }
 
+    /// Records what [`fetch`] made of `reference` in `archive`: the archive if kept.
+    fn record(
+        &mut self,
+        reference: &str,
+        archive: PathBuf,
+        fetched: Fetched,
+    ) -> Result<Option<PathBuf>, SharedImagesError> {
+        match fetched {
+            Fetched::Copied => {
+                self.keep(reference, archive.clone())?;
+                Ok(Some(archive))
+            }
+            Fetched::Skipped(why) => {
+                self.skip(reference, why);
+                Ok(None)
+            }
+        }
+    }
+
     /// Removes every archive made so far and what was recorded of them, to start again.
     fn forget(&mut self) {
         for archive in &self.made {
@@ -244,32 +263,80 @@ impl Archives<'_> {
 
 /// With skopeo: each image is copied from its registry into an archive byte for byte (manifest
 /// and compressed layers as served). The module image is then loaded into the private storage,
-/// for its inspection and its layer file; the extra images never go through it.
+/// for its inspection and its layer file, while the extra images its labels name are copied;
+/// the extra images never go through the private storage.
 async fn copy_from_registry(
     archives: &mut Archives<'_>,
     podman: &Podman,
     module_url: &str,
     present: &HashSet<String>,
 ) -> Result<(), SharedImagesError> {
-    let main = match copy(archives, module_url).await? {
-        Some(archive) => {
-            podman.load(&archive).await?;
-            Some(inspect(podman, module_url).await?)
-        }
-        None => None,
-    };
+    let main = copy(archives, module_url).await?;
     let labels = match &main {
-        Some(main) => main.labels.clone(),
+        Some(archive) => archive_labels(module_url, archive)?,
         // Left for the instances to pull, the module image still names the extra images.
         None => skopeo::labels(module_url).await?,
     };
-    for extra in extras_to_share(&labels, present) {
-        copy(archives, extra).await?;
+    let extras = extras_to_share(&labels, present);
+    // podman's load is CPU-bound, skopeo's copies mostly wait for the registry and the disk:
+    // side by side they take about the time of the longer, and the workers start that much
+    // earlier.
+    let dir = archives.dir;
+    let load = async {
+        match &main {
+            Some(archive) => load_module(podman, module_url, archive, dir)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
+    };
+    let (module, copied) = tokio::join!(load, copy_extras(archives, &extras));
+    let module = module?;
+    if let Err(err) = copied {
+        // What `module` wrote goes with the rest if the download starts again without skopeo.
+        if let Some(layer) = module.and_then(|m| m.layer) {
+            remove_archive(&layer);
+        }
+        return Err(err);
     }
-    if let Some(main) = main {
-        module_from_storage(archives, podman, module_url, main).await;
+    archives.shared.module = module;
+    Ok(())
+}
+
+/// How many extra images are copied at once: downloads overlap their waits on the registry;
+/// more only share the same bandwidth among more skopeo processes.
+const COPIES_AT_ONCE: usize = 3;
+
+/// Copies the extra images, [`COPIES_AT_ONCE`] at a time; each is recorded as kept or left to
+/// the instances, in the order given.
+async fn copy_extras(
+    archives: &mut Archives<'_>,
+    extras: &[&str],
+) -> Result<(), SharedImagesError> {
+    use futures_util::StreamExt;
+    let tmp = archives.tmp;
+    let mut copies = Vec::with_capacity(extras.len());
+    for reference in extras {
+        copies.push(fetch_into(reference, archives.next(), tmp));
+    }
+    let fetched: Vec<_> = futures_util::stream::iter(copies)
+        .buffered(COPIES_AT_ONCE)
+        .collect()
+        .await;
+    for (reference, archive, outcome) in fetched {
+        archives.record(reference, archive, outcome?)?;
     }
     Ok(())
+}
+
+/// [`fetch`], with what it was given back.
+async fn fetch_into<'r>(
+    reference: &'r str,
+    archive: PathBuf,
+    tmp: &Path,
+) -> (&'r str, PathBuf, Result<Fetched, SharedImagesError>) {
+    let outcome = fetch(reference, &archive, tmp).await;
+    (reference, archive, outcome)
 }
 
 /// Copies `reference` into a new archive if one can carry it unchanged; `None` when it is left
@@ -278,22 +345,60 @@ async fn copy(
     archives: &mut Archives<'_>,
     reference: &str,
 ) -> Result<Option<PathBuf>, SharedImagesError> {
+    let archive = archives.next();
+    let fetched = fetch(reference, &archive, archives.tmp).await?;
+    archives.record(reference, archive, fetched)
+}
+
+/// What became of one image's copy.
+enum Fetched {
+    /// The archive holds the image as its registry serves it.
+    Copied,
+    /// Left for the instances to pull, and why.
+    Skipped(String),
+}
+
+/// Copies `reference` into `archive` if an archive can carry it unchanged.
+async fn fetch(reference: &str, archive: &Path, tmp: &Path) -> Result<Fetched, SharedImagesError> {
     let served = skopeo::raw_manifest(reference).await?;
     if let Err(why) = oci_archive::carried_unchanged(&served) {
-        archives.skip(reference, why);
-        return Ok(None);
+        return Ok(Fetched::Skipped(why));
     }
-    let archive = archives.next();
-    skopeo::copy_to_archive(reference, &archive, archives.tmp).await?;
-    let (_, copied) = oci_archive::manifest(&archive)?;
+    skopeo::copy_to_archive(reference, archive, tmp).await?;
+    let (_, copied) = oci_archive::manifest(archive)?;
     if copied != served {
         // The tag moved between the two reads: the instances resolve it themselves.
-        remove_archive(&archive);
-        archives.skip(reference, "its tag moved during the download".to_owned());
-        return Ok(None);
+        remove_archive(archive);
+        return Ok(Fetched::Skipped(
+            "its tag moved during the download".to_owned(),
+        ));
     }
-    archives.keep(reference, archive.clone())?;
-    Ok(Some(archive))
+    Ok(Fetched::Copied)
+}
+
+/// The labels of the image an archive of [`copy`] holds, from its configuration there.
+fn archive_labels(
+    reference: &str,
+    archive: &Path,
+) -> Result<BTreeMap<String, String>, SharedImagesError> {
+    let (_, manifest) = oci_archive::manifest(archive)?;
+    let config = oci_archive::config(archive, &manifest)?;
+    Ok(skopeo::parse_config(reference, &config)?.labels)
+}
+
+/// Loads the module image's archive into the private storage, for what the workers that load
+/// the same archive take from the daemon: its inspection and, for an image of one layer, the
+/// layer file.
+async fn load_module(
+    podman: &Podman,
+    module_url: &str,
+    archive: &Path,
+    dir: &Path,
+) -> Result<SharedModule, SharedImagesError> {
+    podman.load(archive).await?;
+    let info = inspect(podman, module_url).await?;
+    let layer = write_layer(podman, module_url, &info, dir).await;
+    Ok(SharedModule { info, layer })
 }
 
 /// Without skopeo: the images are pulled into the private storage and saved from there. podman
