@@ -741,8 +741,9 @@ async fn the_extra_images_download_beside_each_other_and_the_module_image_load()
     drop(connection);
     drop(daemon);
 
-    // A copy that fails while the module image loads: the download starts again without
-    // skopeo, and the layer file the first attempt wrote for the workers is not in its way.
+    // A copy that fails while the module image loads (the slowed podman is still first in the
+    // daemon's PATH): the download starts again without skopeo, and the layer file the first
+    // attempt wrote for the workers is not in its way.
     let (more, _, _) = provision(&mut sandbox, "beside", 2, &v1);
     let failing = "#!/bin/sh\ncase \"$*\" in\n*\" copy \"*besideb*) echo 'a copy that fails' >&2; exit 1 ;;\nesac\nexec /usr/bin/skopeo \"$@\"\n";
     let daemon = start_daemon_with_trap(&sandbox, &[("skopeo", failing.to_owned())]);
@@ -757,6 +758,57 @@ async fn the_extra_images_download_beside_each_other_and_the_module_image_load()
     for instance in &more {
         assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
     }
+}
+
+/// An extra image's tag that moves between the registry's answer and the shared download's copy
+/// (another push in between): the copy no longer gives what the first answer named, so it is
+/// not shared; each instance pulls the tag itself and ends with what the registry now serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extra_image_whose_tag_moves_during_the_download_is_pulled_by_each_instance() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let [_, db2, v1, v2] = module_with_changing_extra(&sandbox, "moving", "movingdb", 4096);
+    let db3 = sandbox.build_blob_image("movingdb", "3", 4096, 13).unwrap();
+    let (instances, _, _) = provision(&mut sandbox, "moving", 2, &v1);
+    // The daemon's copy of the extra image first pushes `:3` under the tag `:2`, once.
+    let moved = sandbox.root().join("moved");
+    let skopeo = format!(
+        "#!/bin/sh\ncase \"$*\" in\n*\" copy \"*docker://{db2}\" oci-archive:\"*)\n  if [ ! -e {moved} ]; then\n    touch {moved}\n    /usr/bin/skopeo copy --quiet docker://{db3} docker://{db2} || exit 1\n  fi ;;\nesac\nexec /usr/bin/skopeo \"$@\"\n",
+        moved = moved.display(),
+    );
+    let daemon = start_daemon_with_trap(&sandbox, &[("skopeo", skopeo)]);
+    let connection = connect(&sandbox).await;
+    let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
+    assert!(moved.exists(), "the tag was not moved:\n{}", daemon.log());
+
+    let digest = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--format",
+            "{{.Digest}}",
+            &format!("docker://{db3}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(digest.status.success(), "{}", text(&digest.stderr));
+    let digest = text(&digest.stdout).trim().to_owned();
+    let told = format!("{db2} is pulled by each instance: its tag moved during the download");
+    for instance in &instances {
+        let messages = run.messages_of(&instance.id);
+        assert!(messages.contains(&told), "{}: {messages:#?}", instance.id);
+        let identity = image_identity(&sandbox, instance, &[&db2]);
+        assert!(
+            identity.contains(&digest),
+            "{}: {identity} lacks {digest}",
+            instance.id
+        );
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
+    }
+    // Nothing of the archive whose copy was refused is left.
+    let shared = sandbox.daemon_state_dir().join("shared-images");
+    let left: Vec<_> = std::fs::read_dir(&shared)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", shared.display());
 }
 
 /// An instance of a job that shares a download loads the module image and the extra image it
