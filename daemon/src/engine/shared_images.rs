@@ -230,17 +230,18 @@ impl Archives<'_> {
         self.shared.skipped.push((reference.to_owned(), why));
     }
 
-    /// Records what [`fetch`] made of `reference` in `archive`: the archive if kept.
+    /// Records what [`fetch`] made of `reference` in `archive`: the archive and its manifest if
+    /// kept.
     fn record(
         &mut self,
         reference: &str,
         archive: PathBuf,
         fetched: Fetched,
-    ) -> Result<Option<PathBuf>, SharedImagesError> {
+    ) -> Result<Option<(PathBuf, Vec<u8>)>, SharedImagesError> {
         match fetched {
-            Fetched::Copied => {
+            Fetched::Copied(manifest) => {
                 self.keep(reference, archive.clone())?;
-                Ok(Some(archive))
+                Ok(Some((archive, manifest)))
             }
             Fetched::Skipped(why) => {
                 self.skip(reference, why);
@@ -249,12 +250,16 @@ impl Archives<'_> {
         }
     }
 
-    /// Removes every archive made so far and what was recorded of them, to start again.
+    /// Removes every archive made so far, the module image's layer file, and what was recorded
+    /// of them, to start again.
     fn forget(&mut self) {
         for archive in &self.made {
             if archive.exists() {
                 remove_archive(archive);
             }
+        }
+        if let Some(layer) = self.shared.module.take().and_then(|m| m.layer) {
+            remove_archive(&layer);
         }
         self.shared.archives.clear();
         self.shared.skipped.clear();
@@ -273,7 +278,7 @@ async fn copy_from_registry(
 ) -> Result<(), SharedImagesError> {
     let main = copy(archives, module_url).await?;
     let labels = match &main {
-        Some(archive) => archive_labels(module_url, archive)?,
+        Some((archive, manifest)) => archive_labels(module_url, archive, manifest)?,
         // Left for the instances to pull, the module image still names the extra images.
         None => skopeo::labels(module_url).await?,
     };
@@ -284,23 +289,17 @@ async fn copy_from_registry(
     let dir = archives.dir;
     let load = async {
         match &main {
-            Some(archive) => load_module(podman, module_url, archive, dir)
+            Some((archive, _)) => load_module(podman, module_url, archive, dir)
                 .await
                 .map(Some),
             None => Ok(None),
         }
     };
     let (module, copied) = tokio::join!(load, copy_extras(archives, &extras));
-    let module = module?;
-    if let Err(err) = copied {
-        // What `module` wrote goes with the rest if the download starts again without skopeo.
-        if let Some(layer) = module.and_then(|m| m.layer) {
-            remove_archive(&layer);
-        }
-        return Err(err);
-    }
-    archives.shared.module = module;
-    Ok(())
+    // Recorded even if a copy failed: what it wrote goes with the rest (`forget`) if the
+    // download starts again without skopeo.
+    archives.shared.module = module?;
+    copied
 }
 
 /// How many extra images are copied at once: downloads overlap their waits on the registry;
@@ -339,12 +338,12 @@ async fn fetch_into<'r>(
     (reference, archive, outcome)
 }
 
-/// Copies `reference` into a new archive if one can carry it unchanged; `None` when it is left
-/// for the instances to pull (and why is recorded).
+/// Copies `reference` into a new archive if one can carry it unchanged: the archive and its
+/// manifest; `None` when it is left for the instances to pull (and why is recorded).
 async fn copy(
     archives: &mut Archives<'_>,
     reference: &str,
-) -> Result<Option<PathBuf>, SharedImagesError> {
+) -> Result<Option<(PathBuf, Vec<u8>)>, SharedImagesError> {
     let archive = archives.next();
     let fetched = fetch(reference, &archive, archives.tmp).await?;
     archives.record(reference, archive, fetched)
@@ -352,8 +351,8 @@ async fn copy(
 
 /// What became of one image's copy.
 enum Fetched {
-    /// The archive holds the image as its registry serves it.
-    Copied,
+    /// The archive holds the image as its registry serves it: this manifest.
+    Copied(Vec<u8>),
     /// Left for the instances to pull, and why.
     Skipped(String),
 }
@@ -373,16 +372,17 @@ async fn fetch(reference: &str, archive: &Path, tmp: &Path) -> Result<Fetched, S
             "its tag moved during the download".to_owned(),
         ));
     }
-    Ok(Fetched::Copied)
+    Ok(Fetched::Copied(copied))
 }
 
-/// The labels of the image an archive of [`copy`] holds, from its configuration there.
+/// The labels of the image an archive of [`copy`] holds (`manifest` is its manifest), from its
+/// configuration there.
 fn archive_labels(
     reference: &str,
     archive: &Path,
+    manifest: &[u8],
 ) -> Result<BTreeMap<String, String>, SharedImagesError> {
-    let (_, manifest) = oci_archive::manifest(archive)?;
-    let config = oci_archive::config(archive, &manifest)?;
+    let config = oci_archive::config(archive, manifest)?;
     Ok(skopeo::parse_config(reference, &config)?.labels)
 }
 
