@@ -74,14 +74,20 @@ pub enum Command {
     },
     /// List the module instances: id, image, state and the job updating it.
     List,
-    /// Show the image keys of an instance's environment.
+    /// Show an instance: its state, the job updating it, its last update and the image keys
+    /// of its environment.
     Show {
         #[arg(value_name = "INSTANCE")]
         instance: String,
     },
     /// List the running jobs and the finished ones still kept.
     Jobs,
-    /// Show a job's state, and its result once finished.
+    /// Show the update history of an instance, or of every instance, newest first.
+    History {
+        #[arg(value_name = "INSTANCE")]
+        instance: Option<String>,
+    },
+    /// Show a job's state, where each of its instances stands, and its result once finished.
     Status {
         #[arg(value_name = "JOB")]
         job: JobRef,

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
-use module_updater_dbus::{JobProxy, ModuleUpdaterProxy};
+use module_updater_dbus::types::HistoryEntry;
+use module_updater_dbus::{InstanceProxy, JobProxy, ModuleUpdaterProxy, instance_path};
 use serde_json::{Value, json};
 use zbus::proxy::CacheProperties;
 
@@ -110,6 +111,7 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
         Command::List => list(&ctx).await,
         Command::Show { instance } => show(&ctx, &instance).await,
         Command::Jobs => jobs(&ctx).await,
+        Command::History { instance } => history(&ctx, instance.as_deref()).await,
         Command::Status { job } => status(&ctx, &job).await,
         Command::Cancel { job } => cancel(&ctx, &job).await,
         Command::Wait { job } => wait(&ctx, &job).await,
@@ -278,13 +280,151 @@ async fn show(ctx: &Ctx, instance: &str) -> Result<u8, ClientError> {
         .map_err(|e| call.error(e))?
         .into_iter()
         .collect();
+    let object = InstanceProxy::builder(&ctx.bus.connection)
+        .path(instance_path(instance))
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .map_err(|e| call.error(e))?;
+    let read = async {
+        Ok::<_, zbus::Error>((
+            object.state().await?,
+            object.job().await?,
+            object.module().await?,
+            object.version().await?,
+            object.last_update().await?,
+        ))
+    };
+    // The instance object follows the node at the daemon's next refresh: a just-added instance
+    // may not have one yet, and its environment is what counts.
+    let (state, job, module, version, last_update) = read.await.unwrap_or_else(|_| {
+        let url = environment.get("IMAGE_URL").cloned().unwrap_or_default();
+        let (module, version) = module_updater_dbus::types::repository_and_tag(&url);
+        let nothing = zbus::OwnedObjectPath::try_from("/").unwrap_or_default();
+        let (module, version) = (module.to_owned(), version.to_owned());
+        ("idle".to_owned(), nothing, module, version, "{}".to_owned())
+    });
+    let job = JobRef::from_path(job.as_str());
+    let last: Option<HistoryEntry> = serde_json::from_str(&last_update).ok();
     if ctx.json {
-        out_json(&json!(environment));
+        let mut value = json!(environment);
+        value["state"] = json!(state);
+        value["job"] = json!(job.as_ref().map(JobRef::path));
+        value["module"] = json!(module);
+        value["version"] = json!(version);
+        value["last_update"] = serde_json::from_str(&last_update).unwrap_or(json!({}));
+        out_json(&value);
     } else {
+        let mut text = format!(
+            "Instance: {instance}\nModule:   {module}\nVersion:  {version}\nState:    {state}{}\n",
+            job.map(|j| format!(" (job {j})")).unwrap_or_default()
+        );
+        if let Some(last) = &last {
+            text.push_str(&format!("Last update: {}\n", history_line(last)));
+        }
+        text.push('\n');
         let rows: Vec<Vec<String>> = environment.into_iter().map(|(k, v)| vec![k, v]).collect();
-        out(&render::table(&["KEY", "VALUE"], &rows));
+        text.push_str(&render::table(&["KEY", "VALUE"], &rows));
+        out(&text);
     }
     Ok(exit::SUCCESS)
+}
+
+/// One line about a finished update: when, job, status, from → to.
+fn history_line(entry: &HistoryEntry) -> String {
+    format!(
+        "{} job {} {} {} → {}",
+        render::usec_to_utc(entry.finished_usec),
+        entry.job,
+        entry.status.as_str(),
+        entry.old_image_url.as_deref().unwrap_or("-"),
+        entry.new_image_url.as_deref().unwrap_or("-"),
+    )
+}
+
+/// `history [INSTANCE]`: one instance's entries, or every instance's merged, newest first.
+async fn history(ctx: &Ctx, instance: Option<&str>) -> Result<u8, ClientError> {
+    let manager = ctx.manager().await?;
+    let ids: Vec<String> = match instance {
+        Some(id) => vec![id.to_owned()],
+        None => manager
+            .list_instances()
+            .await
+            .map_err(|e| ctx.call("ListInstances").error(e))?
+            .into_iter()
+            .map(|(id, ..)| id)
+            .collect(),
+    };
+    let mut entries: Vec<(String, HistoryEntry)> = Vec::new();
+    for id in &ids {
+        let call = Call {
+            bus: &ctx.bus_name,
+            what: "GetHistory",
+            job: None,
+            instance: Some(id),
+        };
+        let json = manager.get_history(id).await.map_err(|e| call.error(e))?;
+        let parsed: Vec<HistoryEntry> =
+            serde_json::from_str(&json).map_err(|e| ClientError::Service {
+                what: "GetHistory".to_owned(),
+                reason: format!("it returned a history that is not valid: {e}"),
+            })?;
+        entries.extend(parsed.into_iter().map(|e| (id.clone(), e)));
+    }
+    entries.sort_by_key(|(_, entry)| std::cmp::Reverse(entry.finished_usec));
+    if ctx.json {
+        let items: Vec<Value> = entries
+            .iter()
+            .map(|(id, entry)| {
+                let mut value = json!(entry);
+                value["instance"] = json!(id);
+                value
+            })
+            .collect();
+        out_json(&Value::Array(items));
+        return Ok(exit::SUCCESS);
+    }
+    if entries.is_empty() {
+        if !ctx.quiet {
+            out("no updates recorded");
+        }
+        return Ok(exit::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|(id, entry)| {
+            let (_, from) = module_updater_dbus::types::repository_and_tag(
+                entry.old_image_url.as_deref().unwrap_or_default(),
+            );
+            let (_, to) = module_updater_dbus::types::repository_and_tag(
+                entry.new_image_url.as_deref().unwrap_or_default(),
+            );
+            let mut notes = Vec::new();
+            if let Some(error) = &entry.error {
+                notes.push(format!("{}: {}", error.step, error.reason));
+            }
+            if !entry.warnings.is_empty() {
+                notes.push(format!("{} warning(s)", entry.warnings.len()));
+            }
+            vec![
+                render::usec_to_utc(entry.finished_usec),
+                id.clone(),
+                entry.job.to_string(),
+                entry.status.as_str().to_owned(),
+                format!("{} → {}", or_dash(from), or_dash(to)),
+                notes.join("; "),
+            ]
+        })
+        .collect();
+    out(&render::table(
+        &["FINISHED", "INSTANCE", "JOB", "STATUS", "VERSION", "NOTES"],
+        &rows,
+    ));
+    Ok(exit::SUCCESS)
+}
+
+fn or_dash(text: &str) -> &str {
+    if text.is_empty() { "-" } else { text }
 }
 
 /// The properties of a job, read one by one from the service.
@@ -404,8 +544,22 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
     } else {
         None
     };
+    let states = proxy
+        .instance_states()
+        .await
+        .map_err(|e| ctx.job_call("reading the job", job).error(e))?;
     if ctx.json {
         let mut value = info.to_json();
+        value["instance_states"] = states
+            .iter()
+            .map(|(id, (status, step, percent, exit_code))| {
+                let state = json!({
+                    "status": status, "step": step, "percent": percent, "exit_code": exit_code,
+                });
+                (id.clone(), state)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         value["request"] = Value::String(info.request.clone());
         value["result"] = result.unwrap_or(Value::Null);
         out_json(&value);
@@ -432,6 +586,30 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
     // The table helper prints a header line; the first row serves as none here.
     let text = render::table(&["", ""], &rows);
     let mut text: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    let rows: Vec<Vec<String>> = info
+        .instances
+        .iter()
+        .filter_map(|id| states.get(id).map(|state| (id, state)))
+        .map(|(id, (status, step, percent, exit_code))| {
+            let exit = if *exit_code < 0 && matches!(status.as_str(), "pending" | "running") {
+                "-".to_owned()
+            } else {
+                exit_code.to_string()
+            };
+            vec![
+                id.clone(),
+                status.clone(),
+                or_dash(step).to_owned(),
+                format!("{percent}%"),
+                exit,
+            ]
+        })
+        .collect();
+    text.push('\n');
+    text.push_str(&render::table(
+        &["INSTANCE", "STATUS", "STEP", "PROGRESS", "EXIT"],
+        &rows,
+    ));
     if let Some(result) = &result {
         text.push('\n');
         text.push_str(&render::summary(result, &info.instances));

@@ -18,7 +18,74 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use crate::jobs::JobRecord;
+use std::collections::BTreeMap;
+
+use module_updater_dbus::types::{InstanceResult, Step};
+use serde::{Deserialize, Serialize};
+
+/// The life of a job, as the `Status` property shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Completed,
+    Aborted,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Aborted => "aborted",
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(self, JobStatus::Completed | JobStatus::Aborted)
+    }
+}
+
+/// A job as persisted in `<state dir>/jobs/<id>.json` and served on the bus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: u64,
+    pub action: String,
+    pub request: String,
+    pub instances: Vec<String>,
+    pub status: JobStatus,
+    pub progress: u8,
+    pub exit_code: i32,
+    pub caller_uid: u32,
+    pub started_usec: u64,
+    pub finished_usec: u64,
+    /// The step each unfinished instance is in.
+    #[serde(default)]
+    pub steps: BTreeMap<String, Step>,
+    /// Results of the finished instances.
+    #[serde(default)]
+    pub results: BTreeMap<String, InstanceResult>,
+    /// Why the job as a whole ended abnormally (`interrupted` after a daemon crash).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl JobRecord {
+    /// `GetResult`: `{"status", "exit_code", "instances": {id: result}}` (plus `error` when set).
+    pub fn result_json(&self) -> String {
+        let mut value = serde_json::json!({
+            "status": self.status.as_str(),
+            "exit_code": self.exit_code,
+            "instances": self.results,
+        });
+        if let (Some(error), Some(object)) = (&self.error, value.as_object_mut()) {
+            object.insert("error".into(), serde_json::Value::from(error.as_str()));
+        }
+        value.to_string()
+    }
+}
 
 const COUNTER_FILE: &str = "next-job-id";
 
@@ -210,7 +277,7 @@ fn apply(jobs_dir: &Path, op: Op) {
         } => {
             let result = write_record(jobs_dir, &record, durability);
             if let Err(err) = &result {
-                log::error!(JOB_ID = record.id; "cannot record job {} in {}: {err}", record.id, jobs_dir.display());
+                log::error!(MODULE_UPDATER_JOB = record.id; "cannot record job {} in {}: {err}", record.id, jobs_dir.display());
             }
             for ack in done {
                 let _ = ack.send(match &result {
@@ -221,7 +288,7 @@ fn apply(jobs_dir: &Path, op: Op) {
         }
         Op::Remove { id } => match std::fs::remove_file(record_path(jobs_dir, id)) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                log::warn!(JOB_ID = id; "cannot remove the record of job {id}: {err}");
+                log::warn!(MODULE_UPDATER_JOB = id; "cannot remove the record of job {id}: {err}");
             }
             _ => {}
         },
@@ -285,7 +352,11 @@ fn load_records(jobs_dir: &Path) -> Vec<JobRecord> {
 
 /// Temp file in the same directory, renamed over the old one: a reader sees the old or the new
 /// record, never a mix. With [`Durability::Sync`], the file and the directory are fsynced too.
-fn write_atomic(path: &Path, data: &[u8], durability: Durability) -> std::io::Result<()> {
+pub(crate) fn write_atomic(
+    path: &Path,
+    data: &[u8],
+    durability: Durability,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(data)?;
@@ -302,10 +373,7 @@ fn write_atomic(path: &Path, data: &[u8], durability: Durability) -> std::io::Re
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::jobs::JobStatus;
 
     fn record(id: u64, progress: u8) -> JobRecord {
         JobRecord {

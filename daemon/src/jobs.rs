@@ -2,14 +2,13 @@
 //! crash recovery. Knows nothing about D-Bus: it reports [`JobEvent`]s on a channel that the D-Bus
 //! layer turns into signals.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use module_updater_dbus::types::{InstanceResult, InstanceStatus, Step};
-use serde::{Deserialize, Serialize};
+use module_updater_dbus::types::{InstanceResult, InstanceStatus, JobInstanceStatus, Step};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::engine::events::{Event, priority};
@@ -19,7 +18,9 @@ use crate::engine::lock;
 use crate::engine::shared_images::{self, SharedImages};
 use crate::engine::update::UpdateJob;
 use crate::engine::worker;
+use crate::history::{self, History};
 use crate::job_store::{Durability, JobStore};
+pub use crate::job_store::{JobRecord, JobStatus};
 use crate::request::{self, ValidationError};
 
 /// What the job manager needs to know.
@@ -36,70 +37,6 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Global podman options for rootful instances only.
     pub rootful_podman_args: Vec<String>,
-}
-
-/// The life of a job, as the `Status` property shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum JobStatus {
-    Pending,
-    Running,
-    Completed,
-    Aborted,
-}
-
-impl JobStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Pending => "pending",
-            JobStatus::Running => "running",
-            JobStatus::Completed => "completed",
-            JobStatus::Aborted => "aborted",
-        }
-    }
-
-    pub fn finished(self) -> bool {
-        matches!(self, JobStatus::Completed | JobStatus::Aborted)
-    }
-}
-
-/// A job as persisted in `<state dir>/jobs/<id>.json` and served on the bus.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobRecord {
-    pub id: u64,
-    pub action: String,
-    pub request: String,
-    pub instances: Vec<String>,
-    pub status: JobStatus,
-    pub progress: u8,
-    pub exit_code: i32,
-    pub caller_uid: u32,
-    pub started_usec: u64,
-    pub finished_usec: u64,
-    /// The step each unfinished instance is in.
-    #[serde(default)]
-    pub steps: BTreeMap<String, Step>,
-    /// Results of the finished instances.
-    #[serde(default)]
-    pub results: BTreeMap<String, InstanceResult>,
-    /// Why the job as a whole ended abnormally (`interrupted` after a daemon crash).
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-impl JobRecord {
-    /// `GetResult`: `{"status", "exit_code", "instances": {id: result}}` (plus `error` when set).
-    pub fn result_json(&self) -> String {
-        let mut value = serde_json::json!({
-            "status": self.status.as_str(),
-            "exit_code": self.exit_code,
-            "instances": self.results,
-        });
-        if let (Some(error), Some(object)) = (&self.error, value.as_object_mut()) {
-            object.insert("error".into(), serde_json::Value::from(error.as_str()));
-        }
-        value.to_string()
-    }
 }
 
 /// What happened to jobs, for the D-Bus layer.
@@ -132,6 +69,27 @@ pub enum JobEvent {
     },
     /// The job's linger time is over: it leaves the bus.
     Removed { job: u64 },
+    /// A job's object was published ([`Jobs::announce`]).
+    New { job: u64 },
+    /// What the daemon knows of the node's instances may have changed (a job took or released
+    /// some, an update changed an image, or a client asked for a fresh list).
+    InstancesChanged,
+}
+
+/// How many messages of each instance a job keeps for `GetMessages`.
+pub const MESSAGES_KEPT: usize = 200;
+
+/// A message as `GetMessages` returns it: time (µs since the epoch), journal priority, text.
+pub type KeptMessage = (u64, u8, String);
+
+/// Where one instance of a job stands (the job's `InstanceStates`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceProgress {
+    pub status: JobInstanceStatus,
+    /// The step it is in, or failed at; `None` before it starts and after a success.
+    pub step: Option<Step>,
+    pub percent: u8,
+    pub exit_code: i32,
 }
 
 /// At most this many jobs run at once; more are refused before any job exists. Running jobs are
@@ -177,6 +135,8 @@ struct Entry {
     cancel: watch::Sender<bool>,
     /// Per-instance progress; the job's progress is their average.
     progress: HashMap<String, u8>,
+    /// The last [`MESSAGES_KEPT`] messages of each instance.
+    messages: HashMap<String, VecDeque<KeptMessage>>,
 }
 
 struct State {
@@ -192,6 +152,7 @@ pub struct Jobs {
     /// The node's instances, shared by submissions and the bus's instance queries.
     instances: InstanceCache,
     store: JobStore,
+    history: History,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<JobEvent>,
     permits: Arc<Semaphore>,
@@ -223,6 +184,7 @@ impl Jobs {
     ) -> std::io::Result<(Arc<Jobs>, mpsc::UnboundedReceiver<JobEvent>)> {
         let (events, receiver) = mpsc::unbounded_channel();
         let store = JobStore::open(&settings.state_dir)?;
+        let history = History::open(&settings.state_dir)?;
         // Images a previous daemon downloaded for a job it did not finish.
         shared_images::remove_leftovers(&settings.state_dir);
         let mut next_id = store.read_counter();
@@ -232,8 +194,13 @@ impl Jobs {
             next_id = next_id.max(record.id + 1);
             let mut record = record;
             if !record.status.finished() {
-                interrupt(&mut record, now);
+                let unfinished = interrupt(&mut record, now);
                 store.write_now(&record)?;
+                for instance in unfinished {
+                    if let Some(result) = record.results.get(&instance) {
+                        record_history(&history, &record, &instance, result, now);
+                    }
+                }
             }
             let expires = record
                 .finished_usec
@@ -249,6 +216,7 @@ impl Jobs {
                     record,
                     cancel,
                     progress: HashMap::new(),
+                    messages: HashMap::new(),
                 },
             );
         }
@@ -257,6 +225,7 @@ impl Jobs {
             instances: InstanceCache::new(settings.bases.clone()),
             settings,
             store,
+            history,
             state: Mutex::new(State {
                 jobs: recovered,
                 busy: HashMap::new(),
@@ -305,12 +274,15 @@ impl Jobs {
         &self.instances
     }
 
-    /// Checks a request and starts a job for it; returns the job id.
-    pub fn submit(self: &Arc<Self>, raw: &str, caller_uid: u32) -> Result<u64, SubmitError> {
+    /// Checks a parsed request against the node and starts a job for it; returns the job id.
+    pub fn submit(
+        self: &Arc<Self>,
+        request: request::UpdateRequest,
+        caller_uid: u32,
+    ) -> Result<u64, SubmitError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let request = request::parse(raw).map_err(SubmitError::Invalid)?;
         let known = self.instances.instances();
         let mut targets: Vec<Instance> = Vec::new();
         let mut missing = Vec::new();
@@ -398,11 +370,13 @@ impl Jobs {
                     record,
                     cancel,
                     progress: request.instances.iter().map(|i| (i.clone(), 0)).collect(),
+                    messages: HashMap::new(),
                 },
             );
             (id, cancel_rx)
         };
-        log::info!(JOB_ID = id, CALLER_UID = caller_uid; "job {id}: update-module {} on {}", request.module_url, request.instances.join(" "));
+        log::info!(MODULE_UPDATER_JOB = id, MODULE_UPDATER_CALLER_UID = caller_uid; "job {id}: update-module {} on {}", request.module_url, request.instances.join(" "));
+        self.send(JobEvent::InstancesChanged);
         let jobs = Arc::clone(self);
         tokio::spawn(async move { jobs.run(id, request, targets, cancel_rx).await });
         Ok(id)
@@ -511,7 +485,7 @@ impl Jobs {
         if needing.len() < 2 || cancelled_already {
             return SharedImages::default();
         }
-        // Said to each instance as its own messages are: journalled under its MODULE_ID too.
+        // Said to each instance as its own messages are: journalled under its MODULE_UPDATER_INSTANCE too.
         let say = |priority: u8, text: &str| {
             for instance in &needing {
                 let text = text.to_owned();
@@ -557,7 +531,7 @@ impl Jobs {
                         &format!("{reference} is pulled by each instance: {why}"),
                     );
                 }
-                log::info!(JOB_ID = id; "job {id}: downloaded once for {} instances: {}", needing.len(), shared.archives.keys().cloned().collect::<Vec<_>>().join(" "));
+                log::info!(MODULE_UPDATER_JOB = id; "job {id}: downloaded once for {} instances: {}", needing.len(), shared.archives.keys().cloned().collect::<Vec<_>>().join(" "));
                 shared
             }
             Err(err) => {
@@ -592,18 +566,31 @@ impl Jobs {
         };
         log::log!(
             if result.status == InstanceStatus::Failed { log::Level::Warn } else { log::Level::Info },
-            JOB_ID = id, MODULE_ID = instance.as_str(), STEP = result.error.as_ref().map_or("", |f| f.step.as_str());
+            MODULE_UPDATER_JOB = id, MODULE_UPDATER_INSTANCE = instance.as_str(), MODULE_UPDATER_STEP = result.error.as_ref().map_or("", |f| f.step.as_str());
             "job {id}: {instance} {}{}",
             result.status.as_str(),
             result.error.as_ref().map(|f| format!(" at {}: {}", f.step, f.reason)).unwrap_or_default()
         );
         let (status, exit_code) = (result.status, result.exit_code);
-        // The result is on disk before anyone is told of it.
+        // The result is on disk, in the job's record and in the instance's history, before
+        // anyone is told of it.
+        let mut finished = None;
         self.update_and_wait(id, |record| {
             record.steps.remove(&instance);
+            finished = Some(history::entry(record, &result, now_usec()));
             record.results.insert(instance.clone(), result);
         })
         .await;
+        if let Some(entry) = finished {
+            let jobs = Arc::clone(&self);
+            let owned = instance.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(err) = jobs.history.append(&owned, entry) {
+                    log::error!(MODULE_UPDATER_JOB = id, MODULE_UPDATER_INSTANCE = owned.as_str(); "job {id}: {err}");
+                }
+            })
+            .await;
+        }
         {
             let mut state = self.lock();
             if state.busy.get(&instance) == Some(&id) {
@@ -624,6 +611,7 @@ impl Jobs {
             status,
             exit_code,
         });
+        self.send(JobEvent::InstancesChanged);
     }
 
     fn instance_event(&self, id: u64, instance: &str, event: Event) {
@@ -634,35 +622,37 @@ impl Jobs {
                 });
             }
             Event::Progress { step, percent } => {
-                let changed = {
-                    let mut state = self.lock();
-                    state.jobs.get_mut(&id).is_some_and(|entry| {
-                        entry.progress.insert(instance.to_owned(), percent);
-                        let progress = average(&entry.progress);
-                        let changed = progress > entry.record.progress;
-                        if changed {
-                            entry.record.progress = progress;
-                        }
-                        changed
-                    })
-                };
+                if let Some(entry) = self.lock().jobs.get_mut(&id) {
+                    entry.progress.insert(instance.to_owned(), percent);
+                    let progress = average(&entry.progress);
+                    if progress > entry.record.progress {
+                        entry.record.progress = progress;
+                    }
+                }
                 self.send(JobEvent::Progress {
                     job: id,
                     instance: instance.to_owned(),
                     step,
                     percent,
                 });
-                if changed {
-                    self.send(JobEvent::Changed { job: id });
-                }
+                // The instance's percent is in InstanceStates even when the job's is not higher.
+                self.send(JobEvent::Changed { job: id });
             }
             Event::Message { priority, text } => {
-                // Every line is journalled; the bus gets them within a budget (`bus/pump.rs`).
+                // Every line is journalled and kept for `GetMessages`; the bus gets them within a
+                // budget (`bus/pump.rs`).
                 log::log!(
                     journal_level(priority),
-                    JOB_ID = id, MODULE_ID = instance;
+                    MODULE_UPDATER_JOB = id, MODULE_UPDATER_INSTANCE = instance;
                     "job {id}: {instance}: {text}"
                 );
+                if let Some(entry) = self.lock().jobs.get_mut(&id) {
+                    let kept = entry.messages.entry(instance.to_owned()).or_default();
+                    if kept.len() == MESSAGES_KEPT {
+                        kept.pop_front();
+                    }
+                    kept.push_back((now_usec(), priority, text.clone()));
+                }
                 self.send(JobEvent::Message {
                     job: id,
                     instance: instance.to_owned(),
@@ -696,7 +686,7 @@ impl Jobs {
             outcome = (record.status, record.exit_code);
         })
         .await;
-        log::info!(JOB_ID = id; "job {id} {} (exit code {})", outcome.0.as_str(), outcome.1);
+        log::info!(MODULE_UPDATER_JOB = id; "job {id} {} (exit code {})", outcome.0.as_str(), outcome.1);
         self.send(JobEvent::Finished {
             job: id,
             status: outcome.0,
@@ -752,7 +742,7 @@ impl Jobs {
         let state = self.lock();
         let entry = state.jobs.get(&id).ok_or(JobError::NoSuchJob(id))?;
         if !entry.record.status.finished() {
-            log::info!(JOB_ID = id; "job {id}: cancel requested");
+            log::info!(MODULE_UPDATER_JOB = id; "job {id}: cancel requested");
             let _ = entry.cancel.send(true);
         }
         Ok(())
@@ -760,6 +750,75 @@ impl Jobs {
 
     pub fn get(&self, id: u64) -> Option<JobRecord> {
         self.lock().jobs.get(&id).map(|e| e.record.clone())
+    }
+
+    /// Where each instance of a job stands, in the job's order of instances.
+    pub fn instance_states(&self, id: u64) -> Option<Vec<(String, InstanceProgress)>> {
+        let state = self.lock();
+        let entry = state.jobs.get(&id)?;
+        let record = &entry.record;
+        let states = record
+            .instances
+            .iter()
+            .map(|instance| {
+                let progress = if let Some(result) = record.results.get(instance) {
+                    InstanceProgress {
+                        status: JobInstanceStatus::Ended(result.status),
+                        step: result.error.as_ref().map(|f| f.step),
+                        percent: 100,
+                        exit_code: result.exit_code,
+                    }
+                } else if let Some(step) = record.steps.get(instance) {
+                    InstanceProgress {
+                        status: JobInstanceStatus::Running,
+                        step: Some(*step),
+                        percent: entry.progress.get(instance).copied().unwrap_or(0),
+                        exit_code: -1,
+                    }
+                } else {
+                    InstanceProgress {
+                        status: JobInstanceStatus::Pending,
+                        step: None,
+                        percent: 0,
+                        exit_code: -1,
+                    }
+                };
+                (instance.clone(), progress)
+            })
+            .collect();
+        Some(states)
+    }
+
+    /// The kept messages of one instance of a job, oldest first; `None` when the job is unknown
+    /// or the instance is not one of it.
+    pub fn messages(&self, id: u64, instance: &str) -> Option<Vec<KeptMessage>> {
+        let state = self.lock();
+        let entry = state.jobs.get(&id)?;
+        if !entry.record.instances.iter().any(|i| i == instance) {
+            return None;
+        }
+        Some(
+            entry
+                .messages
+                .get(instance)
+                .map(|kept| kept.iter().cloned().collect())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The instances' update histories.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Says that job `id`'s object is on the bus (`JobNew` follows).
+    pub fn announce(&self, id: u64) {
+        self.send(JobEvent::New { job: id });
+    }
+
+    /// Asks the D-Bus layer to look at the node's instances again.
+    pub fn instances_touched(&self) {
+        self.send(JobEvent::InstancesChanged);
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -811,10 +870,12 @@ fn average(progress: &HashMap<String, u8>) -> u8 {
 }
 
 /// Finishes a job a dead daemon left running: aborted, `interrupted`, its unfinished instances
-/// failed at the step they were in.
-fn interrupt(record: &mut JobRecord, now: u64) {
+/// failed at the step they were in. Returns those instances.
+fn interrupt(record: &mut JobRecord, now: u64) -> Vec<String> {
+    let mut unfinished = Vec::new();
     for instance in &record.instances {
         if !record.results.contains_key(instance) {
+            unfinished.push(instance.clone());
             let step = record.steps.get(instance).copied().unwrap_or(Step::Prepare);
             let mut result =
                 InstanceResult::failed(step, "interrupted: the daemon stopped during the update");
@@ -829,6 +890,21 @@ fn interrupt(record: &mut JobRecord, now: u64) {
     record.exit_code = 1;
     record.error = Some("interrupted".into());
     record.finished_usec = now;
+    unfinished
+}
+
+/// Appends one instance's result of a job to its history, logging a failure (the history never
+/// stops an update).
+fn record_history(
+    history: &History,
+    record: &JobRecord,
+    instance: &str,
+    result: &InstanceResult,
+    finished_usec: u64,
+) {
+    if let Err(err) = history.append(instance, history::entry(record, result, finished_usec)) {
+        log::error!(MODULE_UPDATER_JOB = record.id, MODULE_UPDATER_INSTANCE = instance; "job {}: {err}", record.id);
+    }
 }
 
 #[cfg(test)]
@@ -856,7 +932,7 @@ mod tests {
             )]),
             error: None,
         };
-        interrupt(&mut record, 99);
+        assert_eq!(interrupt(&mut record, 99), vec!["b2".to_owned()]);
         assert_eq!(record.status, JobStatus::Aborted);
         assert_eq!(record.error.as_deref(), Some("interrupted"));
         assert_eq!(record.results["a1"].status, InstanceStatus::Completed);

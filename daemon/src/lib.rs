@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod config;
 pub mod engine;
+pub mod history;
 pub mod job_store;
 pub mod jobs;
 pub mod request;

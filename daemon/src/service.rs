@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use zbus::fdo::RequestNameFlags;
 
 use crate::Config;
-use crate::bus::{job::JobObject, manager::Manager, pump};
+use crate::bus::{instance::Instances, job::JobObject, manager::Manager, pump};
 use crate::engine::instance::Bases;
 use crate::jobs::{Jobs, Settings, job_path};
 
@@ -113,6 +113,8 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
                 jobs: Arc::clone(&jobs),
             },
         )
+        // Jobs and instances below the manager come and go with InterfacesAdded/Removed.
+        .serve_at(contract::OBJECT_PATH, zbus::fdo::ObjectManager)
         .build()
         .await
         .map_err(|source| ServiceError::Connect {
@@ -128,7 +130,15 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
             .await
             .map_err(|source| ServiceError::Publish { path, source })?;
     }
-    let pump = tokio::spawn(pump::run(connection.clone(), events, Arc::clone(&jobs)));
+    // The instance objects are there before anyone can ask for them.
+    let mut instances = Instances::default();
+    instances.refresh(&connection, &jobs).await;
+    let pump = tokio::spawn(pump::run(
+        connection.clone(),
+        events,
+        Arc::clone(&jobs),
+        instances,
+    ));
 
     request_name(&connection, &bus).await?;
     log::info!("serving {} on {bus}", contract::BUS_NAME);

@@ -20,12 +20,17 @@ pub trait ModuleUpdater {
     fn get_instance(&self, id: &str) -> zbus::Result<HashMap<String, String>>;
     /// Running and lingering jobs.
     fn list_jobs(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    /// The instance's update history, a JSON array of [`crate::types::HistoryEntry`], newest first.
+    fn get_history(&self, instance: &str) -> zbus::Result<String>;
 
     /// The daemon's version (`CARGO_PKG_VERSION` of `module-updaterd`).
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn jobs(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    /// Optional capabilities ([`crate::FEATURES`]).
+    #[zbus(property)]
+    fn features(&self) -> zbus::Result<Vec<String>>;
 
     #[zbus(signal)]
     fn job_new(&self, job: OwnedObjectPath) -> zbus::Result<()>;
@@ -46,6 +51,8 @@ pub trait ModuleUpdater {
 pub trait Job {
     fn cancel(&self) -> zbus::Result<()>;
     fn get_result(&self) -> zbus::Result<String>;
+    /// The last messages (time µs, priority, text) of one instance in this job, oldest first.
+    fn get_messages(&self, instance: &str) -> zbus::Result<Vec<(u64, u32, String)>>;
 
     #[zbus(property)]
     fn id(&self) -> zbus::Result<u64>;
@@ -67,6 +74,9 @@ pub trait Job {
     fn started_usec(&self) -> zbus::Result<u64>;
     #[zbus(property)]
     fn finished_usec(&self) -> zbus::Result<u64>;
+    /// Per instance: (status, step, percent, exit code).
+    #[zbus(property)]
+    fn instance_states(&self) -> zbus::Result<HashMap<String, (String, String, u32, i32)>>;
 
     #[zbus(signal, name = "Progress")]
     fn progress_signal(&self, instance: String, step: String, percent: u32) -> zbus::Result<()>;
@@ -81,4 +91,38 @@ pub trait Job {
     ) -> zbus::Result<()>;
     #[zbus(signal)]
     fn finished(&self, status: String, exit_code: i32) -> zbus::Result<()>;
+}
+
+/// An instance object at `/org/nethserver/ModuleUpdater/instance/<escaped id>`
+/// ([`crate::instance_path`]).
+#[proxy(
+    interface = "org.nethserver.ModuleUpdater.Instance",
+    default_service = "org.nethserver.ModuleUpdater"
+)]
+pub trait Instance {
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    /// The image repository, e.g. `ghcr.io/nethserver/mail`.
+    #[zbus(property)]
+    fn module(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn image_url(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn image_digest(&self) -> zbus::Result<String>;
+    /// The tag of the image URL, e.g. `1.7.1`.
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn rootless(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn uid(&self) -> zbus::Result<u32>;
+    /// `idle`, `updating` or `recovering`.
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    /// The job updating it, `/` when none.
+    #[zbus(property)]
+    fn job(&self) -> zbus::Result<OwnedObjectPath>;
+    /// The newest history entry as JSON, `{}` when none.
+    #[zbus(property)]
+    fn last_update(&self) -> zbus::Result<String>;
 }

@@ -153,3 +153,106 @@ impl InstanceResult {
         result
     }
 }
+
+/// What an instance is doing, as its object's `State` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    /// No job of this daemon holds it.
+    Idle,
+    /// A job of this daemon updates it (`Job` names the job).
+    Updating,
+    /// What a previous daemon started on it is still ending; an update waits for that.
+    Recovering,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Idle => "idle",
+            InstanceState::Updating => "updating",
+            InstanceState::Recovering => "recovering",
+        }
+    }
+}
+
+/// Where one instance of a job stands, as the job's `InstanceStates` property says it: `pending`
+/// until its worker starts, `running`, then the [`InstanceStatus`] it ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobInstanceStatus {
+    Pending,
+    Running,
+    Ended(InstanceStatus),
+}
+
+impl JobInstanceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobInstanceStatus::Pending => "pending",
+            JobInstanceStatus::Running => "running",
+            JobInstanceStatus::Ended(status) => status.as_str(),
+        }
+    }
+}
+
+/// One entry of an instance's update history (`GetHistory`, the instance's `LastUpdate`): one
+/// finished update of that instance, kept on disk across restarts and after its job is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The job's number (its object was `/org/nethserver/ModuleUpdater/job/<job>`).
+    pub job: u64,
+    /// `update-module`.
+    pub action: String,
+    /// µs since the epoch.
+    pub started_usec: u64,
+    pub finished_usec: u64,
+    pub status: InstanceStatus,
+    pub exit_code: i32,
+    pub old_image_url: Option<String>,
+    pub new_image_url: Option<String>,
+    pub old_image_digest: Option<String>,
+    pub new_image_digest: Option<String>,
+    pub scripts: Vec<ScriptOutcome>,
+    pub warnings: Vec<String>,
+    pub error: Option<Failure>,
+    /// Who started the job.
+    pub caller_uid: u32,
+}
+
+/// The repository and tag of an image URL: `ghcr.io/nethserver/mail:1.7.1@sha256:…` →
+/// (`ghcr.io/nethserver/mail`, `1.7.1`). The tag is empty when the URL has none; a registry
+/// port (`127.0.0.1:5000/mail`) is not a tag.
+pub fn repository_and_tag(url: &str) -> (&str, &str) {
+    let named = url.split_once('@').map_or(url, |(name, _)| name);
+    let last_slash = named.rfind('/').map_or(0, |i| i + 1);
+    match named[last_slash..].rfind(':') {
+        Some(colon) => {
+            let colon = last_slash + colon;
+            (&named[..colon], &named[colon + 1..])
+        }
+        None => (named, ""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_and_tag_of_urls() {
+        assert_eq!(
+            repository_and_tag("ghcr.io/nethserver/mail:1.7.1"),
+            ("ghcr.io/nethserver/mail", "1.7.1")
+        );
+        assert_eq!(
+            repository_and_tag("127.0.0.1:5000/mail:2.0@sha256:ab"),
+            ("127.0.0.1:5000/mail", "2.0")
+        );
+        assert_eq!(
+            repository_and_tag("127.0.0.1:5000/mail"),
+            ("127.0.0.1:5000/mail", "")
+        );
+        assert_eq!(repository_and_tag("mail@sha256:ab"), ("mail", ""));
+        assert_eq!(repository_and_tag(""), ("", ""));
+    }
+}

@@ -617,9 +617,9 @@ async fn three_instances_download_each_blob_once() {
             instance.id,
             run.messages_of(&instance.id)
         );
-        // Journalled as the instance's own messages are, under its MODULE_ID.
+        // Journalled as the instance's own messages are, under its MODULE_UPDATER_INSTANCE.
         let prefix = format!("job 1: {}: Downloading {v2} ", instance.id);
-        let field = format!("MODULE_ID={}", instance.id);
+        let field = format!("MODULE_UPDATER_INSTANCE={}", instance.id);
         assert!(
             log.lines()
                 .any(|l| l.contains(&prefix) && l.contains(&field)),
@@ -1191,9 +1191,9 @@ async fn a_flood_of_script_lines_is_cut_to_the_message_budget() {
         .sum();
     assert!(!notices.is_empty(), "no notice among {messages:#?}");
     assert!(
-        notices
-            .iter()
-            .all(|n| n.ends_with(&format!("journalctl JOB_ID=1 MODULE_ID={id}"))),
+        notices.iter().all(|n| n.ends_with(&format!(
+            "journalctl MODULE_UPDATER_JOB=1 MODULE_UPDATER_INSTANCE={id}"
+        ))),
         "{notices:#?}"
     );
     let others: Vec<&String> = messages

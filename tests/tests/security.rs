@@ -12,9 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
-use module_updater_dbus::{
-    ACTION_CANCEL, ACTION_READ_INSTANCE, ACTION_UPDATE_MODULE, JobProxy, ModuleUpdaterProxy,
-};
+use module_updater_dbus::{ACTION_CANCEL, ACTION_UPDATE_MODULE, JobProxy, ModuleUpdaterProxy};
 use module_updater_tests::{Decision, ImageSpec, Instance, Sandbox};
 
 const NAME: &str = "org.nethserver.ModuleUpdater";
@@ -161,32 +159,45 @@ async fn polkit_decides_for_everyone_but_root() {
         message.contains("authentication") && message.contains(ACTION_UPDATE_MODULE),
         "{message}"
     );
-    let message = assert_denied(
-        &gdbus(
-            &sandbox,
-            Some(&alice),
-            PATH,
-            &manager("GetInstance"),
-            &[&target.id],
-        ),
-        "GetInstance without a rule",
-    );
-    assert!(message.contains(ACTION_READ_INSTANCE), "{message}");
-    // Whether an instance exists is not told either: same answer for a made-up id.
-    assert_denied(
-        &gdbus(
-            &sandbox,
-            Some(&alice),
-            PATH,
-            &manager("GetInstance"),
-            &["nosuch9"],
-        ),
-        "GetInstance of an unknown id",
-    );
-    // The read-only surface stays open to everyone.
+    // Reading is open to every local user (docs/security.md, "The read model"): the same
+    // instance through every read path, with no rule and no polkit question.
     let out = gdbus(&sandbox, Some(&alice), PATH, &manager("ListInstances"), &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&target.id));
+    let out = gdbus(
+        &sandbox,
+        Some(&alice),
+        PATH,
+        &manager("GetInstance"),
+        &[&target.id],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&v1), "{}", text(&out.stdout));
+    let (name, _) = refusal(&gdbus(
+        &sandbox,
+        Some(&alice),
+        PATH,
+        &manager("GetInstance"),
+        &["nosuch9"],
+    ));
+    assert_eq!(name, "org.nethserver.ModuleUpdater.Error.NoSuchInstance");
+    let out = gdbus(
+        &sandbox,
+        Some(&alice),
+        PATH,
+        &manager("GetHistory"),
+        &[&target.id],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = gdbus(
+        &sandbox,
+        Some(&alice),
+        PATH,
+        "org.freedesktop.DBus.ObjectManager.GetManagedObjects",
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&v1), "{}", text(&out.stdout));
     assert!(updater.list_jobs().await.unwrap().is_empty());
 
     // A rule grants update-module to the members of a group, for this instance and registry
@@ -249,17 +260,15 @@ async fn polkit_decides_for_everyone_but_root() {
         ),
         "UpdateModule of an instance the rule does not name",
     );
-    // And only update-module: reading is another action.
-    assert_denied(
-        &gdbus(
-            &sandbox,
-            Some(&alice),
-            PATH,
-            &manager("GetInstance"),
-            &[&target.id],
-        ),
-        "GetInstance with only update-module granted",
+    // A job's log so far is as open as its signals.
+    let out = gdbus(
+        &sandbox,
+        Some(&bob),
+        &job,
+        &job_method("GetMessages"),
+        &[&target.id],
     );
+    assert!(out.status.success(), "{}", text(&out.stderr));
     // Bob is not in the group: refused before the daemon looks at whether the instance is busy.
     assert_denied(
         &gdbus(
@@ -344,14 +353,12 @@ async fn polkit_decides_for_everyone_but_root() {
     let log = daemon.log();
     for (uid, verdict, action, why) in [
         (alice.uid, "refused", ACTION_UPDATE_MODULE, "authentication"),
-        (alice.uid, "refused", ACTION_READ_INSTANCE, "authentication"),
         (alice.uid, "allowed", ACTION_UPDATE_MODULE, "polkit"),
         (alice.uid, "allowed", ACTION_CANCEL, "its own job"),
         (bob.uid, "refused", ACTION_CANCEL, "authentication"),
         (alice.uid, "refused", ACTION_CANCEL, "authentication"),
         (0, "allowed", ACTION_CANCEL, "root"),
         (0, "allowed", ACTION_UPDATE_MODULE, "root"),
-        (0, "allowed", ACTION_READ_INSTANCE, "root"),
     ] {
         let wanted = format!("{verdict} {action} for uid {uid} (pid ");
         let line = log
@@ -359,13 +366,13 @@ async fn polkit_decides_for_everyone_but_root() {
             .find(|l| l.contains(&wanted) && l.contains(why))
             .unwrap_or_else(|| panic!("no log line {wanted:?} ... {why:?} in:\n{log}"));
         assert!(
-            line.contains(&format!("CALLER_UID={uid}"))
-                && line.contains("CALLER_PID=")
-                && line.contains(&format!("ACTION={action}")),
+            line.contains(&format!("MODULE_UPDATER_CALLER_UID={uid}"))
+                && line.contains("MODULE_UPDATER_CALLER_PID=")
+                && line.contains(&format!("MODULE_UPDATER_ACTION={action}")),
             "{line}"
         );
         let pid = line
-            .split("CALLER_PID=")
+            .split("MODULE_UPDATER_CALLER_PID=")
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap();
@@ -404,17 +411,27 @@ async fn without_polkit_only_root_may_act() {
     assert_eq!(text(&out.stdout).trim(), "b false");
 
     let update = request(&v1, &[&target.id], false);
-    for (method, arg) in [
-        ("UpdateModule", update.as_str()),
-        ("GetInstance", target.id.as_str()),
-    ] {
-        let message = assert_denied(
-            &gdbus(&sandbox, Some(&user), PATH, &manager(method), &[arg]),
-            method,
-        );
-        assert!(message.contains("polkit"), "{method}: {message}");
-        assert!(message.contains("not running"), "{method}: {message}");
-    }
+    let message = assert_denied(
+        &gdbus(
+            &sandbox,
+            Some(&user),
+            PATH,
+            &manager("UpdateModule"),
+            &[&update],
+        ),
+        "UpdateModule",
+    );
+    assert!(message.contains("polkit"), "{message}");
+    assert!(message.contains("not running"), "{message}");
+    // Reading asks nobody.
+    let out = gdbus(
+        &sandbox,
+        Some(&user),
+        PATH,
+        &manager("GetInstance"),
+        &[&target.id],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
 
     // Root is not asked about: its job runs (already installed: done at once) and lingers.
     let run = run_job(&connection, &update).await;
@@ -543,11 +560,13 @@ async fn hostile_input_is_refused_before_it_reaches_anything() {
         let array: serde_json::Value = serde_json::from_str(&message).unwrap();
         assert_eq!(array[0]["error"], "instances_instance_not_found", "{id}");
         assert_eq!(array[0]["value"], id);
-        let (name, _) = refusal(&gdbus(&sandbox, None, PATH, &manager("GetInstance"), &[id]));
-        assert_eq!(
-            name, "org.nethserver.ModuleUpdater.Error.NoSuchInstance",
-            "{id}"
-        );
+        for method in ["GetInstance", "GetHistory"] {
+            let (name, _) = refusal(&gdbus(&sandbox, None, PATH, &manager(method), &[id]));
+            assert_eq!(
+                name, "org.nethserver.ModuleUpdater.Error.NoSuchInstance",
+                "{method} {id}"
+            );
+        }
     }
     assert!(!Path::new("/etc1").exists());
     assert_eq!(trap_snapshot(&traps), before, "a trap was written");
@@ -908,7 +927,7 @@ async fn a_flood_of_unauthorised_calls_is_refused_while_root_is_served() {
     let refusals = daemon
         .log()
         .lines()
-        .filter(|l| l.contains(&format!("CALLER_UID={}", flooder.uid)))
+        .filter(|l| l.contains(&format!("MODULE_UPDATER_CALLER_UID={}", flooder.uid)))
         .count();
     assert_eq!(refusals, 2000, "every refusal is logged");
 }

@@ -14,32 +14,6 @@ use module_updater_tests::{ImageSpec, Sandbox};
 const NAME: &str = "org.nethserver.ModuleUpdater";
 const PATH: &str = "/org/nethserver/ModuleUpdater";
 
-fn busctl(sandbox: &Sandbox, args: &[&str]) -> std::process::Output {
-    Command::new("busctl")
-        .arg(format!("--address={}", sandbox.bus_address()))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn gdbus_call(sandbox: &Sandbox, path: &str, method: &str, args: &[&str]) -> std::process::Output {
-    Command::new("gdbus")
-        .args([
-            "call",
-            "--address",
-            &sandbox.bus_address(),
-            "--dest",
-            NAME,
-            "--object-path",
-            path,
-            "--method",
-            method,
-        ])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// Whether `user` runs a process whose command line matches `pattern` (`pgrep -f`).
 fn runs(user: &str, pattern: &str) -> bool {
     Command::new("pgrep")
@@ -88,10 +62,6 @@ fn update_module_with_busctl(sandbox: &Sandbox, request: &str) -> std::process::
         sandbox,
         &["call", NAME, PATH, NAME, "UpdateModule", "s", request],
     )
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The error name and the validation array of a refused request, as gdbus reports them.
@@ -588,23 +558,57 @@ async fn sigterm_during_a_job_and_idle_exit() {
     );
 }
 
+/// Every interface of the contract (Manager, Job, Instance) is compared with its committed
+/// snapshot, so any change of names, signatures or annotations fails here first.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_introspection_matches_the_committed_contract() {
-    let sandbox = Sandbox::new().unwrap();
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("shape", "1.0"))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("shape").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
     let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
+    let instance_path = module_updater_dbus::instance_path(&instance.id);
+    let mut changed = Vec::new();
+    for (path, interface, file) in [
+        (PATH, "org.nethserver.ModuleUpdater", "manager.xml"),
+        (
+            run.path.as_str(),
+            "org.nethserver.ModuleUpdater.Job",
+            "job.xml",
+        ),
+        (
+            instance_path.as_str(),
+            "org.nethserver.ModuleUpdater.Instance",
+            "instance.xml",
+        ),
+    ] {
+        let out = busctl(&sandbox, &["introspect", "--xml-interface", NAME, path]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let xml = text(&out.stdout);
+        let actual = extract_interface(&xml, interface);
+        let snapshots = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/snapshots");
+        let expected = std::fs::read_to_string(format!("{snapshots}/{file}")).unwrap_or_default();
+        if actual.trim() != expected.trim() {
+            let new = format!("{snapshots}/{file}.new");
+            std::fs::write(&new, format!("{}\n", actual.trim())).unwrap();
+            changed.push(format!("{interface} (now in {new})"));
+        }
+    }
+    assert!(
+        changed.is_empty(),
+        "the contract changed: {changed:?}; update docs/dbus-api.md, dbus/src/proxy.rs and the \
+         snapshots"
+    );
+    // The ObjectManager is on the manager's object.
     let out = busctl(&sandbox, &["introspect", "--xml-interface", NAME, PATH]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let xml = text(&out.stdout);
-    let manager = extract_interface(&xml, "org.nethserver.ModuleUpdater");
-    let expected = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/snapshots/manager.xml"
-    ))
-    .unwrap();
-    assert_eq!(
-        manager.trim(),
-        expected.trim(),
-        "the manager interface changed: update docs/dbus-api.md, dbus/src/proxy.rs and the snapshot"
+    assert!(
+        text(&out.stdout).contains("<interface name=\"org.freedesktop.DBus.ObjectManager\">"),
+        "{}",
+        text(&out.stdout)
     );
 }
 
@@ -708,7 +712,8 @@ async fn instance_queries_see_new_instances_and_changed_environments_at_once() {
 
 /// At most 1024 jobs are on the bus at once, running or lingering: with that many finished jobs
 /// still lingering (recovered from their records), the next `UpdateModule` is refused with
-/// `Failed` naming the limit and the way out, and no job is created.
+/// `org.freedesktop.DBus.Error.LimitsExceeded` naming the limit and the way out, and no job is
+/// created.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
     use module_updaterd::jobs::{JobRecord, JobStatus, MAX_KNOWN_JOBS};
@@ -762,7 +767,7 @@ async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
         &[&request(&v1, &[&instance.id], false)],
     );
     assert!(
-        text(&out.stderr).contains("org.nethserver.ModuleUpdater.Error.Failed"),
+        text(&out.stderr).contains("org.freedesktop.DBus.Error.LimitsExceeded"),
         "{}",
         text(&out.stderr)
     );

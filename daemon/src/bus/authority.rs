@@ -1,6 +1,6 @@
 //! Who may call what.
 //!
-//! The bus policy lets anyone reach `UpdateModule`, `GetInstance` and `Cancel`; this module
+//! The bus policy lets anyone reach `UpdateModule` and `Cancel`; this module
 //! decides. The caller's uid and pid come from the bus ([`super::caller`]), never from the message
 //! body. uid 0 is always allowed. Anyone else is asked about to polkit
 //! (`org.freedesktop.PolicyKit1.Authority.CheckAuthorization`, subject `system-bus-name`) with the
@@ -8,7 +8,8 @@
 //! ordinary async call: other callers are served while polkit answers (or while an
 //! authentication agent asks a password). No polkit on the bus, an error from polkit, or no
 //! answer in time all mean "no": the daemon fails closed. Every decision is logged with the
-//! journal fields `CALLER_UID`, `CALLER_PID` and `ACTION`.
+//! journal fields `MODULE_UPDATER_CALLER_UID`, `MODULE_UPDATER_CALLER_PID` and
+//! `MODULE_UPDATER_ACTION`.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -32,13 +33,11 @@ pub const POLKIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// up work in the daemon or in polkitd.
 pub const MAX_PENDING_PER_UID: usize = 16;
 
-/// The three actions of `dbus/data/org.nethserver.moduleupdater.policy`.
+/// The actions of `dbus/data/org.nethserver.moduleupdater.policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// `UpdateModule`; details `module_url` and `instances`.
     UpdateModule,
-    /// `GetInstance`; detail `instance`.
-    ReadInstance,
     /// `Cancel` of a job someone else started; details `job` and `instances`.
     Cancel,
 }
@@ -48,7 +47,6 @@ impl Action {
     pub fn id(self) -> &'static str {
         match self {
             Action::UpdateModule => module_updater_dbus::ACTION_UPDATE_MODULE,
-            Action::ReadInstance => module_updater_dbus::ACTION_READ_INSTANCE,
             Action::Cancel => module_updater_dbus::ACTION_CANCEL,
         }
     }
@@ -57,7 +55,6 @@ impl Action {
     fn what(self) -> &'static str {
         match self {
             Action::UpdateModule => "update module instances",
-            Action::ReadInstance => "read a module instance",
             Action::Cancel => "cancel a job someone else started",
         }
     }
@@ -186,7 +183,7 @@ fn polkit_absent(err: &zbus::Error) -> bool {
 fn allowed(caller: Caller, action: Action, by: &str) {
     let pid = pid_text(caller);
     log::info!(
-        CALLER_UID = caller.uid, CALLER_PID = pid.as_str(), ACTION = action.id();
+        MODULE_UPDATER_CALLER_UID = caller.uid, MODULE_UPDATER_CALLER_PID = pid.as_str(), MODULE_UPDATER_ACTION = action.id();
         "allowed {} for uid {} (pid {pid}): {by}",
         action.id(),
         caller.uid
@@ -196,7 +193,7 @@ fn allowed(caller: Caller, action: Action, by: &str) {
 fn denied(caller: Caller, action: Action, reason: &str) {
     let pid = pid_text(caller);
     log::warn!(
-        CALLER_UID = caller.uid, CALLER_PID = pid.as_str(), ACTION = action.id();
+        MODULE_UPDATER_CALLER_UID = caller.uid, MODULE_UPDATER_CALLER_PID = pid.as_str(), MODULE_UPDATER_ACTION = action.id();
         "refused {} for uid {} (pid {pid}): {reason}",
         action.id(),
         caller.uid
@@ -252,7 +249,7 @@ mod tests {
             module_updater_dbus::data_dir().join(module_updater_dbus::POLKIT_ACTIONS_FILE),
         )
         .unwrap();
-        for action in [Action::UpdateModule, Action::ReadInstance, Action::Cancel] {
+        for action in [Action::UpdateModule, Action::Cancel] {
             assert!(
                 policy.contains(&format!("<action id=\"{}\">", action.id())),
                 "{} is not in the shipped policy",

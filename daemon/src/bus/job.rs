@@ -1,5 +1,6 @@
 //! `org.nethserver.ModuleUpdater.Job` at `/org/nethserver/ModuleUpdater/job/<n>`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use module_updater_dbus::Error;
@@ -8,7 +9,23 @@ use zbus::object_server::SignalEmitter;
 
 use super::CallError;
 use super::authority::{self, Action};
-use crate::jobs::{JobRecord, Jobs, job_path};
+use crate::jobs::{InstanceProgress, JobRecord, Jobs, job_path};
+
+/// One instance's entry of `InstanceStates`: (status, step, percent, exit code).
+pub type InstanceStateTuple = (String, String, u32, i32);
+
+/// The wire form of an instance's progress in a job.
+pub fn state_tuple(progress: &InstanceProgress) -> InstanceStateTuple {
+    (
+        progress.status.as_str().to_owned(),
+        progress
+            .step
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        u32::from(progress.percent),
+        progress.exit_code,
+    )
+}
 
 pub struct JobObject {
     id: u64,
@@ -64,6 +81,26 @@ impl JobObject {
             .ok_or_else(|| Error::NoSuchJob(format!("job {} is gone", self.id)))
     }
 
+    /// The last messages (time µs, priority, text) of one instance in this job, oldest first: a
+    /// client that arrives late shows the log so far, then follows `Message` signals.
+    #[zbus(out_args("messages"))]
+    async fn get_messages(&self, instance: &str) -> Result<Vec<(u64, u32, String)>, Error> {
+        let messages = self.jobs.messages(self.id, instance).ok_or_else(|| {
+            if self.jobs.get(self.id).is_none() {
+                Error::NoSuchJob(format!("job {} is gone", self.id))
+            } else {
+                Error::NoSuchInstance(format!(
+                    "{instance:?} is not an instance of job {} (see its Instances property)",
+                    self.id
+                ))
+            }
+        })?;
+        Ok(messages
+            .into_iter()
+            .map(|(usec, priority, text)| (usec, u32::from(priority), text))
+            .collect())
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     async fn id(&self) -> u64 {
         self.id
@@ -109,9 +146,23 @@ impl JobObject {
         Ok(self.record()?.started_usec)
     }
 
-    #[zbus(property(emits_changed_signal = "false"))]
+    #[zbus(property)]
     async fn finished_usec(&self) -> zbus::fdo::Result<u64> {
         Ok(self.record()?.finished_usec)
+    }
+
+    /// Per instance: (status, step, percent, exit code); status `pending`, `running`, then how
+    /// it ended; step empty before the start and after a success; exit code -1 until the end.
+    #[zbus(property)]
+    async fn instance_states(&self) -> zbus::fdo::Result<HashMap<String, InstanceStateTuple>> {
+        let states = self
+            .jobs
+            .instance_states(self.id)
+            .ok_or_else(|| zbus::fdo::Error::UnknownObject(format!("job {} is gone", self.id)))?;
+        Ok(states
+            .iter()
+            .map(|(instance, progress)| (instance.clone(), state_tuple(progress)))
+            .collect())
     }
 
     #[zbus(signal, name = "Progress")]

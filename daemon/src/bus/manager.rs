@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use module_updater_dbus::Error;
+use module_updater_dbus::types::InstanceState;
+use module_updater_dbus::{Error, FEATURES};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectServer, OwnedObjectPath};
 
@@ -15,6 +16,12 @@ use crate::request;
 
 pub struct Manager {
     pub jobs: Arc<Jobs>,
+}
+
+fn no_such_instance(id: &str) -> Error {
+    Error::NoSuchInstance(format!(
+        "no module instance {id:?} on this node (see ListInstances)"
+    ))
 }
 
 fn object_path(path: String) -> OwnedObjectPath {
@@ -33,7 +40,6 @@ impl Manager {
         #[zbus(header)] header: zbus::message::Header<'_>,
         #[zbus(connection)] connection: &Connection,
         #[zbus(object_server)] server: &ObjectServer,
-        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, CallError> {
         let caller = super::caller(connection, &header).await?;
         // The request's shape is checked first (a pure function, nothing of the node is read):
@@ -53,17 +59,17 @@ impl Manager {
             None,
         )
         .await?;
-        let id = self.jobs.submit(request, caller.uid)?;
-        super::pump::update_status(&self.jobs);
+        let id = self.jobs.submit(parsed, caller.uid)?;
+        // The job exists and runs: from here on nothing may turn the call into an error. A job
+        // object that cannot be announced (InterfacesAdded) is still served.
         let path = object_path(job_path(id));
-        server
+        if let Err(err) = server
             .at(&path, JobObject::new(id, Arc::clone(&self.jobs)))
             .await
-            .map_err(|e| Error::Failed(format!("cannot publish job {id}: {e}")))?;
-        Self::job_new(&emitter, path.as_ref())
-            .await
-            .map_err(Error::ZBus)?;
-        self.jobs_changed(&emitter).await.map_err(Error::ZBus)?;
+        {
+            log::warn!(MODULE_UPDATER_JOB = id; "cannot announce job {id} on the bus: {err}");
+        }
+        self.jobs.announce(id);
         Ok(path)
     }
 
@@ -74,50 +80,32 @@ impl Manager {
         let found = tokio::task::spawn_blocking(move || jobs.instances().list())
             .await
             .unwrap_or_default();
+        // The instance objects follow what this call saw.
+        self.jobs.instances_touched();
         found
             .iter()
             .map(|f| {
                 let id = &f.instance.id;
                 let url = f.environment.get("IMAGE_URL").unwrap_or_default();
                 let (state, job) = match self.jobs.busy_with(id) {
-                    Some(job) => ("updating", object_path(job_path(job))),
-                    None => ("idle", object_path("/".to_owned())),
+                    Some(job) => (InstanceState::Updating, object_path(job_path(job))),
+                    None => (InstanceState::Idle, object_path("/".to_owned())),
                 };
-                (id.clone(), url.to_owned(), state.to_owned(), job)
+                (id.clone(), url.to_owned(), state.as_str().to_owned(), job)
             })
             .collect()
     }
 
     /// `MODULE_ID`, the image keys of the instance's environment, `rootless` and `uid`.
     #[zbus(out_args("instance"))]
-    async fn get_instance(
-        &self,
-        id: &str,
-        #[zbus(header)] header: zbus::message::Header<'_>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<HashMap<String, String>, CallError> {
-        // Authorised before the lookup: whether an instance exists is not told to just anyone.
-        let caller = super::caller(connection, &header).await?;
-        authority::authorize(
-            connection,
-            &header,
-            caller,
-            Action::ReadInstance,
-            &[("instance", id)],
-            None,
-        )
-        .await?;
+    async fn get_instance(&self, id: &str) -> Result<HashMap<String, String>, CallError> {
         let jobs = Arc::clone(&self.jobs);
         let owned = id.to_owned();
         let found = tokio::task::spawn_blocking(move || jobs.instances().find(&owned))
             .await
             .ok()
             .flatten()
-            .ok_or_else(|| {
-                Error::NoSuchInstance(format!(
-                    "no module instance {id:?} on this node (see ListInstances)"
-                ))
-            })?;
+            .ok_or_else(|| no_such_instance(id))?;
         let mut info: HashMap<String, String> = found
             .environment
             .iter()
@@ -136,6 +124,29 @@ impl Manager {
         Ok(info)
     }
 
+    /// The instance's finished updates, newest first, as a JSON array (kept across restarts and
+    /// after their jobs are gone). An instance that no longer exists still has its history.
+    #[zbus(out_args("history"))]
+    async fn get_history(&self, instance: &str) -> Result<String, CallError> {
+        let jobs = Arc::clone(&self.jobs);
+        let owned = instance.to_owned();
+        let entries = tokio::task::spawn_blocking(move || {
+            let history = jobs.history();
+            if history.exists(&owned) || jobs.instances().find(&owned).is_some() {
+                Some(history.read(&owned))
+            } else {
+                None
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| no_such_instance(instance))?;
+        serde_json::to_string(&entries).map_err(|e| {
+            Error::Failed(format!("cannot encode the history of {instance}: {e}")).into()
+        })
+    }
+
     /// Running jobs and finished ones still lingering.
     #[zbus(out_args("jobs"))]
     async fn list_jobs(&self) -> Vec<OwnedObjectPath> {
@@ -145,6 +156,12 @@ impl Manager {
     #[zbus(property(emits_changed_signal = "const"))]
     async fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    /// Optional capabilities, for clients to test instead of the version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn features(&self) -> Vec<String> {
+        FEATURES.iter().map(|f| (*f).to_owned()).collect()
     }
 
     #[zbus(property)]

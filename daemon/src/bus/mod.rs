@@ -1,7 +1,9 @@
-//! The D-Bus layer: two interfaces and a pump that turns job events into signals. It only
-//! translates; the job manager and the engine decide everything.
+//! The D-Bus layer: the manager, job and instance interfaces (under an ObjectManager) and a pump
+//! that turns job events into signals. It only translates; the job manager and the engine decide
+//! everything.
 
 pub mod authority;
+pub mod instance;
 pub mod job;
 pub mod manager;
 pub mod pump;
@@ -56,7 +58,13 @@ impl From<Error> for CallError {
 
 impl From<SubmitError> for CallError {
     fn from(err: SubmitError) -> Self {
-        CallError::Service(err.into())
+        match err {
+            // A limit of the daemon: the standard name every D-Bus client knows.
+            SubmitError::TooManyRunning(_) | SubmitError::TooManyKnown(_) => {
+                CallError::Refused(zbus::fdo::Error::LimitsExceeded(err.to_string()))
+            }
+            other => CallError::Service(other.into()),
+        }
     }
 }
 

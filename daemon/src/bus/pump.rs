@@ -1,6 +1,6 @@
 //! Turns job events into D-Bus signals and property changes.
 //!
-//! `PropertiesChanged` for a job's Status, Progress and ExitCode are coalesced to at most one
+//! `PropertiesChanged` for a job's Status, Progress, ExitCode, FinishedUsec and InstanceStates are coalesced to at most one
 //! per [`FLUSH_INTERVAL`] (5 per second), and a job's final values go out before its `Finished`,
 //! so a client that reacts to it reads the final state.
 //!
@@ -12,11 +12,12 @@
 //!
 //! `Message` signals have a budget per instance: at most [`MESSAGES_PER_SECOND`] in any second.
 //! A script that prints faster loses the excess on the bus, not in the journal (every message
-//! is journalled with `JOB_ID` and `MODULE_ID`, `jobs.rs`); the next message that goes out, or
+//! is journalled with `MODULE_UPDATER_JOB` and `MODULE_UPDATER_INSTANCE`, `jobs.rs`); the next message that goes out, or
 //! the instance's end, is preceded by a warning that tells how many were left out and where to
 //! read them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use module_updater_dbus::types::Step;
 use std::time::Duration;
@@ -27,10 +28,11 @@ use tokio::sync::mpsc;
 use zbus::Connection;
 use zbus::object_server::SignalEmitter;
 
-use super::job::JobObject;
+use super::instance::{Instances, REFRESH_INTERVAL};
+use super::job::{InstanceStateTuple, JobObject, state_tuple};
 use super::manager::Manager;
 use crate::engine::events::priority;
-use crate::jobs::{JobEvent, job_path};
+use crate::jobs::{JobEvent, Jobs, job_path};
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -65,15 +67,20 @@ impl Budget {
     }
 }
 
-/// Runs until the job manager drops its sender.
+/// Runs until the job manager drops its sender. `instances` are the instance objects already
+/// published; they are refreshed after the daemon's own changes (at the next tick) and every
+/// [`REFRESH_INTERVAL`].
 pub async fn run(
     connection: Connection,
     mut events: mpsc::UnboundedReceiver<JobEvent>,
-    jobs: std::sync::Arc<crate::jobs::Jobs>,
+    jobs: Arc<Jobs>,
+    mut instances: Instances,
 ) {
     let mut pending = Pending::default();
     let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresher = tokio::time::interval(REFRESH_INTERVAL);
+    refresher.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             event = events.recv() => {
@@ -82,7 +89,11 @@ pub async fn run(
                     log::warn!("cannot emit a signal: {err}");
                 }
             }
+            _ = refresher.tick() => pending.instances = true,
             _ = ticker.tick() => {
+                if std::mem::take(&mut pending.instances) {
+                    instances.refresh(&connection, &jobs).await;
+                }
                 for (job, instance, step, percent) in pending.due_progress(Instant::now()) {
                     if let Err(err) = progress(&connection, job, &instance, step, percent).await {
                         log::warn!("cannot emit a signal: {err}");
@@ -99,8 +110,10 @@ pub async fn run(
 /// What waits for the next tick.
 #[derive(Default)]
 struct Pending {
-    /// Jobs whose Status, Progress or ExitCode changed.
+    /// Jobs whose changing properties (Status, Progress, ExitCode, ...) changed.
     properties: BTreeSet<u64>,
+    /// Whether the instance objects are to be refreshed.
+    instances: bool,
     /// The latest progress of each (job, instance) not yet signalled, and since when it waits.
     progress: BTreeMap<(u64, String), (Step, u8, Instant)>,
     /// Each running job's Progress budget.
@@ -233,7 +246,7 @@ async fn left_out_notices(
 fn left_out_notice(job: u64, instance: &str, count: u64) -> String {
     format!(
         "{count} messages were not sent on the bus (more than {MESSAGES_PER_SECOND} a second); \
-         the journal has them all: journalctl JOB_ID={job} MODULE_ID={instance}"
+         the journal has them all: journalctl MODULE_UPDATER_JOB={job} MODULE_UPDATER_INSTANCE={instance}"
     )
 }
 
@@ -267,6 +280,14 @@ async fn handle(
         JobEvent::Changed { job } => {
             pending.properties.insert(job);
         }
+        JobEvent::New { job } => {
+            let manager = SignalEmitter::new(connection, module_updater_dbus::OBJECT_PATH)?;
+            let path = job_path(job);
+            Manager::job_new(&manager, zbus::ObjectPath::try_from(path.as_str())?).await?;
+            jobs_changed(connection).await;
+            update_status(jobs);
+        }
+        JobEvent::InstancesChanged => pending.instances = true,
         JobEvent::Progress {
             job,
             instance,
@@ -356,8 +377,16 @@ async fn flush(
         status: record.status.as_str(),
         progress: u32::from(record.progress),
         exit_code: record.exit_code,
+        finished_usec: record.finished_usec,
+        instance_states: jobs
+            .instance_states(job)
+            .unwrap_or_default()
+            .iter()
+            .map(|(instance, progress)| (instance.clone(), state_tuple(progress)))
+            .collect(),
     };
-    let before = sent.insert(job, now);
+    let before = sent.insert(job, now.clone());
+    let before = before.as_ref();
     // One signal per flush, with only what changed since the last one.
     let mut changed: HashMap<&str, zbus::Variant<'_>> = HashMap::new();
     if before.is_none_or(|b| b.status != now.status) {
@@ -368,6 +397,15 @@ async fn flush(
     }
     if before.is_none_or(|b| b.exit_code != now.exit_code) {
         changed.insert("ExitCode", zbus::Variant::from(now.exit_code));
+    }
+    if before.is_none_or(|b| b.finished_usec != now.finished_usec) {
+        changed.insert("FinishedUsec", zbus::Variant::from(now.finished_usec));
+    }
+    if before.is_none_or(|b| b.instance_states != now.instance_states) {
+        changed.insert(
+            "InstanceStates",
+            zbus::Variant::from(now.instance_states.clone()),
+        );
     }
     if changed.is_empty() {
         return;
@@ -389,11 +427,13 @@ async fn flush(
 }
 
 /// The last values of a job's changing properties that went out in PropertiesChanged.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sent {
     status: &'static str,
     progress: u32,
     exit_code: i32,
+    finished_usec: u64,
+    instance_states: HashMap<String, InstanceStateTuple>,
 }
 
 /// Sends PropertiesChanged for the manager's `Jobs`.
@@ -507,7 +547,8 @@ mod tests {
         let notice = &sent[MESSAGES_PER_SECOND].1;
         assert!(
             notice.starts_with("4950 messages were not sent on the bus")
-                && notice.ends_with("journalctl JOB_ID=1 MODULE_ID=loud1"),
+                && notice
+                    .ends_with("journalctl MODULE_UPDATER_JOB=1 MODULE_UPDATER_INSTANCE=loud1"),
             "{notice}"
         );
         // The instance ends: what it left out since is told once, then forgotten.

@@ -70,6 +70,40 @@ pub fn start_daemon_with_trap_and_env(
     sandbox.start_daemon_with(command).unwrap()
 }
 
+/// `busctl --address=<sandbox bus> ARGS`.
+pub fn busctl(sandbox: &Sandbox, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("busctl")
+        .arg(format!("--address={}", sandbox.bus_address()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `gdbus call` of `method` (interface.Member) on the service's object at `path`, as root.
+pub fn gdbus_call(
+    sandbox: &Sandbox,
+    path: &str,
+    method: &str,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new("gdbus")
+        .args([
+            "call",
+            "--address",
+            &sandbox.bus_address(),
+            "--dest",
+            BUS_NAME,
+        ])
+        .args(["--object-path", path, "--method", method])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 pub async fn connect(sandbox: &Sandbox) -> zbus::Connection {
     zbus::connection::Builder::address(sandbox.bus_address().as_str())
         .build()

@@ -1,0 +1,535 @@
+//! End-to-end tests of the state a plugin binds to: the ObjectManager, instance objects, a job's
+//! per-instance states and messages, and the update history — read with stock tools (gdbus,
+//! busctl) as a Cockpit page or an applet would.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use module_updater_dbus::{InstanceProxy, JobProxy, ModuleUpdaterProxy, instance_path};
+use module_updater_tests::{ImageSpec, Instance, Sandbox};
+use serde_json::Value;
+use zbus::proxy::CacheProperties;
+
+const PATH: &str = "/org/nethserver/ModuleUpdater";
+
+/// A 2.0 whose update script prints two lines, then waits until the test creates `gate` in the
+/// instance's state dir (its working directory), then prints a third.
+fn gated_module(sandbox: &Sandbox) -> (String, String) {
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("api", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("api", "2.0").file(
+            "update-module.d/50gate",
+            "#!/bin/sh\necho 'first line'\necho 'second line'\n\
+             while [ ! -e gate ]; do sleep 0.1; done\necho 'after the gate'\n",
+            0o755,
+        ))
+        .unwrap();
+    (v1, v2)
+}
+
+fn open_gate(instance: &Instance) {
+    std::fs::write(instance.state_dir.join("gate"), "").unwrap();
+}
+
+/// `gdbus monitor` of the service, its output going to a file read by [`Monitor::seen`].
+struct Monitor {
+    child: Child,
+    out: std::path::PathBuf,
+}
+
+impl Monitor {
+    fn start(sandbox: &Sandbox, name: &str) -> Monitor {
+        let out = sandbox.root().join(format!("{name}.monitor"));
+        let child = Command::new("gdbus")
+            .args(["monitor", "--address", &sandbox.bus_address()])
+            .args(["--dest", module_updater_dbus::BUS_NAME])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // gdbus prints a first line once its match rules are in place.
+        let started = Instant::now();
+        while std::fs::read_to_string(&out).unwrap_or_default().is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "gdbus monitor never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Monitor { child, out }
+    }
+
+    fn seen(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Waits until a line of the monitor contains every one of `parts`.
+    async fn wait_for(&self, parts: &[&str], within: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let seen = self.seen();
+            if let Some(line) = seen.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return line.to_owned();
+            }
+            assert!(
+                started.elapsed() < within,
+                "no monitor line with {parts:?} within {within:?}:\n{seen}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn job_proxy<'a>(connection: &'a zbus::Connection, path: &str) -> JobProxy<'a> {
+    JobProxy::builder(connection)
+        .path(path.to_owned())
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn instance_proxy<'a>(connection: &'a zbus::Connection, id: &str) -> InstanceProxy<'a> {
+    InstanceProxy::builder(connection)
+        .path(instance_path(id))
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Polls `check` every 50 ms until it is true, at most `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < within, "{what} not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What busctl prints for a property or a call with `--json=short`, parsed.
+fn busctl_json(sandbox: &Sandbox, args: &[&str]) -> Value {
+    let mut all = vec!["--json=short"];
+    all.extend_from_slice(args);
+    let out = busctl(sandbox, &all);
+    assert!(
+        out.status.success(),
+        "busctl {args:?}: {}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A client that arrives in the middle of a two-instance job reads where each instance stands
+/// and its log so far from the job object alone; the ObjectManager lists instances and the live
+/// job and announces the job's arrival and departure; the instance objects follow the update;
+/// the history survives a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let (v1, v2) = gated_module(&sandbox);
+    let a = sandbox.add_rootless_instance("api").unwrap();
+    let b = sandbox.add_rootless_instance("api").unwrap();
+    sandbox.install(&a, &v1).unwrap();
+    sandbox.install(&b, &v1).unwrap();
+    let daemon = start_daemon(&sandbox, &["--job-linger", "3"]);
+    let monitor = Monitor::start(&sandbox, "api");
+    let connection = connect(&sandbox).await;
+
+    // Before any job: the instances are objects with their image.
+    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let features = manager.features().await.unwrap();
+    for feature in [
+        "object-manager",
+        "instance-objects",
+        "instance-states",
+        "history",
+    ] {
+        assert!(features.iter().any(|f| f == feature), "{features:?}");
+    }
+    let before = instance_proxy(&connection, &a.id).await;
+    assert_eq!(before.id().await.unwrap(), a.id);
+    assert_eq!(before.version().await.unwrap(), "1.0");
+    assert_eq!(before.image_url().await.unwrap(), v1);
+    let (repository, _) = v1.rsplit_once(':').unwrap();
+    assert_eq!(before.module().await.unwrap(), repository);
+    assert!(before.image_digest().await.unwrap().starts_with("sha256:"));
+    assert!(before.rootless().await.unwrap());
+    assert_eq!(before.uid().await.unwrap(), a.uid);
+    assert_eq!(before.state().await.unwrap(), "idle");
+    assert_eq!(before.job().await.unwrap().as_str(), "/");
+    assert_eq!(before.last_update().await.unwrap(), "{}");
+
+    // The job is started by another client (busctl).
+    let out = busctl(
+        &sandbox,
+        &[
+            "call",
+            module_updater_dbus::BUS_NAME,
+            PATH,
+            module_updater_dbus::MANAGER_INTERFACE,
+            "UpdateModule",
+            "s",
+            &request(&v2, &[&a.id, &b.id], false),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job_path = text(&out.stdout)
+        .trim()
+        .trim_start_matches("o ")
+        .trim_matches('"')
+        .to_owned();
+    monitor
+        .wait_for(
+            &["InterfacesAdded", &format!("'{job_path}'")],
+            Duration::from_secs(10),
+        )
+        .await;
+
+    // A late client: both instances wait at the gate, having printed two lines.
+    let job = job_proxy(&connection, &job_path).await;
+    eventually(
+        "both instances at the gate",
+        Duration::from_secs(120),
+        || {
+            let job = &job;
+            let (a, b) = (&a.id, &b.id);
+            async move {
+                let mut ok = true;
+                for id in [a, b] {
+                    let messages = job.get_messages(id).await.unwrap();
+                    ok &= messages.iter().any(|(_, _, t)| t.contains("second line"));
+                }
+                ok
+            }
+        },
+    )
+    .await;
+    let states = busctl_json(
+        &sandbox,
+        &[
+            "get-property",
+            module_updater_dbus::BUS_NAME,
+            &job_path,
+            module_updater_dbus::JOB_INTERFACE,
+            "InstanceStates",
+        ],
+    );
+    for id in [&a.id, &b.id] {
+        let state = &states["data"][id.as_str()];
+        assert_eq!(state[0], "running", "{states}");
+        assert_eq!(state[1], "run-scripts", "{states}");
+        let percent = state[2].as_u64().unwrap();
+        assert!(percent > 0 && percent < 100, "{states}");
+        assert_eq!(state[3], -1, "{states}");
+        let messages = busctl_json(
+            &sandbox,
+            &[
+                "call",
+                module_updater_dbus::BUS_NAME,
+                &job_path,
+                module_updater_dbus::JOB_INTERFACE,
+                "GetMessages",
+                "s",
+                id,
+            ],
+        );
+        let lines: Vec<&str> = messages["data"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m[2].as_str().unwrap())
+            .collect();
+        let first = lines.iter().position(|l| l.contains("first line")).unwrap();
+        let second = lines
+            .iter()
+            .position(|l| l.contains("second line"))
+            .unwrap();
+        assert!(first < second, "{lines:?}");
+        assert!(
+            !lines.iter().any(|l| l.contains("after the gate")),
+            "{lines:?}"
+        );
+        for message in messages["data"][0].as_array().unwrap() {
+            assert!(
+                message[0].as_u64().unwrap() > 1_600_000_000_000_000,
+                "{message}"
+            );
+        }
+    }
+    let out = gdbus_call(
+        &sandbox,
+        &job_path,
+        "org.nethserver.ModuleUpdater.Job.GetMessages",
+        &["nosuch1"],
+    );
+    let name = error_name(&out);
+    assert_eq!(name, "org.nethserver.ModuleUpdater.Error.NoSuchInstance");
+
+    // Our client shows the same from the job alone.
+    let job_number: u64 = job_path.rsplit('/').next().unwrap().parse().unwrap();
+    let status = client_json(&sandbox, &["status", &job_number.to_string(), "--json"]);
+    assert_eq!(
+        status["instance_states"][&a.id]["status"], "running",
+        "{status}"
+    );
+    assert_eq!(
+        status["instance_states"][&a.id]["step"], "run-scripts",
+        "{status}"
+    );
+    let table = client_text(&sandbox, &["status", &job_number.to_string()]);
+    assert!(
+        table.lines().any(|l| l.split_whitespace().take(3).eq([
+            b.id.as_str(),
+            "running",
+            "run-scripts"
+        ])),
+        "{table}"
+    );
+
+    // GetManagedObjects: both instances (updating, held by the job) and the live job, with all
+    // their properties.
+    let out = gdbus_call(
+        &sandbox,
+        PATH,
+        "org.freedesktop.DBus.ObjectManager.GetManagedObjects",
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let objects = text(&out.stdout);
+    for id in [&a.id, &b.id] {
+        assert!(
+            objects.contains(&format!("'{}'", instance_path(id))),
+            "{objects}"
+        );
+    }
+    assert!(objects.contains(&format!("'{job_path}'")), "{objects}");
+    for property in [
+        "'Id'",
+        "'Module'",
+        "'ImageUrl'",
+        "'ImageDigest'",
+        "'Version'",
+        "'Rootless'",
+        "'Uid'",
+        "'State'",
+        "'Job'",
+        "'LastUpdate'",
+        "'InstanceStates'",
+        "'FinishedUsec'",
+        "'Status'",
+    ] {
+        assert!(objects.contains(property), "{property} missing: {objects}");
+    }
+    assert!(objects.contains("'updating'"), "{objects}");
+    let held = instance_proxy(&connection, &b.id).await;
+    assert_eq!(held.state().await.unwrap(), "updating");
+    assert_eq!(held.job().await.unwrap().as_str(), job_path);
+
+    // Through the gate: the job ends, its states and FinishedUsec are announced.
+    open_gate(&a);
+    open_gate(&b);
+    eventually("the job's end", Duration::from_secs(120), || {
+        let job = &job;
+        async move { job.status().await.unwrap() == "completed" }
+    })
+    .await;
+    let states = job.instance_states().await.unwrap();
+    for id in [&a.id, &b.id] {
+        let (status, step, percent, exit_code) = &states[id.as_str()];
+        assert_eq!(
+            (status.as_str(), step.as_str(), *percent, *exit_code),
+            ("completed", "", 100, 0)
+        );
+    }
+    let finished = job.finished_usec().await.unwrap();
+    assert!(finished > 0);
+    monitor
+        .wait_for(
+            &[
+                "PropertiesChanged",
+                &format!("{job_path}: "),
+                "FinishedUsec",
+            ],
+            Duration::from_secs(5),
+        )
+        .await;
+    // The instance objects follow: new version, idle, the update as LastUpdate.
+    eventually(
+        "the instance objects' new version",
+        Duration::from_secs(10),
+        || {
+            let held = &held;
+            async move {
+                held.version().await.unwrap() == "2.0" && held.state().await.unwrap() == "idle"
+            }
+        },
+    )
+    .await;
+    assert_eq!(held.job().await.unwrap().as_str(), "/");
+    let last: Value = serde_json::from_str(&held.last_update().await.unwrap()).unwrap();
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(last["new_image_url"], v2.as_str(), "{last}");
+    monitor
+        .wait_for(
+            &[
+                "PropertiesChanged",
+                &format!("{}: ", instance_path(&b.id)),
+                "'2.0'",
+            ],
+            Duration::from_secs(5),
+        )
+        .await;
+    // Lingering over, the job leaves with InterfacesRemoved.
+    monitor
+        .wait_for(
+            &["InterfacesRemoved", &format!("'{job_path}'")],
+            Duration::from_secs(15),
+        )
+        .await;
+
+    // The history, after the job is gone and across a restart.
+    let history_of = |id: &str| {
+        let out = gdbus_call(
+            &sandbox,
+            PATH,
+            "org.nethserver.ModuleUpdater.GetHistory",
+            &[id],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        // gdbus prints ('[...]',): the JSON is the string inside.
+        let printed = text(&out.stdout);
+        let json = printed
+            .trim()
+            .trim_start_matches("('")
+            .trim_end_matches("',)")
+            .to_owned();
+        serde_json::from_str::<Value>(&json).unwrap_or_else(|e| panic!("{e}: {printed}"))
+    };
+    drop(daemon);
+    let daemon = start_daemon(&sandbox, &[]);
+    for id in [&a.id, &b.id] {
+        let history = history_of(id);
+        let entries = history.as_array().unwrap();
+        assert_eq!(entries.len(), 1, "{history}");
+        let entry = &entries[0];
+        assert_eq!(entry["job"], job_number, "{entry}");
+        assert_eq!(entry["status"], "completed");
+        assert_eq!(entry["exit_code"], 0);
+        assert_eq!(entry["old_image_url"], v1.as_str());
+        assert_eq!(entry["new_image_url"], v2.as_str());
+        assert!(
+            entry["new_image_digest"]
+                .as_str()
+                .unwrap()
+                .starts_with("sha256:")
+        );
+        assert_eq!(entry["caller_uid"], 0);
+        assert_eq!(entry["scripts"][0]["name"], "50gate", "{entry}");
+        assert!(entry["finished_usec"].as_u64() >= entry["started_usec"].as_u64());
+    }
+    let again = instance_proxy(&connection, &a.id).await;
+    let last: Value = serde_json::from_str(&again.last_update().await.unwrap()).unwrap();
+    assert_eq!(last["job"], job_number);
+    // And through our client.
+    let history = client_json(&sandbox, &["history", &a.id, "--json"]);
+    assert_eq!(history[0]["instance"], a.id.as_str(), "{history}");
+    assert_eq!(history[0]["job"], job_number, "{history}");
+    let table = client_text(&sandbox, &["history"]);
+    for id in [&a.id, &b.id] {
+        assert!(
+            table.lines().any(|l| l.contains(id.as_str())
+                && l.contains("completed")
+                && l.contains("1.0 → 2.0")),
+            "{table}"
+        );
+    }
+    let show = client_json(&sandbox, &["show", &b.id, "--json"]);
+    assert_eq!(show["state"], "idle", "{show}");
+    assert_eq!(show["version"], "2.0", "{show}");
+    assert_eq!(show["IMAGE_URL"], v2.as_str(), "{show}");
+    assert_eq!(show["last_update"]["job"], job_number, "{show}");
+    drop(daemon);
+}
+
+/// Our client's stdout, which must succeed.
+fn client_text(sandbox: &Sandbox, args: &[&str]) -> String {
+    let out = sandbox.client().unwrap().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "module-updater {args:?}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn client_json(sandbox: &Sandbox, args: &[&str]) -> Value {
+    let printed = client_text(sandbox, args);
+    serde_json::from_str(&printed).unwrap_or_else(|e| panic!("{e}: {printed}"))
+}
+
+/// The D-Bus error name of a failed gdbus call ("GDBus.Error:NAME: message").
+fn error_name(out: &std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "the call succeeded: {}",
+        text(&out.stdout)
+    );
+    let stderr = text(&out.stderr);
+    stderr
+        .split("GDBus.Error:")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or_else(|| panic!("no error name in {stderr}"))
+        .to_owned()
+}
+
+/// Journal fields carry the daemon's own prefix, so `journalctl MODULE_UPDATER_JOB=N` finds one
+/// job's lines and never systemd's messages about its own job N.
+#[tokio::test(flavor = "multi_thread")]
+async fn journal_fields_are_namespaced() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let (v1, _) = gated_module(&sandbox);
+    let instance = sandbox.add_rootless_instance("api").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let run = run_job(&connection, &request(&v1, &[&instance.id], true)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let log = daemon.log();
+    let job_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("MODULE_UPDATER_JOB=1"))
+        .collect();
+    assert!(
+        job_lines
+            .iter()
+            .any(|l| l.contains(&format!("MODULE_UPDATER_INSTANCE={}", instance.id))),
+        "{log}"
+    );
+    assert!(job_lines.len() >= 2, "{log}");
+    for line in log.lines() {
+        for old in [" JOB_ID=", " MODULE_ID=", " CALLER_UID=", " STEP="] {
+            assert!(!line.contains(old), "un-namespaced field {old} in {line}");
+        }
+    }
+}
