@@ -533,3 +533,43 @@ async fn journal_fields_are_namespaced() {
         }
     }
 }
+
+/// The Python example of docs/dbus-api.md, pasted as a plugin author would, runs against the
+/// service and prints a job's states, its log and the history.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_example_of_the_docs_runs() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/dbus-api.md"))
+        .unwrap();
+    let start = doc.find("```python\n").expect("a Python example") + "```python\n".len();
+    let example = &doc[start..start + doc[start..].find("```").unwrap()];
+    let mut sandbox = Sandbox::new().unwrap();
+    let (v1, v2) = gated_module(&sandbox);
+    let instance = sandbox.add_rootless_instance("api").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    open_gate(&instance);
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let script = example
+        .replace("/org/nethserver/ModuleUpdater/job/12", run.path.as_str())
+        .replace("\"mail1\"", &format!("\"{}\"", instance.id));
+    // Debian's Python, where python3-jeepney is installed (not a Python of the user's PATH).
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", sandbox.bus_address())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the example failed (python3-jeepney is installed by `cargo xtask test`): {}",
+        text(&out.stderr)
+    );
+    let printed = text(&out.stdout);
+    assert!(
+        printed.contains(&format!("{} completed  100%", instance.id)),
+        "{printed}"
+    );
+    assert!(printed.contains("after the gate"), "{printed}");
+    assert!(printed.trim_end().ends_with("completed"), "{printed}");
+}

@@ -40,6 +40,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("polkitd", "real polkit authorisation on the test bus"),
     ("pkexec", "polkit's pkcheck and actions"),
     (
+        "python3-jeepney",
+        "a pure-Python D-Bus library, to run the Python example of docs/dbus-api.md",
+    ),
+    (
         "dpkg-dev",
         "dpkg-shlibdeps, with which cargo-deb computes the package's library dependencies",
     ),
