@@ -183,6 +183,13 @@ const SYSTEM_MANAGER_ADDRESS: Key = Key {
     unset: "the system bus",
     help: "The D-Bus address where the systemd manager of rootful instances answers.",
 };
+const NS8_AGENT_ENV: Key = Key {
+    name: "ns8_agent_env",
+    rule: Rule::AbsolutePath,
+    default: Some("\"/etc/nethserver/agent.env\""),
+    unset: "",
+    help: "NS8's agent settings (REDIS_ADDRESS): after each update the daemon refreshes the instance's environment hash in the cluster's Redis there; a node without this file is not an NS8 node and nothing is sent.",
+};
 
 /// Every key the configuration file may hold, in the order the default file lists them.
 pub const KEYS: &[Key] = &[
@@ -195,6 +202,7 @@ pub const KEYS: &[Key] = &[
     IDLE_TIMEOUT,
     STATE_DIR,
     SYSTEM_MANAGER_ADDRESS,
+    NS8_AGENT_ENV,
 ];
 
 /// Why the configuration cannot be used. Each message names the file, the key, the value and
@@ -258,6 +266,9 @@ pub struct Settings {
     /// Exit after this many seconds with no job running and no bus traffic (for bus activation) [default: never].
     #[arg(long, value_name = "SECS", value_parser = idle_timeout_flag)]
     pub idle_timeout: Option<u64>,
+    /// NS8's agent settings, for the cluster's Redis [default: /etc/nethserver/agent.env].
+    #[arg(long, value_name = "FILE", value_parser = ns8_agent_env_flag)]
+    pub ns8_agent_env: Option<PathBuf>,
 }
 
 impl Settings {
@@ -273,6 +284,7 @@ impl Settings {
             job_linger: self.job_linger.or(lower.job_linger),
             state_dir: self.state_dir.or(lower.state_dir),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            ns8_agent_env: self.ns8_agent_env.or(lower.ns8_agent_env),
         }
     }
 }
@@ -297,6 +309,9 @@ fn rootful_base_flag(text: &str) -> Result<PathBuf, String> {
 }
 fn state_dir_flag(text: &str) -> Result<PathBuf, String> {
     path_flag(&STATE_DIR, text)
+}
+fn ns8_agent_env_flag(text: &str) -> Result<PathBuf, String> {
+    path_flag(&NS8_AGENT_ENV, text)
 }
 fn system_manager_address_flag(text: &str) -> Result<String, String> {
     SYSTEM_MANAGER_ADDRESS.rule.check_address(text)
@@ -332,6 +347,7 @@ struct RawFile {
     idle_timeout: Option<i64>,
     state_dir: Option<PathBuf>,
     system_manager_address: Option<String>,
+    ns8_agent_env: Option<PathBuf>,
 }
 
 /// A value as the file writes it, for messages.
@@ -381,6 +397,7 @@ impl RawFile {
             job_linger: number(&JOB_LINGER, self.job_linger)?,
             state_dir: dir(&STATE_DIR, self.state_dir)?,
             idle_timeout: number(&IDLE_TIMEOUT, self.idle_timeout)?,
+            ns8_agent_env: dir(&NS8_AGENT_ENV, self.ns8_agent_env)?,
         })
     }
 }
@@ -551,6 +568,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// `None`: never exit when idle.
     pub idle_timeout: Option<u64>,
+    pub ns8_agent_env: PathBuf,
     pub rootful_podman_args: Vec<String>,
     pub verbose: bool,
     /// The configuration file that was read, if any.
@@ -579,6 +597,9 @@ impl Config {
                 .state_dir
                 .unwrap_or_else(|| "/var/lib/module-updater".into()),
             idle_timeout: settings.idle_timeout,
+            ns8_agent_env: settings
+                .ns8_agent_env
+                .unwrap_or_else(|| crate::cluster::DEFAULT_AGENT_ENV.into()),
             rootful_podman_args: cli.rootful_podman_args,
             verbose: cli.verbose,
             config_file,
@@ -856,7 +877,7 @@ system_manager_address = "unix:path=/run/other/bus"
     #[test]
     fn unknown_keys_and_sections_are_refused_with_the_list_of_keys() {
         let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, worker_nice, \
-                   job_linger, idle_timeout, state_dir, system_manager_address";
+                   job_linger, idle_timeout, state_dir, system_manager_address, ns8_agent_env";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),
             format!("unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}")

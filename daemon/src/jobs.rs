@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use module_updater_dbus::types::{InstanceResult, InstanceStatus, JobInstanceStatus, Step};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::cluster;
 use crate::engine::events::{Event, priority};
 use crate::engine::instance::{Bases, Instance};
 use crate::engine::instance_cache::InstanceCache;
@@ -37,6 +38,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Global podman options for rootful instances only.
     pub rootful_podman_args: Vec<String>,
+    /// NS8's agent settings file (`ns8_agent_env`): on an NS8 node, the cluster's Redis.
+    pub ns8_agent_env: PathBuf,
 }
 
 /// What happened to jobs, for the D-Bus layer.
@@ -555,13 +558,24 @@ impl Jobs {
                 InstanceResult::new(InstanceStatus::Cancelled)
             } else {
                 let mut on_event = |event: Event| self.instance_event(id, &instance, event);
-                worker::update_instance(
+                let mut result = worker::update_instance(
                     &self.settings.worker_exe,
                     &job,
                     cancel.clone(),
                     &mut on_event,
                 )
-                .await
+                .await;
+                // As NS8's agent at the end of any action, whatever its outcome.
+                if let Some(warning) =
+                    cluster::refresh_environment(&self.settings.ns8_agent_env, &job.instance).await
+                {
+                    on_event(Event::Message {
+                        priority: priority::WARNING,
+                        text: warning.clone(),
+                    });
+                    result.warnings.push(warning);
+                }
+                result
             }
         };
         log::log!(

@@ -2,6 +2,7 @@
 //! knows nothing about D-Bus.
 
 pub mod bus;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod history;

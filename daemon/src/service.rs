@@ -80,6 +80,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         job_linger: Duration::from_secs(config.job_linger),
         state_dir: config.state_dir.clone(),
         rootful_podman_args: config.rootful_podman_args.clone(),
+        ns8_agent_env: config.ns8_agent_env.clone(),
     };
     let state_error = |source| ServiceError::StateDir {
         path: config.state_dir.display().to_string(),

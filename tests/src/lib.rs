@@ -28,6 +28,7 @@ mod instance;
 mod manager;
 pub mod polkit;
 pub mod process;
+mod redis;
 mod registry;
 
 pub use daemon::{Daemon, NotifySocket, client_binary, daemon_binary, find_binary};
@@ -36,6 +37,7 @@ pub use image::{FileKind, FileSpec, ImageSpec, image_env_var};
 pub use instance::{InspectedImage, Instance, parse_env};
 pub use manager::{ExtraManager, ensure_inaccessible_nodes};
 pub use polkit::{Decision, Polkit, SubjectProcess, reap_stale_polkit};
+pub use redis::Redis;
 pub use registry::{REGISTRIES_CONF_D, RegistryTraffic, parse_access_log};
 
 use crate::process::ProcessRecord;
@@ -190,6 +192,15 @@ impl Sandbox {
         sandbox.registry = Some(registry);
         sandbox.footprint.save()?;
         Ok(sandbox)
+    }
+
+    /// Starts a Redis server for this sandbox (the cluster's leader Redis of an NS8 node),
+    /// recorded so that a killed test's server is reaped like the sandbox's other processes.
+    pub fn start_redis(&mut self) -> Result<Redis> {
+        let redis = Redis::start(&self.log_dir())?;
+        self.footprint.processes.push(redis.record.clone());
+        self.footprint.save()?;
+        Ok(redis)
     }
 
     /// The sandbox's temporary directory.

@@ -40,6 +40,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("polkitd", "real polkit authorisation on the test bus"),
     ("pkexec", "polkit's pkcheck and actions"),
     (
+        "redis-server",
+        "a real Redis on loopback, as an NS8 cluster's leader Redis",
+    ),
+    (
         "python3-jeepney",
         "a pure-Python D-Bus library, to run the Python example of docs/dbus-api.md",
     ),

@@ -39,6 +39,13 @@ impl Instance {
         instance_cache::read_owned(&self.state_dir.join("environment"), self.uid)
             .and_then(|read| read.environment)
     }
+
+    /// Reads the instance agent's own settings, `state/agent.env` on an NS8 node (its Redis
+    /// credentials), with the same ownership check.
+    pub fn agent_env(&self) -> Option<Environment> {
+        instance_cache::read_owned(&self.state_dir.join("agent.env"), self.uid)
+            .and_then(|read| read.environment)
+    }
 }
 
 /// Whether `id` has the shape of an instance id (`^[a-z][a-z0-9_-]*[0-9]+$`-like and no path tricks).
