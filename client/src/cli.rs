@@ -41,6 +41,14 @@ pub struct Cli {
     /// Seconds to wait for the reply of each D-Bus call (as busctl's --timeout).
     #[arg(long, value_name = "SECS", default_value_t = 25.0, global = true, value_parser = parse_timeout)]
     pub timeout: f64,
+    /// Never ask for a password. By default, when stdin is a terminal, the calls that polkit
+    /// authorises (update, run, show, cancel by a non-root user) let polkit ask for an
+    /// administrator's password: the call carries the D-Bus flag ALLOW_INTERACTIVE_AUTHORIZATION,
+    /// waits long enough for the prompt, and a text agent (pkttyagent) is started for the call
+    /// when none runs for this process. With this flag such a call is refused at once instead
+    /// (as systemctl's --no-ask-password).
+    #[arg(long, global = true)]
+    pub no_ask_password: bool,
     /// Print JSON instead of tables (listing and status commands; one object per line for monitor).
     #[arg(long, global = true)]
     pub json: bool,

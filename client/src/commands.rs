@@ -1,8 +1,8 @@
 //! The commands: each talks to the service through the proxies of `module-updater-dbus` and
 //! returns the process exit code (or the error that decides it).
 
-use std::collections::BTreeMap;
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use module_updater_dbus::{JobProxy, ModuleUpdaterProxy};
@@ -78,6 +78,7 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
     let Cli {
         bus: bus_args,
         timeout,
+        no_ask_password,
         json,
         quiet,
         command,
@@ -88,7 +89,9 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
     if matches!(command, Command::Version) && !json {
         out(&format!("module-updater {}", env!("CARGO_PKG_VERSION")));
     }
-    let bus = bus::connect(&bus_args, Duration::from_secs_f64(timeout)).await?;
+    // As systemctl: polkit may prompt only when there is someone at a terminal to answer.
+    let ask_password = !no_ask_password && std::io::stdin().is_terminal();
+    let bus = bus::connect(&bus_args, Duration::from_secs_f64(timeout), ask_password).await?;
     let ctx = Ctx {
         bus_name: bus.describe(),
         bus,
@@ -162,7 +165,10 @@ async fn start_and_follow(ctx: &Ctx, request: &str) -> Result<u8, ClientError> {
         .await
         .map_err(|e| ctx.call("subscribing to the job signals").error(e))?;
     let manager = ctx.manager().await?;
-    let call = manager.update_module(request);
+    let body = (request,);
+    let call =
+        ctx.bus
+            .call_gated::<_, zbus::OwnedObjectPath>(manager.inner(), "UpdateModule", &body);
     tokio::pin!(call);
     let reply = loop {
         tokio::select! {
@@ -199,7 +205,7 @@ async fn update(
             job: None,
             instance: Some(id),
         };
-        match manager.get_instance(id).await {
+        match get_instance(ctx, &manager, id).await {
             Ok(environment) => {
                 if let Some(current) = environment.get("IMAGE_URL")
                     && let Some((current_name, new_name)) =
@@ -222,6 +228,17 @@ async fn update(
     }
     let request = json!({ "module_url": module_url, "instances": instances, "force": force });
     start_and_follow(ctx, &request.to_string()).await
+}
+
+/// `GetInstance`, which polkit authorises for non-root callers.
+async fn get_instance(
+    ctx: &Ctx,
+    manager: &ModuleUpdaterProxy<'static>,
+    id: &str,
+) -> zbus::Result<HashMap<String, String>> {
+    ctx.bus
+        .call_gated(manager.inner(), "GetInstance", &(id,))
+        .await
 }
 
 async fn list(ctx: &Ctx) -> Result<u8, ClientError> {
@@ -272,8 +289,7 @@ async fn show(ctx: &Ctx, instance: &str) -> Result<u8, ClientError> {
         job: None,
         instance: Some(instance),
     };
-    let environment: BTreeMap<String, String> = manager
-        .get_instance(instance)
+    let environment: BTreeMap<String, String> = get_instance(ctx, &manager, instance)
         .await
         .map_err(|e| call.error(e))?
         .into_iter()
@@ -442,8 +458,8 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
 
 async fn cancel(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
     let proxy = ctx.job(job).await?;
-    proxy
-        .cancel()
+    ctx.bus
+        .call_gated::<_, ()>(proxy.inner(), "Cancel", &())
         .await
         .map_err(|e| ctx.job_call("Cancel", job).error(e))?;
     if ctx.json {
