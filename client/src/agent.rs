@@ -1,7 +1,12 @@
 //! A text authentication agent for this process while a call that polkit gates is pending, as
-//! systemctl runs one: `pkttyagent --notify-fd N --fallback --process PID,START`. polkit asks it
-//! (on this terminal) for an administrator's password when a rule wants one; an agent already
-//! registered for this process is kept (`--fallback`).
+//! systemctl runs one: `pkttyagent --notify-fd N [--fallback] --process PID,START`. polkit asks
+//! it (on this terminal) for an administrator's password when a rule wants one.
+//!
+//! In a login session, the agent is registered with `--fallback`: an agent of the session (a
+//! desktop's) is preferred. Outside any session (a service, a container, `setpriv`), polkit
+//! never uses a fallback agent (it looks for the session's agent first and, finding no session,
+//! gives up, `get_authentication_agent_for_subject` in polkitd), so there the agent registers
+//! plainly for this process.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -62,6 +67,15 @@ fn start_time(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether a `/proc/PID/cgroup` text puts the process in a systemd-logind session (below a
+/// `session-ID.scope`), which is how polkit finds the session of a process.
+fn in_session(cgroup: &str) -> bool {
+    cgroup.lines().any(|line| {
+        line.split('/')
+            .any(|part| part.starts_with("session-") && part.ends_with(".scope"))
+    })
+}
+
 impl Agent {
     /// Starts pkttyagent for this process and returns once it is registered with polkit.
     /// `system_bus` is the address of the bus polkit is on, when it is not the system bus.
@@ -73,10 +87,11 @@ impl Agent {
         let mut command = Command::new(PKTTYAGENT);
         command
             .arg("--notify-fd")
-            .arg(notify_write.as_raw_fd().to_string())
-            .arg("--fallback")
-            .arg("--process")
-            .arg(own_process());
+            .arg(notify_write.as_raw_fd().to_string());
+        if std::fs::read_to_string("/proc/self/cgroup").is_ok_and(|text| in_session(&text)) {
+            command.arg("--fallback");
+        }
+        command.arg("--process").arg(own_process());
         if let Some(address) = system_bus {
             command.env("DBUS_SYSTEM_BUS_ADDRESS", address);
         }
@@ -175,6 +190,21 @@ fn wait_for_eof(fd: OwnedFd) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_login_session_is_read_from_the_cgroup() {
+        assert!(in_session(
+            "0::/user.slice/user-1000.slice/session-4.scope\n"
+        ));
+        assert!(in_session(
+            "12:pids:/user.slice/user-0.slice/session-c2.scope\n0::/user.slice/user-0.slice/session-c2.scope\n"
+        ));
+        assert!(!in_session(
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.service\n"
+        ));
+        assert!(!in_session("0::/\n"));
+        assert!(!in_session(""));
+    }
 
     #[test]
     fn start_time_is_field_22_even_with_odd_command_names() {
