@@ -911,8 +911,12 @@ impl Terminal {
     /// Types `line` and Enter.
     fn type_line(&mut self, line: &str) {
         let keys = self.keys.as_mut().unwrap();
-        keys.write_all(format!("{line}\n").as_bytes()).unwrap();
-        keys.flush().unwrap();
+        let typed = keys
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| keys.flush());
+        if let Err(err) = typed {
+            panic!("cannot type ({err}): {}", self.describe());
+        }
     }
 
     /// Waits for the program to end: its exit code and the screen.
@@ -1090,7 +1094,8 @@ polkit.addAdminRule(function(action, subject) {{
 
     // The client as the caller, on a terminal, where polkit's password helper reaches polkitd.
     let client = sandbox.user_executable(&client_binary().unwrap()).unwrap();
-    let mut terminal = |name: &str, args: &[&str]| {
+    // `argv` as the caller on a terminal (the client when `argv` starts with an option).
+    let mut terminal = |name: &str, argv: &[&str]| {
         let env: Vec<String> = [
             (
                 "PATH",
@@ -1106,14 +1111,21 @@ polkit.addAdminRule(function(action, subject) {{
         .map(|(k, v)| sh_quote(&format!("{k}={v}")))
         .collect();
         let mut line = format!(
-            "stty cols 200 rows 50; exec setpriv --reuid={} --regid={} --init-groups env -i {} {} --address {}",
+            "stty cols 200 rows 50; exec setpriv --reuid={} --regid={} --init-groups env -i {}",
             caller.uid,
             caller.gid,
             env.join(" "),
-            sh_quote(&client.display().to_string()),
-            sh_quote(&sandbox.bus_address()),
         );
-        for arg in args {
+        let mut argv = argv.to_vec();
+        let client = client.display().to_string();
+        let address = sandbox.bus_address();
+        if argv
+            .first()
+            .is_some_and(|a| a.starts_with('-') || *a == "run")
+        {
+            argv.splice(0..0, [client.as_str(), "--address", address.as_str()]);
+        }
+        for arg in argv {
             line.push(' ');
             line.push_str(&sh_quote(arg));
         }
@@ -1162,8 +1174,57 @@ polkit.addAdminRule(function(action, subject) {{
         "{error}"
     );
 
-    // The right password: the job starts and completes.
-    let mut prompt = terminal("right", &run_update);
+    // A caller that leaves while polkit asks (here killed; busctl also leaves when its own 25 s
+    // timeout ends): the daemon cancels the check and starts no job. busctl waits for the prompt
+    // with an agent registered for its process (the shell's pid, which busctl keeps by exec).
+    let busctl = format!(
+        "pkttyagent --process $$ & sleep 2; exec busctl --address={} --allow-interactive-authorization=yes call org.nethserver.ModuleUpdater /org/nethserver/ModuleUpdater org.nethserver.ModuleUpdater UpdateModule s {}",
+        sandbox.bus_address(),
+        sh_quote(&update)
+    );
+    let mut prompt = terminal("caller-left", &["sh", "-c", &busctl]);
+    prompt.wait_for("Password:", Duration::from_secs(60));
+    let busctl_pid = Command::new("pgrep")
+        .args(["-u", &caller.id, "-x", "busctl"])
+        .output()
+        .unwrap();
+    let busctl_pid: i32 = String::from_utf8_lossy(&busctl_pid.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no busctl running: {}", prompt.describe()));
+    let (before, _) = last_refusal();
+    kill(Pid::from_raw(busctl_pid), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (count, line) = last_refusal();
+        if count > before {
+            assert!(line.contains("the caller left the bus"), "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(prompt);
+    let jobs = run(&sandbox, &["--json", "jobs"]).expect(0).json();
+    assert_eq!(
+        jobs,
+        serde_json::json!([]),
+        "a job started for a caller that left"
+    );
+    // That agent was busctl's, not the client's: it goes with the terminal, or here.
+    let _ = Command::new("pkill")
+        .args(["-u", &caller.id, "-x", "pkttyagent"])
+        .status();
+
+    // The right password, typed after longer than --timeout: a call that may prompt waits for
+    // the daemon's answer all the same, and the job starts and completes.
+    let mut args = vec!["--timeout", "3"];
+    args.extend(run_update);
+    let mut prompt = terminal("right", &args);
     prompt.wait_for("Password:", Duration::from_secs(60));
     let screen = prompt.screen();
     assert!(
@@ -1171,7 +1232,7 @@ polkit.addAdminRule(function(action, subject) {{
             && screen.contains(&format!("Authenticating as: {}", caller.id)),
         "{screen}"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(5));
     prompt.type_line(password);
     let (code, screen) = prompt.finish(CLIENT_TIMEOUT);
     assert_eq!(code, 0, "{screen}");

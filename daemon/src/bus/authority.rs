@@ -7,15 +7,18 @@
 //! request's details, so a rule can decide per module URL, instance or job. polkit may ask the
 //! caller's authentication agent for a password only when the caller set the message flag
 //! `ALLOW_INTERACTIVE_AUTHORIZATION`. The check is an ordinary async call: other callers are
-//! served while polkit answers (or while an agent asks a password). No polkit on the bus, an error
-//! from polkit, or no answer in time all mean "no": the daemon fails closed. Every decision is
+//! served while polkit answers (or while an agent asks a password); a caller that leaves the bus
+//! meanwhile is refused and polkit told to stop asking. No polkit on the bus, an error from
+//! polkit, or no answer in time all mean "no": the daemon fails closed. Every decision is
 //! logged with the journal fields `CALLER_UID`, `CALLER_PID` and `ACTION`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 
+use futures_util::StreamExt;
 use zbus::message::{Flags, Header};
+use zbus::names::UniqueName;
 use zbus::proxy::CacheProperties;
 use zbus::{Connection, DBusError, Variant};
 
@@ -94,6 +97,9 @@ enum Refusal {
     NoAgent,
     /// The agent's prompt was dismissed.
     Dismissed,
+    /// The caller left the bus while polkit was asking (e.g. it gave up waiting, or was killed):
+    /// nobody would learn that a job started.
+    CallerLeft,
     /// polkit says no: its rules, or an authentication that failed.
     No { interactive: bool },
 }
@@ -120,6 +126,9 @@ impl Refusal {
                 "polkit requires an administrator's authentication, and no authentication agent could ask for it: none is registered for the caller's process or session (module-updater on a terminal starts pkttyagent; other clients need an agent running, e.g. `pkttyagent --process PID`)".to_owned()
             }
             Refusal::Dismissed => "the authentication prompt was dismissed".to_owned(),
+            Refusal::CallerLeft => {
+                "the caller left the bus while polkit was asking for authentication, so the check was cancelled".to_owned()
+            }
             Refusal::No { interactive: true } => {
                 "polkit refused the action (the authentication failed, or its rules say no)"
                     .to_owned()
@@ -245,12 +254,27 @@ async fn ask_polkit(
     };
     let cancellation = cancellation_id();
     let call = authority.check_authorization(&subject, action.id(), &details, flags, &cancellation);
-    let Ok(answer) = tokio::time::timeout(POLKIT_TIMEOUT, call).await else {
-        // polkit keeps a check (and its agent's prompt) until told otherwise.
-        if let Err(err) = authority.cancel_check_authorization(&cancellation).await {
-            log::debug!("cannot cancel polkit check {cancellation}: {err}");
+    // An interactive check may take minutes; if the caller goes meanwhile, stop asking.
+    let caller_left = async {
+        if interactive {
+            left_the_bus(connection, sender).await;
+        } else {
+            std::future::pending::<()>().await;
         }
-        return Err(Refusal::TimedOut);
+    };
+    let answer = tokio::select! {
+        answer = tokio::time::timeout(POLKIT_TIMEOUT, call) => answer.map_err(|_| Refusal::TimedOut),
+        () = caller_left => Err(Refusal::CallerLeft),
+    };
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(refusal) => {
+            // polkit keeps a check (and its agent's prompt) until told otherwise.
+            if let Err(err) = authority.cancel_check_authorization(&cancellation).await {
+                log::debug!("cannot cancel polkit check {cancellation}: {err}");
+            }
+            return Err(refusal);
+        }
     };
     match answer {
         Ok((true, _, _)) => Ok(()),
@@ -268,6 +292,35 @@ async fn ask_polkit(
         Ok((false, false, _)) => Err(Refusal::No { interactive }),
         Err(err) if polkit_absent(&err) => Err(Refusal::PolkitAbsent),
         Err(err) => Err(Refusal::PolkitError(err.to_string())),
+    }
+}
+
+/// Returns once `name` (a unique name) has left the bus, at once if it already has; never when
+/// the bus cannot be asked (the check then ends by polkit's answer or the timeout).
+async fn left_the_bus(connection: &Connection, name: &UniqueName<'_>) {
+    let watched = async {
+        let dbus = zbus::fdo::DBusProxy::builder(connection)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .ok()?;
+        // Subscribed before asking whether it is still there: a departure in between is seen.
+        let mut changes = dbus
+            .receive_name_owner_changed_with_args(&[(0, name.as_str())])
+            .await
+            .ok()?;
+        if !dbus.name_has_owner(name.clone().into()).await.ok()? {
+            return Some(());
+        }
+        while let Some(change) = changes.next().await {
+            if change.args().is_ok_and(|args| args.new_owner().is_none()) {
+                return Some(());
+            }
+        }
+        None
+    };
+    if watched.await.is_none() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -400,6 +453,7 @@ mod tests {
             Refusal::NotInteractive,
             Refusal::NoAgent,
             Refusal::Dismissed,
+            Refusal::CallerLeft,
             Refusal::TimedOut,
             Refusal::No { interactive: true },
         ] {
