@@ -171,12 +171,7 @@ impl Bus {
     /// daemon waits for polkit, so that the daemon's answer (allowed, or refused) always arrives
     /// before the client gives up.
     pub fn gated_timeout(&self) -> Duration {
-        if self.ask_password {
-            self.timeout
-                .max(module_updater_dbus::POLKIT_TIMEOUT + PROMPT_MARGIN)
-        } else {
-            self.timeout
-        }
+        gated_timeout(self.timeout, self.ask_password)
     }
 
     /// Where an authentication agent for this client registers: polkit on the bus the daemon is
@@ -245,6 +240,15 @@ impl Bus {
                 ),
             ))),
         }
+    }
+}
+
+/// See [`Bus::gated_timeout`].
+fn gated_timeout(timeout: Duration, ask_password: bool) -> Duration {
+    if ask_password {
+        timeout.max(module_updater_dbus::POLKIT_TIMEOUT + PROMPT_MARGIN)
+    } else {
+        timeout
     }
 }
 
@@ -353,6 +357,15 @@ mod tests {
         assert!(parse_unixexec("unixexec:path=x,argv2=y").is_err());
         assert!(parse_unixexec("unixexec:path=x%4").is_err());
         assert!(parse_unixexec("unixexec:path=x%zz").is_err());
+    }
+
+    #[test]
+    fn a_call_that_may_prompt_outwaits_the_daemon() {
+        let short = Duration::from_secs(25);
+        assert!(gated_timeout(short, true) > module_updater_dbus::POLKIT_TIMEOUT);
+        assert_eq!(gated_timeout(short, false), short);
+        let long = Duration::from_secs(600);
+        assert_eq!(gated_timeout(long, true), long);
     }
 
     #[test]

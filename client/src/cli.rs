@@ -38,7 +38,8 @@ pub struct BusArgs {
 pub struct Cli {
     #[command(flatten)]
     pub bus: BusArgs,
-    /// Seconds to wait for the reply of each D-Bus call (as busctl's --timeout).
+    /// Seconds to wait for the reply of each D-Bus call (as busctl's --timeout); a call that may
+    /// ask for a password waits at least 150 s, longer than the service waits for polkit.
     #[arg(long, value_name = "SECS", default_value_t = 25.0, global = true, value_parser = parse_timeout)]
     pub timeout: f64,
     /// Never ask for a password. By default, when stdin is a terminal, the calls that polkit
@@ -411,5 +412,17 @@ mod tests {
         assert!(Cli::try_parse_from(["module-updater", "--timeout", "0", "list"]).is_err());
         assert!(Cli::try_parse_from(["module-updater", "--timeout", "x", "list"]).is_err());
         assert!(Cli::try_parse_from(["module-updater", "wait", "mail1"]).is_err());
+    }
+
+    #[test]
+    fn no_ask_password_anywhere_on_the_line() {
+        let cli = Cli::try_parse_from(["module-updater", "show", "mail1"]).unwrap();
+        assert!(!cli.no_ask_password);
+        for line in [
+            ["module-updater", "--no-ask-password", "cancel", "7"],
+            ["module-updater", "cancel", "7", "--no-ask-password"],
+        ] {
+            assert!(Cli::try_parse_from(line).unwrap().no_ask_password);
+        }
     }
 }
