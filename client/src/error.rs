@@ -394,7 +394,7 @@ mod tests {
             "{text}"
         );
         // The daemon's refusal already says what to grant: not repeated.
-        let daemon = "uid 1001 may not update module instances (org.nethserver.moduleupdater.update-module): polkit refused the action; to allow it, grant the polkit action org.nethserver.moduleupdater.update-module to this user with a rule in /etc/polkit-1/rules.d/ (see module-updater's docs/security.md), or call as root";
+        let daemon = "uid 1001 may not update module instances (org.nethserver.moduleupdater.update-module): polkit refused the action; to allow it, grant the polkit action org.nethserver.moduleupdater.update-module to this user with a rule in /etc/polkit-1/rules.d/ (see polkit(8)), or call as root";
         let err = call.error(zbus::Error::FDO(Box::new(fdo::Error::AccessDenied(
             daemon.into(),
         ))));

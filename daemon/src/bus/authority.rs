@@ -142,7 +142,7 @@ impl Refusal {
         match self {
             Refusal::PolkitAbsent => "start polkitd, or call as root".to_owned(),
             _ => format!(
-                "to allow it, grant the polkit action {} to this user with a rule in /etc/polkit-1/rules.d/ (see module-updater's docs/security.md), or call as root",
+                "to allow it, grant the polkit action {} to this user with a rule in /etc/polkit-1/rules.d/ (see polkit(8)), or call as root",
                 action.id()
             ),
         }
