@@ -84,7 +84,7 @@ pub enum ClientError {
     AccessDenied {
         bus: String,
         reason: String,
-        /// What to do, when the service's message does not already say it (see [`access_hint`]).
+        /// What to do, when the service's message does not already say it (see `access_hint`).
         hint: String,
     },
     #[error("module-updaterd is shutting down: {reason}; try again once it has restarted")]
