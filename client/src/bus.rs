@@ -9,7 +9,9 @@ use std::time::Duration;
 use zbus::Connection;
 use zbus::address::Transport;
 use zbus::address::transport::Unixexec;
+use zbus::proxy::MethodFlags;
 
+use crate::agent::Agent;
 use crate::cli::BusArgs;
 use crate::error::ClientError;
 
@@ -145,20 +147,118 @@ pub fn host_address(host: &str) -> Result<zbus::Address, ClientError> {
     ))))
 }
 
-/// A connection and the name of the bus it goes to (for messages).
+/// How much longer than the daemon's polkit wait a call that may prompt waits for its reply: the
+/// daemon's work after polkit said yes (starting the job) and the round trip.
+const PROMPT_MARGIN: Duration = Duration::from_secs(30);
+
+/// A connection, the name of the bus it goes to (for messages), and how calls are made.
 pub struct Bus {
     pub connection: Connection,
     pub target: Target,
+    /// How long a call waits for its reply (`--timeout`).
+    pub timeout: Duration,
+    /// Whether calls that polkit gates let it ask for a password: stdin is a terminal and
+    /// `--no-ask-password` was not given.
+    pub ask_password: bool,
 }
 
 impl Bus {
     pub fn describe(&self) -> String {
         self.target.describe()
     }
+
+    /// How long a call that polkit gates waits: when a password prompt may come, longer than the
+    /// daemon waits for polkit, so that the daemon's answer (allowed, or refused) always arrives
+    /// before the client gives up.
+    pub fn gated_timeout(&self) -> Duration {
+        gated_timeout(self.timeout, self.ask_password)
+    }
+
+    /// Where an authentication agent for this client registers: polkit on the bus the daemon is
+    /// on (`None`: the system bus, pkttyagent's default). No agent for a bus on another host
+    /// (it could not ask on this terminal) or for the session bus (polkit is on the system bus).
+    fn agent_bus(&self) -> Option<Option<&str>> {
+        match &self.target {
+            Target::System => Some(None),
+            Target::Address(address) if !address.starts_with("unixexec:") => {
+                Some(Some(address.as_str()))
+            }
+            Target::Address(_) | Target::Host(_) | Target::User => None,
+        }
+    }
+
+    /// Calls `method` of `proxy`, a method the daemon authorises with polkit (`UpdateModule`,
+    /// `GetInstance`, a job's `Cancel`). With [`Bus::ask_password`], the call carries the
+    /// `ALLOW_INTERACTIVE_AUTHORIZATION` flag, waits [`Bus::gated_timeout`], and a text
+    /// authentication agent (pkttyagent) runs for this process while it is pending, unless this
+    /// process runs as root (which polkit is never asked about).
+    pub async fn call_gated<B, R>(
+        &self,
+        proxy: &zbus::Proxy<'_>,
+        method: &'static str,
+        body: &B,
+    ) -> zbus::Result<R>
+    where
+        B: serde::Serialize + zbus::DynamicType,
+        R: for<'d> zbus::wire::DynamicDeserialize<'d>,
+    {
+        let flags = if self.ask_password {
+            MethodFlags::ALLOW_INTERACTIVE_AUTH
+        } else {
+            MethodFlags::empty()
+        };
+        let agent = match self.agent_bus() {
+            Some(bus) if self.ask_password && !nix::unistd::geteuid().is_root() => {
+                match Agent::start(bus).await {
+                    Ok(agent) => Some(agent),
+                    Err(err) => {
+                        eprintln!("module-updater: {err}; polkit cannot ask for a password");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let timeout = self.gated_timeout();
+        let reply = tokio::time::timeout(
+            timeout,
+            proxy.call_with_flags::<_, B, R>(method, flags, body),
+        )
+        .await;
+        if let Some(agent) = agent {
+            agent.stop().await;
+        }
+        match reply {
+            Ok(Ok(Some(reply))) => Ok(reply),
+            // Only a call flagged NO_REPLY_EXPECTED comes back without a reply.
+            Ok(Ok(None)) => Err(zbus::Error::Failure(format!("{method} returned no reply"))),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(zbus::Error::InputOutput(std::sync::Arc::new(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{method} got no reply within {} s", timeout.as_secs()),
+                ),
+            ))),
+        }
+    }
 }
 
-/// Connects to the chosen bus; every method call then times out after `timeout`.
-pub async fn connect(args: &BusArgs, timeout: Duration) -> Result<Bus, ClientError> {
+/// See [`Bus::gated_timeout`].
+fn gated_timeout(timeout: Duration, ask_password: bool) -> Duration {
+    if ask_password {
+        timeout.max(module_updater_dbus::POLKIT_TIMEOUT + PROMPT_MARGIN)
+    } else {
+        timeout
+    }
+}
+
+/// Connects to the chosen bus; every method call then times out after `timeout` (calls that
+/// polkit gates: see [`Bus::gated_timeout`]).
+pub async fn connect(
+    args: &BusArgs,
+    timeout: Duration,
+    ask_password: bool,
+) -> Result<Bus, ClientError> {
     let target = Target::from_args(args);
     let builder = match &target {
         Target::System => zbus::connection::Builder::system(),
@@ -183,7 +283,12 @@ pub async fn connect(args: &BusArgs, timeout: Duration) -> Result<Bus, ClientErr
             reason: crate::error::describe_zbus(&source),
             hint: target.connect_hint(),
         })?;
-    Ok(Bus { connection, target })
+    Ok(Bus {
+        connection,
+        target,
+        timeout,
+        ask_password,
+    })
 }
 
 #[cfg(test)]
@@ -252,6 +357,15 @@ mod tests {
         assert!(parse_unixexec("unixexec:path=x,argv2=y").is_err());
         assert!(parse_unixexec("unixexec:path=x%4").is_err());
         assert!(parse_unixexec("unixexec:path=x%zz").is_err());
+    }
+
+    #[test]
+    fn a_call_that_may_prompt_outwaits_the_daemon() {
+        let short = Duration::from_secs(25);
+        assert!(gated_timeout(short, true) > module_updater_dbus::POLKIT_TIMEOUT);
+        assert_eq!(gated_timeout(short, false), short);
+        let long = Duration::from_secs(600);
+        assert_eq!(gated_timeout(long, true), long);
     }
 
     #[test]

@@ -38,9 +38,18 @@ pub struct BusArgs {
 pub struct Cli {
     #[command(flatten)]
     pub bus: BusArgs,
-    /// Seconds to wait for the reply of each D-Bus call (as busctl's --timeout).
+    /// Seconds to wait for the reply of each D-Bus call (as busctl's --timeout); a call that may
+    /// ask for a password waits at least 150 s, longer than the service waits for polkit.
     #[arg(long, value_name = "SECS", default_value_t = 25.0, global = true, value_parser = parse_timeout)]
     pub timeout: f64,
+    /// Never ask for a password. By default, when stdin is a terminal, the calls that polkit
+    /// authorises (update, run, show, cancel by a non-root user) let polkit ask for an
+    /// administrator's password: the call carries the D-Bus flag ALLOW_INTERACTIVE_AUTHORIZATION,
+    /// waits long enough for the prompt, and a text agent (pkttyagent) is started for the call
+    /// when none runs for this process. With this flag such a call is refused at once instead
+    /// (as systemctl's --no-ask-password).
+    #[arg(long, global = true)]
+    pub no_ask_password: bool,
     /// Print JSON instead of tables (listing and status commands; one object per line for monitor).
     #[arg(long, global = true)]
     pub json: bool,
@@ -409,5 +418,17 @@ mod tests {
         assert!(Cli::try_parse_from(["module-updater", "--timeout", "0", "list"]).is_err());
         assert!(Cli::try_parse_from(["module-updater", "--timeout", "x", "list"]).is_err());
         assert!(Cli::try_parse_from(["module-updater", "wait", "mail1"]).is_err());
+    }
+
+    #[test]
+    fn no_ask_password_anywhere_on_the_line() {
+        let cli = Cli::try_parse_from(["module-updater", "show", "mail1"]).unwrap();
+        assert!(!cli.no_ask_password);
+        for line in [
+            ["module-updater", "--no-ask-password", "cancel", "7"],
+            ["module-updater", "cancel", "7", "--no-ask-password"],
+        ] {
+            assert!(Cli::try_parse_from(line).unwrap().no_ask_password);
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! returns the process exit code (or the error that decides it).
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use module_updater_dbus::types::HistoryEntry;
@@ -79,6 +79,7 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
     let Cli {
         bus: bus_args,
         timeout,
+        no_ask_password,
         json,
         quiet,
         command,
@@ -89,7 +90,9 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
     if matches!(command, Command::Version) && !json {
         out(&format!("module-updater {}", env!("CARGO_PKG_VERSION")));
     }
-    let bus = bus::connect(&bus_args, Duration::from_secs_f64(timeout)).await?;
+    // As systemctl: polkit may prompt only when there is someone at a terminal to answer.
+    let ask_password = !no_ask_password && std::io::stdin().is_terminal();
+    let bus = bus::connect(&bus_args, Duration::from_secs_f64(timeout), ask_password).await?;
     let ctx = Ctx {
         bus_name: bus.describe(),
         bus,
@@ -164,7 +167,10 @@ async fn start_and_follow(ctx: &Ctx, request: &str) -> Result<u8, ClientError> {
         .await
         .map_err(|e| ctx.call("subscribing to the job signals").error(e))?;
     let manager = ctx.manager().await?;
-    let call = manager.update_module(request);
+    let body = (request,);
+    let call =
+        ctx.bus
+            .call_gated::<_, zbus::OwnedObjectPath>(manager.inner(), "UpdateModule", &body);
     tokio::pin!(call);
     let reply = loop {
         tokio::select! {
@@ -620,8 +626,8 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
 
 async fn cancel(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
     let proxy = ctx.job(job).await?;
-    proxy
-        .cancel()
+    ctx.bus
+        .call_gated::<_, ()>(proxy.inner(), "Cancel", &())
         .await
         .map_err(|e| ctx.job_call("Cancel", job).error(e))?;
     if ctx.json {

@@ -80,10 +80,13 @@ pub enum ClientError {
     Usage(String),
     #[error("{0}")]
     Input(#[from] crate::cli::DataError),
-    #[error(
-        "access denied by {bus}: {reason}; run as root (the bus policy lets only root call the service)"
-    )]
-    AccessDenied { bus: String, reason: String },
+    #[error("access denied by {bus}: {reason}{hint}")]
+    AccessDenied {
+        bus: String,
+        reason: String,
+        /// What to do, when the service's message does not already say it (see `access_hint`).
+        hint: String,
+    },
     #[error("module-updaterd is shutting down: {reason}; try again once it has restarted")]
     ShuttingDown { reason: String },
     #[error("{what} failed: {reason}; see `journalctl -u module-updaterd` for details")]
@@ -175,6 +178,15 @@ impl Call<'_> {
         }
     }
 
+    /// The polkit action the daemon checks for this call, if it checks one.
+    fn action(&self) -> Option<&'static str> {
+        match self.what {
+            "UpdateModule" => Some(module_updater_dbus::ACTION_UPDATE_MODULE),
+            "Cancel" => Some(module_updater_dbus::ACTION_CANCEL),
+            _ => None,
+        }
+    }
+
     fn transport_error(&self, err: zbus::Error, reason: String) -> ClientError {
         let unreachable = || ClientError::Unreachable {
             bus: self.bus.to_owned(),
@@ -204,6 +216,7 @@ impl Call<'_> {
                 fdo::Error::AccessDenied(_) | fdo::Error::AuthFailed(_) => {
                     ClientError::AccessDenied {
                         bus: self.bus.to_owned(),
+                        hint: access_hint(self.action(), &reason),
                         reason,
                     }
                 }
@@ -229,6 +242,19 @@ impl Call<'_> {
                 reason,
             },
         }
+    }
+}
+
+/// What to do about an AccessDenied: the daemon's own refusals name the polkit action and how to
+/// grant it (then nothing is added); anything else (e.g. the bus policy's "Rejected send
+/// message") gets the action to grant, or only root when the call checks none.
+fn access_hint(action: Option<&str>, reason: &str) -> String {
+    match action {
+        Some(action) if reason.contains(action) && reason.contains("root") => String::new(),
+        Some(action) => format!(
+            "; grant the polkit action {action} to this user with a rule in /etc/polkit-1/rules.d/, authenticate as an administrator when asked (on a terminal, without --no-ask-password), or run as root"
+        ),
+        None => "; run as root (the bus policy lets only root make this call)".to_owned(),
     }
 }
 
@@ -354,11 +380,43 @@ mod tests {
             "x".into(),
         ))));
         assert_eq!(err.exit_code(), exit::UNREACHABLE);
+        // The bus policy's refusal: the client names the action to grant.
         let err = call.error(zbus::Error::FDO(Box::new(fdo::Error::AccessDenied(
-            "x".into(),
+            "Rejected send message".into(),
         ))));
         assert_eq!(err.exit_code(), exit::FAILED);
-        assert!(err.to_string().contains("run as root"), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("org.nethserver.moduleupdater.update-module")
+                && text.contains("rules.d")
+                && text.contains("run as root"),
+            "{text}"
+        );
+        // The daemon's refusal already says what to grant: not repeated.
+        let daemon = "uid 1001 may not update module instances (org.nethserver.moduleupdater.update-module): polkit refused the action; to allow it, grant the polkit action org.nethserver.moduleupdater.update-module to this user with a rule in /etc/polkit-1/rules.d/ (see polkit(8)), or call as root";
+        let err = call.error(zbus::Error::FDO(Box::new(fdo::Error::AccessDenied(
+            daemon.into(),
+        ))));
+        assert_eq!(
+            err.to_string()
+                .matches("org.nethserver.moduleupdater.update-module")
+                .count(),
+            2,
+            "{err}"
+        );
+        // A call polkit does not gate: only root.
+        let list = Call {
+            what: "ListInstances",
+            ..call
+        };
+        let err = list.error(zbus::Error::FDO(Box::new(fdo::Error::AccessDenied(
+            "Rejected send message".into(),
+        ))));
+        assert!(
+            err.to_string()
+                .ends_with("run as root (the bus policy lets only root make this call)"),
+            "{err}"
+        );
         let err = call.error(zbus::Error::InputOutput(std::sync::Arc::new(
             std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
         )));

@@ -3,6 +3,7 @@
 //! The binary is a thin `main`; everything lives here so that `cargo xtask` can generate the
 //! completions and the man page ([`generate`]) from the same clap definition ([`cli::Cli`]).
 
+pub mod agent;
 pub mod bus;
 pub mod cli;
 mod commands;

@@ -110,6 +110,11 @@ pub fn unlabel(label: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// How long the daemon waits for polkit's answer about a call (an authentication agent may be
+/// asking for a password meanwhile); with no answer by then the call is refused. A client that
+/// lets polkit ask waits longer than this for the reply, so the daemon always answers first.
+pub const POLKIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The source directory holding the shipped bus policy and activation files.
 pub fn data_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data")

@@ -320,6 +320,36 @@ impl Sandbox {
         cmd::output(&mut command)
     }
 
+    /// Gives a rootless instance's user a password (`chpasswd`), e.g. to type at a polkit
+    /// prompt; it goes with the user when the sandbox deletes it.
+    pub fn set_password(&self, instance: &Instance, password: &str) -> Result<()> {
+        use std::io::Write;
+        if !instance.rootless {
+            return Err(SandboxError::InvalidSpec {
+                detail: format!("{} is rootful: root's password stays as it is", instance.id),
+            });
+        }
+        let mut command = cmd::clean("chpasswd");
+        command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let _lock = footprint::lock("passwd.lock")?;
+        let mut child = command.spawn().map_err(|source| SandboxError::Spawn {
+            command: cmd::describe(&command),
+            source,
+        })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(format!("{}:{password}\n", instance.id).as_bytes())
+                .map_err(|e| SandboxError::io("write to", Path::new("chpasswd"), e))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|e| SandboxError::io("wait for", Path::new("chpasswd"), e))?;
+        cmd::check(&command, output).map(drop)
+    }
+
     /// Like [`Sandbox::run_as`], but the command is returned to be configured and spawned.
     pub fn command_as<S: AsRef<std::ffi::OsStr>>(
         &self,

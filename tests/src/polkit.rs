@@ -28,6 +28,12 @@ pub const POLKITD: &str = "/usr/lib/polkit-1/polkitd";
 pub const ACTIONS_DIR: &str = "/usr/share/polkit-1/actions";
 /// Where polkitd reads administrator rules.
 pub const RULES_DIR: &str = "/etc/polkit-1/rules.d";
+/// polkit's text authentication agent (package `polkitd`).
+pub const PKTTYAGENT: &str = "pkttyagent";
+/// The setuid helper an agent runs to check a password with PAM (package `polkitd`).
+pub const AGENT_HELPER: &str = "/usr/lib/polkit-1/polkit-agent-helper-1";
+/// Where setuid programs built on GLib find the system bus, whatever the environment says.
+const SYSTEM_BUS_DIR: &str = "/run/dbus";
 /// How long polkitd may take to own its name and know our actions.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Name of the record of what is installed, in [`STATE_DIR`].
@@ -46,6 +52,9 @@ struct Installed {
     files: Vec<InstalledFile>,
     groups: Vec<String>,
     polkitd: Option<ProcessRecord>,
+    /// Directories that did not exist (the mount point of [`Polkit::on_system_bus`]).
+    #[serde(default)]
+    dirs: Vec<PathBuf>,
 }
 
 impl Installed {
@@ -88,6 +97,14 @@ impl Installed {
         for group in self.groups.drain(..).rev() {
             if let Err(err) = groupdel(&group) {
                 problems.push(err.to_string());
+            }
+        }
+        for dir in self.dirs.drain(..).rev() {
+            match std::fs::remove_dir(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    problems.push(format!("{}: {e}", dir.display()));
+                }
+                _ => {}
             }
         }
         if problems.is_empty() {
@@ -317,6 +334,59 @@ impl Polkit {
         }
     }
 
+    /// `argv` (run as root; drop privileges inside it) where setuid programs find the sandbox
+    /// bus as the system bus.
+    ///
+    /// An authentication agent checks a password by running `polkit-agent-helper-1`, which is
+    /// setuid root and reports the outcome to polkitd over the system bus; GLib ignores
+    /// `DBUS_SYSTEM_BUS_ADDRESS` in setuid programs and always connects to
+    /// `/run/dbus/system_bus_socket` (outside this, the helper fails with "Error getting
+    /// authority: ... Could not connect: No such file or directory" and every password is
+    /// refused). So `argv` runs in a mount namespace of its own (`unshare --mount`) where a
+    /// tmpfs over `/run/dbus` holds a `system_bus_socket` link to the sandbox bus; the
+    /// machine's `/run/dbus` is untouched (created empty, and removed afterwards, only if it did
+    /// not exist).
+    pub fn on_system_bus<S: AsRef<std::ffi::OsStr>>(&mut self, argv: &[S]) -> Result<Command> {
+        for (tool, package) in [
+            (PKTTYAGENT, "polkitd"),
+            (AGENT_HELPER, "polkitd"),
+            ("unshare", "util-linux"),
+            ("mount", "mount"),
+        ] {
+            if cmd::find_tool(tool).is_none() {
+                return Err(SandboxError::MissingTools {
+                    tools: tool.into(),
+                    packages: package.into(),
+                });
+            }
+        }
+        let socket = self
+            .bus_address
+            .strip_prefix("unix:path=")
+            .map(|rest| rest.split(',').next().unwrap_or(rest).to_owned())
+            .ok_or_else(|| SandboxError::InvalidSpec {
+                detail: format!("{} is not a unix:path= address", self.bus_address),
+            })?;
+        let mount_point = PathBuf::from(SYSTEM_BUS_DIR);
+        if !mount_point.exists() {
+            self.installed.dirs.push(mount_point.clone());
+            self.installed.save()?;
+            std::fs::create_dir_all(&mount_point)
+                .map_err(|e| SandboxError::io("create", &mount_point, e))?;
+        }
+        let mut command = cmd::clean("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(format!(
+                "mount -t tmpfs -o mode=0755 module-updater-test {SYSTEM_BUS_DIR} && \
+                 ln -s \"$1\" {SYSTEM_BUS_DIR}/system_bus_socket && shift && exec \"$@\""
+            ))
+            .arg("sh")
+            .arg(socket)
+            .args(argv);
+        Ok(command)
+    }
+
     /// Adds an instance's user to a group (`gpasswd -a`).
     pub fn add_member(&self, group: &str, instance: &Instance) -> Result<()> {
         let mut command = cmd::clean("gpasswd");
@@ -454,6 +524,11 @@ impl Polkit {
         for group in &recorded.groups {
             if Group::from_name(group).ok().flatten().is_some() {
                 problems.push(format!("group {group} is left"));
+            }
+        }
+        for dir in &recorded.dirs {
+            if dir.exists() {
+                problems.push(format!("{} is left", dir.display()));
             }
         }
         if Installed::path().exists() {

@@ -832,3 +832,444 @@ fn the_service_killed_while_a_job_is_followed() {
     assert_eq!(out.json()["error"], "interrupted");
     assert!(out.stderr.contains("interrupted"), "{}", out.stderr);
 }
+
+/// `text` quoted for `sh`.
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// A program on a pseudo-terminal (util-linux `script`) that a test reads and types into, as a
+/// person at the terminal would.
+struct Terminal {
+    child: Child,
+    keys: Option<std::process::ChildStdin>,
+    output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    errors: PathBuf,
+}
+
+impl Terminal {
+    /// Runs `command`, a `script -qec ... /dev/null` command line (possibly wrapped).
+    fn start(mut command: Command, errors: PathBuf) -> Terminal {
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&errors).unwrap());
+        let mut child = command.spawn().unwrap();
+        let keys = child.stdin.take();
+        let mut stdout = child.stdout.take().unwrap();
+        let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buffer[..n]);
+            }
+        });
+        Terminal {
+            child,
+            keys,
+            output,
+            errors,
+        }
+    }
+
+    /// What the terminal shows so far.
+    fn screen(&self) -> String {
+        screen_text(&String::from_utf8_lossy(&self.output.lock().unwrap()))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "screen:\n{}\nscript's stderr: {}",
+            self.screen(),
+            std::fs::read_to_string(&self.errors).unwrap_or_default()
+        )
+    }
+
+    /// Waits until the screen shows `text`.
+    fn wait_for(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.screen().contains(text) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "exited ({status}) before showing {text:?}: {}",
+                    self.describe()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} within {timeout:?}: {}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Types `line` and Enter.
+    fn type_line(&mut self, line: &str) {
+        let keys = self.keys.as_mut().unwrap();
+        let typed = keys
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| keys.flush());
+        if let Err(err) = typed {
+            panic!("cannot type ({err}): {}", self.describe());
+        }
+    }
+
+    /// Waits for the program to end: its exit code and the screen.
+    fn finish(mut self, timeout: Duration) -> (i32, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The reader thread drains what is left.
+                std::thread::sleep(Duration::from_millis(200));
+                return (status.code().unwrap_or(-1), self.screen());
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("did not end within {timeout:?}: {}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        drop(self.keys.take());
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `busctl call` of UpdateModule as `who`, with or without the interactive-authorization flag:
+/// (success, stderr, how long it took).
+fn busctl_update(
+    sandbox: &Sandbox,
+    who: &Instance,
+    request: &str,
+    interactive: bool,
+) -> (bool, String, Duration) {
+    let address = format!("--address={}", sandbox.bus_address());
+    let flag = format!(
+        "--allow-interactive-authorization={}",
+        if interactive { "yes" } else { "no" }
+    );
+    let argv = [
+        "busctl",
+        address.as_str(),
+        flag.as_str(),
+        "call",
+        "org.nethserver.ModuleUpdater",
+        "/org/nethserver/ModuleUpdater",
+        "org.nethserver.ModuleUpdater",
+        "UpdateModule",
+        "s",
+        request,
+    ];
+    let started = Instant::now();
+    let out = sandbox.run_as(who, &argv).unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn polkit_asks_for_a_password_on_a_terminal_only() {
+    use module_updater_dbus::ACTION_UPDATE_MODULE;
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("app", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("app", "2.0"))
+        .unwrap();
+    let target = sandbox.add_rootless_instance("app").unwrap();
+    sandbox.install(&target, &v1).unwrap();
+    // A non-root user with a password, who is also the administrator polkit asks for.
+    let caller = sandbox.add_rootless_instance("caller").unwrap();
+    let password = "Correct-horse-7";
+    sandbox.set_password(&caller, password).unwrap();
+    let mut polkit = sandbox.start_polkitd().unwrap();
+    // update-module needs an administrator's password (auth_admin, nothing kept between calls),
+    // and the administrator is the caller. Another action is granted outright: an answer pkcheck
+    // can see, so the test knows when polkitd has loaded the file (cancel is granted outright
+    // for that).
+    let rules = format!(
+        r#"polkit.addRule(function(action, subject) {{
+    if (subject.user == "{user}") {{
+        if (action.id == "{ACTION_UPDATE_MODULE}") return polkit.Result.AUTH_ADMIN;
+        if (action.id == "{probe}") return polkit.Result.YES;
+    }}
+}});
+polkit.addAdminRule(function(action, subject) {{
+    if (subject.user == "{user}") return ["unix-user:{user}"];
+}});"#,
+        user = caller.id,
+        probe = module_updater_dbus::ACTION_CANCEL,
+    );
+    let rule_file = polkit.add_rule("password-prompt", &rules).unwrap();
+    let probe = polkit.subject_process(&caller).unwrap();
+    polkit
+        .wait_for(
+            module_updater_dbus::ACTION_CANCEL,
+            &probe,
+            &[
+                ("job", "/org/nethserver/ModuleUpdater/job/0"),
+                ("instances", target.id.as_str()),
+            ],
+            true,
+        )
+        .unwrap();
+    drop(probe);
+    let daemon = start_daemon(&sandbox, &[]);
+    let update = request(&v2, &[&target.id], false);
+
+    // The reason the daemon logged for its latest refusal of the caller (busctl prints only
+    // "Access denied" for AccessDenied, whatever the message).
+    let refused = format!(
+        "refused {ACTION_UPDATE_MODULE} for uid {} (pid ",
+        caller.uid
+    );
+    let last_refusal = || {
+        let log = daemon.log();
+        let line = log
+            .lines()
+            .rfind(|l| l.contains(&refused))
+            .map(str::to_owned);
+        (log.matches(&refused).count(), line.unwrap_or_default())
+    };
+
+    // busctl without the flag: refused at once, and why.
+    let (ok, stderr, took) = busctl_update(&sandbox, &caller, &update, false);
+    assert!(!ok, "a non-interactive call was let through");
+    assert!(stderr.contains("Access denied"), "{stderr}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let (count, line) = last_refusal();
+    assert_eq!(count, 1, "{line}");
+    assert!(
+        line.contains("did not allow interactive authorization"),
+        "{line}"
+    );
+    // With the flag, polkit is asked interactively: it answers that no agent could ask (busctl
+    // starts none), which it says only when interaction was allowed.
+    let (ok, _, _) = busctl_update(&sandbox, &caller, &update, true);
+    assert!(!ok);
+    let (count, line) = last_refusal();
+    assert_eq!(count, 2, "{line}");
+    assert!(line.contains("no authentication agent could ask"), "{line}");
+    // gdbus shows the whole message: why, and what to grant.
+    let address = sandbox.bus_address();
+    let out = sandbox
+        .run_as(
+            &caller,
+            &[
+                "gdbus",
+                "call",
+                "--address",
+                &address,
+                "--dest",
+                "org.nethserver.ModuleUpdater",
+                "--object-path",
+                "/org/nethserver/ModuleUpdater",
+                "--method",
+                "org.nethserver.ModuleUpdater.UpdateModule",
+                &update,
+            ],
+        )
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("org.freedesktop.DBus.Error.AccessDenied")
+            && stderr.contains("did not allow interactive authorization")
+            && stderr.contains(&format!("grant the polkit action {ACTION_UPDATE_MODULE}"))
+            && stderr.contains("rules.d")
+            && stderr.contains("or call as root"),
+        "{stderr}"
+    );
+
+    // The client as the caller, on a terminal, where polkit's password helper reaches polkitd.
+    let client = sandbox.user_executable(&client_binary().unwrap()).unwrap();
+    // `argv` as the caller on a terminal (the client when `argv` starts with an option).
+    let mut terminal = |name: &str, argv: &[&str]| {
+        let env: Vec<String> = [
+            (
+                "PATH",
+                "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".to_owned(),
+            ),
+            ("HOME", caller.home.display().to_string()),
+            ("USER", caller.id.clone()),
+            ("LOGNAME", caller.id.clone()),
+            ("LANG", "C.UTF-8".to_owned()),
+            ("TERM", "xterm-256color".to_owned()),
+        ]
+        .iter()
+        .map(|(k, v)| sh_quote(&format!("{k}={v}")))
+        .collect();
+        let mut line = format!(
+            "stty cols 200 rows 50; exec setpriv --reuid={} --regid={} --init-groups env -i {}",
+            caller.uid,
+            caller.gid,
+            env.join(" "),
+        );
+        let mut argv = argv.to_vec();
+        let client = client.display().to_string();
+        let address = sandbox.bus_address();
+        if argv
+            .first()
+            .is_some_and(|a| a.starts_with('-') || *a == "run")
+        {
+            argv.splice(0..0, [client.as_str(), "--address", address.as_str()]);
+        }
+        for arg in argv {
+            line.push(' ');
+            line.push_str(&sh_quote(arg));
+        }
+        let command = polkit
+            .on_system_bus(&["script", "-qec", &line, "/dev/null"])
+            .unwrap();
+        Terminal::start(command, sandbox.root().join(format!("{name}.stderr")))
+    };
+    let run_update = ["run", "update-module", "--data", update.as_str()];
+
+    // --no-ask-password: refused at once, no prompt.
+    let started = Instant::now();
+    let mut args = vec!["--no-ask-password"];
+    args.extend(run_update);
+    let (code, screen) = terminal("no-ask", &args).finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "{screen}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(!screen.contains("Password:"), "{screen}");
+    assert!(
+        screen.contains("access denied")
+            && screen.contains("did not allow interactive authorization"),
+        "{screen}"
+    );
+
+    // A wrong password: pkttyagent's prompt, then AccessDenied naming the action to grant.
+    let mut prompt = terminal("wrong", &run_update);
+    prompt.wait_for("Password:", Duration::from_secs(60));
+    // pkttyagent turns echo off (discarding typed-ahead input) just after printing the prompt.
+    std::thread::sleep(Duration::from_millis(500));
+    prompt.type_line("not-the-password");
+    let (code, screen) = prompt.finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "{screen}");
+    assert!(
+        !screen.contains("not-the-password"),
+        "the password was echoed: {screen}"
+    );
+    let error = screen
+        .lines()
+        .find(|l| l.starts_with("module-updater: access denied"))
+        .unwrap_or_else(|| panic!("no AccessDenied line: {screen}"));
+    assert!(
+        error.contains("authentication failed")
+            && error.contains(ACTION_UPDATE_MODULE)
+            && error.contains("rules.d")
+            && error.contains("root"),
+        "{error}"
+    );
+
+    // A caller that leaves while polkit asks (here killed; busctl also leaves when its own 25 s
+    // timeout ends): the daemon cancels the check and starts no job. busctl waits for the prompt
+    // with an agent registered for its process (the shell's pid, which busctl keeps by exec).
+    let busctl = format!(
+        "pkttyagent --process $$ & sleep 2; exec busctl --address={} --allow-interactive-authorization=yes call org.nethserver.ModuleUpdater /org/nethserver/ModuleUpdater org.nethserver.ModuleUpdater UpdateModule s {}",
+        sandbox.bus_address(),
+        sh_quote(&update)
+    );
+    let mut prompt = terminal("caller-left", &["sh", "-c", &busctl]);
+    prompt.wait_for("Password:", Duration::from_secs(60));
+    let busctl_pid = Command::new("pgrep")
+        .args(["-u", &caller.id, "-x", "busctl"])
+        .output()
+        .unwrap();
+    let busctl_pid: i32 = String::from_utf8_lossy(&busctl_pid.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no busctl running: {}", prompt.describe()));
+    let (before, _) = last_refusal();
+    kill(Pid::from_raw(busctl_pid), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (count, line) = last_refusal();
+        if count > before {
+            assert!(line.contains("the caller left the bus"), "{line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(prompt);
+    let jobs = run(&sandbox, &["--json", "jobs"]).expect(0).json();
+    assert_eq!(
+        jobs,
+        serde_json::json!([]),
+        "a job started for a caller that left"
+    );
+    // That agent was busctl's, not the client's: it goes with the terminal, or here.
+    let _ = Command::new("pkill")
+        .args(["-u", &caller.id, "-x", "pkttyagent"])
+        .status();
+
+    // The right password, typed after longer than --timeout: a call that may prompt waits for
+    // the daemon's answer all the same, and the job starts and completes.
+    let mut args = vec!["--timeout", "3"];
+    args.extend(run_update);
+    let mut prompt = terminal("right", &args);
+    prompt.wait_for("Password:", Duration::from_secs(60));
+    let screen = prompt.screen();
+    assert!(
+        screen.contains(&format!("AUTHENTICATING FOR {ACTION_UPDATE_MODULE}"))
+            && screen.contains(&format!("Authenticating as: {}", caller.id)),
+        "{screen}"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    prompt.type_line(password);
+    let (code, screen) = prompt.finish(CLIENT_TIMEOUT);
+    assert_eq!(code, 0, "{screen}");
+    assert!(
+        !screen.contains(password),
+        "the password was echoed: {screen}"
+    );
+    let result: Value = screen
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap_or_else(|| panic!("no result: {screen}"));
+    assert_eq!(result["status"], "completed", "{screen}");
+    assert_eq!(target.read_env().unwrap()["IMAGE_URL"], v2);
+    // Only that job ran, started by the caller; the refused calls started none.
+    let jobs = run(&sandbox, &["--json", "jobs"]).expect(0).json();
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["caller_uid"], caller.uid);
+    // No agent is left behind.
+    assert!(!user_runs(&caller, "pkttyagent"));
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!(
+            "allowed {ACTION_UPDATE_MODULE} for uid {} (pid ",
+            caller.uid
+        )),
+        "{log}"
+    );
+
+    drop(daemon);
+    let leftovers = polkit.stop();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!rule_file.exists());
+}

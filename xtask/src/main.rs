@@ -37,7 +37,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("systemd", "systemd --user managers for instances, busctl"),
     ("libglib2.0-bin", "gdbus, a D-Bus client we did not write"),
-    ("polkitd", "real polkit authorisation on the test bus"),
+    (
+        "polkitd",
+        "real polkit authorisation on the test bus: polkitd, pkcheck, and pkttyagent with its PAM password helper for the password-prompt test",
+    ),
     ("pkexec", "polkit's pkcheck and actions"),
     (
         "redis-server",

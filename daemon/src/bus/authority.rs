@@ -4,18 +4,22 @@
 //! decides. The caller's uid and pid come from the bus ([`super::caller`]), never from the message
 //! body. uid 0 is always allowed. Anyone else is asked about to polkit
 //! (`org.freedesktop.PolicyKit1.Authority.CheckAuthorization`, subject `system-bus-name`) with the
-//! request's details, so a rule can decide per module URL, instance or job. The check is an
-//! ordinary async call: other callers are served while polkit answers (or while an
-//! authentication agent asks a password). No polkit on the bus, an error from polkit, or no
-//! answer in time all mean "no": the daemon fails closed. Every decision is logged with the
-//! journal fields `MODULE_UPDATER_CALLER_UID`, `MODULE_UPDATER_CALLER_PID` and
-//! `MODULE_UPDATER_ACTION`.
+//! request's details, so a rule can decide per module URL, instance or job. polkit may ask the
+//! caller's authentication agent for a password only when the caller set the message flag
+//! `ALLOW_INTERACTIVE_AUTHORIZATION`. The check is an ordinary async call: other callers are
+//! served while polkit answers (or while an agent asks a password); a caller that leaves the bus
+//! meanwhile is refused and polkit told to stop asking. No polkit on the bus, an error from
+//! polkit, or no answer in time all mean "no": the daemon fails closed. Every decision is
+//! logged with the journal fields `MODULE_UPDATER_CALLER_UID`, `MODULE_UPDATER_CALLER_PID`
+//! and `MODULE_UPDATER_ACTION`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
-use std::time::Duration;
 
-use zbus::message::Header;
+use futures_util::StreamExt;
+use zbus::message::{Flags, Header};
+use zbus::names::UniqueName;
 use zbus::proxy::CacheProperties;
 use zbus::{Connection, DBusError, Variant};
 
@@ -25,8 +29,9 @@ use super::{CallError, Caller};
 /// agent (e.g. for an administrator's password) before answering.
 const ALLOW_USER_INTERACTION: u32 = 1;
 
-/// An authorisation that takes longer than this (someone left a password prompt open) is refused.
-pub const POLKIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// An authorisation that takes longer than this (someone left a password prompt open) is
+/// refused, and polkit is told to drop the check (which closes the prompt).
+pub use module_updater_dbus::POLKIT_TIMEOUT;
 
 /// How many authorisation checks one uid may have pending at once. More are refused at once with
 /// `org.freedesktop.DBus.Error.LimitsExceeded`, so that a flood of calls from one user cannot pile
@@ -60,6 +65,87 @@ impl Action {
     }
 }
 
+/// Whether the caller lets polkit interact: the message header flag
+/// `ALLOW_INTERACTIVE_AUTHORIZATION` (0x4). busctl sets it with
+/// `--allow-interactive-authorization=yes`, `gdbus call` with `--interactive`, module-updater on
+/// a terminal.
+pub fn interactive(header: &Header<'_>) -> bool {
+    header
+        .primary()
+        .flags()
+        .contains(Flags::ALLOW_INTERACTIVE_AUTH)
+}
+
+/// Why a non-root caller was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refusal {
+    /// The message has no sender (a peer-to-peer connection), so polkit has no subject.
+    NoSender,
+    /// Nobody owns polkit's name and it cannot be activated.
+    PolkitAbsent,
+    /// polkit answered with an error, or could not be asked.
+    PolkitError(String),
+    /// No answer within [`POLKIT_TIMEOUT`].
+    TimedOut,
+    /// An administrator's authentication is needed, and the caller did not allow interaction.
+    NotInteractive,
+    /// An administrator's authentication is needed, the caller allowed interaction, but no
+    /// authentication agent is registered for its process or session.
+    NoAgent,
+    /// The agent's prompt was dismissed.
+    Dismissed,
+    /// The caller left the bus while polkit was asking (e.g. it gave up waiting, or was killed):
+    /// nobody would learn that a job started.
+    CallerLeft,
+    /// polkit says no: its rules, or an authentication that failed.
+    No { interactive: bool },
+}
+
+impl Refusal {
+    /// Why, for the caller and the log.
+    fn reason(&self) -> String {
+        match self {
+            Refusal::NoSender => {
+                "the call has no sender, so polkit cannot identify the caller".to_owned()
+            }
+            Refusal::PolkitAbsent => {
+                "polkit (org.freedesktop.PolicyKit1) is not running on this bus, so only root is allowed".to_owned()
+            }
+            Refusal::PolkitError(err) => format!("cannot ask polkit: {err}"),
+            Refusal::TimedOut => format!(
+                "polkit did not answer within {} s (was a password prompt left unanswered?)",
+                POLKIT_TIMEOUT.as_secs()
+            ),
+            Refusal::NotInteractive => {
+                "polkit requires an administrator's authentication, and the call did not allow interactive authorization (the D-Bus message flag ALLOW_INTERACTIVE_AUTHORIZATION, which module-updater sets on a terminal, busctl with --allow-interactive-authorization=yes, gdbus call with --interactive)".to_owned()
+            }
+            Refusal::NoAgent => {
+                "polkit requires an administrator's authentication, and no authentication agent could ask for it: none is registered for the caller's process or session (module-updater on a terminal starts pkttyagent; other clients need an agent running, e.g. `pkttyagent --process PID`)".to_owned()
+            }
+            Refusal::Dismissed => "the authentication prompt was dismissed".to_owned(),
+            Refusal::CallerLeft => {
+                "the caller left the bus while polkit was asking for authentication, so the check was cancelled".to_owned()
+            }
+            Refusal::No { interactive: true } => {
+                "polkit refused the action (the authentication failed, or its rules say no)"
+                    .to_owned()
+            }
+            Refusal::No { interactive: false } => "polkit refused the action".to_owned(),
+        }
+    }
+
+    /// What the caller can do about it.
+    fn hint(&self, action: Action) -> String {
+        match self {
+            Refusal::PolkitAbsent => "start polkitd, or call as root".to_owned(),
+            _ => format!(
+                "to allow it, grant the polkit action {} to this user with a rule in /etc/polkit-1/rules.d/ (see polkit(8)), or call as root",
+                action.id()
+            ),
+        }
+    }
+}
+
 /// `(sa{sv})`: polkit's subject, here `("system-bus-name", {"name": <unique name>})`.
 type Subject<'a> = (&'a str, HashMap<&'a str, Variant<'a>>);
 
@@ -78,6 +164,9 @@ trait Authority {
         flags: u32,
         cancellation_id: &str,
     ) -> zbus::Result<(bool, bool, HashMap<String, String>)>;
+
+    /// Drops a pending check (and closes its agent's prompt).
+    fn cancel_check_authorization(&self, cancellation_id: &str) -> zbus::Result<()>;
 }
 
 /// Lets the call through, or refuses it with `org.freedesktop.DBus.Error.AccessDenied` (or
@@ -112,28 +201,38 @@ pub async fn authorize(
             allowed(caller, action, "polkit");
             Ok(())
         }
-        Err(reason) => {
+        Err(refusal) => {
+            let reason = refusal.reason();
             denied(caller, action, &reason);
             Err(CallError::Refused(zbus::fdo::Error::AccessDenied(format!(
-                "uid {} may not {} ({}): {reason}",
+                "uid {} may not {} ({}): {reason}; {}",
                 caller.uid,
                 action.what(),
-                action.id()
+                action.id(),
+                refusal.hint(action)
             ))))
         }
     }
 }
 
-/// `Ok` when polkit says yes; otherwise why not, for the caller and the log.
+/// A cancellation id for `CheckAuthorization`, unique among this daemon's checks.
+fn cancellation_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "module-updaterd-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `Ok` when polkit says yes; otherwise why not.
 async fn ask_polkit(
     connection: &Connection,
     header: &Header<'_>,
     action: Action,
     details: &[(&str, &str)],
-) -> Result<(), String> {
-    let sender = header
-        .sender()
-        .ok_or_else(|| "the call has no sender, so polkit cannot identify the caller".to_owned())?;
+) -> Result<(), Refusal> {
+    let sender = header.sender().ok_or(Refusal::NoSender)?;
     let subject: Subject<'_> = (
         "system-bus-name",
         HashMap::from([("name", Variant::from(sender.as_str()))]),
@@ -143,27 +242,82 @@ async fn ask_polkit(
         .cache_properties(CacheProperties::No)
         .build()
         .await
-        .map_err(|e| format!("cannot reach polkit: {e}"))?;
-    let call =
-        authority.check_authorization(&subject, action.id(), &details, ALLOW_USER_INTERACTION, "");
-    let answer = tokio::time::timeout(POLKIT_TIMEOUT, call)
-        .await
-        .map_err(|_| {
-            format!(
-                "polkit did not answer within {} s",
-                POLKIT_TIMEOUT.as_secs()
-            )
-        })?;
+        .map_err(|e| Refusal::PolkitError(format!("cannot reach polkit: {e}")))?;
+    let interactive = interactive(header);
+    let flags = if interactive {
+        ALLOW_USER_INTERACTION
+    } else {
+        0
+    };
+    let cancellation = cancellation_id();
+    let call = authority.check_authorization(&subject, action.id(), &details, flags, &cancellation);
+    // An interactive check may take minutes; if the caller goes meanwhile, stop asking.
+    let caller_left = async {
+        if interactive {
+            left_the_bus(connection, sender).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let answer = tokio::select! {
+        answer = tokio::time::timeout(POLKIT_TIMEOUT, call) => answer.map_err(|_| Refusal::TimedOut),
+        () = caller_left => Err(Refusal::CallerLeft),
+    };
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(refusal) => {
+            // polkit keeps a check (and its agent's prompt) until told otherwise.
+            if let Err(err) = authority.cancel_check_authorization(&cancellation).await {
+                log::debug!("cannot cancel polkit check {cancellation}: {err}");
+            }
+            return Err(refusal);
+        }
+    };
     match answer {
         Ok((true, _, _)) => Ok(()),
-        Ok((false, true, _)) => Err(
-            "polkit requires an administrator's authentication, and none was given; call as root, or grant the action with a polkit rule (see docs/security.md)".into(),
-        ),
-        Ok((false, false, _)) => Err("polkit refused the action".into()),
-        Err(err) if polkit_absent(&err) => Err(
-            "polkit (org.freedesktop.PolicyKit1) is not running on this bus, so only root is allowed; start polkitd or call as root".into(),
-        ),
-        Err(err) => Err(format!("cannot ask polkit: {err}")),
+        // A challenge left over means nobody was asked: with interaction allowed, polkit
+        // found no agent; an agent that was asked ends in `(false, false)`.
+        Ok((false, true, _)) if interactive => Err(Refusal::NoAgent),
+        Ok((false, true, _)) => Err(Refusal::NotInteractive),
+        Ok((false, false, details))
+            if details
+                .get("polkit.dismissed")
+                .is_some_and(|v| v == "true" || v == "1") =>
+        {
+            Err(Refusal::Dismissed)
+        }
+        Ok((false, false, _)) => Err(Refusal::No { interactive }),
+        Err(err) if polkit_absent(&err) => Err(Refusal::PolkitAbsent),
+        Err(err) => Err(Refusal::PolkitError(err.to_string())),
+    }
+}
+
+/// Returns once `name` (a unique name) has left the bus, at once if it already has; never when
+/// the bus cannot be asked (the check then ends by polkit's answer or the timeout).
+async fn left_the_bus(connection: &Connection, name: &UniqueName<'_>) {
+    let watched = async {
+        let dbus = zbus::fdo::DBusProxy::builder(connection)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .ok()?;
+        // Subscribed before asking whether it is still there: a departure in between is seen.
+        let mut changes = dbus
+            .receive_name_owner_changed_with_args(&[(0, name.as_str())])
+            .await
+            .ok()?;
+        if !dbus.name_has_owner(name.clone().into()).await.ok()? {
+            return Some(());
+        }
+        while let Some(change) = changes.next().await {
+            if change.args().is_ok_and(|args| args.new_owner().is_none()) {
+                return Some(());
+            }
+        }
+        None
+    };
+    if watched.await.is_none() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -273,6 +427,58 @@ mod tests {
         drop(held);
         assert!(Pending::enter(uid).is_some(), "slots are freed");
         assert!(!PENDING.lock().unwrap().contains_key(&uid));
+    }
+
+    #[test]
+    fn interaction_follows_the_message_flag() {
+        let call = || zbus::Message::method_call("/org/nethserver/ModuleUpdater", "UpdateModule");
+        let plain = call().build(&("{}",)).unwrap();
+        assert!(!interactive(&plain.header()));
+        let asking = call()
+            .with_flags(Flags::ALLOW_INTERACTIVE_AUTH)
+            .build(&("{}",))
+            .unwrap();
+        assert!(interactive(&asking.header()));
+        let other = call().with_flags(Flags::NO_AUTO_START).build(&()).unwrap();
+        assert!(!interactive(&other.header()));
+    }
+
+    #[test]
+    fn refusals_say_why_and_what_to_grant() {
+        let action = Action::UpdateModule;
+        for refusal in [
+            Refusal::NotInteractive,
+            Refusal::NoAgent,
+            Refusal::Dismissed,
+            Refusal::CallerLeft,
+            Refusal::TimedOut,
+            Refusal::No { interactive: true },
+        ] {
+            let hint = refusal.hint(action);
+            assert!(
+                hint.contains("org.nethserver.moduleupdater.update-module")
+                    && hint.contains("rule")
+                    && hint.contains("root"),
+                "{refusal:?}: {hint}"
+            );
+        }
+        assert!(
+            Refusal::NotInteractive
+                .reason()
+                .contains("interactive authorization")
+        );
+        assert!(
+            Refusal::NoAgent
+                .reason()
+                .contains("no authentication agent")
+        );
+        assert!(Refusal::PolkitAbsent.hint(action).contains("start polkitd"));
+        assert!(Refusal::TimedOut.reason().contains("120 s"));
+    }
+
+    #[test]
+    fn cancellation_ids_are_unique() {
+        assert_ne!(cancellation_id(), cancellation_id());
     }
 
     #[test]
