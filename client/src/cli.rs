@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap_complete::ArgValueCandidates;
 use module_updater_dbus::JOB_PATH_PREFIX;
+
+use crate::complete::{instance_candidates, job_candidates};
 
 /// Which bus to talk to. At most one; the system bus when none is given.
 #[derive(Debug, Clone, Default, Args)]
@@ -30,9 +33,22 @@ pub struct BusArgs {
 
 /// module-updater: update NethServer 8 module instances through module-updaterd.
 ///
+/// Output: `update` and `wait` follow the job (progress on stderr) and end with a short summary
+/// when stdout is a terminal, with the result JSON when it is not or with --json. `run
+/// update-module` always prints the result JSON, as NS8's api-cli does. `list`, `show`, `jobs` and
+/// `status` print tables, JSON with --json. Times are in the local time zone (TZ), UTC with
+/// --utc, ISO 8601 in UTC in JSON.
+///
+/// Errors: one line on stderr; with --json also `{"error": {"name": NAME, "message": TEXT,
+/// "exit_code": N}}` on stdout, plus `"details"` holding NS8's validation array when the service
+/// refused the request (`run update-module` prints that array alone, as api-cli does).
+///
+/// Ctrl-C: `update` and `run` cancel the job they started and follow it to its end (a second
+/// Ctrl-C detaches); `wait` only detaches, the job goes on.
+///
 /// Exit codes: 0 success, 1 the update failed (or another error), 2 busy (an instance is already
 /// being updated), 3 the service cannot be reached, 4 no such job or instance, 10 validation
-/// failed, 64 bad command line or input, 130 interrupted (detached with a second Ctrl-C).
+/// failed, 64 bad command line or input, 130 interrupted (detached).
 #[derive(Debug, Parser)]
 #[command(name = "module-updater", version, about, long_about)]
 pub struct Cli {
@@ -41,12 +57,18 @@ pub struct Cli {
     /// Seconds to wait for the reply of each D-Bus call (as busctl's --timeout).
     #[arg(long, value_name = "SECS", default_value_t = 25.0, global = true, value_parser = parse_timeout)]
     pub timeout: f64,
-    /// Print JSON instead of tables (listing and status commands; one object per line for monitor).
+    /// Print JSON instead of tables and summaries (one object per line for monitor), errors too.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Print only the result JSON when following a job; no progress, no table.
+    /// Print only the result JSON when following a job; no progress, no summary.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// While following a job, show debug-level messages too (the environment keys written, ...).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    /// Show times in UTC instead of the local time zone.
+    #[arg(long, global = true)]
+    pub utc: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -66,7 +88,7 @@ pub enum Command {
         #[arg(value_name = "MODULE_URL")]
         module_url: String,
         /// The instances to update, e.g. mail1.
-        #[arg(value_name = "INSTANCE", required = true)]
+        #[arg(value_name = "INSTANCE", required = true, add = ArgValueCandidates::new(instance_candidates))]
         instances: Vec<String>,
         /// Update even if the instance already runs that image.
         #[arg(long)]
@@ -76,24 +98,24 @@ pub enum Command {
     List,
     /// Show the image keys of an instance's environment.
     Show {
-        #[arg(value_name = "INSTANCE")]
+        #[arg(value_name = "INSTANCE", add = ArgValueCandidates::new(instance_candidates))]
         instance: String,
     },
     /// List the running jobs and the finished ones still kept.
     Jobs,
     /// Show a job's state, and its result once finished.
     Status {
-        #[arg(value_name = "JOB")]
+        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,
     },
     /// Ask the service to cancel a job.
     Cancel {
-        #[arg(value_name = "JOB")]
+        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,
     },
-    /// Attach to a job and follow it to its end, as if this client had started it.
+    /// Attach to a job and follow it to its end; Ctrl-C detaches, the job goes on.
     Wait {
-        #[arg(value_name = "JOB")]
+        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,
     },
     /// Print every signal of the service as it arrives (Ctrl-C to stop).
@@ -125,8 +147,14 @@ pub enum GenerateWhat {
         #[arg(value_enum)]
         shell: Shell,
     },
-    /// Print the man page (roff) on stdout.
-    Man,
+    /// Print the man page (roff) on stdout: module-updater(1), or module-updater-SUBCOMMAND(1).
+    Man {
+        #[arg(value_name = "SUBCOMMAND")]
+        subcommand: Option<String>,
+        /// Print the subcommands that have a page, one a line, instead.
+        #[arg(long, conflicts_with = "subcommand")]
+        list: bool,
+    },
 }
 
 /// The shells completions are generated for.

@@ -2,7 +2,7 @@
 //! returns the process exit code (or the error that decides it).
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use module_updater_dbus::{JobProxy, ModuleUpdaterProxy};
@@ -11,11 +11,13 @@ use zbus::proxy::CacheProperties;
 
 use crate::bus::{self, Bus};
 use crate::cli::{Cli, Command, GenerateWhat, JobRef, RunAction};
+use crate::clock::{Clock, usec_iso_utc};
 use crate::error::{Call, ClientError, exit};
 use crate::follow::{
-    Follower, Interrupt, Outcome, Subscription, follow_rules, owner_rule, service_rule,
+    Follower, Interrupt, OnInterrupt, Outcome, Subscription, follow_rules, owner_rule, service_rule,
 };
-use crate::render::{self, Mode};
+use crate::render::{self, Mode, ViewOptions};
+use crate::summary::{self, JobResult};
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
 fn out(text: &str) {
@@ -36,9 +38,37 @@ struct Ctx {
     bus_name: String,
     json: bool,
     quiet: bool,
+    verbose: bool,
+    clock: Clock,
+}
+
+/// How a followed job's end is printed on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The result JSON, as `GetResult` returned it.
+    Json,
+    /// The human summary.
+    Summary,
 }
 
 impl Ctx {
+    /// The summary for a person at a terminal; the JSON for --json, --quiet, pipes and files.
+    fn ending(&self) -> Ending {
+        if self.json || self.quiet || !std::io::stdout().is_terminal() {
+            Ending::Json
+        } else {
+            Ending::Summary
+        }
+    }
+
+    fn view_options(&self) -> ViewOptions {
+        ViewOptions {
+            mode: Mode::detect(self.quiet),
+            verbose: self.verbose,
+            clock: self.clock.clone(),
+        }
+    }
+
     fn call<'a>(&'a self, what: &'a str) -> Call<'a> {
         Call {
             bus: &self.bus_name,
@@ -80,6 +110,8 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
         timeout,
         json,
         quiet,
+        verbose,
+        utc,
         command,
     } = cli;
     if let Command::Generate { what } = &command {
@@ -94,13 +126,16 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
         bus,
         json,
         quiet,
+        verbose,
+        clock: Clock::new(utc),
     };
     match command {
         Command::Run {
             action: RunAction::UpdateModule { data },
         } => {
             let request = data.read(std::io::stdin().lock())?;
-            start_and_follow(&ctx, &request).await
+            // api-cli compatibility: stdout is the result JSON, whatever it is connected to.
+            start_and_follow(&ctx, &request, Ending::Json).await
         }
         Command::Update {
             module_url,
@@ -121,13 +156,31 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
 
 fn generate(what: &GenerateWhat) -> Result<u8, ClientError> {
     let mut buffer = Vec::new();
-    match what {
+    let rendered = match what {
         GenerateWhat::Completions { shell } => crate::generate::completions(*shell, &mut buffer),
-        GenerateWhat::Man => crate::generate::man(&mut buffer).map_err(|e| ClientError::Local {
-            what: "render the man page".to_owned(),
-            reason: e.to_string(),
+        GenerateWhat::Man { list: true, .. } => {
+            for name in crate::generate::subcommand_names() {
+                buffer.extend_from_slice(format!("{name}\n").as_bytes());
+            }
+            Ok(())
+        }
+        GenerateWhat::Man {
+            subcommand: None, ..
+        } => crate::generate::man(&mut buffer),
+        GenerateWhat::Man {
+            subcommand: Some(name),
+            ..
+        } => crate::generate::subcommand_man(name, &mut buffer).ok_or_else(|| {
+            ClientError::Usage(format!(
+                "no man page for {name:?}; the subcommands with one are: {}",
+                crate::generate::subcommand_names().join(" ")
+            ))
         })?,
-    }
+    };
+    rendered.map_err(|e| ClientError::Local {
+        what: "render the man page or the completion script".to_owned(),
+        reason: e.to_string(),
+    })?;
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(&buffer)
@@ -139,9 +192,18 @@ fn generate(what: &GenerateWhat) -> Result<u8, ClientError> {
     Ok(exit::SUCCESS)
 }
 
-/// Prints the result JSON and turns the job's status into the exit code.
-fn finish(job: &JobRef, outcome: Outcome) -> Result<u8, ClientError> {
-    out(outcome.result.trim_end());
+/// Prints the result (JSON or summary) and turns the job's status into the exit code.
+fn finish(ctx: &Ctx, job: &JobRef, outcome: Outcome, ending: Ending) -> Result<u8, ClientError> {
+    match (ending, JobResult::parse(&outcome.result)) {
+        (Ending::Summary, Some(result)) => out(&summary::job_summary(
+            &outcome.times,
+            &result,
+            &outcome.instances,
+            &ctx.clock,
+        )),
+        // A result this client cannot read is shown as it came.
+        _ => out(outcome.result.trim_end()),
+    }
     if outcome.succeeded() {
         Ok(exit::SUCCESS)
     } else {
@@ -154,7 +216,7 @@ fn finish(job: &JobRef, outcome: Outcome) -> Result<u8, ClientError> {
 }
 
 /// Subscribes, calls `UpdateModule`, follows the job it returns.
-async fn start_and_follow(ctx: &Ctx, request: &str) -> Result<u8, ClientError> {
+async fn start_and_follow(ctx: &Ctx, request: &str, ending: Ending) -> Result<u8, ClientError> {
     let mut interrupt = Interrupt::install();
     let rules = follow_rules().map_err(|e| ctx.call("building the match rules").error(e))?;
     // Before the call: the job's first signals (even its end) may come before the reply.
@@ -179,9 +241,9 @@ async fn start_and_follow(ctx: &Ctx, request: &str) -> Result<u8, ClientError> {
     })?;
     let outcome = Follower::new(&ctx.bus, job.clone())
         .await?
-        .run(sub, Mode::detect(ctx.quiet), &mut interrupt)
+        .run(sub, ctx.view_options(), &mut interrupt, OnInterrupt::Cancel)
         .await?;
-    finish(&job, outcome)
+    finish(ctx, &job, outcome, ending)
 }
 
 async fn update(
@@ -221,7 +283,7 @@ async fn update(
         }
     }
     let request = json!({ "module_url": module_url, "instances": instances, "force": force });
-    start_and_follow(ctx, &request.to_string()).await
+    start_and_follow(ctx, &request.to_string(), ctx.ending()).await
 }
 
 async fn list(ctx: &Ctx) -> Result<u8, ClientError> {
@@ -331,6 +393,8 @@ impl JobInfo {
             "caller_uid": self.caller_uid,
             "started_usec": self.started_usec,
             "finished_usec": self.finished_usec,
+            "started": usec_iso_utc(self.started_usec),
+            "finished": usec_iso_utc(self.finished_usec),
         })
     }
 
@@ -376,7 +440,7 @@ async fn jobs(ctx: &Ctx) -> Result<u8, ClientError> {
                     info.status.clone(),
                     format!("{}%", info.progress),
                     info.exit_cell(),
-                    render::usec_to_utc(info.started_usec),
+                    ctx.clock.usec(info.started_usec),
                     info.instances.join(" "),
                 ]
             })
@@ -395,19 +459,22 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
         .await
         .map_err(|e| ctx.job_call("reading the job", job).error(e))?;
     let finished = !matches!(info.status.as_str(), "pending" | "running");
-    let result: Option<Value> = if finished {
-        let text = proxy
-            .get_result()
-            .await
-            .map_err(|e| ctx.job_call("GetResult", job).error(e))?;
-        Some(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    let result_text = if finished {
+        Some(
+            proxy
+                .get_result()
+                .await
+                .map_err(|e| ctx.job_call("GetResult", job).error(e))?,
+        )
     } else {
         None
     };
     if ctx.json {
         let mut value = info.to_json();
         value["request"] = Value::String(info.request.clone());
-        value["result"] = result.unwrap_or(Value::Null);
+        value["result"] = result_text.as_deref().map_or(Value::Null, |text| {
+            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+        });
         out_json(&value);
         return Ok(exit::SUCCESS);
     }
@@ -419,22 +486,26 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
         vec!["Progress:".to_owned(), format!("{}%", info.progress)],
         vec!["Exit code:".to_owned(), info.exit_cell()],
         vec!["Caller UID:".to_owned(), info.caller_uid.to_string()],
-        vec![
-            "Started:".to_owned(),
-            render::usec_to_utc(info.started_usec),
-        ],
-        vec![
-            "Finished:".to_owned(),
-            render::usec_to_utc(info.finished_usec),
-        ],
+        vec!["Started:".to_owned(), ctx.clock.usec(info.started_usec)],
+        vec!["Finished:".to_owned(), ctx.clock.usec(info.finished_usec)],
         vec!["Request:".to_owned(), info.request.clone()],
     ];
     // The table helper prints a header line; the first row serves as none here.
     let text = render::table(&["", ""], &rows);
     let mut text: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
-    if let Some(result) = &result {
-        text.push('\n');
-        text.push_str(&render::summary(result, &info.instances));
+    match result_text.as_deref().map(|t| (t, JobResult::parse(t))) {
+        Some((_, Some(result))) => {
+            text.push('\n');
+            text.push_str(&summary::instances_and_more(
+                info.id,
+                &result,
+                &info.instances,
+            ));
+        }
+        Some((raw, None)) => {
+            text.push_str(&format!("Result:     {}\n", raw.trim_end()));
+        }
+        None => {}
     }
     out(&text);
     Ok(exit::SUCCESS)
@@ -464,9 +535,9 @@ async fn wait(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
         .map_err(|e| ctx.call("subscribing to the job signals").error(e))?;
     let outcome = Follower::new(&ctx.bus, job.clone())
         .await?
-        .run(sub, Mode::detect(ctx.quiet), &mut interrupt)
+        .run(sub, ctx.view_options(), &mut interrupt, OnInterrupt::Detach)
         .await?;
-    finish(job, outcome)
+    finish(ctx, job, outcome, ctx.ending())
 }
 
 async fn monitor(ctx: &Ctx) -> Result<u8, ClientError> {
@@ -490,7 +561,7 @@ async fn monitor(ctx: &Ctx) -> Result<u8, ClientError> {
             msg = sub.recv() => match msg {
                 Some(msg) => {
                     if from_the_service(&msg) {
-                        out(&render::monitor_line(&msg, ctx.json));
+                        out(&render::monitor_line(&msg, ctx.json, &ctx.clock));
                     }
                 }
                 None => {
