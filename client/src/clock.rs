@@ -37,11 +37,11 @@ impl Clock {
         }
     }
 
-    /// ISO 8601 with the zone's offset (`2026-11-30T18:00:00+01:00`, `Z` in UTC), for the
+    /// ISO 8601 with the zone's offset (`2026-11-30T18:00:00+01:00`, `Z` for offset 0), for the
     /// timestamped lines of a followed job and of `monitor`.
     pub fn now_iso(&self) -> String {
         let zoned = Timestamp::now().to_zoned_datetime(self.zone.clone());
-        if zoned.offset().seconds() == 0 && self.zone == TimeZone::UTC {
+        if zoned.offset().seconds() == 0 {
             zoned.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
         } else {
             zoned.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
