@@ -46,6 +46,9 @@ pub struct BusArgs {
 /// Ctrl-C: `update` and `run` cancel the job they started and follow it to its end (a second
 /// Ctrl-C detaches); `wait` only detaches, the job goes on.
 ///
+/// Completion: the installed bash, zsh and fish scripts ask this program for the candidates, which
+/// adds the instance ids and job numbers the service lists (none when it is not running).
+///
 /// Exit codes: 0 success, 1 the update failed (or another error), 2 busy (an instance is already
 /// being updated), 3 the service cannot be reached, 4 no such job or instance, 10 validation
 /// failed, 64 bad command line or input, 130 interrupted (detached).
@@ -76,13 +79,22 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an action with a JSON request, as NS8's `api-cli run`, and follow its job to the end.
+    ///
+    /// stdout is the job's result JSON, byte for byte as GetResult returns it, on a terminal too;
+    /// a refused request prints NS8's validation array (exit code 10) or the busy array (2).
+    /// Progress goes to stderr. Ctrl-C cancels the job, a second one detaches.
     Run {
         #[command(subcommand)]
         action: RunAction,
     },
     /// Update instances to MODULE_URL, as NS8's `update-module` command, and follow the job.
     ///
-    /// Refuses an instance whose current image name differs from the new one.
+    /// Refuses an instance whose current image name differs from the new one. While the job runs,
+    /// stderr shows a progress bar per instance, with script output and warnings above (debug
+    /// lines such as the environment keys written only with -v). At the end, a summary on a
+    /// terminal: failures first, each instance's image change, status, warnings, failed scripts
+    /// and what was removed, and how to see more; the result JSON with --json or when stdout is
+    /// not a terminal. Ctrl-C cancels the job, a second one detaches.
     Update {
         /// The new image, e.g. ghcr.io/nethserver/mail:1.7.1.
         #[arg(value_name = "MODULE_URL")]
@@ -104,6 +116,10 @@ pub enum Command {
     /// List the running jobs and the finished ones still kept.
     Jobs,
     /// Show a job's state, and its result once finished.
+    ///
+    /// A table of the job's properties (times in the local time zone, or UTC with --utc), then
+    /// for a finished job each instance's outcome, failures first. With --json: the properties,
+    /// the request and the result as one JSON object.
     Status {
         #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,
@@ -114,6 +130,10 @@ pub enum Command {
         job: JobRef,
     },
     /// Attach to a job and follow it to its end; Ctrl-C detaches, the job goes on.
+    ///
+    /// Shows the job as `update` does: progress on stderr, then the summary on a terminal or the
+    /// result JSON (--json, or stdout not a terminal). The exit code is the job's (0 completed,
+    /// 1 failed); 130 after Ctrl-C.
     Wait {
         #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,

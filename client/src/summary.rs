@@ -36,10 +36,13 @@ pub struct JobTimes {
     pub finished_usec: u64,
 }
 
+/// The journal field the daemon tags a job's messages with.
+pub const JOURNAL_JOB_FIELD: &str = "JOB_ID";
+
 /// Where the rest is: the result JSON and the journal of the job.
 pub fn more_lines(job: u64) -> String {
     format!(
-        "More: module-updater status {job} --json\n      journalctl -u module-updaterd JOB_ID={job}\n"
+        "More: module-updater status {job} --json\n      journalctl -u module-updaterd {JOURNAL_JOB_FIELD}={job}\n"
     )
 }
 
