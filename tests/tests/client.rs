@@ -645,6 +645,23 @@ fn every_command_with_its_exit_code() {
         ["status"],
         "{out:#?}"
     );
+    // fish shows each candidate's help: the instance's image and state.
+    let mut command = client(&sandbox);
+    command.env("COMPLETE", "fish").args([
+        "--",
+        "module-updater",
+        "--address",
+        &address,
+        "show",
+        "",
+    ]);
+    let out = run_with(command, None).expect(0);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l == format!("{id}\t{v2} (idle)")),
+        "{out:#?}"
+    );
 
     // Busy: 2, with the array naming the job that holds the instance; then cancel it.
     let mut follower = Background::start(&sandbox, "busy", &["update", &slow, id]);
