@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap_complete::ArgValueCandidates;
 use module_updater_dbus::JOB_PATH_PREFIX;
+
+use crate::complete::{instance_candidates, job_candidates};
 
 /// Which bus to talk to. At most one; the system bus when none is given.
 #[derive(Debug, Clone, Default, Args)]
@@ -30,9 +33,25 @@ pub struct BusArgs {
 
 /// module-updater: update NethServer 8 module instances through module-updaterd.
 ///
+/// Output: `update` and `wait` follow the job (progress on stderr) and end with a short summary
+/// when stdout is a terminal, with the result JSON when it is not or with --json. `run
+/// update-module` always prints the result JSON, as NS8's api-cli does. `list`, `show`, `jobs` and
+/// `status` print tables, JSON with --json. Times are in the local time zone (TZ), UTC with
+/// --utc, ISO 8601 in UTC in JSON.
+///
+/// Errors: one line on stderr; with --json also `{"error": {"name": NAME, "message": TEXT,
+/// "exit_code": N}}` on stdout, plus `"details"` holding NS8's validation array when the service
+/// refused the request (`run update-module` prints that array alone, as api-cli does).
+///
+/// Ctrl-C: `update` and `run` cancel the job they started and follow it to its end (a second
+/// Ctrl-C detaches); `wait` only detaches, the job goes on.
+///
+/// Completion: the installed bash, zsh and fish scripts ask this program for the candidates, which
+/// adds the instance ids and job numbers the service lists (none when it is not running).
+///
 /// Exit codes: 0 success, 1 the update failed (or another error), 2 busy (an instance is already
 /// being updated), 3 the service cannot be reached, 4 no such job or instance, 10 validation
-/// failed, 64 bad command line or input, 130 interrupted (detached with a second Ctrl-C).
+/// failed, 64 bad command line or input, 130 interrupted (detached).
 #[derive(Debug, Parser)]
 #[command(name = "module-updater", version, about, long_about)]
 pub struct Cli {
@@ -43,19 +62,25 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 25.0, global = true, value_parser = parse_timeout)]
     pub timeout: f64,
     /// Never ask for a password. By default, when stdin is a terminal, the calls that polkit
-    /// authorises (update, run, show, cancel by a non-root user) let polkit ask for an
+    /// authorises (update, run, cancel by a non-root user) let polkit ask for an
     /// administrator's password: the call carries the D-Bus flag ALLOW_INTERACTIVE_AUTHORIZATION,
     /// waits long enough for the prompt, and a text agent (pkttyagent) is started for the call
     /// when none runs for this process. With this flag such a call is refused at once instead
     /// (as systemctl's --no-ask-password).
     #[arg(long, global = true)]
     pub no_ask_password: bool,
-    /// Print JSON instead of tables (listing and status commands; one object per line for monitor).
+    /// Print JSON instead of tables and summaries (one object per line for monitor), errors too.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Print only the result JSON when following a job; no progress, no table.
+    /// Print only the result JSON when following a job; no progress, no summary.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// While following a job, show debug-level messages too (the environment keys written, ...).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    /// Show times in UTC instead of the local time zone.
+    #[arg(long, global = true)]
+    pub utc: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -63,19 +88,28 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run an action with a JSON request, as NS8's `api-cli run`, and follow its job to the end.
+    ///
+    /// stdout is the job's result JSON, byte for byte as GetResult returns it, on a terminal too;
+    /// a refused request prints NS8's validation array (exit code 10) or the busy array (2).
+    /// Progress goes to stderr. Ctrl-C cancels the job, a second one detaches.
     Run {
         #[command(subcommand)]
         action: RunAction,
     },
     /// Update instances to MODULE_URL, as NS8's `update-module` command, and follow the job.
     ///
-    /// Refuses an instance whose current image name differs from the new one.
+    /// Refuses an instance whose current image name differs from the new one. While the job runs,
+    /// stderr shows a progress bar per instance, with script output and warnings above (debug
+    /// lines such as the environment keys written only with -v). At the end, a summary on a
+    /// terminal: failures first, each instance's image change, status, warnings, failed scripts
+    /// and what was removed, and how to see more; the result JSON with --json or when stdout is
+    /// not a terminal. Ctrl-C cancels the job, a second one detaches.
     Update {
         /// The new image, e.g. ghcr.io/nethserver/mail:1.7.1.
         #[arg(value_name = "MODULE_URL")]
         module_url: String,
         /// The instances to update, e.g. mail1.
-        #[arg(value_name = "INSTANCE", required = true)]
+        #[arg(value_name = "INSTANCE", required = true, add = ArgValueCandidates::new(instance_candidates))]
         instances: Vec<String>,
         /// Update even if the instance already runs that image.
         #[arg(long)]
@@ -86,7 +120,7 @@ pub enum Command {
     /// Show an instance: its state, the job updating it, its last update and the image keys
     /// of its environment.
     Show {
-        #[arg(value_name = "INSTANCE")]
+        #[arg(value_name = "INSTANCE", add = ArgValueCandidates::new(instance_candidates))]
         instance: String,
     },
     /// List the running jobs and the finished ones still kept.
@@ -97,18 +131,27 @@ pub enum Command {
         instance: Option<String>,
     },
     /// Show a job's state, where each of its instances stands, and its result once finished.
+    ///
+    /// A table of the job's properties (times in the local time zone, or UTC with --utc), each
+    /// instance's status, step and progress, then for a finished job each instance's outcome,
+    /// failures first. With --json: the properties, the per-instance states, the request and the
+    /// result as one JSON object.
     Status {
-        #[arg(value_name = "JOB")]
+        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,
     },
     /// Ask the service to cancel a job.
     Cancel {
-        #[arg(value_name = "JOB")]
+        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,
     },
-    /// Attach to a job and follow it to its end, as if this client had started it.
+    /// Attach to a job and follow it to its end; Ctrl-C detaches, the job goes on.
+    ///
+    /// Shows the job as `update` does: progress on stderr, then the summary on a terminal or the
+    /// result JSON (--json, or stdout not a terminal). The exit code is the job's (0 completed,
+    /// 1 failed); 130 after Ctrl-C.
     Wait {
-        #[arg(value_name = "JOB")]
+        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,
     },
     /// Print every signal of the service as it arrives (Ctrl-C to stop).
@@ -140,8 +183,14 @@ pub enum GenerateWhat {
         #[arg(value_enum)]
         shell: Shell,
     },
-    /// Print the man page (roff) on stdout.
-    Man,
+    /// Print the man page (roff) on stdout: module-updater(1), or module-updater-SUBCOMMAND(1).
+    Man {
+        #[arg(value_name = "SUBCOMMAND")]
+        subcommand: Option<String>,
+        /// Print the subcommands that have a page, one a line, instead.
+        #[arg(long, conflicts_with = "subcommand")]
+        list: bool,
+    },
 }
 
 /// The shells completions are generated for.

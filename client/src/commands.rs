@@ -12,11 +12,13 @@ use zbus::proxy::CacheProperties;
 
 use crate::bus::{self, Bus};
 use crate::cli::{Cli, Command, GenerateWhat, JobRef, RunAction};
+use crate::clock::{Clock, usec_iso_utc};
 use crate::error::{Call, ClientError, exit};
 use crate::follow::{
-    Follower, Interrupt, Outcome, Subscription, follow_rules, owner_rule, service_rule,
+    Follower, Interrupt, OnInterrupt, Outcome, Subscription, follow_rules, owner_rule, service_rule,
 };
-use crate::render::{self, Mode};
+use crate::render::{self, Mode, ViewOptions};
+use crate::summary::{self, JobResult};
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
 fn out(text: &str) {
@@ -37,9 +39,37 @@ struct Ctx {
     bus_name: String,
     json: bool,
     quiet: bool,
+    verbose: bool,
+    clock: Clock,
+}
+
+/// How a followed job's end is printed on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The result JSON, as `GetResult` returned it.
+    Json,
+    /// The human summary.
+    Summary,
 }
 
 impl Ctx {
+    /// The summary for a person at a terminal; the JSON for --json, --quiet, pipes and files.
+    fn ending(&self) -> Ending {
+        if self.json || self.quiet || !std::io::stdout().is_terminal() {
+            Ending::Json
+        } else {
+            Ending::Summary
+        }
+    }
+
+    fn view_options(&self) -> ViewOptions {
+        ViewOptions {
+            mode: Mode::detect(self.quiet),
+            verbose: self.verbose,
+            clock: self.clock.clone(),
+        }
+    }
+
     fn call<'a>(&'a self, what: &'a str) -> Call<'a> {
         Call {
             bus: &self.bus_name,
@@ -82,6 +112,8 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
         no_ask_password,
         json,
         quiet,
+        verbose,
+        utc,
         command,
     } = cli;
     if let Command::Generate { what } = &command {
@@ -98,13 +130,16 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
         bus,
         json,
         quiet,
+        verbose,
+        clock: Clock::new(utc),
     };
     match command {
         Command::Run {
             action: RunAction::UpdateModule { data },
         } => {
             let request = data.read(std::io::stdin().lock())?;
-            start_and_follow(&ctx, &request).await
+            // api-cli compatibility: stdout is the result JSON, whatever it is connected to.
+            start_and_follow(&ctx, &request, Ending::Json).await
         }
         Command::Update {
             module_url,
@@ -126,13 +161,31 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
 
 fn generate(what: &GenerateWhat) -> Result<u8, ClientError> {
     let mut buffer = Vec::new();
-    match what {
+    let rendered = match what {
         GenerateWhat::Completions { shell } => crate::generate::completions(*shell, &mut buffer),
-        GenerateWhat::Man => crate::generate::man(&mut buffer).map_err(|e| ClientError::Local {
-            what: "render the man page".to_owned(),
-            reason: e.to_string(),
+        GenerateWhat::Man { list: true, .. } => {
+            for name in crate::generate::subcommand_names() {
+                buffer.extend_from_slice(format!("{name}\n").as_bytes());
+            }
+            Ok(())
+        }
+        GenerateWhat::Man {
+            subcommand: None, ..
+        } => crate::generate::man(&mut buffer),
+        GenerateWhat::Man {
+            subcommand: Some(name),
+            ..
+        } => crate::generate::subcommand_man(name, &mut buffer).ok_or_else(|| {
+            ClientError::Usage(format!(
+                "no man page for {name:?}; the subcommands with one are: {}",
+                crate::generate::subcommand_names().join(" ")
+            ))
         })?,
-    }
+    };
+    rendered.map_err(|e| ClientError::Local {
+        what: "render the man page or the completion script".to_owned(),
+        reason: e.to_string(),
+    })?;
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(&buffer)
@@ -144,9 +197,18 @@ fn generate(what: &GenerateWhat) -> Result<u8, ClientError> {
     Ok(exit::SUCCESS)
 }
 
-/// Prints the result JSON and turns the job's status into the exit code.
-fn finish(job: &JobRef, outcome: Outcome) -> Result<u8, ClientError> {
-    out(outcome.result.trim_end());
+/// Prints the result (JSON or summary) and turns the job's status into the exit code.
+fn finish(ctx: &Ctx, job: &JobRef, outcome: Outcome, ending: Ending) -> Result<u8, ClientError> {
+    match (ending, JobResult::parse(&outcome.result)) {
+        (Ending::Summary, Some(result)) => out(&summary::job_summary(
+            &outcome.times,
+            &result,
+            &outcome.instances,
+            &ctx.clock,
+        )),
+        // A result this client cannot read is shown as it came.
+        _ => out(outcome.result.trim_end()),
+    }
     if outcome.succeeded() {
         Ok(exit::SUCCESS)
     } else {
@@ -159,7 +221,7 @@ fn finish(job: &JobRef, outcome: Outcome) -> Result<u8, ClientError> {
 }
 
 /// Subscribes, calls `UpdateModule`, follows the job it returns.
-async fn start_and_follow(ctx: &Ctx, request: &str) -> Result<u8, ClientError> {
+async fn start_and_follow(ctx: &Ctx, request: &str, ending: Ending) -> Result<u8, ClientError> {
     let mut interrupt = Interrupt::install();
     let rules = follow_rules().map_err(|e| ctx.call("building the match rules").error(e))?;
     // Before the call: the job's first signals (even its end) may come before the reply.
@@ -187,9 +249,9 @@ async fn start_and_follow(ctx: &Ctx, request: &str) -> Result<u8, ClientError> {
     })?;
     let outcome = Follower::new(&ctx.bus, job.clone())
         .await?
-        .run(sub, Mode::detect(ctx.quiet), &mut interrupt)
+        .run(sub, ctx.view_options(), &mut interrupt, OnInterrupt::Cancel)
         .await?;
-    finish(&job, outcome)
+    finish(ctx, &job, outcome, ending)
 }
 
 async fn update(
@@ -229,7 +291,7 @@ async fn update(
         }
     }
     let request = json!({ "module_url": module_url, "instances": instances, "force": force });
-    start_and_follow(ctx, &request.to_string()).await
+    start_and_follow(ctx, &request.to_string(), ctx.ending()).await
 }
 
 async fn list(ctx: &Ctx) -> Result<u8, ClientError> {
@@ -326,7 +388,10 @@ async fn show(ctx: &Ctx, instance: &str) -> Result<u8, ClientError> {
             job.map(|j| format!(" (job {j})")).unwrap_or_default()
         );
         if let Some(last) = &last {
-            text.push_str(&format!("Last update: {}\n", history_line(last)));
+            text.push_str(&format!(
+                "Last update: {}\n",
+                history_line(&ctx.clock, last)
+            ));
         }
         text.push('\n');
         let rows: Vec<Vec<String>> = environment.into_iter().map(|(k, v)| vec![k, v]).collect();
@@ -337,10 +402,10 @@ async fn show(ctx: &Ctx, instance: &str) -> Result<u8, ClientError> {
 }
 
 /// One line about a finished update: when, job, status, from → to.
-fn history_line(entry: &HistoryEntry) -> String {
+fn history_line(clock: &Clock, entry: &HistoryEntry) -> String {
     format!(
         "{} job {} {} {} → {}",
-        render::usec_to_utc(entry.finished_usec),
+        clock.usec(entry.finished_usec),
         entry.job,
         entry.status.as_str(),
         entry.old_image_url.as_deref().unwrap_or("-"),
@@ -413,7 +478,7 @@ async fn history(ctx: &Ctx, instance: Option<&str>) -> Result<u8, ClientError> {
                 notes.push(format!("{} warning(s)", entry.warnings.len()));
             }
             vec![
-                render::usec_to_utc(entry.finished_usec),
+                ctx.clock.usec(entry.finished_usec),
                 id.clone(),
                 entry.job.to_string(),
                 entry.status.as_str().to_owned(),
@@ -477,6 +542,8 @@ impl JobInfo {
             "caller_uid": self.caller_uid,
             "started_usec": self.started_usec,
             "finished_usec": self.finished_usec,
+            "started": usec_iso_utc(self.started_usec),
+            "finished": usec_iso_utc(self.finished_usec),
         })
     }
 
@@ -522,7 +589,7 @@ async fn jobs(ctx: &Ctx) -> Result<u8, ClientError> {
                     info.status.clone(),
                     format!("{}%", info.progress),
                     info.exit_cell(),
-                    render::usec_to_utc(info.started_usec),
+                    ctx.clock.usec(info.started_usec),
                     info.instances.join(" "),
                 ]
             })
@@ -541,12 +608,13 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
         .await
         .map_err(|e| ctx.job_call("reading the job", job).error(e))?;
     let finished = !matches!(info.status.as_str(), "pending" | "running");
-    let result: Option<Value> = if finished {
-        let text = proxy
-            .get_result()
-            .await
-            .map_err(|e| ctx.job_call("GetResult", job).error(e))?;
-        Some(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    let result_text = if finished {
+        Some(
+            proxy
+                .get_result()
+                .await
+                .map_err(|e| ctx.job_call("GetResult", job).error(e))?,
+        )
     } else {
         None
     };
@@ -567,7 +635,9 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
             .collect::<serde_json::Map<_, _>>()
             .into();
         value["request"] = Value::String(info.request.clone());
-        value["result"] = result.unwrap_or(Value::Null);
+        value["result"] = result_text.as_deref().map_or(Value::Null, |text| {
+            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+        });
         out_json(&value);
         return Ok(exit::SUCCESS);
     }
@@ -579,14 +649,8 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
         vec!["Progress:".to_owned(), format!("{}%", info.progress)],
         vec!["Exit code:".to_owned(), info.exit_cell()],
         vec!["Caller UID:".to_owned(), info.caller_uid.to_string()],
-        vec![
-            "Started:".to_owned(),
-            render::usec_to_utc(info.started_usec),
-        ],
-        vec![
-            "Finished:".to_owned(),
-            render::usec_to_utc(info.finished_usec),
-        ],
+        vec!["Started:".to_owned(), ctx.clock.usec(info.started_usec)],
+        vec!["Finished:".to_owned(), ctx.clock.usec(info.finished_usec)],
         vec!["Request:".to_owned(), info.request.clone()],
     ];
     // The table helper prints a header line; the first row serves as none here.
@@ -616,9 +680,19 @@ async fn status(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
         &["INSTANCE", "STATUS", "STEP", "PROGRESS", "EXIT"],
         &rows,
     ));
-    if let Some(result) = &result {
-        text.push('\n');
-        text.push_str(&render::summary(result, &info.instances));
+    match result_text.as_deref().map(|t| (t, JobResult::parse(t))) {
+        Some((_, Some(result))) => {
+            text.push('\n');
+            text.push_str(&summary::instances_and_more(
+                info.id,
+                &result,
+                &info.instances,
+            ));
+        }
+        Some((raw, None)) => {
+            text.push_str(&format!("Result:     {}\n", raw.trim_end()));
+        }
+        None => {}
     }
     out(&text);
     Ok(exit::SUCCESS)
@@ -648,9 +722,9 @@ async fn wait(ctx: &Ctx, job: &JobRef) -> Result<u8, ClientError> {
         .map_err(|e| ctx.call("subscribing to the job signals").error(e))?;
     let outcome = Follower::new(&ctx.bus, job.clone())
         .await?
-        .run(sub, Mode::detect(ctx.quiet), &mut interrupt)
+        .run(sub, ctx.view_options(), &mut interrupt, OnInterrupt::Detach)
         .await?;
-    finish(job, outcome)
+    finish(ctx, job, outcome, ctx.ending())
 }
 
 async fn monitor(ctx: &Ctx) -> Result<u8, ClientError> {
@@ -674,7 +748,7 @@ async fn monitor(ctx: &Ctx) -> Result<u8, ClientError> {
             msg = sub.recv() => match msg {
                 Some(msg) => {
                     if from_the_service(&msg) {
-                        out(&render::monitor_line(&msg, ctx.json));
+                        out(&render::monitor_line(&msg, ctx.json, &ctx.clock));
                     }
                 }
                 None => {

@@ -125,6 +125,66 @@ impl ClientError {
     }
 }
 
+/// Errors as JSON (`--json`): a D-Bus-style name, the message and the exit code.
+pub mod json {
+    use serde_json::{Value, json};
+
+    use super::ClientError;
+
+    /// Prefix of the names of errors the client itself finds (no service error behind them).
+    pub const CLIENT_ERROR_PREFIX: &str = "org.nethserver.ModuleUpdater.Client.Error";
+
+    /// The error's name: the service's D-Bus error name when the service refused, the bus's
+    /// when the bus did, a client name otherwise.
+    pub fn name(err: &ClientError) -> String {
+        let service = |name: &str| format!("{}.{name}", module_updater_dbus::ERROR_PREFIX);
+        let client = |name: &str| format!("{CLIENT_ERROR_PREFIX}.{name}");
+        match err {
+            ClientError::Validation { .. } => service("ValidationFailed"),
+            ClientError::Busy { .. } => service("Busy"),
+            ClientError::NoSuchJob { .. } => service("NoSuchJob"),
+            ClientError::NoSuchInstance { .. } => service("NoSuchInstance"),
+            ClientError::ShuttingDown { .. } => service("ShuttingDown"),
+            ClientError::Service { .. } => service("Failed"),
+            ClientError::AccessDenied { .. } => "org.freedesktop.DBus.Error.AccessDenied".into(),
+            ClientError::Connect { .. } => client("Connect"),
+            ClientError::Unreachable { .. } => client("Unreachable"),
+            ClientError::ServiceLeft { .. } => client("ServiceLeft"),
+            ClientError::ConnectionLost { .. } => client("ConnectionLost"),
+            ClientError::TypeMismatch { .. } => client("TypeMismatch"),
+            ClientError::JobFailed { .. } => client("JobFailed"),
+            ClientError::Detached { .. } => client("Detached"),
+            ClientError::InterruptedEarly => client("Interrupted"),
+            ClientError::Usage(_) | ClientError::Input(_) => client("Usage"),
+            ClientError::Local { .. } => client("Local"),
+        }
+    }
+
+    /// `{"error": {"name", "message", "exit_code"}}`, with `details` holding NS8's array when
+    /// the service refused the request with one.
+    pub fn document(err: &ClientError) -> Value {
+        let mut error = json!({
+            "name": name(err),
+            "message": err.to_string(),
+            "exit_code": err.exit_code(),
+        });
+        if let Some(array) = err.stdout() {
+            error["details"] =
+                serde_json::from_str(array).unwrap_or_else(|_| Value::String(array.to_owned()));
+        }
+        json!({ "error": error })
+    }
+
+    /// A command-line error found by clap, before the command line is known.
+    pub fn usage_document(message: &str) -> Value {
+        json!({ "error": {
+            "name": format!("{CLIENT_ERROR_PREFIX}.Usage"),
+            "message": message.trim_end(),
+            "exit_code": super::exit::USAGE,
+        }})
+    }
+}
+
 /// A zbus error as one line (without the `org.freedesktop.DBus.Error.` noise where possible).
 pub fn describe_zbus(err: &zbus::Error) -> String {
     match err {
@@ -422,6 +482,34 @@ mod tests {
         )));
         assert_eq!(err.exit_code(), exit::UNREACHABLE);
         assert!(err.to_string().contains("--timeout"), "{err}");
+    }
+
+    #[test]
+    fn errors_as_json() {
+        let err = ClientError::Validation {
+            array: r#"[{"field":"instances.0","error":"instances_pattern"}]"#.into(),
+            summary: "x".into(),
+        };
+        let doc = json::document(&err);
+        assert_eq!(
+            doc["error"]["name"],
+            "org.nethserver.ModuleUpdater.Error.ValidationFailed"
+        );
+        assert_eq!(doc["error"]["exit_code"], 10);
+        assert_eq!(doc["error"]["details"][0]["error"], "instances_pattern");
+        assert_eq!(doc["error"]["message"], err.to_string());
+        let doc = json::document(&ClientError::NoSuchJob {
+            job: 9,
+            detail: "gone".into(),
+        });
+        assert_eq!(doc["error"]["exit_code"], 4);
+        assert!(doc["error"].get("details").is_none());
+        let doc = json::document(&ClientError::Detached { job: 9 });
+        assert_eq!(
+            doc["error"]["name"],
+            "org.nethserver.ModuleUpdater.Client.Error.Detached"
+        );
+        assert_eq!(json::usage_document("bad\n")["error"]["message"], "bad");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Following a job to its end: signals subscribed before the job exists, the end confirmed through
 //! `Status`/`GetResult` (never by a signal alone, and polled every 2 s as a safety net), Ctrl-C to
-//! cancel then to detach, and a clean exit when the service leaves the bus.
+//! cancel then to detach (or only to detach, for a job this client did not start), and a clean
+//! exit when the service leaves the bus.
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -16,7 +17,8 @@ use zbus::{Connection, MatchRule, Message, MessageStream, OwnedVariant, fdo};
 use crate::bus::Bus;
 use crate::cli::JobRef;
 use crate::error::{Call, ClientError};
-use crate::render::{Mode, View};
+use crate::render::{View, ViewOptions};
+use crate::summary::{JobResult, JobTimes};
 
 /// How often the job's `Status` is read even when no signal came.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -175,6 +177,15 @@ impl Interrupt {
     }
 }
 
+/// What Ctrl-C does to a followed job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnInterrupt {
+    /// The client started the job: the first Ctrl-C cancels it, the second detaches.
+    Cancel,
+    /// The job is someone's else (`wait`): Ctrl-C detaches, the job goes on.
+    Detach,
+}
+
 /// A job's end, confirmed by the service.
 #[derive(Debug)]
 pub struct Outcome {
@@ -182,6 +193,10 @@ pub struct Outcome {
     pub result: String,
     pub status: String,
     pub exit_code: i32,
+    /// The job's id and times, for the summary.
+    pub times: JobTimes,
+    /// The job's instances in their order.
+    pub instances: Vec<String>,
 }
 
 impl Outcome {
@@ -381,10 +396,18 @@ impl<'a> Follower<'a> {
             .and_then(Value::as_i64)
             .and_then(|c| i32::try_from(c).ok())
             .unwrap_or(if status == "completed" { 0 } else { 1 });
+        // The times only decorate the summary; a job without them is still finished.
+        let times = JobTimes {
+            id: self.job.id(),
+            started_usec: self.proxy.started_usec().await.unwrap_or(0),
+            finished_usec: self.proxy.finished_usec().await.unwrap_or(0),
+        };
         Ok(Some(Outcome {
             result,
             status,
             exit_code,
+            times,
+            instances: Vec::new(),
         }))
     }
 
@@ -393,18 +416,20 @@ impl<'a> Follower<'a> {
     pub async fn run(
         self,
         mut sub: Subscription,
-        mode: Mode,
+        options: ViewOptions,
         interrupt: &mut Interrupt,
+        on_interrupt: OnInterrupt,
     ) -> Result<Outcome, ClientError> {
         let instances = self
             .proxy
             .instances()
             .await
             .map_err(|e| self.error("reading the job's Instances", e))?;
-        let mut view = View::new(mode, self.job.id(), &instances);
+        let mut view = View::new(options, self.job.id(), &instances);
         let (note_tx, mut note_rx) = mpsc::unbounded_channel::<String>();
         let mut cancelling: Option<tokio::task::JoinHandle<()>> = None;
-        if interrupt.count() >= 1 {
+        // A Ctrl-C during the UpdateModule call cancels the job that call created.
+        if interrupt.count() >= 1 && on_interrupt == OnInterrupt::Cancel {
             cancelling = Some(self.request_cancel(&note_tx));
         }
         let mut poll = tokio::time::interval(POLL_INTERVAL);
@@ -438,7 +463,7 @@ impl<'a> Follower<'a> {
                     }
                 }
                 count = interrupt.recv() => {
-                    if count >= 2 {
+                    if count >= 2 || on_interrupt == OnInterrupt::Detach {
                         // Detaching leaves the job to the service, cancelled as asked: the
                         // Cancel call must have reached it before this process goes.
                         if let Some(call) = cancelling.take() {
@@ -509,17 +534,18 @@ impl<'a> Follower<'a> {
     }
 
     /// Shows what already arrived (the last script lines may trail a poll's answer), then the end.
-    async fn done(&self, mut view: View, sub: &mut Subscription, outcome: Outcome) -> Outcome {
+    async fn done(&self, mut view: View, sub: &mut Subscription, mut outcome: Outcome) -> Outcome {
         for _ in 0..3 {
             tokio::task::yield_now().await;
         }
         while let Some(msg) = sub.try_recv() {
             self.apply(&mut view, &msg);
         }
-        match serde_json::from_str::<Value>(&outcome.result) {
-            Ok(result) => view.finish(&result),
-            Err(_) => view.clear(),
+        match JobResult::parse(&outcome.result) {
+            Some(result) => view.finish(&result),
+            None => view.clear(),
         }
+        outcome.instances = view.order().to_vec();
         outcome
     }
 }

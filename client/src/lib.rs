@@ -6,11 +6,14 @@
 pub mod agent;
 pub mod bus;
 pub mod cli;
+pub mod clock;
 mod commands;
+pub mod complete;
 pub mod error;
 pub mod follow;
 pub mod generate;
 pub mod ns8;
 pub mod render;
+pub mod summary;
 
 pub use commands::run;

@@ -1,78 +1,34 @@
-//! Everything the user reads: timestamps, tables, the summary of a job's result, the live view of a
-//! followed job (progress bars on a terminal, timestamped lines otherwise), and signals as text or
-//! JSON for `monitor`.
+//! Everything the user reads while a command runs: tables, the live view of a followed job
+//! (progress bars on a terminal, timestamped lines otherwise), and signals as text or JSON for
+//! `monitor`. The summary of a finished job is [`crate::summary`]'s.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
+use unicode_width::UnicodeWidthStr;
 use zbus::wire::Variant;
 
-// ---------------------------------------------------------------------------------------------
-// Time
-
-/// `2026-11-30T17:00:00Z` for seconds since the epoch (UTC, proleptic Gregorian calendar).
-pub fn utc_from_secs(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil conversion: day 0 is 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    // Both are in range by construction (day 1..=31, month 1..=12).
-    (
-        year,
-        u32::try_from(month).unwrap_or(1),
-        u32::try_from(day).unwrap_or(1),
-    )
-}
-
-/// The current time as [`utc_from_secs`] prints it.
-pub fn now_utc() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs();
-    utc_from_secs(i64::try_from(secs).unwrap_or(i64::MAX))
-}
-
-/// A `*Usec` property as a timestamp; 0 (not yet) as `-`.
-pub fn usec_to_utc(usec: u64) -> String {
-    if usec == 0 {
-        return "-".to_owned();
-    }
-    utc_from_secs(i64::try_from(usec / 1_000_000).unwrap_or(i64::MAX))
-}
+use crate::clock::{Clock, now_iso_utc};
+use crate::summary::JobResult;
 
 // ---------------------------------------------------------------------------------------------
 // Tables
 
-/// Left-aligned columns separated by two spaces, widths counted in characters (`→` is one).
+/// How many terminal columns `text` takes (a CJK character takes two, a combining accent none).
+pub fn text_width(text: &str) -> usize {
+    text.width()
+}
+
+/// Left-aligned columns separated by two spaces, widths counted in terminal columns.
 /// The last column is not padded, so lines carry no trailing blanks.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let columns = headers.len();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| text_width(h)).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate().take(columns) {
-            widths[i] = widths[i].max(cell.chars().count());
+            widths[i] = widths[i].max(text_width(cell));
         }
     }
     let mut out = String::new();
@@ -84,7 +40,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             }
             text.push_str(cell);
             if i + 1 < columns {
-                let pad = widths[i].saturating_sub(cell.chars().count());
+                let pad = widths[i].saturating_sub(text_width(cell));
                 text.extend(std::iter::repeat_n(' ', pad));
             }
         }
@@ -94,122 +50,6 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     line(&mut headers.iter().copied());
     for row in rows {
         line(&mut row.iter().map(String::as_str));
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Job results
-
-fn str_field<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
-    value.get(key).and_then(Value::as_str)
-}
-
-/// `old → new`, or the one that is known.
-fn image_change(result: &Value) -> String {
-    match (
-        str_field(result, "old_image_url"),
-        str_field(result, "new_image_url"),
-    ) {
-        (Some(old), Some(new)) if old != new => format!("{old} → {new}"),
-        (_, Some(new)) => new.to_owned(),
-        (Some(old), None) => old.to_owned(),
-        (None, None) => "-".to_owned(),
-    }
-}
-
-/// Scripts that did not end `ok`: `30c failed (3)`, `40x timeout`.
-fn script_warnings(result: &Value) -> String {
-    let mut out: Vec<String> = result
-        .get("scripts")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(|script| str_field(script, "status").is_some_and(|s| s != "ok"))
-        .map(|script| {
-            let name = str_field(script, "name").unwrap_or("?");
-            let status = str_field(script, "status").unwrap_or("?");
-            match script.get("exit_code").and_then(Value::as_i64) {
-                Some(code) if status == "failed" => format!("{name} {status} ({code})"),
-                _ => format!("{name} {status}"),
-            }
-        })
-        .collect();
-    let warnings = result
-        .get("warnings")
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len);
-    if out.is_empty() && warnings > 0 {
-        out.push(format!(
-            "{warnings} warning{}",
-            if warnings == 1 { "" } else { "s" }
-        ));
-    }
-    if out.is_empty() {
-        "-".to_owned()
-    } else {
-        out.join(", ")
-    }
-}
-
-fn result_cell(result: &Value) -> String {
-    let status = str_field(result, "status").unwrap_or("?");
-    match result.get("error").and_then(|e| str_field(e, "step")) {
-        Some(step) => format!("{status} at {step}"),
-        None => status.to_owned(),
-    }
-}
-
-/// The instances of a result in the job's order first, then any other in name order.
-fn ordered_instances<'a>(result: &'a Value, order: &[String]) -> Vec<(&'a str, &'a Value)> {
-    let Some(map) = result.get("instances").and_then(Value::as_object) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(&str, &Value)> = order
-        .iter()
-        .filter_map(|id| map.get_key_value(id.as_str()))
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let rest: BTreeMap<&str, &Value> = map
-        .iter()
-        .filter(|(k, _)| !order.contains(k))
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    out.extend(rest);
-    out
-}
-
-/// The summary of a finished job: a table (instance, result, old → new image, scripts with
-/// warnings), then one line per failure reason and the job-level error, if any.
-pub fn summary(result: &Value, order: &[String]) -> String {
-    let instances = ordered_instances(result, order);
-    let rows: Vec<Vec<String>> = instances
-        .iter()
-        .map(|(id, r)| {
-            vec![
-                (*id).to_owned(),
-                result_cell(r),
-                image_change(r),
-                script_warnings(r),
-            ]
-        })
-        .collect();
-    let mut out = table(&["INSTANCE", "RESULT", "IMAGE", "WARNINGS"], &rows);
-    for (id, r) in &instances {
-        if let Some(error) = r.get("error").filter(|e| !e.is_null()) {
-            let step = str_field(error, "step").unwrap_or("?");
-            let reason = str_field(error, "reason").unwrap_or("");
-            out.push_str(&format!("{id}: {step}: {reason}\n"));
-        }
-    }
-    let status = str_field(result, "status").unwrap_or("?");
-    let exit_code = result
-        .get("exit_code")
-        .and_then(Value::as_i64)
-        .unwrap_or(-1);
-    match str_field(result, "error") {
-        Some(error) => out.push_str(&format!("job {status} (exit code {exit_code}): {error}\n")),
-        None => out.push_str(&format!("job {status} (exit code {exit_code})\n")),
     }
     out
 }
@@ -249,8 +89,23 @@ fn priority_label(priority: u32) -> &'static str {
     match priority {
         0..=3 => "error: ",
         4 => "warning: ",
+        7.. => "debug: ",
         _ => "",
     }
+}
+
+/// syslog's `LOG_DEBUG`: the environment keys written, skipped files, which copy of the image
+/// is read. Shown only with `-v`; the journal keeps them all.
+const DEBUG_PRIORITY: u32 = 7;
+
+/// How a followed job is shown, besides the mode.
+#[derive(Debug, Clone)]
+pub struct ViewOptions {
+    pub mode: Mode,
+    /// Show debug-level messages (`-v`).
+    pub verbose: bool,
+    /// Timestamps of the plain lines.
+    pub clock: Clock,
 }
 
 struct Bars {
@@ -262,6 +117,8 @@ struct Bars {
 /// The live view of one followed job.
 pub struct View {
     mode: Mode,
+    verbose: bool,
+    clock: Clock,
     job: u64,
     order: Vec<String>,
     bars: Option<Bars>,
@@ -280,9 +137,16 @@ fn bar_style() -> ProgressStyle {
 }
 
 impl View {
-    pub fn new(mode: Mode, job: u64, instances: &[String]) -> View {
+    pub fn new(options: ViewOptions, job: u64, instances: &[String]) -> View {
+        let ViewOptions {
+            mode,
+            verbose,
+            clock,
+        } = options;
         let mut view = View {
             mode,
+            verbose,
+            clock,
             job,
             order: Vec::new(),
             bars: None,
@@ -344,7 +208,7 @@ impl View {
             }
             (None, Mode::Plain) => {
                 let mut err = std::io::stderr().lock();
-                let _ = writeln!(err, "{} {text}", now_utc());
+                let _ = writeln!(err, "{} {text}", self.clock.now_iso());
             }
             _ => {}
         }
@@ -396,7 +260,7 @@ impl View {
     }
 
     pub fn message(&mut self, instance: &str, priority: u32, text: &str) {
-        if self.mode == Mode::Quiet {
+        if self.mode == Mode::Quiet || (priority >= DEBUG_PRIORITY && !self.verbose) {
             return;
         }
         let label = priority_label(priority);
@@ -439,45 +303,41 @@ impl View {
         }
     }
 
-    /// The end of the job: the summary table (terminal) or a last line (plain).
-    pub fn finish(&mut self, result: &Value) {
-        let status = str_field(result, "status").unwrap_or("?").to_owned();
-        let exit_code = result
-            .get("exit_code")
-            .and_then(Value::as_i64)
-            .unwrap_or(-1);
+    /// The end of the job: the bars go (the command prints the summary or the JSON), plain mode
+    /// writes a last line.
+    pub fn finish(&mut self, result: &JobResult) {
         // Instances whose InstanceFinished was missed (attached late) still get their line.
-        if let Some(map) = result.get("instances").and_then(Value::as_object) {
-            for (id, r) in map {
-                if !self.finished.contains_key(id) {
-                    let s = str_field(r, "status").unwrap_or("?").to_owned();
-                    let code = r.get("exit_code").and_then(Value::as_i64).unwrap_or(-1);
-                    self.instance_finished(id, &s, i32::try_from(code).unwrap_or(-1));
-                }
+        for (id, r) in &result.instances {
+            if !self.finished.contains_key(id) {
+                self.instance_finished(id, r.status.as_str(), r.exit_code);
             }
         }
         self.done = true;
         if let Some(bars) = &self.bars {
-            if status == "completed" {
+            if result.status == "completed" {
                 bars.total.set_position(100);
             }
-            bars.total.set_message(status.clone());
+            bars.total.set_message(result.status.clone());
         }
         match self.mode {
-            Mode::Terminal => {
-                self.clear();
-                let mut err = std::io::stderr().lock();
-                let _ = write!(err, "{}", summary(result, &self.order));
-            }
+            Mode::Terminal => self.clear(),
             Mode::Plain => {
-                let error = str_field(result, "error").map_or(String::new(), |e| format!(": {e}"));
+                let error = result
+                    .error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(": {e}"));
                 self.line(&format!(
-                    "job {} {status} (exit code {exit_code}){error}",
-                    self.job
+                    "job {} {} (exit code {}){error}",
+                    self.job, result.status, result.exit_code
                 ));
             }
             Mode::Quiet => {}
         }
+    }
+
+    /// The job's instances in the order they were first seen.
+    pub fn order(&self) -> &[String] {
+        &self.order
     }
 }
 
@@ -541,7 +401,7 @@ pub fn signal_args(msg: &zbus::Message) -> Vec<Value> {
 }
 
 /// One signal as `monitor` prints it: a line of text, or one JSON object.
-pub fn monitor_line(msg: &zbus::Message, as_json: bool) -> String {
+pub fn monitor_line(msg: &zbus::Message, as_json: bool, clock: &Clock) -> String {
     let header = msg.header();
     let sender = header.sender().map(|s| s.to_string()).unwrap_or_default();
     let path = header.path().map(|p| p.to_string()).unwrap_or_default();
@@ -551,10 +411,9 @@ pub fn monitor_line(msg: &zbus::Message, as_json: bool) -> String {
         .unwrap_or_default();
     let member = header.member().map(|m| m.to_string()).unwrap_or_default();
     let args = signal_args(msg);
-    let time = now_utc();
     if as_json {
         json!({
-            "time": time,
+            "time": now_iso_utc(),
             "sender": sender,
             "path": path,
             "interface": interface,
@@ -564,6 +423,7 @@ pub fn monitor_line(msg: &zbus::Message, as_json: bool) -> String {
         .to_string()
     } else {
         let args: Vec<String> = args.iter().map(Value::to_string).collect();
+        let time = clock.now_iso();
         format!(
             "{time} {sender} {path} {interface}.{member} {}",
             args.join(" ")
@@ -579,20 +439,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn timestamps_are_utc_rfc3339() {
-        assert_eq!(utc_from_secs(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_from_secs(951_782_400), "2000-02-29T00:00:00Z");
-        // 2026-11-30T17:00:00Z, the example of the spec.
-        assert_eq!(utc_from_secs(1_796_058_000), "2026-11-30T17:00:00Z");
-        assert_eq!(utc_from_secs(-1), "1969-12-31T23:59:59Z");
-        assert_eq!(usec_to_utc(0), "-");
-        assert_eq!(usec_to_utc(1_796_058_000_123_456), "2026-11-30T17:00:00Z");
-    }
-
-    #[test]
-    fn table_aligns_by_characters() {
+    fn table_aligns_by_display_width() {
+        // `→` takes one column, each of `名前` two, the combining accent of `é` none.
         let rows = vec![
             vec!["mail1".to_owned(), "a → b".to_owned(), "x".to_owned()],
+            vec!["名前".to_owned(), "cafe\u{301}".to_owned(), "y".to_owned()],
             vec!["nextcloud12".to_owned(), "c".to_owned(), String::new()],
         ];
         let text = table(&["ID", "IMAGE", "JOB"], &rows);
@@ -600,44 +451,9 @@ mod tests {
             text,
             "ID           IMAGE  JOB\n\
              mail1        a → b  x\n\
+             名前         cafe\u{301}   y\n\
              nextcloud12  c\n"
         );
-    }
-
-    #[test]
-    fn summary_of_a_result() {
-        let result: Value = serde_json::from_str(
-            r#"{"status":"aborted","exit_code":1,"instances":{
-                "mail2":{"status":"failed","exit_code":1,
-                    "old_image_url":"ghcr.io/nethserver/mail:1.7.0","new_image_url":"ghcr.io/nethserver/mail:1.7.1",
-                    "scripts":[],"warnings":[],"error":{"step":"extract","reason":"no imageroot in the image"}},
-                "mail1":{"status":"completed","exit_code":0,
-                    "old_image_url":"ghcr.io/nethserver/mail:1.7.0","new_image_url":"ghcr.io/nethserver/mail:1.7.1",
-                    "scripts":[{"name":"10a","status":"ok","exit_code":0,"duration_ms":3},
-                               {"name":"30c","status":"failed","exit_code":3,"duration_ms":5},
-                               {"name":"40t","status":"timeout","exit_code":null,"duration_ms":5}],
-                    "warnings":["30c has failed (exit code 3)"],"error":null},
-                "mail3":{"status":"already-installed","exit_code":0,
-                    "old_image_url":"ghcr.io/nethserver/mail:1.7.1","new_image_url":"ghcr.io/nethserver/mail:1.7.1",
-                    "scripts":[],"warnings":["w"],"error":null}}}"#,
-        )
-        .unwrap();
-        let text = summary(&result, &["mail1".to_owned(), "mail2".to_owned()]);
-        let expected = "\
-INSTANCE  RESULT             IMAGE                                                          WARNINGS
-mail1     completed          ghcr.io/nethserver/mail:1.7.0 → ghcr.io/nethserver/mail:1.7.1  30c failed (3), 40t timeout
-mail2     failed at extract  ghcr.io/nethserver/mail:1.7.0 → ghcr.io/nethserver/mail:1.7.1  -
-mail3     already-installed  ghcr.io/nethserver/mail:1.7.1                                  1 warning
-mail2: extract: no imageroot in the image
-job aborted (exit code 1)
-";
-        assert_eq!(text, expected);
-
-        let interrupted: Value = serde_json::from_str(
-            r#"{"status":"aborted","exit_code":1,"instances":{},"error":"interrupted"}"#,
-        )
-        .unwrap();
-        assert!(summary(&interrupted, &[]).ends_with("job aborted (exit code 1): interrupted\n"));
     }
 
     #[test]
@@ -662,14 +478,15 @@ job aborted (exit code 1)
         )
         .build(&("mail1", "pull-image", 25u32))
         .unwrap();
-        let line = monitor_line(&msg, false);
+        let line = monitor_line(&msg, false, &Clock::new(true));
         assert!(
             line.ends_with(
                 " /org/nethserver/ModuleUpdater/job/7 org.nethserver.ModuleUpdater.Job.Progress \"mail1\" \"pull-image\" 25"
             ),
             "{line}"
         );
-        let object: Value = serde_json::from_str(&monitor_line(&msg, true)).unwrap();
+        let object: Value =
+            serde_json::from_str(&monitor_line(&msg, true, &Clock::new(true))).unwrap();
         assert_eq!(object["member"], "Progress");
         assert_eq!(object["args"], json!(["mail1", "pull-image", 25]));
     }

@@ -402,60 +402,48 @@ impl RawFile {
     }
 }
 
+/// The file's top-level keys with the spans of each key and value, for messages.
+type SpannedTable = std::collections::BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>>;
+
 /// Reads the settings of a configuration file's text; `path` is for messages.
 pub fn parse_file(text: &str, path: &Path) -> Result<Settings, ConfigError> {
-    // Syntax first, so that every error of the typed pass below is about a key or a value.
-    if let Err(err) = text.parse::<toml::Table>() {
-        return Err(ConfigError::Syntax {
-            path: path.to_path_buf(),
-            detail: err.to_string(),
-        });
-    }
-    let raw: RawFile = toml::from_str(text).map_err(|err| describe_toml_error(&err, text, path))?;
-    raw.check(path)
-}
-
-/// Turns a TOML or serde error into a message naming the key and the value as written.
-fn describe_toml_error(err: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
-    let syntax = || ConfigError::Syntax {
+    let syntax = |err: toml::de::Error| ConfigError::Syntax {
         path: path.to_path_buf(),
         detail: err.to_string(),
     };
-    let Some(span) = err.span() else {
-        return syntax();
-    };
-    let start = span.start.min(text.len());
-    let line_number = text[..start].matches('\n').count() + 1;
-    // serde's "unknown field `x`, expected one of ..."
-    if let Some(rest) = err.message().strip_prefix("unknown field `")
-        && let Some((key, _)) = rest.split_once('`')
+    // Syntax first, so that every error below is about a key or a value.
+    let table: SpannedTable = toml::from_str(text).map_err(syntax)?;
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    // Unknown keys (and sections, which are keys holding a table) by our own list.
+    if let Some(unknown) = table
+        .keys()
+        .find(|key| !KEYS.iter().any(|k| k.name == key.get_ref().as_str()))
     {
-        return ConfigError::UnknownKey {
-            key: key.to_owned(),
+        return Err(ConfigError::UnknownKey {
+            key: unknown.get_ref().clone(),
             path: path.to_path_buf(),
-            line: line_number,
+            line: line_of(unknown.span().start),
+        });
+    }
+    // A value of the wrong type: serde_path_to_error names the key, the span gives its text.
+    let deserializer = toml::Deserializer::parse(text).map_err(syntax)?;
+    let raw: RawFile = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let name = err.path().to_string();
+        let Some(key) = KEYS.iter().find(|k| k.name == name) else {
+            return syntax(err.into_inner());
         };
-    }
-    // A value of the wrong type: the span is the value; its key starts the line.
-    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or_default();
-    let Some((key_text, _)) = line.split_once('=') else {
-        return syntax();
-    };
-    let Some(key) = KEYS.iter().find(|k| k.name == key_text.trim()) else {
-        return syntax();
-    };
-    let end = span.end.clamp(start, text.len());
-    let mut value: String = text[start..end].trim().chars().take(80).collect();
-    if value.is_empty() {
-        value = line[key_text.len() + 1..].trim().to_owned();
-    }
-    ConfigError::BadValue {
-        key: key.name,
-        value,
-        path: path.to_path_buf(),
-        requirement: format!("must be {}", key.rule.allowed()),
-    }
+        let value = table
+            .get(key.name)
+            .and_then(|v| text.get(v.span()))
+            .map_or_else(String::new, |v| v.trim().chars().take(80).collect());
+        ConfigError::BadValue {
+            key: key.name,
+            value,
+            path: path.to_path_buf(),
+            requirement: format!("must be {}", key.rule.allowed()),
+        }
+    })?;
+    raw.check(path)
 }
 
 /// Reads the configuration file: `explicit` is the `--config` path, if any. A missing default
@@ -631,56 +619,43 @@ pub fn man_page(out: &mut dyn Write) -> io::Result<()> {
     man.render_synopsis_section(out)?;
     man.render_description_section(out)?;
     man.render_options_section(out)?;
-    writeln!(out, ".SH FILES")?;
-    writeln!(out, ".TP")?;
-    writeln!(out, "\\fI{}\\fR", roff_escape(DEFAULT_CONFIG_FILE))?;
-    writeln!(
-        out,
-        "TOML settings, each overridden by the flag of the same name (with - for _). An unknown \
-         key or a bad value stops start-up with exit status 1. Keys:"
-    )?;
+    // The sections clap_mangen does not know, escaped by the roff crate it writes with.
+    use roff::{Roff, bold, italic, roman};
+    let mut page = Roff::new();
+    page.control("SH", ["FILES"])
+        .control("TP", [] as [&str; 0])
+        .text([italic(DEFAULT_CONFIG_FILE)])
+        .text([roman(
+            "TOML settings, each overridden by the flag of the same name (with - for _). An \
+             unknown key or a bad value stops start-up with exit status 1. Keys:",
+        )]);
     for key in KEYS {
-        writeln!(out, ".TP")?;
         let default = key.default.unwrap_or(key.unset);
-        writeln!(
-            out,
-            "\\fB{}\\fR (default: {})",
-            key.name,
-            roff_escape(default)
-        )?;
-        writeln!(
-            out,
-            "{} Must be {}.",
-            roff_escape(key.help),
-            roff_escape(&key.rule.allowed())
-        )?;
+        page.control("TP", [] as [&str; 0])
+            .text([bold(key.name), roman(format!(" (default: {default})"))])
+            .text([roman(format!(
+                "{} Must be {}.",
+                key.help,
+                key.rule.allowed()
+            ))]);
     }
-    writeln!(out, ".SH ENVIRONMENT")?;
-    writeln!(out, ".TP")?;
-    writeln!(out, "\\fBGOGC\\fR, \\fBGOMEMLIMIT\\fR")?;
-    let text = format!(
-        "For podman and skopeo, which are Go programs. When neither is set, they get GOGC=off and \
-         GOMEMLIMIT={}: Go's garbage collector runs only as a process's heap nears that size. \
-         When either is set, podman, skopeo and the update workers get the daemon's values.",
-        crate::engine::go_runtime::HEAP_LIMIT
-    );
-    writeln!(out, "{}", roff_escape(&text))?;
-    writeln!(out, ".SH SEE ALSO")?;
-    writeln!(
-        out,
-        "module\\-updater(1), systemctl(1), busctl(1), \\fI/usr/lib/systemd/system/module\\-updaterd.service\\fR"
-    )?;
+    page.control("SH", ["ENVIRONMENT"])
+        .control("TP", [] as [&str; 0])
+        .text([bold("GOGC"), roman(", "), bold("GOMEMLIMIT")])
+        .text([roman(format!(
+            "For podman and skopeo, which are Go programs. When neither is set, they get GOGC=off \
+             and GOMEMLIMIT={}: Go's garbage collector runs only as a process's heap nears that \
+             size. When either is set, podman, skopeo and the update workers get the daemon's \
+             values.",
+            crate::engine::go_runtime::HEAP_LIMIT
+        ))])
+        .control("SH", ["SEE ALSO"])
+        .text([
+            roman("module-updater(1), systemctl(1), busctl(1), "),
+            italic("/usr/lib/systemd/system/module-updaterd.service"),
+        ]);
+    page.to_writer(out)?;
     man.render_version_section(out)
-}
-
-/// Escapes text for roff: backslashes, hyphens, and a leading dot or quote.
-fn roff_escape(text: &str) -> String {
-    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
-    if escaped.starts_with('.') || escaped.starts_with('\'') {
-        format!("\\&{escaped}")
-    } else {
-        escaped
-    }
 }
 
 #[cfg(test)]
@@ -1007,7 +982,7 @@ system_manager_address = "unix:path=/run/other/bus"
         );
         for key in KEYS {
             assert!(
-                text.contains(&roff_escape(key.name)),
+                text.contains(&format!("\\fB{}\\fR (default: ", key.name)),
                 "{} missing",
                 key.name
             );

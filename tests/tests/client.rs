@@ -198,17 +198,153 @@ fn job_id_of(stderr: &str) -> u64 {
         .unwrap_or_else(|| panic!("no job line in {stderr:?}"))
 }
 
+/// `2026-11-30T17:00:00Z text` or, in a time zone, `2026-11-30T22:30:00+05:30 text`.
 fn is_timestamped(line: &str) -> bool {
     let b = line.as_bytes();
-    line.len() > 21
+    let date_time = line.len() > 21
         && b[4] == b'-'
         && b[7] == b'-'
         && b[10] == b'T'
         && b[13] == b':'
         && b[16] == b':'
-        && b[19] == b'Z'
-        && b[20] == b' '
-        && line[..4].bytes().all(|c| c.is_ascii_digit())
+        && line[..4].bytes().all(|c| c.is_ascii_digit());
+    let zone = match b.get(19) {
+        Some(b'Z') => b.get(20) == Some(&b' '),
+        Some(b'+' | b'-') => b.get(22) == Some(&b':') && b.get(25) == Some(&b' '),
+        _ => false,
+    };
+    date_time && zone
+}
+
+/// The repository of an image URL: `127.0.0.1:5000/app:1.0` → `127.0.0.1:5000/app`.
+fn repository(url: &str) -> &str {
+    url.rsplit_once(':').map_or(url, |(repo, _)| repo)
+}
+
+/// Candidates bash's completion shows for `words` (the last is the word being completed), through
+/// the completion script the package installs, with the client found in PATH.
+fn bash_completions(sandbox: &Sandbox, words: &[&str]) -> Out {
+    let script = sandbox.root().join("completion.bash");
+    let generated = run(sandbox, &["generate", "completions", "bash"]).expect(0);
+    std::fs::write(&script, generated.stdout).unwrap();
+    let bin_dir = client_binary().unwrap().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let program = format!(
+        "source '{}'\nCOMP_WORDS=({})\nCOMP_CWORD={}\nCOMP_TYPE=9\n\
+         _clap_complete_module_updater module-updater '{}' '{}'\n\
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        script.display(),
+        quoted.join(" "),
+        words.len() - 1,
+        words[words.len() - 1],
+        words[words.len() - 2],
+    );
+    let mut command = Command::new("bash");
+    command.args(["-c", &program]).env("PATH", path);
+    run_with(command, None)
+}
+
+/// The client on a pseudo-terminal (util-linux `script`), as a person runs it; what is typed
+/// goes to its stdin, the screen to a file.
+struct Terminal {
+    child: Child,
+    keyboard: std::process::ChildStdin,
+    screen: PathBuf,
+}
+
+impl Terminal {
+    fn start(sandbox: &Sandbox, name: &str, args: &[&str], env: &[(&str, &str)]) -> Terminal {
+        let line = format!(
+            "stty cols 160 rows 40; exec {} --address {} {}",
+            client_binary().unwrap().display(),
+            sandbox.bus_address(),
+            args.join(" ")
+        );
+        let screen = sandbox.root().join(format!("{name}.screen"));
+        let mut command = Command::new("script");
+        command
+            .args(["-qec", &line, "/dev/null"])
+            .env("TERM", "xterm-256color")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(File::create(&screen).unwrap())
+            .stderr(Stdio::null());
+        let mut child = command
+            .spawn()
+            .expect("util-linux script runs the client on a terminal (apt-get install bsdutils)");
+        let keyboard = child.stdin.take().unwrap();
+        Terminal {
+            child,
+            keyboard,
+            screen,
+        }
+    }
+
+    /// What the terminal shows so far, escape sequences removed.
+    fn screen(&self) -> String {
+        screen_text(&std::fs::read_to_string(&self.screen).unwrap_or_default())
+    }
+
+    fn ctrl_c(&mut self) {
+        self.keyboard.write_all(b"\x03").unwrap();
+        self.keyboard.flush().unwrap();
+    }
+
+    fn wait_for(&mut self, what: &str, timeout: Duration, probe: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !probe(&self.screen()) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the client exited ({status}) before {what}: {}",
+                    self.screen()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {timeout:?}: {}",
+                self.screen()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the client's end; `stdout` of the result is the screen.
+    fn finish(mut self, timeout: Duration) -> Out {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the client did not exit within {timeout:?}: {}",
+                    self.screen()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Out {
+            code: status.code().unwrap_or(-1),
+            stdout: self.screen(),
+            stderr: String::new(),
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Whether the instance user runs a process whose command line contains `pattern`.
@@ -362,6 +498,22 @@ fn every_command_with_its_exit_code() {
     assert_eq!(result["instances"][id]["new_image_url"], v2.as_str());
     assert!(out.stderr.lines().all(is_timestamped), "{}", out.stderr);
     let job = job_id_of(&out.stderr);
+    // api-cli compatibility: stdout is the job's GetResult as busctl reads it, byte for byte,
+    // with the one newline api-cli ends it with.
+    let mut busctl = Command::new("busctl");
+    busctl.args([
+        &format!("--address={}", sandbox.bus_address()),
+        "--json=short",
+        "call",
+        "org.nethserver.ModuleUpdater",
+        &format!("/org/nethserver/ModuleUpdater/job/{job}"),
+        "org.nethserver.ModuleUpdater.Job",
+        "GetResult",
+    ]);
+    let reply = run_with(busctl, None).expect(0).json();
+    assert_eq!(reply["type"], "s", "{reply}");
+    let get_result = reply["data"][0].as_str().unwrap();
+    assert_eq!(out.stdout, format!("{get_result}\n"));
     // Progress lines: `<time> <instance> <step> <percent>%` (the service coalesces them, so
     // which steps show depends on timing; the last one is 100%).
     let progress: Vec<&str> = out
@@ -409,10 +561,29 @@ fn every_command_with_its_exit_code() {
             .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Status:", "completed"]),
         "{out:#?}"
     );
-    assert!(out.stdout.contains(&format!("{v1} → {v2}")), "{out:#?}");
+    // Below the table, the instance's block: the tag change and where to see more.
+    assert!(
+        out.stdout.contains(&format!(
+            "{id}  completed\n{}{} 1.0 → 2.0\n",
+            " ".repeat(id.len() + 2),
+            repository(&v1)
+        )),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("More: module-updater status {job} --json")),
+        "{out:#?}"
+    );
     let path = format!("/org/nethserver/ModuleUpdater/job/{job}");
     let status = run(&sandbox, &["status", "--json", &path]).expect(0).json();
     assert_eq!(status["id"], job);
+    // Times in JSON: ISO 8601 in UTC beside the microseconds.
+    let started = status["started"].as_str().unwrap();
+    assert!(
+        is_timestamped(&format!("{started} x")) && started.ends_with('Z'),
+        "{status}"
+    );
     assert_eq!(status["status"], "completed");
     assert_eq!(status["exit_code"], 0);
     assert_eq!(status["instances"], serde_json::json!([id]));
@@ -437,6 +608,60 @@ fn every_command_with_its_exit_code() {
     let out = run(&sandbox, &["status", "99999"]).expect(4);
     assert!(out.one_error_line().contains("no job 99999"), "{out:#?}");
     run(&sandbox, &["wait", "99999"]).expect(4);
+    // With --json the error is JSON on stdout too, the exit code unchanged.
+    let out = run(&sandbox, &["status", "99999", "--json"]).expect(4);
+    let error = &out.json()["error"];
+    assert_eq!(
+        error["name"],
+        "org.nethserver.ModuleUpdater.Error.NoSuchJob"
+    );
+    assert_eq!(error["exit_code"], 4);
+    assert!(error["message"].as_str().unwrap().contains("no job 99999"));
+    assert!(out.one_error_line().contains("no job 99999"), "{out:#?}");
+    let out = run(&sandbox, &["--json", "frobnicate"]).expect(64);
+    assert_eq!(
+        out.json()["error"]["name"],
+        "org.nethserver.ModuleUpdater.Client.Error.Usage"
+    );
+
+    // Completion asks the service: instance ids for INSTANCE, job numbers for JOB.
+    let address = sandbox.bus_address();
+    let out = bash_completions(
+        &sandbox,
+        &["module-updater", "--address", &address, "show", ""],
+    )
+    .expect(0);
+    assert!(out.stdout.lines().any(|l| l == id), "{out:#?}");
+    let out = bash_completions(
+        &sandbox,
+        &["module-updater", "--address", &address, "wait", ""],
+    )
+    .expect(0);
+    assert!(out.stdout.lines().any(|l| l == job.to_string()), "{out:#?}");
+    let out =
+        bash_completions(&sandbox, &["module-updater", "--address", &address, "sta"]).expect(0);
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["status"],
+        "{out:#?}"
+    );
+    // fish shows each candidate's help: the instance's image and state.
+    let mut command = client(&sandbox);
+    command.env("COMPLETE", "fish").args([
+        "--",
+        "module-updater",
+        "--address",
+        &address,
+        "show",
+        "",
+    ]);
+    let out = run_with(command, None).expect(0);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l == format!("{id}\t{v2} (idle)")),
+        "{out:#?}"
+    );
 
     // Busy: 2, with the array naming the job that holds the instance; then cancel it.
     let mut follower = Background::start(&sandbox, "busy", &["update", &slow, id]);
@@ -452,6 +677,10 @@ fn every_command_with_its_exit_code() {
     let out = run(&sandbox, &["update", &slow, id]).expect(2);
     let array = out.json();
     assert_eq!(array[0]["error"], "action_already_running");
+    let out = run(&sandbox, &["update", "--json", &slow, id]).expect(2);
+    let error = &out.json()["error"];
+    assert_eq!(error["name"], "org.nethserver.ModuleUpdater.Error.Busy");
+    assert_eq!(error["details"], array);
     assert_eq!(array[0]["job"], holder.as_str());
     let holder_id = holder.rsplit('/').next().unwrap();
     assert!(
@@ -488,6 +717,20 @@ fn every_command_with_its_exit_code() {
 
     // The service gone: 3, for a missing bus as for a missing service.
     assert!(daemon.stop().unwrap().success());
+    // Completion falls back to no candidates, at once and without an error.
+    let started = Instant::now();
+    let out = bash_completions(
+        &sandbox,
+        &["module-updater", "--address", &address, "show", ""],
+    )
+    .expect(0);
+    assert!(!out.stdout.lines().any(|l| l == id), "{out:#?}");
+    assert_eq!(out.stderr, "");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     let out = run(&sandbox, &["list"]).expect(3);
     assert!(
         out.one_error_line().contains("cannot be reached"),
@@ -606,6 +849,8 @@ fn screen_text(raw: &str) -> String {
                     }
                 }
             }
+            // A terminal's line end is \r\n; a lone \r redraws the line (the bars).
+            '\r' if chars.peek() == Some(&'\n') => {}
             '\r' => out.push('\n'),
             c => out.push(c),
         }
@@ -632,20 +877,12 @@ fn progress_bars_and_summary_on_a_terminal() {
     sandbox.install(&b, &v1).unwrap();
     let _daemon = start_daemon(&sandbox, &[]);
 
-    // The client on a pseudo-terminal (util-linux `script`), as a person runs it.
-    let line = format!(
-        "stty cols 160 rows 40; exec {} --address {} update {v2} {} {}",
-        client_binary().unwrap().display(),
-        sandbox.bus_address(),
-        a.id,
-        b.id
-    );
-    let mut command = Command::new("script");
-    command
-        .args(["-qec", &line, "/dev/null"])
-        .env("TERM", "xterm-256color");
-    let out = run_with(command, None).expect(0);
-    let screen = screen_text(&out.stdout);
+    // In a time zone far from UTC, as a person's terminal may be.
+    let args = ["update", &v2, &a.id, &b.id];
+    let out = Terminal::start(&sandbox, "update", &args, &[("TZ", "Asia/Kolkata")])
+        .finish(CLIENT_TIMEOUT)
+        .expect(0);
+    let screen = out.stdout;
     // Bars: one per instance and the total, each with its step and percent.
     for id in [&a.id, &b.id] {
         assert!(
@@ -683,35 +920,166 @@ fn progress_bars_and_summary_on_a_terminal() {
         "no bar shows its step: {screen}"
     );
     assert!(screen.contains("====="), "no bar drawn: {screen}");
-    // The summary table, then the result JSON.
-    let table: Vec<&str> = screen
-        .lines()
-        .skip_while(|l| !l.starts_with("INSTANCE"))
-        .collect();
-    assert!(!table.is_empty(), "no summary table: {screen}");
-    for id in [&a.id, &b.id] {
-        let row = table
-            .iter()
-            .find(|l| l.starts_with(id.as_str()))
-            .unwrap_or_else(|| panic!("{screen}"));
-        assert!(
-            row.contains("completed") && row.contains(&format!("{v1} → {v2}")),
-            "{row}"
-        );
-    }
+    // The environment keys written are debug lines: not shown without -v.
+    assert!(!screen.contains(" environment IMAGE_URL="), "{screen}");
+    // The summary, not the JSON: the job, its local start time, each instance's change, where
+    // to see more.
     assert!(
-        table
-            .iter()
-            .any(|l| l.starts_with("job completed (exit code 0)")),
+        !screen.lines().any(|l| l.starts_with('{')),
+        "JSON on a terminal: {screen}"
+    );
+    let summary: Vec<&str> = screen
+        .lines()
+        .skip_while(|l| !l.starts_with("Job "))
+        .collect();
+    let job = summary
+        .first()
+        .and_then(|l| l.strip_prefix("Job "))
+        .and_then(|l| l.strip_suffix(" completed (exit code 0)"))
+        .unwrap_or_else(|| panic!("no summary: {screen}"))
+        .to_owned();
+    assert!(
+        summary[1].starts_with("  started ") && summary[1].contains(" IST, took "),
         "{screen}"
     );
-    let json_line = screen
+    let change = format!("{} 1.0 → 2.0", repository(&v1));
+    for id in [&a.id, &b.id] {
+        let at = summary
+            .iter()
+            .position(|l| *l == format!("{id}  completed"))
+            .unwrap_or_else(|| panic!("no block for {id}: {screen}"));
+        assert_eq!(summary[at + 1].trim(), change, "{screen}");
+    }
+    assert!(
+        summary.contains(&format!("More: module-updater status {job} --json").as_str()),
+        "{screen}"
+    );
+    assert!(
+        summary.contains(
+            &format!("      journalctl -u module-updaterd MODULE_UPDATER_JOB={job}").as_str()
+        ),
+        "{screen}"
+    );
+
+    // -v shows the debug lines (the environment keys written); --utc the times in UTC.
+    let args = ["-v", "--utc", "update", "--force", &v2, &a.id];
+    let out = Terminal::start(&sandbox, "verbose", &args, &[("TZ", "Asia/Kolkata")])
+        .finish(CLIENT_TIMEOUT)
+        .expect(0);
+    let screen = out.stdout;
+    let key_line = format!(
+        "{} debug: Update module/{} environment IMAGE_URL={v2}",
+        a.id, a.id
+    );
+    assert!(screen.contains(&key_line), "no {key_line:?} in {screen}");
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.starts_with("  started ") && l.contains(" UTC, took ")),
+        "{screen}"
+    );
+}
+
+#[test]
+fn summary_of_a_failed_instance_with_warnings() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let a = sandbox.add_rootless_instance("app").unwrap();
+    let b = sandbox.add_rootless_instance("app").unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("app", "1.0"))
+        .unwrap();
+    // Every instance gets a failing script (a warning, NS8 semantics); the module's own step
+    // fails for the second instance only (which fails it).
+    let v2 = sandbox
+        .build_image(
+            &ImageSpec::module("app", "2.0")
+                .file(
+                    "update-module.d/30warn",
+                    "#!/bin/sh\necho 'not quite'\nexit 3\n",
+                    0o755,
+                )
+                .file(
+                    "actions/update-module/60check",
+                    format!(
+                        "#!/bin/sh\nif [ \"$MODULE_ID\" = {} ]; then echo 'disk full' >&2; exit 4; fi\n",
+                        b.id
+                    ),
+                    0o755,
+                ),
+        )
+        .unwrap();
+    sandbox.install(&a, &v1).unwrap();
+    sandbox.install(&b, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+
+    let args = ["update", &v2, &a.id, &b.id];
+    let out = Terminal::start(&sandbox, "failed", &args, &[])
+        .finish(CLIENT_TIMEOUT)
+        .expect(1);
+    let screen = out.stdout;
+    let summary: Vec<&str> = screen
         .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
+        .skip_while(|l| !l.starts_with("Job "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(summary[0].ends_with("(exit code 1)"), "{screen}");
+    // What went wrong comes first: the failed instance, then the one with warnings.
+    let failed = summary
+        .iter()
+        .position(|l| l.starts_with(b.id.as_str()))
         .unwrap_or_else(|| panic!("{screen}"));
-    let result: Value = serde_json::from_str(json_line).unwrap();
-    assert_eq!(result["status"], "completed");
+    let warned = summary
+        .iter()
+        .position(|l| l.starts_with(a.id.as_str()))
+        .unwrap_or_else(|| panic!("{screen}"));
+    assert!(failed < warned, "{screen}");
+    let width = a.id.len().max(b.id.len());
+    let pad = |id: &str| " ".repeat(width - id.len());
+    assert_eq!(
+        summary[failed],
+        format!("{}{}  failed at module-step", b.id, pad(&b.id)),
+        "{screen}"
+    );
+    let block = &summary[failed + 1..warned];
+    assert!(
+        block
+            .iter()
+            .any(|l| l.trim_start().starts_with("error: ") && l.contains("60check")),
+        "{screen}"
+    );
+    assert!(
+        block.iter().any(|l| l.trim()
+            == "scripts: 2 of 2 did not succeed: 30warn (exit code 3), 60check (exit code 4)"),
+        "{screen}"
+    );
+    assert_eq!(
+        summary[warned],
+        format!("{}{}  completed with 1 warning", a.id, pad(&a.id)),
+        "{screen}"
+    );
+    assert_eq!(
+        summary[warned + 1].trim(),
+        format!("{} 1.0 → 2.0", repository(&v1)),
+        "{screen}"
+    );
+    assert_eq!(
+        summary[warned + 2].trim(),
+        "scripts: 1 of 2 did not succeed: 30warn (exit code 3)",
+        "{screen}"
+    );
+    // The last words: where to see more, and the error line on stderr.
+    assert!(
+        summary
+            .iter()
+            .any(|l| l.starts_with("More: module-updater status ")),
+        "{screen}"
+    );
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.starts_with("module-updater: job ") && l.contains("ended aborted")),
+        "{screen}"
+    );
 }
 
 #[test]
@@ -780,6 +1148,29 @@ fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
         status["status"], "running",
         "the job goes on after a detach: {status}"
     );
+    // `wait` did not start the job: Ctrl-C on its terminal only detaches, the job goes on.
+    let mut waiter = Terminal::start(&sandbox, "wait", &["wait", &job.to_string()], &[]);
+    waiter.wait_for("the bars", Duration::from_secs(30), |screen| {
+        screen.contains(&format!("job {job}"))
+    });
+    let detached_at = Instant::now();
+    waiter.ctrl_c();
+    let out = waiter.finish(Duration::from_secs(10)).expect(130);
+    assert!(detached_at.elapsed() < Duration::from_secs(5));
+    assert!(
+        out.stdout
+            .contains(&format!("module-updater: detached from job {job}")),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("cancelling"), "{}", out.stdout);
+    let status = run(&sandbox, &["status", "--json", &job.to_string()])
+        .expect(0)
+        .json();
+    assert_eq!(
+        status["status"], "running",
+        "wait's Ctrl-C cancelled: {status}"
+    );
     // Re-attached, the client follows it to its end (the script dies of SIGKILL after 10 s).
     let out = run(&sandbox, &["wait", &job.to_string()]).expect(1);
     let result = out.json();
@@ -838,18 +1229,18 @@ fn sh_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// A program on a pseudo-terminal (util-linux `script`) that a test reads and types into, as a
-/// person at the terminal would.
-struct Terminal {
+/// Any program on a pseudo-terminal (util-linux `script`), e.g. the client as another user in a
+/// mount namespace, read through a pipe and typed into, as a person at the terminal would.
+struct TypedTerminal {
     child: Child,
     keys: Option<std::process::ChildStdin>,
     output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     errors: PathBuf,
 }
 
-impl Terminal {
+impl TypedTerminal {
     /// Runs `command`, a `script -qec ... /dev/null` command line (possibly wrapped).
-    fn start(mut command: Command, errors: PathBuf) -> Terminal {
+    fn start(mut command: Command, errors: PathBuf) -> TypedTerminal {
         command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -868,7 +1259,7 @@ impl Terminal {
                 sink.lock().unwrap().extend_from_slice(&buffer[..n]);
             }
         });
-        Terminal {
+        TypedTerminal {
             child,
             keys,
             output,
@@ -938,7 +1329,7 @@ impl Terminal {
     }
 }
 
-impl Drop for Terminal {
+impl Drop for TypedTerminal {
     fn drop(&mut self) {
         drop(self.keys.take());
         if let Ok(None) = self.child.try_wait() {
@@ -1136,7 +1527,7 @@ polkit.addAdminRule(function(action, subject) {{
         let command = polkit
             .on_system_bus(&["script", "-qec", &line, "/dev/null"])
             .unwrap();
-        Terminal::start(command, sandbox.root().join(format!("{name}.stderr")))
+        TypedTerminal::start(command, sandbox.root().join(format!("{name}.stderr")))
     };
     let run_update = ["run", "update-module", "--data", update.as_str()];
 

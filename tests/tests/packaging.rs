@@ -113,6 +113,12 @@ fn built_deb(dir: &Path) -> PathBuf {
 }
 
 /// Every file the install tree has, with its mode, for `prefix`.
+/// The client's subcommands, each with its page module-updater-NAME(1).
+const CLIENT_SUBCOMMANDS: [&str; 11] = [
+    "run", "update", "list", "show", "jobs", "history", "status", "cancel", "wait", "monitor",
+    "version",
+];
+
 fn expected_tree(prefix: &str) -> BTreeMap<String, u32> {
     let mut tree: BTreeMap<String, u32> = [
         ("libexec/module-updaterd", 0o755),
@@ -143,6 +149,12 @@ fn expected_tree(prefix: &str) -> BTreeMap<String, u32> {
     .map(|(path, mode)| (format!("{prefix}/{path}"), *mode))
     .collect();
     tree.insert("/etc/module-updater/config.toml".to_owned(), 0o644);
+    for name in CLIENT_SUBCOMMANDS {
+        tree.insert(
+            format!("{prefix}/share/man/man1/module-updater-{name}.1.gz"),
+            0o644,
+        );
+    }
     tree
 }
 
@@ -237,9 +249,19 @@ fn install_into_a_destdir_gives_every_file_with_its_mode() {
         read(at("/etc/module-updater/config.toml")),
         shipped("daemon/data/config.toml")
     );
-    // Man pages: gzip'd roff of the right name and section.
+    // Man pages: gzip'd roff of the right name and section, one per client subcommand too.
     let man1 = gunzip(&at("/usr/share/man/man1/module-updater.1.gz"));
     assert!(man1.contains(".TH module-updater 1"), "{man1}");
+    for name in CLIENT_SUBCOMMANDS {
+        let page = gunzip(&at(&format!(
+            "/usr/share/man/man1/module-updater-{name}.1.gz"
+        )));
+        assert!(
+            page.contains(&format!(".TH module-updater-{name} 1")),
+            "{page}"
+        );
+        assert!(page.contains("module\\-updater(1)"), "{page}");
+    }
     let man8 = gunzip(&at("/usr/share/man/man8/module-updaterd.8.gz"));
     assert!(man8.contains(".TH module-updaterd 8"), "{man8}");
     assert!(man8.contains("config.toml"), "{man8}");
@@ -255,7 +277,7 @@ fn install_into_a_destdir_gives_every_file_with_its_mode() {
         read(at(
             "/usr/share/fish/vendor_completions.d/module-updater.fish"
         ))
-        .contains("complete -c module-updater")
+        .contains("complete --keep-order --exclusive --command module-updater")
     );
     // The installed binaries run.
     let version = env!("CARGO_PKG_VERSION");

@@ -21,6 +21,67 @@ const POLKIT_ACTIONS_FILE: &str = "org.nethserver.moduleupdater.policy";
 /// them there through its `target/release/` asset prefix).
 const GENERATED_DIR: &str = "packaging";
 
+/// The client's subcommand pages `module-updater-NAME(1)`: (generated file, installed path).
+/// `module-updater generate man --list` names the subcommands; [`generate`] refuses to package
+/// when the two lists differ, so a new subcommand cannot ship without its page.
+const CLIENT_SUBCOMMAND_PAGES: &[(&str, &str, &str)] = &[
+    (
+        "run",
+        "module-updater-run.1.gz",
+        "{prefix}/share/man/man1/module-updater-run.1.gz",
+    ),
+    (
+        "update",
+        "module-updater-update.1.gz",
+        "{prefix}/share/man/man1/module-updater-update.1.gz",
+    ),
+    (
+        "list",
+        "module-updater-list.1.gz",
+        "{prefix}/share/man/man1/module-updater-list.1.gz",
+    ),
+    (
+        "show",
+        "module-updater-show.1.gz",
+        "{prefix}/share/man/man1/module-updater-show.1.gz",
+    ),
+    (
+        "jobs",
+        "module-updater-jobs.1.gz",
+        "{prefix}/share/man/man1/module-updater-jobs.1.gz",
+    ),
+    (
+        "history",
+        "module-updater-history.1.gz",
+        "{prefix}/share/man/man1/module-updater-history.1.gz",
+    ),
+    (
+        "status",
+        "module-updater-status.1.gz",
+        "{prefix}/share/man/man1/module-updater-status.1.gz",
+    ),
+    (
+        "cancel",
+        "module-updater-cancel.1.gz",
+        "{prefix}/share/man/man1/module-updater-cancel.1.gz",
+    ),
+    (
+        "wait",
+        "module-updater-wait.1.gz",
+        "{prefix}/share/man/man1/module-updater-wait.1.gz",
+    ),
+    (
+        "monitor",
+        "module-updater-monitor.1.gz",
+        "{prefix}/share/man/man1/module-updater-monitor.1.gz",
+    ),
+    (
+        "version",
+        "module-updater-version.1.gz",
+        "{prefix}/share/man/man1/module-updater-version.1.gz",
+    ),
+];
+
 /// Where a file of the tree comes from.
 #[derive(Debug, Clone)]
 enum Source {
@@ -120,15 +181,22 @@ fn entries() -> Vec<Entry> {
             "{prefix}/share/fish/vendor_completions.d/module-updater.fish",
             0o644,
         ),
-        Entry {
-            config: true,
-            ..file(
-                Repo("daemon/data/config.toml"),
-                "/etc/module-updater/config.toml",
-                0o644,
-            )
-        },
     ]
+    .into_iter()
+    .chain(
+        CLIENT_SUBCOMMAND_PAGES
+            .iter()
+            .map(|(_, generated, dest)| file(Generated(generated), dest, 0o644)),
+    )
+    .chain([Entry {
+        config: true,
+        ..file(
+            Repo("daemon/data/config.toml"),
+            "/etc/module-updater/config.toml",
+            0o644,
+        )
+    }])
+    .collect()
 }
 
 /// The cargo target directory (`cargo metadata` knows `CARGO_TARGET_DIR` and configs).
@@ -217,7 +285,19 @@ fn generate(release: &Path) -> Result<PathBuf, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let client = release.join("module-updater");
     let daemon = release.join("module-updaterd");
-    let files: Vec<(&str, Vec<u8>)> = vec![
+    let listed = String::from_utf8_lossy(&capture(&client, &["generate", "man", "--list"])?)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    let known: Vec<&str> = CLIENT_SUBCOMMAND_PAGES.iter().map(|(n, _, _)| *n).collect();
+    if listed != known {
+        return Err(format!(
+            "the client's subcommands are {listed:?} but xtask packages the pages of {known:?}: \
+             update CLIENT_SUBCOMMAND_PAGES in xtask/src/packaging.rs and the assets in \
+             daemon/Cargo.toml"
+        ));
+    }
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
         (
             "module-updater.1.gz",
             gzip(&capture(&client, &["generate", "man"])?)?,
@@ -239,6 +319,12 @@ fn generate(release: &Path) -> Result<PathBuf, String> {
             capture(&client, &["generate", "completions", "fish"])?,
         ),
     ];
+    for (name, generated, _) in CLIENT_SUBCOMMAND_PAGES {
+        files.push((
+            generated,
+            gzip(&capture(&client, &["generate", "man", name])?)?,
+        ));
+    }
     for (name, bytes) in files {
         let path = dir.join(name);
         std::fs::write(&path, bytes)
