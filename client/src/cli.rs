@@ -154,6 +154,11 @@ pub enum Command {
         #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
         job: JobRef,
     },
+    /// NS8 cluster commands, run on the cluster's leader.
+    Ns8 {
+        #[command(subcommand)]
+        action: Ns8Action,
+    },
     /// Print every signal of the service as it arrives (Ctrl-C to stop).
     Monitor,
     /// Print the client's and the daemon's versions.
@@ -173,6 +178,24 @@ pub enum RunAction {
         /// The request JSON, forwarded unchanged; `-` reads it from stdin, `@FILE` from FILE.
         #[arg(long, value_name = "JSON|-|@FILE")]
         data: Data,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Ns8Action {
+    /// Update instances on every node of the cluster: one update-module-instances task per
+    /// node, sent through the cluster's Redis as NS8 sends its own tasks; prints one combined
+    /// result JSON (`{"status", "exit_code", "nodes": {N: {...}}}`) and exits as `run` does.
+    Update {
+        /// NS8's update-module request; `-` reads it from stdin, `@FILE` from FILE.
+        #[arg(long, value_name = "JSON|-|@FILE")]
+        data: Data,
+        /// NS8's agent settings, for the cluster's Redis address (REDIS_ADDRESS).
+        #[arg(long, value_name = "FILE", default_value = crate::cluster::DEFAULT_AGENT_ENV)]
+        agent_env: PathBuf,
+        /// The credentials to use (REDIS_USER, REDIS_PASSWORD), unless the environment has them.
+        #[arg(long, value_name = "FILE", default_value = crate::cluster::DEFAULT_CREDENTIALS)]
+        credentials: PathBuf,
     },
 }
 

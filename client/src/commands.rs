@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use zbus::proxy::CacheProperties;
 
 use crate::bus::{self, Bus};
-use crate::cli::{Cli, Command, GenerateWhat, JobRef, RunAction};
+use crate::cli::{Cli, Command, GenerateWhat, JobRef, Ns8Action, RunAction};
 use crate::clock::{Clock, usec_iso_utc};
 use crate::error::{Call, ClientError, exit};
 use crate::follow::{
@@ -119,6 +119,28 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
     if let Command::Generate { what } = &command {
         return generate(what);
     }
+    // Through the cluster's Redis, not the bus.
+    if let Command::Ns8 {
+        action:
+            Ns8Action::Update {
+                data,
+                agent_env,
+                credentials,
+            },
+    } = command
+    {
+        let request = data.read(std::io::stdin().lock())?;
+        let access = crate::cluster::Access {
+            agent_env,
+            credentials,
+        };
+        return tokio::task::spawn_blocking(move || crate::cluster::update(&request, &access))
+            .await
+            .map_err(|e| ClientError::Local {
+                what: "update over the cluster".to_owned(),
+                reason: e.to_string(),
+            })?;
+    }
     if matches!(command, Command::Version) && !json {
         out(&format!("module-updater {}", env!("CARGO_PKG_VERSION")));
     }
@@ -155,7 +177,7 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
         Command::Wait { job } => wait(&ctx, &job).await,
         Command::Monitor => monitor(&ctx).await,
         Command::Version => version(&ctx).await,
-        Command::Generate { .. } => Ok(exit::SUCCESS),
+        Command::Generate { .. } | Command::Ns8 { .. } => Ok(exit::SUCCESS),
     }
 }
 

@@ -442,7 +442,9 @@ impl<'a> Follower<'a> {
                     let Some(msg) = msg else {
                         return Err(ClientError::ConnectionLost { bus: self.bus_name.clone(), job: self.job.id() });
                     };
-                    match self.apply(&mut view, &msg) {
+                    let next = self.apply(&mut view, &msg);
+                    report_progress(&view);
+                    match next {
                         Next::Confirm => {
                             if let Some(outcome) = self.confirm().await? {
                                 return Ok(self.done(view, &mut sub, outcome).await);
@@ -460,6 +462,7 @@ impl<'a> Follower<'a> {
                     }
                     if let Ok(progress) = self.proxy.progress().await {
                         view.job_progress(progress);
+                        report_progress(&view);
                     }
                 }
                 count = interrupt.recv() => {
@@ -546,7 +549,20 @@ impl<'a> Follower<'a> {
             None => view.clear(),
         }
         outcome.instances = view.order().to_vec();
+        if outcome.succeeded() {
+            report_progress(&view);
+            if let Some(channel) = crate::comfd::channel() {
+                channel.progress(100);
+            }
+        }
         outcome
+    }
+}
+
+/// The job's percent to NS8's agent, when the client runs as one of its action steps.
+fn report_progress(view: &View) {
+    if let Some(channel) = crate::comfd::channel() {
+        channel.progress(view.percent());
     }
 }
 

@@ -136,7 +136,7 @@ mod tests {
             names,
             [
                 "run", "update", "list", "show", "jobs", "history", "status", "cancel", "wait",
-                "monitor", "version"
+                "ns8", "monitor", "version"
             ]
         );
         for name in &names {

@@ -7,6 +7,8 @@ pub mod agent;
 pub mod bus;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
+pub mod comfd;
 mod commands;
 pub mod complete;
 pub mod error;

@@ -63,6 +63,12 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             let failed_job = matches!(err, module_updater::error::ClientError::JobFailed { .. });
+            // As an NS8 action step: the agent reads the status from the command channel.
+            if matches!(err, module_updater::error::ClientError::Validation { .. })
+                && let Some(channel) = module_updater::comfd::channel()
+            {
+                channel.validation_failed();
+            }
             if as_json && !api_cli {
                 // A failed job's stdout is already its result JSON, which says what failed.
                 if !failed_job {

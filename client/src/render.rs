@@ -254,6 +254,11 @@ impl View {
     }
 
     /// The job's `Progress` property.
+    /// The job's percent as shown: never going down.
+    pub fn percent(&self) -> u32 {
+        self.job_progress
+    }
+
     pub fn job_progress(&mut self, percent: u32) {
         self.job_progress = self.job_progress.max(percent.min(100));
         self.update_total();

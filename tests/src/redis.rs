@@ -92,16 +92,20 @@ impl Redis {
     /// An ACL user as NS8 makes one for module `id`: `module/<id>`, all commands on its own keys
     /// (`module/<id>/*`) only.
     pub fn add_module_user(&self, id: &str, password: &str) -> Result<()> {
-        let user = format!("module/{id}");
-        let out = self.cli(&[
-            "ACL",
-            "SETUSER",
-            &user,
-            "on",
-            &format!(">{password}"),
-            &format!("~module/{id}/*"),
-            "+@all",
-        ])?;
+        self.add_user(
+            &format!("module/{id}"),
+            password,
+            &[&format!("~module/{id}/*")],
+        )
+    }
+
+    /// An ACL user with every command, `rules` saying which keys and channels (`~…`, `&…`).
+    pub fn add_user(&self, user: &str, password: &str, rules: &[&str]) -> Result<()> {
+        let secret = format!(">{password}");
+        let mut args = vec!["ACL", "SETUSER", user, "on", secret.as_str()];
+        args.extend_from_slice(rules);
+        args.push("+@all");
+        let out = self.cli(&args)?;
         let said = String::from_utf8_lossy(&out.stdout);
         if said.trim() != "OK" {
             return Err(SandboxError::Parse {

@@ -134,3 +134,202 @@ async fn off_an_ns8_node_nothing_is_sent_or_said() {
     );
     assert!(!daemon.log().contains("Redis"), "{}", daemon.log());
 }
+
+/// A stand-in for a node's NS8 agent (`tests/src/bin/ns8-agent.rs`) serving `node/<n>` with the
+/// node action this package ships, its client talking to `sandbox`'s bus.
+struct NodeAgent {
+    child: std::process::Child,
+}
+
+impl NodeAgent {
+    fn start(sandbox: &Sandbox, node: &str, redis: &module_updater_tests::Redis) -> NodeAgent {
+        let binary =
+            module_updater_tests::find_binary("ns8-agent", "MODULE_UPDATER_NS8_AGENT").unwrap();
+        let client = module_updater_tests::client_binary().unwrap();
+        let state = sandbox.root().join(format!("node{node}-state"));
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("environment"), format!("NODE_ID={node}\n")).unwrap();
+        let actions = concat!(env!("CARGO_MANIFEST_DIR"), "/../client/ns8");
+        let child = std::process::Command::new(binary)
+            .args([
+                "--redis",
+                &redis.address(),
+                "--user",
+                &format!("node/{node}"),
+            ])
+            .args([
+                "--password",
+                "node-secret",
+                "--agent",
+                &format!("node/{node}"),
+            ])
+            .args(["--state-dir", &state.display().to_string()])
+            .args(["--actions-dir", actions])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", sandbox.bus_address())
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    client.parent().unwrap().display()
+                ),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(sandbox.root().join(format!("node{node}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        // Alive as NS8's clients see it: a connection named after the agent.
+        let started = std::time::Instant::now();
+        while !text(&redis.cli(&["CLIENT", "LIST"]).unwrap().stdout)
+            .contains(&format!("name=node/{node}"))
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "node {node}'s agent never connected"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        NodeAgent { child }
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `module-updater ns8 update` on the leader: (exit code, the combined result, stderr).
+fn ns8_update(
+    leader: &Sandbox,
+    agent_env: &std::path::Path,
+    credentials: &std::path::Path,
+    request: &str,
+) -> (i32, serde_json::Value, String) {
+    let out = std::process::Command::new(module_updater_tests::client_binary().unwrap())
+        .args(["ns8", "update", "--data", request])
+        .arg(format!("--agent-env={}", agent_env.display()))
+        .arg(format!("--credentials={}", credentials.display()))
+        .env_remove("REDIS_USER")
+        .env_remove("REDIS_PASSWORD")
+        .output()
+        .unwrap();
+    let _ = leader;
+    let stdout = text(&out.stdout);
+    let result = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", text(&out.stderr)));
+    (out.status.code().unwrap_or(-1), result, text(&out.stderr))
+}
+
+/// Two nodes (two sandboxes: each its bus, daemon, instances and stand-in node agent) and one
+/// Redis: the leader's `ns8 update` sends one task per node through Redis, follows them, and
+/// prints one result; a validation error of a node arrives as NS8's validation-failed; a node
+/// whose agent is down is reported for that node while the other completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn ns8_update_runs_on_every_node_through_the_clusters_task_bus() {
+    let mut one = Sandbox::new().unwrap();
+    let mut two = Sandbox::new().unwrap();
+    let v1 = one.build_image(&ImageSpec::module("fan", "1.0")).unwrap();
+    let v2 = one.build_image(&ImageSpec::module("fan", "2.0")).unwrap();
+    let a = one.add_rootless_instance("fan").unwrap();
+    let b = two.add_rootless_instance("fan").unwrap();
+    one.install(&a, &v1).unwrap();
+    two.install(&b, &v1).unwrap();
+    let redis = one.start_redis().unwrap();
+    for node in ["1", "2"] {
+        redis
+            .add_user(&format!("node/{node}"), "node-secret", &["~*", "&*"])
+            .unwrap();
+    }
+    redis
+        .add_user("cluster", "cluster-secret", &["~*", "&*"])
+        .unwrap();
+    for (instance, password) in [(&a, "a-secret"), (&b, "b-secret")] {
+        redis.add_module_user(&instance.id, password).unwrap();
+        give_credentials(instance, password);
+    }
+    redis
+        .cli(&["HSET", "cluster/module_node", &a.id, "1", &b.id, "2"])
+        .unwrap();
+    let agent_env = one.root().join("agent.env");
+    std::fs::write(&agent_env, format!("REDIS_ADDRESS={}\n", redis.address())).unwrap();
+    let credentials = one.root().join("cluster-agent.env");
+    std::fs::write(
+        &credentials,
+        "REDIS_USER=cluster\nREDIS_PASSWORD=cluster-secret\n",
+    )
+    .unwrap();
+    let flag = format!("--ns8-agent-env={}", agent_env.display());
+    let _daemon_one = start_daemon(&one, &[&flag]);
+    let _daemon_two = start_daemon(&two, &[&flag]);
+    let _agent_one = NodeAgent::start(&one, "1", &redis);
+    let mut agent_two = NodeAgent::start(&two, "2", &redis);
+
+    let update = request(&v2, &[&a.id, &b.id], false);
+    let (code, result, stderr) = ns8_update(&one, &agent_env, &credentials, &update);
+    assert_eq!(code, 0, "{result:#}\n{stderr}");
+    assert_eq!(result["status"], "completed");
+    for (node, instance) in [("1", &a), ("2", &b)] {
+        let part = &result["nodes"][node];
+        assert_eq!(part["exit_code"], 0, "{result:#}");
+        // The node's output is its daemon's job result, as `run update-module` prints it.
+        assert_eq!(
+            part["output"]["instances"][&instance.id]["status"], "completed",
+            "{result:#}"
+        );
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
+        // The cluster's copy of each instance's environment equals its file.
+        assert_eq!(
+            redis
+                .hash(&format!("module/{}/environment", instance.id))
+                .unwrap(),
+            instance.read_env().unwrap()
+        );
+        // Each node's progress, as shown, only goes up.
+        let shown: Vec<u64> = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("node {node}: ")))
+            .filter_map(|l| l.split('%').next()?.parse().ok())
+            .collect();
+        assert!(!shown.is_empty(), "{stderr}");
+        assert!(
+            shown.windows(2).all(|w| w[0] <= w[1]),
+            "{shown:?}\n{stderr}"
+        );
+        assert_eq!(shown.last(), Some(&100), "{stderr}");
+    }
+
+    // A request a node's daemon refuses: NS8's validation-failed, with its array.
+    let bad =
+        serde_json::json!({"module_url": v2, "instances": [a.id], "force": "yes"}).to_string();
+    let (code, result, stderr) = ns8_update(&one, &agent_env, &credentials, &bad);
+    assert_eq!(code, 10, "{result:#}\n{stderr}");
+    assert_eq!(result["status"], "validation-failed");
+    assert_eq!(result["nodes"]["1"]["status"], "validation-failed");
+    assert_eq!(
+        result["nodes"]["1"]["output"][0]["error"], "force_invalid_type",
+        "{result:#}"
+    );
+
+    // Node 2's agent is down: node 2 is reported, node 1 completes.
+    agent_two.child.kill().unwrap();
+    let _ = agent_two.child.wait();
+    let back = request(&v1, &[&a.id, &b.id], false);
+    let (code, result, stderr) = ns8_update(&one, &agent_env, &credentials, &back);
+    assert_eq!(code, 1, "{result:#}\n{stderr}");
+    assert_eq!(result["nodes"]["1"]["status"], "completed", "{result:#}");
+    assert_eq!(result["nodes"]["2"]["status"], "aborted", "{result:#}");
+    assert!(
+        result["nodes"]["2"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("agent of node 2 is not running"),
+        "{result:#}"
+    );
+    assert_eq!(a.read_env().unwrap()["IMAGE_URL"], v1);
+    assert_eq!(
+        b.read_env().unwrap()["IMAGE_URL"],
+        v2,
+        "node 2 was left alone"
+    );
+}

@@ -114,9 +114,9 @@ fn built_deb(dir: &Path) -> PathBuf {
 
 /// Every file the install tree has, with its mode, for `prefix`.
 /// The client's subcommands, each with its page module-updater-NAME(1).
-const CLIENT_SUBCOMMANDS: [&str; 11] = [
-    "run", "update", "list", "show", "jobs", "history", "status", "cancel", "wait", "monitor",
-    "version",
+const CLIENT_SUBCOMMANDS: [&str; 12] = [
+    "run", "update", "list", "show", "jobs", "history", "status", "cancel", "wait", "ns8",
+    "monitor", "version",
 ];
 
 fn expected_tree(prefix: &str) -> BTreeMap<String, u32> {
@@ -144,6 +144,14 @@ fn expected_tree(prefix: &str) -> BTreeMap<String, u32> {
         ("share/bash-completion/completions/module-updater", 0o644),
         ("share/zsh/vendor-completions/_module-updater", 0o644),
         ("share/fish/vendor_completions.d/module-updater.fish", 0o644),
+        (
+            "share/module-updater/ns8/update-module-instances/validate-input.json",
+            0o644,
+        ),
+        (
+            "share/module-updater/ns8/update-module-instances/50update",
+            0o755,
+        ),
     ]
     .iter()
     .map(|(path, mode)| (format!("{prefix}/{path}"), *mode))

@@ -71,6 +71,11 @@ const CLIENT_SUBCOMMAND_PAGES: &[(&str, &str, &str)] = &[
         "{prefix}/share/man/man1/module-updater-wait.1.gz",
     ),
     (
+        "ns8",
+        "module-updater-ns8.1.gz",
+        "{prefix}/share/man/man1/module-updater-ns8.1.gz",
+    ),
+    (
         "monitor",
         "module-updater-monitor.1.gz",
         "{prefix}/share/man/man1/module-updater-monitor.1.gz",
@@ -180,6 +185,18 @@ fn entries() -> Vec<Entry> {
             Generated("module-updater.fish"),
             "{prefix}/share/fish/vendor_completions.d/module-updater.fish",
             0o644,
+        ),
+        // NS8's node action; the package's postinst puts it into the node agent's actions on
+        // an NS8 node only (docs/ns8.md).
+        file(
+            Repo("client/ns8/update-module-instances/validate-input.json"),
+            "{prefix}/share/module-updater/ns8/update-module-instances/validate-input.json",
+            0o644,
+        ),
+        file(
+            Repo("client/ns8/update-module-instances/50update"),
+            "{prefix}/share/module-updater/ns8/update-module-instances/50update",
+            0o755,
         ),
     ]
     .into_iter()
