@@ -433,6 +433,48 @@ fn the_deb_has_the_install_tree_its_dependencies_and_a_conffile() {
     }
 }
 
+/// NS8's node agent directory, where the package's postinst puts the node action.
+const NS8_NODE: &str = "/var/lib/nethserver/node";
+
+/// `/var/lib/nethserver/node` for the test: made when missing, and then removed at the end with
+/// the parents the test made (a real NS8 node's directory is left alone).
+struct NodeDir {
+    existed: bool,
+    made: Vec<PathBuf>,
+}
+
+impl NodeDir {
+    fn new() -> NodeDir {
+        NodeDir {
+            existed: Path::new(NS8_NODE).exists(),
+            made: Vec::new(),
+        }
+    }
+
+    /// Makes the directory and the parents that are missing, remembering which.
+    fn ensure(&mut self) {
+        let mut missing: Vec<PathBuf> = Path::new(NS8_NODE)
+            .ancestors()
+            .take_while(|p| !p.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        missing.reverse();
+        for dir in missing {
+            std::fs::create_dir(&dir).unwrap();
+            self.made.push(dir);
+        }
+    }
+}
+
+impl Drop for NodeDir {
+    fn drop(&mut self) {
+        // The outermost directory the test made, with what the postinst put below it.
+        if let Some(top) = self.made.first() {
+            let _ = std::fs::remove_dir_all(top);
+        }
+    }
+}
+
 /// The package installed with dpkg; purged when dropped (also when the test fails).
 struct InstalledPackage {
     purged: bool,
@@ -642,6 +684,30 @@ async fn the_installed_package_activates_updates_and_purges_cleanly() {
         assert_eq!(meta.uid(), 0, "{path}");
     }
     let installed = started.elapsed() - built;
+    // NS8's node action: not on a machine that is no NS8 node; on one, the postinst puts it
+    // into the node agent's actions (the package's own copy is in /usr/share).
+    let mut node = NodeDir::new();
+    let action = Path::new(NS8_NODE).join("actions/update-module-instances");
+    if !node.existed {
+        assert!(
+            !action.exists(),
+            "the node action was put on a machine that is no NS8 node"
+        );
+    }
+    node.ensure();
+    run_ok(
+        &format!("/var/lib/dpkg/info/{PACKAGE}.postinst"),
+        &["configure"],
+    );
+    for (step, mode) in [("validate-input.json", 0o644), ("50update", 0o755)] {
+        let installed = action.join(step);
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../client/ns8/update-module-instances")
+            .join(step);
+        assert_eq!(read(&installed), read(&shipped), "{}", installed.display());
+        let meta = std::fs::metadata(&installed).unwrap();
+        assert_eq!(meta.mode() & 0o7777, mode, "{}", installed.display());
+    }
 
     // A manager and a bus set up from the installed files only.
     let mut sandbox = Sandbox::new().unwrap();
@@ -881,6 +947,12 @@ async fn the_installed_package_activates_updates_and_purges_cleanly() {
     for dir in [STATE_DIR, CONFIG_DIR] {
         assert!(!Path::new(dir).exists(), "{dir} is left after dpkg --purge");
     }
+    assert!(
+        !action.exists(),
+        "{} is left after dpkg --purge",
+        action.display()
+    );
+    drop(node);
     eprintln!(
         "packaging timings: deb {built:?}, dpkg -i {installed:?}, first activation \
          {activation_took:?}, update {update_took:?}, purge {:?}, total {:?}",
