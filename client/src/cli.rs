@@ -114,6 +114,10 @@ pub enum Command {
         /// Update even if the instance already runs that image.
         #[arg(long)]
         force: bool,
+        /// Allow an older version (by semantic version) than an instance runs; the service
+        /// refuses a downgrade otherwise (module_url_downgrade).
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// List the module instances: id, image, state and the job updating it.
     List,
@@ -459,6 +463,7 @@ mod tests {
                 module_url,
                 instances,
                 force,
+                ..
             } => {
                 assert_eq!(module_url, "ghcr.io/nethserver/mail:1.7.1");
                 assert_eq!(instances, ["mail1", "mail2"]);

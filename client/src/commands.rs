@@ -167,7 +167,8 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
             module_url,
             instances,
             force,
-        } => update(&ctx, &module_url, &instances, force).await,
+            allow_downgrade,
+        } => update(&ctx, &module_url, &instances, force, allow_downgrade).await,
         Command::List => list(&ctx).await,
         Command::Show { instance } => show(&ctx, &instance).await,
         Command::Jobs => jobs(&ctx).await,
@@ -281,6 +282,7 @@ async fn update(
     module_url: &str,
     instances: &[String],
     force: bool,
+    allow_downgrade: bool,
 ) -> Result<u8, ClientError> {
     let manager = ctx.manager().await?;
     // NS8's update-module command refuses to put an image of another type on an instance.
@@ -312,7 +314,10 @@ async fn update(
             },
         }
     }
-    let request = json!({ "module_url": module_url, "instances": instances, "force": force });
+    let mut request = json!({ "module_url": module_url, "instances": instances, "force": force });
+    if allow_downgrade {
+        request["allow_downgrade"] = json!(true);
+    }
     start_and_follow(ctx, &request.to_string(), ctx.ending()).await
 }
 
@@ -471,6 +476,8 @@ async fn history(ctx: &Ctx, instance: Option<&str>) -> Result<u8, ClientError> {
             .map(|(id, entry)| {
                 let mut value = json!(entry);
                 value["instance"] = json!(id);
+                value["started"] = json!(usec_iso_utc(entry.started_usec));
+                value["finished"] = json!(usec_iso_utc(entry.finished_usec));
                 value
             })
             .collect();

@@ -15,14 +15,15 @@ use crate::cluster;
 use crate::engine::events::{Event, priority};
 use crate::engine::instance::{Bases, Instance};
 use crate::engine::instance_cache::InstanceCache;
-use crate::engine::lock;
 use crate::engine::shared_images::{self, SharedImages};
 use crate::engine::update::UpdateJob;
 use crate::engine::worker;
+use crate::engine::{imagename, lock};
 use crate::history::{self, History};
 use crate::job_store::{Durability, JobStore};
 pub use crate::job_store::{JobRecord, JobStatus};
 use crate::request::{self, ValidationError};
+use crate::version;
 
 /// What the job manager needs to know.
 #[derive(Debug, Clone)]
@@ -286,12 +287,16 @@ impl Jobs {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let known = self.instances.instances();
+        let known = self.instances.list();
         let mut targets: Vec<Instance> = Vec::new();
         let mut missing = Vec::new();
         for (index, id) in request.instances.iter().enumerate() {
-            match known.iter().find(|i| &i.id == id) {
-                Some(found) => targets.push(found.clone()),
+            match known.iter().find(|f| &f.instance.id == id) {
+                Some(found) => {
+                    let current = found.environment.get("IMAGE_URL").unwrap_or_default();
+                    missing.extend(node_checks(&request, id, current));
+                    targets.push(found.instance.clone());
+                }
                 None => missing.push(ValidationError::new(
                     &format!("instances.{index}"),
                     serde_json::Value::from(id.as_str()),
@@ -316,6 +321,8 @@ impl Jobs {
                         value: serde_json::Value::from(id.as_str()),
                         error: "action_already_running".into(),
                         job: Some(job_path(*job)),
+                        instance: None,
+                        current: None,
                     })
                 })
                 .collect();
@@ -881,6 +888,41 @@ fn average(progress: &HashMap<String, u8>) -> u8 {
     }
     let sum: u32 = progress.values().map(|p| u32::from(*p)).sum();
     (sum / progress.len() as u32) as u8
+}
+
+/// What the node's state refuses for one instance of a request, as NS8's validation items: an
+/// image of another module than the instance runs (`module_url_other_module`, NS8's image name
+/// rule), an older version than it runs (`module_url_downgrade`, semantic versions; never for
+/// tags that are not versions) unless the request says `"allow_downgrade": true`.
+fn node_checks(
+    request: &request::UpdateRequest,
+    instance: &str,
+    current: &str,
+) -> Vec<ValidationError> {
+    let refuse = |kind: &str| {
+        let mut error = ValidationError::new(
+            "module_url",
+            serde_json::Value::from(request.module_url.as_str()),
+            kind,
+        );
+        error.instance = Some(instance.to_owned());
+        error.current = Some(current.to_owned());
+        error
+    };
+    if current.is_empty() {
+        return Vec::new();
+    }
+    let name = |url| imagename::image_name_from_url(url).ok();
+    if let (Some(installed), Some(wanted)) = (name(current), name(&request.module_url))
+        && installed != wanted
+    {
+        return vec![refuse("other_module")];
+    }
+    let tag = |url| module_updater_dbus::types::repository_and_tag(url).1;
+    if !request.allow_downgrade && version::is_downgrade(tag(current), tag(&request.module_url)) {
+        return vec![refuse("downgrade")];
+    }
+    Vec::new()
 }
 
 /// Finishes a job a dead daemon left running: aborted, `interrupted`, its unfinished instances

@@ -10,5 +10,6 @@ pub mod job_store;
 pub mod jobs;
 pub mod request;
 pub mod service;
+pub mod version;
 
 pub use config::Config;

@@ -21,6 +21,12 @@ pub struct ValidationError {
     /// The job that holds a busy instance (only with `action_already_running`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// The instance a check of the node refused the request for, and what it runs now (only
+    /// with `module_url_other_module` and `module_url_downgrade`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current: Option<String>,
 }
 
 impl ValidationError {
@@ -33,6 +39,8 @@ impl ValidationError {
             parameter,
             value,
             job: None,
+            instance: None,
+            current: None,
         }
     }
 }
@@ -48,6 +56,8 @@ pub struct UpdateRequest {
     pub module_url: String,
     pub instances: Vec<String>,
     pub force: bool,
+    /// Whether an older version than the installed one may be put on an instance.
+    pub allow_downgrade: bool,
     /// The JSON exactly as received (the scripts' stdin).
     pub raw: String,
 }
@@ -160,20 +170,23 @@ pub fn parse(raw: &str) -> Result<UpdateRequest, Vec<ValidationError>> {
         )),
     }
 
-    let force = match object.get("force") {
+    let mut flag = |key: &str| match object.get(key) {
         None => false,
-        Some(Value::Bool(force)) => *force,
+        Some(Value::Bool(value)) => *value,
         Some(other) => {
-            errors.push(ValidationError::new("force", other.clone(), "invalid_type"));
+            errors.push(ValidationError::new(key, other.clone(), "invalid_type"));
             false
         }
     };
+    let force = flag("force");
+    let allow_downgrade = flag("allow_downgrade");
 
     match (module_url, errors.is_empty()) {
         (Some(module_url), true) => Ok(UpdateRequest {
             module_url,
             instances,
             force,
+            allow_downgrade,
             raw: raw.to_owned(),
         }),
         _ => Err(errors),

@@ -453,6 +453,10 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
     let history = client_json(&sandbox, &["history", &a.id, "--json"]);
     assert_eq!(history[0]["instance"], a.id.as_str(), "{history}");
     assert_eq!(history[0]["job"], job_number, "{history}");
+    assert!(
+        history[0]["finished"].as_str().unwrap().ends_with('Z'),
+        "ISO 8601 in UTC: {history}"
+    );
     let table = client_text(&sandbox, &["history"]);
     for id in [&a.id, &b.id] {
         assert!(
@@ -572,4 +576,96 @@ async fn the_python_example_of_the_docs_runs() {
     );
     assert!(printed.contains("after the gate"), "{printed}");
     assert!(printed.trim_end().ends_with("completed"), "{printed}");
+}
+
+/// The service itself refuses, before any job exists, an image of another module than an
+/// instance runs and an older version than it runs (unless the request allows it), in NS8's
+/// validation form naming the instance; tags that are not versions are never a downgrade.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_module_and_a_downgrade_are_refused_before_any_job() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&ImageSpec::module("chk", "1.0"))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&ImageSpec::module("chk", "2.0"))
+        .unwrap();
+    let latest = sandbox
+        .build_image(&ImageSpec::module("chk", "latest"))
+        .unwrap();
+    let other = sandbox
+        .build_image(&ImageSpec::module("other", "9.0"))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("chk").unwrap();
+    sandbox.install(&instance, &v2).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let refusal = |request: &str| {
+        let out = gdbus_call(
+            &sandbox,
+            PATH,
+            "org.nethserver.ModuleUpdater.UpdateModule",
+            &[request],
+        );
+        let name = error_name(&out);
+        let stderr = text(&out.stderr);
+        let array = stderr[stderr.find('[').unwrap()..].trim().to_owned();
+        (name, serde_json::from_str::<Value>(&array).unwrap())
+    };
+    for (url, kind) in [
+        (&other, "module_url_other_module"),
+        (&v1, "module_url_downgrade"),
+    ] {
+        let (name, array) = refusal(&request(url, &[&instance.id], false));
+        assert_eq!(name, "org.nethserver.ModuleUpdater.Error.ValidationFailed");
+        assert_eq!(array[0]["error"], kind, "{array}");
+        assert_eq!(array[0]["field"], "module_url");
+        assert_eq!(array[0]["value"], url.as_str());
+        assert_eq!(array[0]["instance"], instance.id.as_str());
+        assert_eq!(array[0]["current"], v2.as_str());
+    }
+    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    assert!(
+        manager.list_jobs().await.unwrap().is_empty(),
+        "a job was created"
+    );
+    // Allowed when asked; a tag that is no version is never a downgrade, either way.
+    let allowed = serde_json::json!(
+        {"module_url": v1, "instances": [instance.id], "allow_downgrade": true}
+    );
+    let run = run_job(&connection, &allowed.to_string()).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
+    let run = run_job(&connection, &request(&latest, &[&instance.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    // Our client says the same for `update`, and --allow-downgrade lets it through.
+    let out = sandbox
+        .client()
+        .unwrap()
+        .args(["update", &v2, &instance.id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = sandbox
+        .client()
+        .unwrap()
+        .args(["update", &v1, &instance.id])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("downgrade"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sandbox
+        .client()
+        .unwrap()
+        .args(["update", "--allow-downgrade", &v1, &instance.id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
 }

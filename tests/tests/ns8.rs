@@ -95,7 +95,9 @@ async fn the_clusters_copy_of_the_environment_follows_each_update() {
 
     // Redis down after the update: the update completes, with a warning naming Redis.
     redis.stop();
-    let run = run_job(&connection, &request(&v1, &[&with.id], false)).await;
+    let back =
+        serde_json::json!({"module_url": v1, "instances": [with.id], "allow_downgrade": true});
+    let run = run_job(&connection, &back.to_string()).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(with.read_env().unwrap()["IMAGE_URL"], v1);
     let warnings = run.instance(&with.id)["warnings"].to_string();
@@ -314,7 +316,10 @@ async fn ns8_update_runs_on_every_node_through_the_clusters_task_bus() {
     // Node 2's agent is down: node 2 is reported, node 1 completes.
     agent_two.child.kill().unwrap();
     let _ = agent_two.child.wait();
-    let back = request(&v1, &[&a.id, &b.id], false);
+    let back = serde_json::json!(
+        {"module_url": v1, "instances": [a.id, b.id], "allow_downgrade": true}
+    )
+    .to_string();
     let (code, result, stderr) = ns8_update(&one, &agent_env, &credentials, &back);
     assert_eq!(code, 1, "{result:#}\n{stderr}");
     assert_eq!(result["nodes"]["1"]["status"], "completed", "{result:#}");
