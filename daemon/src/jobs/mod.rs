@@ -2,7 +2,7 @@
 //! crash recovery. Knows nothing about D-Bus: it reports [`JobEvent`]s on a channel that the D-Bus
 //! layer turns into signals.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,15 +15,19 @@ use crate::cluster;
 use crate::engine::events::{Event, priority};
 use crate::engine::instance::{Bases, Instance};
 use crate::engine::instance_cache::InstanceCache;
-use crate::engine::shared_images::{self, SharedImages};
+use crate::engine::shared_images;
 use crate::engine::update::UpdateJob;
 use crate::engine::worker;
-use crate::engine::{imagename, lock};
 use crate::history::{self, History};
 use crate::job_store::{Durability, JobStore};
+mod admission;
+mod recovery;
+mod shared_download;
+
 pub use crate::job_store::{JobRecord, JobStatus};
-use crate::request::{self, ValidationError};
-use crate::version;
+use crate::request;
+pub use admission::{MAX_KNOWN_JOBS, MAX_RUNNING_JOBS, SubmitError};
+use recovery::{interrupt, record_history};
 
 /// What the job manager needs to know.
 #[derive(Debug, Clone)]
@@ -94,38 +98,6 @@ pub struct InstanceProgress {
     pub step: Option<Step>,
     pub percent: u8,
     pub exit_code: i32,
-}
-
-/// At most this many jobs run at once; more are refused before any job exists. Running jobs are
-/// already bounded by the instances on the node (an instance is in at most one running job);
-/// this bounds them on a node with very many instances too.
-pub const MAX_RUNNING_JOBS: usize = 64;
-/// At most this many jobs are known at once, running or lingering after their end
-/// (`--job-linger`); more are refused until some leave.
-pub const MAX_KNOWN_JOBS: usize = 1024;
-
-/// Why a request was not turned into a job.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error("{}", request::to_json(.0))]
-    Invalid(Vec<ValidationError>),
-    #[error("{}", request::to_json(.0))]
-    Busy(Vec<ValidationError>),
-    #[error("the daemon is shutting down and takes no new jobs; retry when it is back")]
-    ShuttingDown,
-    #[error(
-        "too many jobs: {0} are running (the limit is {MAX_RUNNING_JOBS}); wait for some to finish"
-    )]
-    TooManyRunning(usize),
-    #[error(
-        "too many jobs: {0} are on the bus, running or lingering (the limit is {MAX_KNOWN_JOBS}); wait until finished ones leave (--job-linger)"
-    )]
-    TooManyKnown(usize),
-    #[error("cannot record the job in {path}: {source}")]
-    Persist {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,120 +250,6 @@ impl Jobs {
         &self.instances
     }
 
-    /// Checks a parsed request against the node and starts a job for it; returns the job id.
-    pub fn submit(
-        self: &Arc<Self>,
-        request: request::UpdateRequest,
-        caller_uid: u32,
-    ) -> Result<u64, SubmitError> {
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(SubmitError::ShuttingDown);
-        }
-        let known = self.instances.list();
-        let mut targets: Vec<Instance> = Vec::new();
-        let mut missing = Vec::new();
-        for (index, id) in request.instances.iter().enumerate() {
-            match known.iter().find(|f| &f.instance.id == id) {
-                Some(found) => {
-                    let current = found.environment.get("IMAGE_URL").unwrap_or_default();
-                    missing.extend(node_checks(&request, id, current));
-                    targets.push(found.instance.clone());
-                }
-                None => missing.push(ValidationError::new(
-                    &format!("instances.{index}"),
-                    serde_json::Value::from(id.as_str()),
-                    "instance_not_found",
-                )),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(SubmitError::Invalid(missing));
-        }
-
-        let (id, cancel_rx) = {
-            let mut state = self.lock();
-            let busy: Vec<ValidationError> = request
-                .instances
-                .iter()
-                .enumerate()
-                .filter_map(|(index, id)| {
-                    state.busy.get(id).map(|job| ValidationError {
-                        field: format!("instances.{index}"),
-                        parameter: "instances".into(),
-                        value: serde_json::Value::from(id.as_str()),
-                        error: "action_already_running".into(),
-                        job: Some(job_path(*job)),
-                        instance: None,
-                        current: None,
-                    })
-                })
-                .collect();
-            if !busy.is_empty() {
-                return Err(SubmitError::Busy(busy));
-            }
-            // Counted under the lock that adds the job, so concurrent calls cannot overshoot.
-            let running = state
-                .jobs
-                .values()
-                .filter(|e| !e.record.status.finished())
-                .count();
-            if running >= MAX_RUNNING_JOBS {
-                return Err(SubmitError::TooManyRunning(running));
-            }
-            if state.jobs.len() >= MAX_KNOWN_JOBS {
-                return Err(SubmitError::TooManyKnown(state.jobs.len()));
-            }
-            let id = state.next_id;
-            self.store
-                .write_counter(id + 1)
-                .map_err(|source| SubmitError::Persist {
-                    path: self.store.counter_path(),
-                    source,
-                })?;
-            state.next_id = id + 1;
-            let record = JobRecord {
-                id,
-                action: "update-module".into(),
-                request: request.raw.clone(),
-                instances: request.instances.clone(),
-                status: JobStatus::Pending,
-                progress: 0,
-                exit_code: -1,
-                caller_uid,
-                started_usec: now_usec(),
-                finished_usec: 0,
-                steps: BTreeMap::new(),
-                results: BTreeMap::new(),
-                error: None,
-            };
-            self.store
-                .write_now(&record)
-                .map_err(|source| SubmitError::Persist {
-                    path: self.store.record_path(id),
-                    source,
-                })?;
-            let (cancel, cancel_rx) = watch::channel(false);
-            for instance in &request.instances {
-                state.busy.insert(instance.clone(), id);
-            }
-            state.jobs.insert(
-                id,
-                Entry {
-                    record,
-                    cancel,
-                    progress: request.instances.iter().map(|i| (i.clone(), 0)).collect(),
-                    messages: HashMap::new(),
-                },
-            );
-            (id, cancel_rx)
-        };
-        log::info!(MODULE_UPDATER_JOB = id, MODULE_UPDATER_CALLER_UID = caller_uid; "job {id}: update-module {} on {}", request.module_url, request.instances.join(" "));
-        self.send(JobEvent::InstancesChanged);
-        let jobs = Arc::clone(self);
-        tokio::spawn(async move { jobs.run(id, request, targets, cancel_rx).await });
-        Ok(id)
-    }
-
     async fn run(
         self: Arc<Self>,
         id: u64,
@@ -437,121 +295,6 @@ impl Jobs {
         while tasks.join_next().await.is_some() {}
         let _ = tokio::task::spawn_blocking(move || shared.remove()).await;
         self.finish(id).await;
-    }
-
-    /// One download per node: when two or more rootless instances of the job need the images,
-    /// the daemon downloads them once and hands the workers archives to load (see
-    /// `engine/shared_images.rs`). Anything that goes wrong here only means the instances pull
-    /// for themselves, as they would have anyway.
-    async fn download_once(
-        self: Arc<Self>,
-        id: u64,
-        request: &request::UpdateRequest,
-        targets: &[Instance],
-        cancel: &watch::Receiver<bool>,
-    ) -> SharedImages {
-        let candidates: HashSet<String> = targets
-            .iter()
-            .filter(|i| i.rootless)
-            .map(|i| i.id.clone())
-            .collect();
-        let (url, force) = (request.module_url.clone(), request.force);
-        let jobs = Arc::clone(&self);
-        // The instances that need the new images, and the values their environments all share:
-        // an extra image named there by every one of them is in every storage already (NS8
-        // records each extra image it pulled, and cleanup never removes a named one).
-        let (needing, shared_values): (Vec<String>, HashSet<String>) =
-            tokio::task::spawn_blocking(move || {
-                let mut needing = Vec::new();
-                let mut common: Option<HashSet<String>> = None;
-                // The environments as the instance cache holds them (checked on disk by it).
-                for found in jobs.instances.list() {
-                    if !candidates.contains(&found.instance.id) {
-                        continue;
-                    }
-                    let env = &found.environment;
-                    let current = env.get("IMAGE_URL") == Some(url.as_str());
-                    if force || lock::interrupted(&found.instance.state_dir) || !current {
-                        let values: HashSet<String> =
-                            env.iter().map(|(_, v)| v.to_owned()).collect();
-                        common = Some(match common {
-                            None => values,
-                            Some(c) => c.intersection(&values).cloned().collect(),
-                        });
-                        needing.push(found.instance.id.clone());
-                    }
-                }
-                // With force every image is fetched again, as each instance would.
-                let common = if force {
-                    HashSet::new()
-                } else {
-                    common.unwrap_or_default()
-                };
-                (needing, common)
-            })
-            .await
-            .unwrap_or_default();
-        let cancelled_already = *cancel.borrow();
-        if needing.len() < 2 || cancelled_already {
-            return SharedImages::default();
-        }
-        // Said to each instance as its own messages are: journalled under its MODULE_UPDATER_INSTANCE too.
-        let say = |priority: u8, text: &str| {
-            for instance in &needing {
-                let text = text.to_owned();
-                self.instance_event(id, instance, Event::Message { priority, text });
-            }
-        };
-        say(
-            priority::INFO,
-            &format!(
-                "Downloading {} and its extra images once for the {} instances of job {id}",
-                request.module_url,
-                needing.len()
-            ),
-        );
-        let mut cancelled = cancel.clone();
-        let download = shared_images::download(
-            &self.settings.state_dir,
-            id,
-            &request.module_url,
-            &shared_values,
-        );
-        let outcome = tokio::select! {
-            outcome = download => outcome,
-            () = async {
-                // A closed channel means nobody can cancel any more: wait for the download.
-                if cancelled.wait_for(|c| *c).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            } => {
-                let state_dir = self.settings.state_dir.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    shared_images::remove_job(&state_dir, id);
-                })
-                .await;
-                return SharedImages::default();
-            }
-        };
-        match outcome {
-            Ok(shared) => {
-                for (reference, why) in &shared.skipped {
-                    say(
-                        priority::INFO,
-                        &format!("{reference} is pulled by each instance: {why}"),
-                    );
-                }
-                log::info!(MODULE_UPDATER_JOB = id; "job {id}: downloaded once for {} instances: {}", needing.len(), shared.archives.keys().cloned().collect::<Vec<_>>().join(" "));
-                shared
-            }
-            Err(err) => {
-                say(
-                    priority::WARNING,
-                    &format!("the shared download failed ({err}): each instance pulls for itself"),
-                );
-                SharedImages::default()
-            }
-        }
     }
 
     async fn run_instance(self: Arc<Self>, id: u64, job: UpdateJob, cancel: watch::Receiver<bool>) {
@@ -888,116 +631,4 @@ fn average(progress: &HashMap<String, u8>) -> u8 {
     }
     let sum: u32 = progress.values().map(|p| u32::from(*p)).sum();
     (sum / progress.len() as u32) as u8
-}
-
-/// What the node's state refuses for one instance of a request, as NS8's validation items: an
-/// image of another module than the instance runs (`module_url_other_module`, NS8's image name
-/// rule), an older version than it runs (`module_url_downgrade`, semantic versions; never for
-/// tags that are not versions) unless the request says `"allow_downgrade": true`.
-fn node_checks(
-    request: &request::UpdateRequest,
-    instance: &str,
-    current: &str,
-) -> Vec<ValidationError> {
-    let refuse = |kind: &str| {
-        let mut error = ValidationError::new(
-            "module_url",
-            serde_json::Value::from(request.module_url.as_str()),
-            kind,
-        );
-        error.instance = Some(instance.to_owned());
-        error.current = Some(current.to_owned());
-        error
-    };
-    if current.is_empty() {
-        return Vec::new();
-    }
-    let name = |url| imagename::image_name_from_url(url).ok();
-    if let (Some(installed), Some(wanted)) = (name(current), name(&request.module_url))
-        && installed != wanted
-    {
-        return vec![refuse("other_module")];
-    }
-    let tag = |url| module_updater_dbus::types::repository_and_tag(url).1;
-    if !request.allow_downgrade && version::is_downgrade(tag(current), tag(&request.module_url)) {
-        return vec![refuse("downgrade")];
-    }
-    Vec::new()
-}
-
-/// Finishes a job a dead daemon left running: aborted, `interrupted`, its unfinished instances
-/// failed at the step they were in. Returns those instances.
-fn interrupt(record: &mut JobRecord, now: u64) -> Vec<String> {
-    let mut unfinished = Vec::new();
-    for instance in &record.instances {
-        if !record.results.contains_key(instance) {
-            unfinished.push(instance.clone());
-            let step = record.steps.get(instance).copied().unwrap_or(Step::Prepare);
-            let mut result =
-                InstanceResult::failed(step, "interrupted: the daemon stopped during the update");
-            result
-                .warnings
-                .push("run the same request again to complete the update".into());
-            record.results.insert(instance.clone(), result);
-        }
-    }
-    record.steps.clear();
-    record.status = JobStatus::Aborted;
-    record.exit_code = 1;
-    record.error = Some("interrupted".into());
-    record.finished_usec = now;
-    unfinished
-}
-
-/// Appends one instance's result of a job to its history, logging a failure (the history never
-/// stops an update).
-fn record_history(
-    history: &History,
-    record: &JobRecord,
-    instance: &str,
-    result: &InstanceResult,
-    finished_usec: u64,
-) {
-    if let Err(err) = history.append(instance, history::entry(record, result, finished_usec)) {
-        log::error!(MODULE_UPDATER_JOB = record.id, MODULE_UPDATER_INSTANCE = instance; "job {}: {err}", record.id);
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_interrupted_job_is_aborted_with_its_instances_failed_at_their_step() {
-        let mut record = JobRecord {
-            id: 4,
-            action: "update-module".into(),
-            request: "{}".into(),
-            instances: vec!["a1".into(), "b2".into()],
-            status: JobStatus::Running,
-            progress: 40,
-            exit_code: -1,
-            caller_uid: 0,
-            started_usec: 1,
-            finished_usec: 0,
-            steps: BTreeMap::from([("b2".to_owned(), Step::Extract)]),
-            results: BTreeMap::from([(
-                "a1".to_owned(),
-                InstanceResult::new(InstanceStatus::Completed),
-            )]),
-            error: None,
-        };
-        assert_eq!(interrupt(&mut record, 99), vec!["b2".to_owned()]);
-        assert_eq!(record.status, JobStatus::Aborted);
-        assert_eq!(record.error.as_deref(), Some("interrupted"));
-        assert_eq!(record.results["a1"].status, InstanceStatus::Completed);
-        let b2 = &record.results["b2"];
-        assert_eq!(b2.status, InstanceStatus::Failed);
-        assert_eq!(b2.error.as_ref().map(|f| f.step), Some(Step::Extract));
-        let json: serde_json::Value = serde_json::from_str(&record.result_json()).unwrap();
-        assert_eq!(json["status"], "aborted");
-        assert_eq!(json["error"], "interrupted");
-        assert_eq!(json["instances"]["b2"]["status"], "failed");
-    }
 }
