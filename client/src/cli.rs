@@ -7,10 +7,16 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use clap_complete::ArgValueCandidates;
 use module_updater_dbus::JOB_PATH_PREFIX;
 
-use crate::complete::{instance_candidates, job_candidates};
+/// The binary's name, in completions and man pages.
+pub const BIN_NAME: &str = "module-updater";
+/// The environment variable the completion registration scripts set (`COMPLETE=bash`).
+pub const COMPLETE_VAR: &str = "COMPLETE";
+/// NS8's agent settings on a node (`REDIS_ADDRESS`).
+const NS8_AGENT_ENV: &str = "/etc/nethserver/agent.env";
+/// The cluster agent's credentials on the leader.
+const NS8_CLUSTER_CREDENTIALS: &str = "/var/lib/nethserver/cluster/state/agent.env";
 
 /// Which bus to talk to. At most one; the system bus when none is given.
 #[derive(Debug, Clone, Default, Args)]
@@ -109,7 +115,7 @@ pub enum Command {
         #[arg(value_name = "MODULE_URL")]
         module_url: String,
         /// The instances to update, e.g. mail1.
-        #[arg(value_name = "INSTANCE", required = true, add = ArgValueCandidates::new(instance_candidates))]
+        #[arg(value_name = "INSTANCE", required = true)]
         instances: Vec<String>,
         /// Update even if the instance already runs that image.
         #[arg(long)]
@@ -124,7 +130,7 @@ pub enum Command {
     /// Show an instance: its state, the job updating it, its last update and the image keys
     /// of its environment.
     Show {
-        #[arg(value_name = "INSTANCE", add = ArgValueCandidates::new(instance_candidates))]
+        #[arg(value_name = "INSTANCE")]
         instance: String,
     },
     /// List the running jobs and the finished ones still kept.
@@ -141,12 +147,12 @@ pub enum Command {
     /// failures first. With --json: the properties, the per-instance states, the request and the
     /// result as one JSON object.
     Status {
-        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
+        #[arg(value_name = "JOB")]
         job: JobRef,
     },
     /// Ask the service to cancel a job.
     Cancel {
-        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
+        #[arg(value_name = "JOB")]
         job: JobRef,
     },
     /// Attach to a job and follow it to its end; Ctrl-C detaches, the job goes on.
@@ -155,7 +161,7 @@ pub enum Command {
     /// result JSON (--json, or stdout not a terminal). The exit code is the job's (0 completed,
     /// 1 failed); 130 after Ctrl-C.
     Wait {
-        #[arg(value_name = "JOB", add = ArgValueCandidates::new(job_candidates))]
+        #[arg(value_name = "JOB")]
         job: JobRef,
     },
     /// NS8 cluster commands, run on the cluster's leader.
@@ -195,10 +201,10 @@ pub enum Ns8Action {
         #[arg(long, value_name = "JSON|-|@FILE")]
         data: Data,
         /// NS8's agent settings, for the cluster's Redis address (REDIS_ADDRESS).
-        #[arg(long, value_name = "FILE", default_value = crate::cluster::DEFAULT_AGENT_ENV)]
+        #[arg(long, value_name = "FILE", default_value = NS8_AGENT_ENV)]
         agent_env: PathBuf,
         /// The credentials to use (REDIS_USER, REDIS_PASSWORD), unless the environment has them.
-        #[arg(long, value_name = "FILE", default_value = crate::cluster::DEFAULT_CREDENTIALS)]
+        #[arg(long, value_name = "FILE", default_value = NS8_CLUSTER_CREDENTIALS)]
         credentials: PathBuf,
     },
 }

@@ -15,10 +15,6 @@ use crate::error::{ClientError, exit};
 
 /// The node action the package installs on every NS8 node.
 pub const NODE_ACTION: &str = "update-module-instances";
-/// NS8's agent settings on a node (`REDIS_ADDRESS`).
-pub const DEFAULT_AGENT_ENV: &str = "/etc/nethserver/agent.env";
-/// The cluster agent's credentials on the leader.
-pub const DEFAULT_CREDENTIALS: &str = "/var/lib/nethserver/cluster/state/agent.env";
 /// An agent is alive when its connection was used this recently (NS8's task clients' rule; the
 /// agents BRPOP with a 5 s timeout).
 const ALIVE_IDLE_SECS: u64 = 8;

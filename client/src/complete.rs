@@ -11,15 +11,11 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use clap::CommandFactory;
-use clap_complete::{CompleteEnv, CompletionCandidate};
+use clap_complete::{ArgValueCandidates, CompleteEnv, CompletionCandidate};
 use module_updater_dbus::{JobProxy, ModuleUpdaterProxy};
 use zbus::proxy::CacheProperties;
 
-use crate::cli::{BusArgs, Cli, JobRef};
-use crate::generate::BIN_NAME;
-
-/// The environment variable the registration scripts set.
-pub const COMPLETE_VAR: &str = "COMPLETE";
+use crate::cli::{BIN_NAME, BusArgs, COMPLETE_VAR, Cli, JobRef};
 
 /// How long completion waits for the service in all.
 pub const SERVICE_WAIT: Duration = Duration::from_millis(1500);
@@ -27,11 +23,47 @@ pub const SERVICE_WAIT: Duration = Duration::from_millis(1500);
 /// Answers a completion request (`COMPLETE=<shell>` in the environment) and exits; returns at
 /// once on an ordinary run.
 pub fn answer_completion_request() {
-    CompleteEnv::with_factory(Cli::command)
+    CompleteEnv::with_factory(|| with_candidates(Cli::command()))
         .var(COMPLETE_VAR)
         .bin(BIN_NAME)
         .completer(BIN_NAME)
         .complete();
+}
+
+/// The command line with the service's candidates on every INSTANCE and JOB argument, in every
+/// subcommand: completion's concern, so the command line's definition does not know of it.
+fn with_candidates(mut command: clap::Command) -> clap::Command {
+    let subcommands: Vec<String> = command
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    for name in subcommands {
+        command = command.mut_subcommand(name, with_candidates);
+    }
+    let args: Vec<(String, bool)> = command
+        .get_arguments()
+        .filter_map(|arg| {
+            let names = arg.get_value_names()?;
+            let id = arg.get_id().as_str().to_owned();
+            if names.iter().any(|n| n == "INSTANCE") {
+                Some((id, true))
+            } else if names.iter().any(|n| n == "JOB") {
+                Some((id, false))
+            } else {
+                None
+            }
+        })
+        .collect();
+    for (id, instance) in args {
+        command = command.mut_arg(id, |arg| {
+            arg.add(if instance {
+                ArgValueCandidates::new(instance_candidates)
+            } else {
+                ArgValueCandidates::new(job_candidates)
+            })
+        });
+    }
+    command
 }
 
 /// The bus flags among the words being completed (`module-updater --user wait <Tab>`); `None`

@@ -6,11 +6,7 @@ use std::io::{self, Write};
 use clap::CommandFactory;
 use clap_complete::env::{Bash, EnvCompleter, Fish, Zsh};
 
-use crate::cli::{Cli, Shell};
-use crate::complete::COMPLETE_VAR;
-
-/// The program name the completions are registered for.
-pub const BIN_NAME: &str = "module-updater";
+use crate::cli::{BIN_NAME, COMPLETE_VAR, Cli, Shell};
 
 /// Writes the completion script of `shell`: a registration that asks `module-updater` itself
 /// for the candidates on each Tab (see [`crate::complete`]).

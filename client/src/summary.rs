@@ -4,6 +4,7 @@
 //! history entry ([`instance_block`]).
 
 use std::collections::BTreeMap;
+use unicode_width::UnicodeWidthStr;
 
 use module_updater_dbus::types::{InstanceResult, InstanceStatus, ScriptOutcome, ScriptStatus};
 use serde::Deserialize;
@@ -88,7 +89,7 @@ pub fn instances_and_more(job: u64, result: &JobResult, order: &[String]) -> Str
     instances.sort_by_key(|(id, r)| (rank(r), position(id)));
     let width = instances
         .iter()
-        .map(|(id, _)| crate::render::text_width(id))
+        .map(|(id, _)| UnicodeWidthStr::width(id.as_str()))
         .max()
         .unwrap_or(0);
     for (id, r) in instances {
@@ -111,7 +112,7 @@ pub fn instances_and_more(job: u64, result: &JobResult, order: &[String]) -> Str
 /// One instance: `id  status` then indented lines (image change, error, warnings, failed
 /// scripts, removals). `width` aligns the ids of a job.
 pub fn instance_block(id: &str, result: &InstanceResult, width: usize) -> String {
-    let pad = width.saturating_sub(crate::render::text_width(id));
+    let pad = width.saturating_sub(UnicodeWidthStr::width(id));
     let indent = " ".repeat(width + 2);
     let mut out = format!("{id}{}  {}\n", " ".repeat(pad), headline(result));
     let mut detail = |text: String| {
