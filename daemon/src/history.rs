@@ -113,16 +113,8 @@ pub fn entry(record: &JobRecord, result: &InstanceResult, finished_usec: u64) ->
         action: record.action.clone(),
         started_usec: record.started_usec,
         finished_usec,
-        status: result.status,
-        exit_code: result.exit_code,
-        old_image_url: result.old_image_url.clone(),
-        new_image_url: result.new_image_url.clone(),
-        old_image_digest: result.old_image_digest.clone(),
-        new_image_digest: result.new_image_digest.clone(),
-        scripts: result.scripts.clone(),
-        warnings: result.warnings.clone(),
-        error: result.error.clone(),
         caller_uid: record.caller_uid,
+        result: result.clone(),
     }
 }
 
@@ -134,21 +126,15 @@ mod tests {
     use super::*;
 
     fn an_entry(job: u64) -> HistoryEntry {
+        let mut result = InstanceResult::new(InstanceStatus::Completed);
+        result.new_image_url = Some("r/x:2".into());
         HistoryEntry {
             job,
             action: "update-module".into(),
             started_usec: job,
             finished_usec: job + 1,
-            status: InstanceStatus::Completed,
-            exit_code: 0,
-            old_image_url: None,
-            new_image_url: Some("r/x:2".into()),
-            old_image_digest: None,
-            new_image_digest: None,
-            scripts: Vec::new(),
-            warnings: Vec::new(),
-            error: None,
             caller_uid: 0,
+            result,
         }
     }
 

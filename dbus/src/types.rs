@@ -196,7 +196,8 @@ impl JobInstanceStatus {
 }
 
 /// One entry of an instance's update history (`GetHistory`, the instance's `LastUpdate`): one
-/// finished update of that instance, kept on disk across restarts and after its job is gone.
+/// finished update of that instance, kept on disk across restarts and after its job is gone: the
+/// job's facts and the instance's result, its fields at the same level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     /// The job's number (its object was `/org/nethserver/ModuleUpdater/job/<job>`).
@@ -206,17 +207,10 @@ pub struct HistoryEntry {
     /// µs since the epoch.
     pub started_usec: u64,
     pub finished_usec: u64,
-    pub status: InstanceStatus,
-    pub exit_code: i32,
-    pub old_image_url: Option<String>,
-    pub new_image_url: Option<String>,
-    pub old_image_digest: Option<String>,
-    pub new_image_digest: Option<String>,
-    pub scripts: Vec<ScriptOutcome>,
-    pub warnings: Vec<String>,
-    pub error: Option<Failure>,
     /// Who started the job.
     pub caller_uid: u32,
+    #[serde(flatten)]
+    pub result: InstanceResult,
 }
 
 /// The repository and tag of an image URL: `ghcr.io/nethserver/mail:1.7.1@sha256:…` →

@@ -126,9 +126,9 @@ fn history_line(clock: &Clock, entry: &HistoryEntry) -> String {
         "{} job {} {} {} → {}",
         clock.usec(entry.finished_usec),
         entry.job,
-        entry.status.as_str(),
-        entry.old_image_url.as_deref().unwrap_or("-"),
-        entry.new_image_url.as_deref().unwrap_or("-"),
+        entry.result.status.as_str(),
+        entry.result.old_image_url.as_deref().unwrap_or("-"),
+        entry.result.new_image_url.as_deref().unwrap_or("-"),
     )
 }
 
@@ -186,23 +186,23 @@ pub(super) async fn history(ctx: &Ctx, instance: Option<&str>) -> Result<u8, Cli
         .iter()
         .map(|(id, entry)| {
             let (_, from) = module_updater_dbus::types::repository_and_tag(
-                entry.old_image_url.as_deref().unwrap_or_default(),
+                entry.result.old_image_url.as_deref().unwrap_or_default(),
             );
             let (_, to) = module_updater_dbus::types::repository_and_tag(
-                entry.new_image_url.as_deref().unwrap_or_default(),
+                entry.result.new_image_url.as_deref().unwrap_or_default(),
             );
             let mut notes = Vec::new();
-            if let Some(error) = &entry.error {
+            if let Some(error) = &entry.result.error {
                 notes.push(format!("{}: {}", error.step, error.reason));
             }
-            if !entry.warnings.is_empty() {
-                notes.push(format!("{} warning(s)", entry.warnings.len()));
+            if !entry.result.warnings.is_empty() {
+                notes.push(format!("{} warning(s)", entry.result.warnings.len()));
             }
             vec![
                 ctx.clock.usec(entry.finished_usec),
                 id.clone(),
                 entry.job.to_string(),
-                entry.status.as_str().to_owned(),
+                entry.result.status.as_str().to_owned(),
                 format!("{} → {}", or_dash(from), or_dash(to)),
                 notes.join("; "),
             ]

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+#[derive(Clone)]
 struct Options {
     redis: String,
     user: String,
@@ -192,18 +193,7 @@ fn run_task(o: &Options, task: &Value) -> redis::RedisResult<()> {
     }));
     publish(o, &id, &progress);
     let heartbeat = {
-        let (o2, id2, p2) = (
-            Options {
-                redis: o.redis.clone(),
-                user: o.user.clone(),
-                password: o.password.clone(),
-                agent: o.agent.clone(),
-                state_dir: o.state_dir.clone(),
-                actions_dirs: Vec::new(),
-            },
-            id.clone(),
-            Arc::clone(&progress),
-        );
+        let (o2, id2, p2) = (o.clone(), id.clone(), Arc::clone(&progress));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
@@ -347,14 +337,7 @@ fn run_step(
     let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let commands = {
         let (o2, id2, p2, failed2) = (
-            Options {
-                redis: o.redis.clone(),
-                user: o.user.clone(),
-                password: o.password.clone(),
-                agent: o.agent.clone(),
-                state_dir: o.state_dir.clone(),
-                actions_dirs: Vec::new(),
-            },
+            o.clone(),
             id.to_owned(),
             Arc::clone(progress),
             Arc::clone(&failed),
