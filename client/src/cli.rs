@@ -135,6 +135,16 @@ pub enum Command {
     },
     /// List the running jobs and the finished ones still kept.
     Jobs,
+    /// Check for updates: the newest version above what each instance runs, and whether its
+    /// tag moved in the registry. Exit code 100 when an update is available (as dnf
+    /// check-update), 0 when none, 1 when no registry could be asked.
+    Check {
+        #[arg(value_name = "INSTANCE")]
+        instances: Vec<String>,
+        /// Ask the registries again instead of using the service's kept answers.
+        #[arg(long)]
+        refresh: bool,
+    },
     /// Show the update history of an instance, or of every instance, newest first.
     History {
         #[arg(value_name = "INSTANCE")]

@@ -18,6 +18,8 @@ pub mod exit {
     pub const VALIDATION: u8 = 10;
     /// Bad command line or unreadable input (sysexits' EX_USAGE; 2 is taken by busy).
     pub const USAGE: u8 = 64;
+    /// `check`: an update is available (as dnf check-update).
+    pub const UPDATES_AVAILABLE: u8 = 100;
     /// Detached by a second Ctrl-C (128 + SIGINT).
     pub const INTERRUPTED: u8 = 130;
 }

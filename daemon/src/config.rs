@@ -190,6 +190,28 @@ const NS8_AGENT_ENV: Key = Key {
     unset: "",
     help: "NS8's agent settings (REDIS_ADDRESS): after each update the daemon refreshes the instance's environment hash in the cluster's Redis there; a node without this file is not an NS8 node and nothing is sent.",
 };
+const REGISTRY_CONNECT_TIMEOUT: Key = Key {
+    name: "registry_connect_timeout",
+    rule: Rule::Number {
+        min: 1,
+        max: 600,
+        unit: "seconds",
+    },
+    default: Some("5"),
+    unset: "",
+    help: "When checking for updates (ListUpdates), give up on a registry that does not accept a connection within this many seconds.",
+};
+const REGISTRY_TIMEOUT: Key = Key {
+    name: "registry_timeout",
+    rule: Rule::Number {
+        min: 1,
+        max: 3600,
+        unit: "seconds",
+    },
+    default: Some("30"),
+    unset: "",
+    help: "When checking for updates (ListUpdates), give up on a registry query that has no answer within this many seconds.",
+};
 
 /// Every key the configuration file may hold, in the order the default file lists them.
 pub const KEYS: &[Key] = &[
@@ -203,6 +225,8 @@ pub const KEYS: &[Key] = &[
     STATE_DIR,
     SYSTEM_MANAGER_ADDRESS,
     NS8_AGENT_ENV,
+    REGISTRY_CONNECT_TIMEOUT,
+    REGISTRY_TIMEOUT,
 ];
 
 /// Why the configuration cannot be used. Each message names the file, the key, the value and
@@ -269,6 +293,12 @@ pub struct Settings {
     /// NS8's agent settings, for the cluster's Redis [default: /etc/nethserver/agent.env].
     #[arg(long, value_name = "FILE", value_parser = ns8_agent_env_flag)]
     pub ns8_agent_env: Option<PathBuf>,
+    /// Give up on a registry that accepts no connection within this many seconds when checking for updates [default: 5].
+    #[arg(long, value_name = "SECS", value_parser = registry_connect_timeout_flag)]
+    pub registry_connect_timeout: Option<u64>,
+    /// Give up on a registry query with no answer within this many seconds when checking for updates [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = registry_timeout_flag)]
+    pub registry_timeout: Option<u64>,
 }
 
 impl Settings {
@@ -285,6 +315,10 @@ impl Settings {
             state_dir: self.state_dir.or(lower.state_dir),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             ns8_agent_env: self.ns8_agent_env.or(lower.ns8_agent_env),
+            registry_connect_timeout: self
+                .registry_connect_timeout
+                .or(lower.registry_connect_timeout),
+            registry_timeout: self.registry_timeout.or(lower.registry_timeout),
         }
     }
 }
@@ -328,6 +362,12 @@ fn job_linger_flag(text: &str) -> Result<u64, String> {
 fn idle_timeout_flag(text: &str) -> Result<u64, String> {
     number_flag(&IDLE_TIMEOUT, text)
 }
+fn registry_connect_timeout_flag(text: &str) -> Result<u64, String> {
+    number_flag(&REGISTRY_CONNECT_TIMEOUT, text)
+}
+fn registry_timeout_flag(text: &str) -> Result<u64, String> {
+    number_flag(&REGISTRY_TIMEOUT, text)
+}
 fn max_parallel_flag(text: &str) -> Result<usize, String> {
     // At most MAX_PARALLEL, so it fits any usize.
     number_flag(&MAX_PARALLEL_KEY, text).map(|n| n as usize)
@@ -348,6 +388,8 @@ struct RawFile {
     state_dir: Option<PathBuf>,
     system_manager_address: Option<String>,
     ns8_agent_env: Option<PathBuf>,
+    registry_connect_timeout: Option<i64>,
+    registry_timeout: Option<i64>,
 }
 
 /// A value as the file writes it, for messages.
@@ -398,6 +440,11 @@ impl RawFile {
             state_dir: dir(&STATE_DIR, self.state_dir)?,
             idle_timeout: number(&IDLE_TIMEOUT, self.idle_timeout)?,
             ns8_agent_env: dir(&NS8_AGENT_ENV, self.ns8_agent_env)?,
+            registry_connect_timeout: number(
+                &REGISTRY_CONNECT_TIMEOUT,
+                self.registry_connect_timeout,
+            )?,
+            registry_timeout: number(&REGISTRY_TIMEOUT, self.registry_timeout)?,
         })
     }
 }
@@ -557,6 +604,8 @@ pub struct Config {
     /// `None`: never exit when idle.
     pub idle_timeout: Option<u64>,
     pub ns8_agent_env: PathBuf,
+    pub registry_connect_timeout: u64,
+    pub registry_timeout: u64,
     pub rootful_podman_args: Vec<String>,
     pub verbose: bool,
     /// The configuration file that was read, if any.
@@ -588,6 +637,8 @@ impl Config {
             ns8_agent_env: settings
                 .ns8_agent_env
                 .unwrap_or_else(|| crate::cluster::DEFAULT_AGENT_ENV.into()),
+            registry_connect_timeout: settings.registry_connect_timeout.unwrap_or(5),
+            registry_timeout: settings.registry_timeout.unwrap_or(30),
             rootful_podman_args: cli.rootful_podman_args,
             verbose: cli.verbose,
             config_file,
@@ -852,7 +903,8 @@ system_manager_address = "unix:path=/run/other/bus"
     #[test]
     fn unknown_keys_and_sections_are_refused_with_the_list_of_keys() {
         let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, worker_nice, \
-                   job_linger, idle_timeout, state_dir, system_manager_address, ns8_agent_env";
+                   job_linger, idle_timeout, state_dir, system_manager_address, ns8_agent_env, \
+                   registry_connect_timeout, registry_timeout";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),
             format!("unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}")

@@ -10,6 +10,7 @@ pub mod job_store;
 pub mod jobs;
 pub mod request;
 pub mod service;
+pub mod updates;
 pub mod version;
 
 pub use config::Config;

@@ -14,6 +14,7 @@ use crate::Config;
 use crate::bus::{instance::Instances, job::JobObject, manager::Manager, pump};
 use crate::engine::instance::Bases;
 use crate::jobs::{Jobs, Settings, job_path};
+use crate::updates::{Timeouts, UpdateCache};
 
 /// How long running jobs get to stop on SIGTERM before the daemon exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -112,6 +113,10 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
             contract::OBJECT_PATH,
             Manager {
                 jobs: Arc::clone(&jobs),
+                updates: Arc::new(UpdateCache::new(Timeouts {
+                    connect: Duration::from_secs(config.registry_connect_timeout),
+                    overall: Duration::from_secs(config.registry_timeout),
+                })),
             },
         )
         // Jobs and instances below the manager come and go with InterfacesAdded/Removed.

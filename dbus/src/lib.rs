@@ -34,6 +34,7 @@ pub const FEATURES: &[&str] = &[
     "instance-states",
     "job-messages",
     "history",
+    "list-updates",
 ];
 /// Prefix of every error name the service returns.
 pub const ERROR_PREFIX: &str = "org.nethserver.ModuleUpdater.Error";

@@ -22,6 +22,10 @@ pub trait ModuleUpdater {
     fn list_jobs(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
     /// The instance's update history, a JSON array of [`crate::types::HistoryEntry`], newest first.
     fn get_history(&self, instance: &str) -> zbus::Result<String>;
+    /// `{"instances": {id: {...}}}`: what each instance runs and the newest version above it.
+    fn list_updates(&self, instances: &[&str]) -> zbus::Result<String>;
+    /// ListUpdates after asking the registries again.
+    fn refresh_updates(&self, instances: &[&str]) -> zbus::Result<String>;
 
     /// The daemon's version (`CARGO_PKG_VERSION` of `module-updaterd`).
     #[zbus(property)]

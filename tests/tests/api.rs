@@ -669,3 +669,120 @@ async fn another_module_and_a_downgrade_are_refused_before_any_job() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
 }
+
+/// ListUpdates asks the instances' registries: the newest version above each instance's (a
+/// pre-release only for an instance on one), a tag pushed again with other content reported as
+/// moved once the registries are asked again, and a registry that accepts connections but never
+/// answers costs its instance an error within the timeout while the others answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_are_listed_from_the_registry_with_their_age() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let mut urls = std::collections::BTreeMap::new();
+    for tag in ["1.0", "1.1", "2.0", "2.0-rc1", "2.1-rc1"] {
+        urls.insert(
+            tag,
+            sandbox.build_image(&ImageSpec::module("upd", tag)).unwrap(),
+        );
+    }
+    let on_release = sandbox.add_rootless_instance("upd").unwrap();
+    let on_prerelease = sandbox.add_rootless_instance("upd").unwrap();
+    let on_moved = sandbox.add_rootless_instance("upd").unwrap();
+    let unreachable = sandbox.add_rootless_instance("upd").unwrap();
+    sandbox.install(&on_release, &urls["1.0"]).unwrap();
+    sandbox.install(&on_prerelease, &urls["2.0-rc1"]).unwrap();
+    sandbox.install(&on_moved, &urls["1.1"]).unwrap();
+    sandbox.install(&unreachable, &urls["1.0"]).unwrap();
+    // A registry that accepts connections and never answers.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_url = format!("{}/upd:1.0", hole.local_addr().unwrap());
+    let mut env = unreachable.read_env().unwrap();
+    env.insert("IMAGE_URL".into(), hole_url.clone());
+    sandbox.write_env(&unreachable, &env).unwrap();
+    let _daemon = start_daemon(&sandbox, &["--registry-timeout", "3"]);
+    let connection = connect(&sandbox).await;
+    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+
+    let started = Instant::now();
+    let updates: Value = serde_json::from_str(&manager.list_updates(&[]).await.unwrap()).unwrap();
+    let took = started.elapsed();
+    let line = |updates: &Value, instance: &Instance| updates["instances"][&instance.id].clone();
+    assert_eq!(line(&updates, &on_release)["newest"], "2.0", "{updates:#}");
+    assert_eq!(
+        line(&updates, &on_release)["newest_url"],
+        urls["2.0"].as_str()
+    );
+    assert_eq!(
+        line(&updates, &on_prerelease)["newest"],
+        "2.1-rc1",
+        "{updates:#}"
+    );
+    assert_eq!(line(&updates, &on_moved)["newest"], "2.0");
+    for instance in [&on_release, &on_prerelease, &on_moved] {
+        assert_eq!(line(&updates, instance)["tag_moved"], false, "{updates:#}");
+        assert!(line(&updates, instance)["error"].is_null(), "{updates:#}");
+    }
+    let error = line(&updates, &unreachable)["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(error.contains("no answer within 3 s"), "{error}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+
+    // The tag is pushed again with other content: the kept answer says so only once asked
+    // again, and says how old it is.
+    sandbox
+        .build_image(&ImageSpec::module("upd", "1.1").file("changed", "yes\n", 0o644))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let kept: Value =
+        serde_json::from_str(&manager.list_updates(&[on_moved.id.as_str()]).await.unwrap())
+            .unwrap();
+    assert_eq!(line(&kept, &on_moved)["tag_moved"], false);
+    assert!(
+        line(&kept, &on_moved)["age_seconds"].as_u64().unwrap() >= 1,
+        "{kept:#}"
+    );
+    let out = busctl(
+        &sandbox,
+        &[
+            "--json=short",
+            "call",
+            module_updater_dbus::BUS_NAME,
+            PATH,
+            module_updater_dbus::MANAGER_INTERFACE,
+            "RefreshUpdates",
+            "as",
+            "1",
+            &on_moved.id,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fresh: Value = serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap();
+    assert_eq!(line(&fresh, &on_moved)["tag_moved"], true, "{fresh:#}");
+    assert_eq!(line(&fresh, &on_moved)["age_seconds"], 0, "{fresh:#}");
+
+    // Our client: a table, exit code 100 when an update is available.
+    let out = sandbox
+        .client()
+        .unwrap()
+        .args(["check", &on_moved.id, &on_release.id])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(100), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(on_moved.id.as_str()) && l.contains("moved")),
+        "{table}"
+    );
+    let name = error_name(&gdbus_call(
+        &sandbox,
+        PATH,
+        "org.nethserver.ModuleUpdater.ListUpdates",
+        &["['nosuch1']"],
+    ));
+    assert_eq!(name, "org.nethserver.ModuleUpdater.Error.NoSuchInstance");
+    drop(hole);
+}

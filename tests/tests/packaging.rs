@@ -114,8 +114,8 @@ fn built_deb(dir: &Path) -> PathBuf {
 
 /// Every file the install tree has, with its mode, for `prefix`.
 /// The client's subcommands, each with its page module-updater-NAME(1).
-const CLIENT_SUBCOMMANDS: [&str; 12] = [
-    "run", "update", "list", "show", "jobs", "history", "status", "cancel", "wait", "ns8",
+const CLIENT_SUBCOMMANDS: [&str; 13] = [
+    "run", "update", "list", "show", "jobs", "check", "history", "status", "cancel", "wait", "ns8",
     "monitor", "version",
 ];
 

@@ -51,6 +51,11 @@ const CLIENT_SUBCOMMAND_PAGES: &[(&str, &str, &str)] = &[
         "{prefix}/share/man/man1/module-updater-jobs.1.gz",
     ),
     (
+        "check",
+        "module-updater-check.1.gz",
+        "{prefix}/share/man/man1/module-updater-check.1.gz",
+    ),
+    (
         "history",
         "module-updater-history.1.gz",
         "{prefix}/share/man/man1/module-updater-history.1.gz",

@@ -218,3 +218,70 @@ pub(super) async fn history(ctx: &Ctx, instance: Option<&str>) -> Result<u8, Cli
 pub(super) fn or_dash(text: &str) -> &str {
     if text.is_empty() { "-" } else { text }
 }
+
+/// `check [INSTANCE...]`: ListUpdates (RefreshUpdates with `--refresh`) as a table, or its JSON.
+pub(super) async fn check(
+    ctx: &Ctx,
+    instances: &[String],
+    refresh: bool,
+) -> Result<u8, ClientError> {
+    let manager = ctx.manager().await?;
+    let wanted: Vec<&str> = instances.iter().map(String::as_str).collect();
+    let what = if refresh {
+        "RefreshUpdates"
+    } else {
+        "ListUpdates"
+    };
+    let call = ctx.call(what);
+    let text = if refresh {
+        manager.refresh_updates(&wanted).await
+    } else {
+        manager.list_updates(&wanted).await
+    }
+    .map_err(|e| call.error(e))?;
+    let answer: Value = serde_json::from_str(&text).map_err(|e| ClientError::Service {
+        what: what.to_owned(),
+        reason: format!("its answer is not valid JSON: {e}"),
+    })?;
+    let lines = answer["instances"].as_object().cloned().unwrap_or_default();
+    let available = |line: &Value| !line["newest"].is_null() || line["tag_moved"] == json!(true);
+    let any_update = lines.values().any(available);
+    let all_failed = !lines.is_empty() && lines.values().all(|l| !l["error"].is_null());
+    if ctx.json {
+        out_json(&answer);
+    } else {
+        let rows: Vec<Vec<String>> = lines
+            .iter()
+            .map(|(id, line)| {
+                let text = |key: &str| line[key].as_str().unwrap_or_default().to_owned();
+                let moved = match line["tag_moved"].as_bool() {
+                    Some(true) => "moved",
+                    Some(false) => "-",
+                    None => "?",
+                };
+                vec![
+                    id.clone(),
+                    text("repository"),
+                    or_dash(&text("tag")).to_owned(),
+                    or_dash(&text("newest")).to_owned(),
+                    moved.to_owned(),
+                    format!("{} s ago", line["age_seconds"].as_u64().unwrap_or(0)),
+                    text("error"),
+                ]
+            })
+            .collect();
+        out(&render::table(
+            &[
+                "INSTANCE", "MODULE", "VERSION", "NEWEST", "TAG", "CHECKED", "ERROR",
+            ],
+            &rows,
+        ));
+    }
+    Ok(if any_update {
+        exit::UPDATES_AVAILABLE
+    } else if all_failed {
+        exit::FAILED
+    } else {
+        exit::SUCCESS
+    })
+}

@@ -19,7 +19,7 @@ mod instances;
 
 use crate::render::{self, Mode, ViewOptions};
 use crate::summary::{self, JobResult};
-use instances::{history, list, or_dash, show};
+use instances::{check, history, list, or_dash, show};
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
 fn out(text: &str) {
@@ -174,6 +174,7 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
         Command::Show { instance } => show(&ctx, &instance).await,
         Command::Jobs => jobs(&ctx).await,
         Command::History { instance } => history(&ctx, instance.as_deref()).await,
+        Command::Check { instances, refresh } => check(&ctx, &instances, refresh).await,
         Command::Status { job } => status(&ctx, &job).await,
         Command::Cancel { job } => cancel(&ctx, &job).await,
         Command::Wait { job } => wait(&ctx, &job).await,

@@ -13,9 +13,11 @@ use super::authority::{self, Action};
 use super::job::JobObject;
 use crate::jobs::{Jobs, SubmitError, job_path};
 use crate::request;
+use crate::updates::{Installed, UpdateCache};
 
 pub struct Manager {
     pub jobs: Arc<Jobs>,
+    pub updates: Arc<UpdateCache>,
 }
 
 fn no_such_instance(id: &str) -> Error {
@@ -147,6 +149,20 @@ impl Manager {
         })
     }
 
+    /// For each instance (all when `instances` is empty): what it runs, the newest version above
+    /// it in its repository, whether its tag moved in the registry, or why its registry could not
+    /// be asked; the registries' answers are kept and their age said (RefreshUpdates asks again).
+    #[zbus(out_args("updates"))]
+    async fn list_updates(&self, instances: Vec<String>) -> Result<String, CallError> {
+        self.updates_of(instances, false).await
+    }
+
+    /// ListUpdates after asking the registries again.
+    #[zbus(out_args("updates"))]
+    async fn refresh_updates(&self, instances: Vec<String>) -> Result<String, CallError> {
+        self.updates_of(instances, true).await
+    }
+
     /// Running jobs and finished ones still lingering.
     #[zbus(out_args("jobs"))]
     async fn list_jobs(&self) -> Vec<OwnedObjectPath> {
@@ -186,4 +202,39 @@ impl Manager {
         status: &str,
         exit_code: i32,
     ) -> zbus::Result<()>;
+}
+
+impl Manager {
+    async fn updates_of(&self, wanted: Vec<String>, refresh: bool) -> Result<String, CallError> {
+        let jobs = Arc::clone(&self.jobs);
+        let found = tokio::task::spawn_blocking(move || jobs.instances().list())
+            .await
+            .unwrap_or_default();
+        let unknown: Vec<&String> = wanted
+            .iter()
+            .filter(|id| !found.iter().any(|f| &f.instance.id == *id))
+            .collect();
+        if let Some(id) = unknown.first() {
+            return Err(no_such_instance(id).into());
+        }
+        let installed: Vec<Installed> = found
+            .iter()
+            .filter(|f| wanted.is_empty() || wanted.contains(&f.instance.id))
+            .map(|f| Installed {
+                id: f.instance.id.clone(),
+                url: f
+                    .environment
+                    .get("IMAGE_URL")
+                    .unwrap_or_default()
+                    .to_owned(),
+                digest: f
+                    .environment
+                    .get("IMAGE_DIGEST")
+                    .unwrap_or_default()
+                    .to_owned(),
+            })
+            .collect();
+        let checked = self.updates.check(&installed, refresh).await;
+        Ok(serde_json::json!({ "instances": checked }).to_string())
+    }
 }
