@@ -195,10 +195,8 @@ fn check_prefix(prefix: &str) -> Result<(), &'static str> {
 /// Extracts the `prefix` subtree of an image filesystem tar stream into `install_dir` with the
 /// default [`Limits`]. `progress` gets the number of stream members read so far.
 ///
-/// Phase 1 reads the whole stream into a staging dir and validates it (any error: the staging
-/// dir is removed and the install dir is as before). Phase 2 checks for conflicts, installs by
-/// `rename`, writes `.imageroot.lst` (the previous one saved as `.imageroot.lst~`) and removes
-/// entries of the previous list the image no longer ships.
+/// [`stage`], then [`Staged::install`]: the install dir changes only after the whole stream was
+/// read and accepted.
 pub fn extract_imageroot<R: Read>(
     stream: R,
     install_dir: &Path,
@@ -216,13 +214,34 @@ pub fn extract_imageroot_with_limits<R: Read>(
     limits: &Limits,
     progress: &mut dyn FnMut(u64),
 ) -> Result<ExtractOutcome, ExtractError> {
+    stage(stream, install_dir, prefix, limits, progress)?.install()
+}
+
+/// An imageroot read and validated into a staging dir of the install dir, not installed yet.
+/// Holds the install dir's lock; dropped, it removes the staging dir and changes nothing.
+pub struct Staged {
+    _lock: Flock<File>,
+    install_dir: PathBuf,
+    staging: tempfile::TempDir,
+    installed_tree: Option<InstalledTree>,
+    tree: Tree,
+}
+
+/// Phase 1: reads the whole stream into a staging dir inside `install_dir` and validates it.
+/// Any error removes the staging dir: the install dir is as before.
+pub fn stage<R: Read>(
+    stream: R,
+    install_dir: &Path,
+    prefix: &str,
+    limits: &Limits,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Staged, ExtractError> {
     check_prefix(prefix).map_err(|reason| ExtractError::InvalidPrefix {
         label: prefix.to_owned(),
         reason,
     })?;
-    let _lock = lock_install_dir(install_dir)?;
+    let lock = lock_install_dir(install_dir)?;
     remove_stale_staging(install_dir);
-
     // TempDir removes the staging tree on every early return.
     let staging = tempfile::Builder::new()
         .prefix(STAGING_PREFIX)
@@ -234,42 +253,65 @@ pub fn extract_imageroot_with_limits<R: Read>(
     let installed_tree = InstalledTree::open(install_dir);
     let tree = Stager::new(staging.path(), prefix, limits, installed_tree.as_ref())
         .run(stream, progress)?;
-    // No flush between staging, installing and listing: see `sync_installed` for why the
-    // caller's one flush afterwards is enough.
-    let old_list = read_old_list(install_dir)?;
-    let plan = plan_install(&tree, install_dir)?;
-    let installed = install(
-        &tree,
-        &plan,
-        staging.path(),
-        install_dir,
-        installed_tree.as_ref(),
-    )?;
-    let kept = tree
-        .iter()
-        .filter(|(_, node)| matches!(node, Node::Kept { .. }))
-        .map(|(path, node)| list_line(path, node))
-        .collect();
-    write_lists(
-        install_dir,
-        old_list.as_ref().map(|l| l.raw.as_slice()),
-        &installed,
-    )?;
-    let removed = match &old_list {
-        Some(old) => remove_stale_entries(install_dir, old, &tree),
-        None => Vec::new(),
-    };
-    if let Err(e) = staging.close() {
-        log::warn!(
-            "cannot remove the staging dir in {}: {e}",
-            install_dir.display()
-        );
-    }
-    Ok(ExtractOutcome {
-        installed,
-        removed,
-        kept,
+    Ok(Staged {
+        _lock: lock,
+        install_dir: install_dir.to_owned(),
+        staging,
+        installed_tree,
+        tree,
     })
+}
+
+impl Staged {
+    /// Phase 2: checks for conflicts, installs by `rename`, writes `.imageroot.lst` (the
+    /// previous one saved as `.imageroot.lst~`) and removes entries of the previous list the
+    /// image no longer ships.
+    pub fn install(self) -> Result<ExtractOutcome, ExtractError> {
+        let Staged {
+            _lock,
+            install_dir,
+            staging,
+            installed_tree,
+            tree,
+        } = self;
+        let install_dir = install_dir.as_path();
+        // No flush between staging, installing and listing: see `sync_installed` for why the
+        // caller's one flush afterwards is enough.
+        let old_list = read_old_list(install_dir)?;
+        let plan = plan_install(&tree, install_dir)?;
+        let installed = install(
+            &tree,
+            &plan,
+            staging.path(),
+            install_dir,
+            installed_tree.as_ref(),
+        )?;
+        let kept = tree
+            .iter()
+            .filter(|(_, node)| matches!(node, Node::Kept { .. }))
+            .map(|(path, node)| list_line(path, node))
+            .collect();
+        write_lists(
+            install_dir,
+            old_list.as_ref().map(|l| l.raw.as_slice()),
+            &installed,
+        )?;
+        let removed = match &old_list {
+            Some(old) => remove_stale_entries(install_dir, old, &tree),
+            None => Vec::new(),
+        };
+        if let Err(e) = staging.close() {
+            log::warn!(
+                "cannot remove the staging dir in {}: {e}",
+                install_dir.display()
+            );
+        }
+        Ok(ExtractOutcome {
+            installed,
+            removed,
+            kept,
+        })
+    }
 }
 
 /// Above this many regular files, [`sync_installed`] flushes whole filesystems instead of

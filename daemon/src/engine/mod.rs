@@ -14,7 +14,6 @@ pub mod instance_cache;
 pub mod lock;
 pub mod oci_archive;
 pub mod podman;
-pub mod registry_layer;
 pub mod scratch;
 pub mod scripts;
 pub mod shared_images;

@@ -121,7 +121,7 @@ pub fn sha256_of(bytes: &[u8]) -> String {
 }
 
 /// `bytes` as lowercase hex.
-pub fn lowercase_hex(bytes: &[u8]) -> String {
+fn lowercase_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -32,8 +32,6 @@ pub enum PodmanError {
     NoRepoDigest(String),
     #[error("podman returned no data for image {0}")]
     Missing(String),
-    #[error("{0} cannot be named as an oci-archive: reference (it has a ':')")]
-    NotAReference(String),
 }
 
 impl PodmanError {
@@ -195,25 +193,6 @@ impl Podman {
         self.output(&["load", "--quiet", "--input", &path])
             .await
             .map(|_| ())
-    }
-
-    /// Loads several OCI archives in one podman process (`podman load` takes one): `podman
-    /// pull` of their `oci-archive:` references names each image as `load` does, from the
-    /// archive's reference annotation. A podman process costs 25–45 ms, and this is paid by
-    /// every instance of a job that shares a download.
-    pub async fn load_all(&self, archives: &[&std::path::Path]) -> Result<(), PodmanError> {
-        let mut references = Vec::with_capacity(archives.len());
-        for archive in archives {
-            let path = archive.display().to_string();
-            // The transport reads `path:reference`: a ':' in the path would cut it.
-            if path.contains(':') {
-                return Err(PodmanError::NotAReference(path));
-            }
-            references.push(format!("oci-archive:{path}"));
-        }
-        let mut args = vec!["pull", "--quiet", "--"];
-        args.extend(references.iter().map(String::as_str));
-        self.output(&args).await.map(|_| ())
     }
 
     /// Inspects every reference in one podman process, in the order given.

@@ -506,7 +506,7 @@ async fn write_layer(
     let podman = podman.clone();
     let target = path.clone();
     let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let mut stream = source.open(&podman, None).map_err(|e| e.to_string())?;
+        let mut stream = source.open(&podman).map_err(|e| e.to_string())?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -2,12 +2,9 @@
 //! it exactly as the registry serves it.
 //!
 //! skopeo shares podman's image library, so it reads the same registries.conf (mirrors,
-//! insecure registries), the same credentials of the same user and picks the same platform from
-//! a manifest list. The worker copies the module image into a directory while podman pulls it
-//! (`engine/registry_layer.rs`: its labels start the extra images' download, its layer is
-//! extracted); the daemon's shared download (`engine/shared_images.rs`) reads the module image's
-//! labels and copies images into OCI archives the instances load. Without skopeo, or when the
-//! registry does not answer, the update runs as before, one podman step after the other.
+//! insecure registries), the same credentials and picks the same platform from a manifest list.
+//! Only the daemon's shared download (`engine/shared_images.rs`) uses it: the module image's
+//! labels, and images copied into OCI archives the instances load.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -128,24 +125,6 @@ pub async fn copy_to_archive(
         "copy",
         "--quiet",
         "--preserve-digests",
-        "--",
-        &source,
-        &destination,
-    ];
-    run("copy", reference, &args).await.map(|_| ())
-}
-
-/// Copies the image `reference` names into the directory `dir` (skopeo's `dir:` transport:
-/// `manifest.json` and each blob in a file named by its sha256), its blobs as the registry
-/// serves them (skopeo checks each against its digest).
-pub async fn copy_to_dir(reference: &str, dir: &Path) -> Result<(), SkopeoError> {
-    let source = format!("docker://{reference}");
-    let destination = format!("dir:{}", dir.display());
-    let args = [
-        "--command-timeout",
-        COMMAND_TIMEOUT,
-        "copy",
-        "--quiet",
         "--",
         &source,
         &destination,

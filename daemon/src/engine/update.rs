@@ -8,15 +8,13 @@
 //! installed, and timeouts on scripts.
 //!
 //! What does not depend on each other overlaps, without changing what is observed: the extra
-//! images are pulled while the imageroot is read and staged (the install waits for the pull;
-//! what the node's shared download has of them is loaded with the module image instead, by the
-//! same podman process), the temporary container of an image of several layers is removed in
-//! the background, and the one flush that makes the installed files durable runs in the
-//! background from the end of the extraction until the in-progress marker is removed.
+//! images are fetched while the imageroot is read and staged (the install waits for them), the
+//! temporary container of an image of several layers is removed in the background, and the one
+//! flush that makes the installed files durable runs in the background from the end of the
+//! extraction until the in-progress marker is removed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use module_updater_dbus::types::{InstanceResult, InstanceStatus, ScriptStatus, Step};
@@ -32,7 +30,6 @@ use super::imagename;
 use super::instance::Instance;
 use super::lock::{self, UpdateLock};
 use super::podman::{ImageInfo, Podman, PodmanError};
-use super::registry_layer::{LayerAhead, RegistryImage};
 use super::scratch;
 use super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
 use super::shared_images::SharedModule;
@@ -123,10 +120,6 @@ pub async fn run(
         result: InstanceResult::new(InstanceStatus::Completed),
         main_from_archive: false,
         changed: false,
-        ahead: None,
-        maybe_loaded: Vec::new(),
-        registry_image: None,
-        inspection: None,
         started: std::time::SystemTime::now(),
         container_removal: None,
         flush: None,
@@ -155,19 +148,6 @@ struct Update<'a> {
     main_from_archive: bool,
     /// Whether files or the environment were touched (a failure after that keeps the marker).
     changed: bool,
-    /// The fetch of the extra images that the registry's copy of the module image names,
-    /// started while the module image is pulled (see [`Update::fetch_ahead`]).
-    ahead: Option<Ahead>,
-    /// Extra images a failed combined load may have brought with the module image (none of
-    /// them was present): removed if the module image the update uses does not name them.
-    maybe_loaded: Vec<String>,
-    /// The registry's copy of the module image (`engine/registry_layer.rs`), when it is the
-    /// image podman pulled: its layer is extracted, its labels used before podman's inspection.
-    /// Removed once the extraction has read it.
-    registry_image: Option<RegistryImage>,
-    /// podman's inspection of the module image, running in the background when the update went
-    /// on with the registry's copy (it waits for the extra images' pull to commit).
-    inspection: Option<JoinHandle<Result<Vec<ImageInfo>, PodmanError>>>,
     /// When the update began: what the scripts changed in the state dir since is flushed.
     started: std::time::SystemTime,
     /// `podman rm` of the temporary container, running in the background after the export.
@@ -281,7 +261,7 @@ impl Update<'_> {
         let parent = Path::new(scratch::PARENT);
         let id = &self.job.instance.id;
         scratch::remove_left_by(parent, id, nix::unistd::geteuid().as_raw());
-        match scratch::make(parent, id, scratch::Kind::Podman) {
+        match scratch::make(parent, id) {
             Ok(dir) => {
                 self.podman = self.podman.clone().with_tmpdir(dir.path().to_owned());
                 self.podman_tmp = Some(dir);
@@ -314,271 +294,36 @@ impl Update<'_> {
         let extras = self.extra_images(&main)?;
         self.pull_extras_and_extract(&main, &extras).await?;
         self.reload().await;
-        let main = self.inspected(main).await?;
         self.update_environment(env, &main, &extras)
     }
 
-    /// Pulls the module image unless present, and inspects it. While podman lists and pulls, the
-    /// image is copied from the registry (`engine/registry_layer.rs`), and the extra images its
-    /// labels name start downloading as soon as the copy is written.
+    /// Pulls the module image unless present (or loads it from the node's shared download), and
+    /// inspects it.
     async fn pull_main_image(&mut self) -> StepResult<ImageInfo> {
         self.begin(Step::PullImage);
         let url = self.job.module_url.as_str();
-        // An image of the node's shared download is loaded, not pulled: nothing to overlap.
-        // Forced, every image is fetched again, present or not: what is fetched ahead could not
-        // be told apart from what was there before, to be removed if the update fails.
-        let read_ahead = !self.job.force && !self.job.shared_images.contains_key(url);
-        let mut copy = read_ahead.then(|| LayerAhead::start(url, &self.job.instance.id));
-        let mut pulled_id = None;
         if let Some(fetch) = self.missing(Step::PullImage, &[url]).await? {
-            let fetch = self.along_with_main(fetch).await;
-            let along: Vec<String> = fetch.along.iter().map(|(r, _)| r.clone()).collect();
-            let run = fetch.announce(self).run(self.podman.clone());
-            let fetched = match copy.as_mut() {
-                Some(copy) => {
-                    tokio::pin!(run);
-                    tokio::select! {
-                        fetched = &mut run => fetched,
-                        labels = copy.labels() => {
-                            self.fetch_ahead(labels).await;
-                            run.await
-                        }
-                    }
-                }
-                None => run.await,
-            };
+            let fetched = fetch.announce(self).run(self.podman.clone()).await;
             self.main_from_archive = fetched.loaded.iter().any(|r| r == url);
-            if let Some(local) = self.local_images.as_mut() {
-                local.extend(fetched.loaded.iter().cloned());
-            }
-            // A combined load that failed may still have brought some of them.
-            self.maybe_loaded = along
-                .into_iter()
-                .filter(|r| !fetched.loaded.contains(r))
-                .collect();
-            if let [id] = &fetched.pulled_ids[..] {
-                pulled_id = Some(id.clone());
-            }
             self.fetched(Step::PullImage, fetched)?;
         }
         self.result.new_image_url = Some(url.to_owned());
         let main = match &self.job.shared_module {
+            // The same image as the daemon's: its inspection is this one's.
             Some(shared) if self.main_from_archive => shared.info.clone(),
-            _ => match self.registry_copy(copy.as_mut(), pulled_id).await {
-                Some(image) => {
-                    let main = ImageInfo {
-                        id: image.id.clone(),
-                        digest: String::new(),
-                        repo_digest: String::new(),
-                        labels: image.labels.clone(),
-                        layers: image.diff_ids.clone(),
-                    };
-                    self.registry_image = Some(image);
-                    let (podman, url) = (self.podman.clone(), url.to_owned());
-                    self.inspection =
-                        Some(tokio::spawn(async move { podman.inspect(&[&url]).await }));
-                    main
-                }
-                None => self.inspect_main().await?,
-            },
-        };
-        // Without podman's inspection yet, the digest is known later (`Update::inspected`).
-        if self.inspection.is_none() {
-            self.result.new_image_digest = Some(main.digest.clone());
-        }
-        self.end(Step::PullImage);
-        Ok(main)
-    }
-
-    /// Adds to a fetch that loads the module image from the node's shared download the extra
-    /// images it names that are missing here and downloaded too, so that one podman process
-    /// loads them all: a podman process costs 25–45 ms, and every instance of the job pays it.
-    /// The daemon inspected that image, so its labels are known before it is loaded. Not when
-    /// forced: then each step fetches its images again.
-    async fn along_with_main(&mut self, mut fetch: Fetch) -> Fetch {
-        let job = self.job;
-        let Some(shared) = &job.shared_module else {
-            return fetch;
-        };
-        if job.force || fetch.loads.is_empty() {
-            return fetch;
-        }
-        let Ok(extras) = extras_of(images_label(&shared.info.labels)) else {
-            return fetch;
-        };
-        let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
-        if let Ok(Some(more)) = self.missing(Step::PullExtraImages, &urls).await {
-            fetch.along = more.loads;
-        }
-        fetch
-    }
-
-    /// podman's inspection of the module image.
-    async fn inspect_main(&self) -> StepResult<ImageInfo> {
-        let url = self.job.module_url.as_str();
-        self.podman
-            .inspect(&[url])
-            .await
-            .map_err(|e| failed(Step::PullImage)(e.to_string()))?
-            .pop()
-            .ok_or_else(|| failed(Step::PullImage)(format!("podman returned nothing for {url}")))
-    }
-
-    /// The registry's copy of the module image, if it is the image podman pulled (`pulled_id`:
-    /// the id `podman pull` printed). Otherwise says why the layer is read from podman.
-    async fn registry_copy(
-        &mut self,
-        copy: Option<&mut LayerAhead>,
-        pulled_id: Option<String>,
-    ) -> Option<RegistryImage> {
-        let (copy, pulled_id) = (copy?, pulled_id?);
-        // The copy (a small image) is usually written before podman's pull ends; one that is
-        // not by then would only make the update wait.
-        let why = match tokio::time::timeout(COPY_GRACE, copy.wait()).await {
-            Ok(Ok(image)) if image.id == pulled_id => {
-                // An image of several layers still gives the pulled image's labels; podman
-                // merges its layers.
-                let text = match &image.layer {
-                    Ok(_) => format!(
-                        "The imageroot is read from the layer the registry served for {}, while podman stores the images",
-                        self.job.module_url
-                    ),
-                    Err(why) => format!("The imageroot is read from podman's storage: {why}"),
-                };
-                self.message(priority::DEBUG, text);
-                return Some(image);
-            }
-            Ok(Ok(image)) => format!(
-                "the registry's copy is the image {}, podman pulled {pulled_id} (the tag moved)",
-                image.id
-            ),
-            Ok(Err(err)) => err,
-            Err(_) => format!(
-                "the copy from the registry took more than {} ms after the pull",
-                COPY_GRACE.as_millis()
-            ),
-        };
-        self.message(
-            priority::DEBUG,
-            format!("The imageroot is read from podman's storage: {why}"),
-        );
-        None
-    }
-
-    /// The module image as podman inspects it, when the update went on with the registry's copy
-    /// (`main` from its configuration): the digests come from podman, the id must be the same.
-    async fn inspected(&mut self, mut main: ImageInfo) -> StepResult<ImageInfo> {
-        if let Some(task) = self.inspection.take() {
-            let url = self.job.module_url.as_str();
-            let inspected = task
+            _ => self
+                .podman
+                .inspect(&[url])
                 .await
-                .unwrap_or_else(|e| Err(PodmanError::Spawn(std::io::Error::other(e.to_string()))))
                 .map_err(|e| failed(Step::PullImage)(e.to_string()))?
                 .pop()
                 .ok_or_else(|| {
                     failed(Step::PullImage)(format!("podman returned nothing for {url}"))
-                })?;
-            if inspected.id != main.id {
-                return Err(failed(Step::PullImage)(format!(
-                    "{url} changed in the instance's storage during the update: the update installed the image {}, podman now names {}; run the update again",
-                    main.id, inspected.id
-                )));
-            }
-            main = inspected;
-            self.result.new_image_digest = Some(main.digest.clone());
-        }
+                })?,
+        };
+        self.result.new_image_digest = Some(main.digest.clone());
+        self.end(Step::PullImage);
         Ok(main)
-    }
-
-    /// Starts fetching the missing extra images named by the labels of the registry's copy,
-    /// beside the module image's pull. It is only a head start: [`Update::take_ahead`] checks
-    /// it against the label of the image podman pulled. Labels that could not be read, or name
-    /// a malformed reference, start nothing (the step after the pull reports a bad label).
-    async fn fetch_ahead(&mut self, labels: Result<BTreeMap<String, String>, String>) {
-        let labels = match labels {
-            Ok(labels) => labels,
-            Err(err) => {
-                self.message(
-                    priority::DEBUG,
-                    format!("the extra images are looked up after the pull: {err}"),
-                );
-                return;
-            }
-        };
-        let label = images_label(&labels).to_owned();
-        let Ok(extras) = extras_of(&label) else {
-            return;
-        };
-        let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
-        let Ok(Some(fetch)) = self.missing(Step::PullExtraImages, &urls).await else {
-            return;
-        };
-        let references = fetch.references();
-        self.message(
-            priority::INFO,
-            format!(
-                "The registry's {} names {}: fetching them beside it",
-                self.job.module_url,
-                references.join(" ")
-            ),
-        );
-        let (gate, task) = fetch.announce(self).spawn(self.podman.clone());
-        self.ahead = Some(Ahead {
-            label,
-            references,
-            gate,
-            task,
-        });
-    }
-
-    /// The fetch started ahead, if it fetches what `label` (the pulled image's) names. One
-    /// started from another label (the tag moved between the two reads) is awaited: what it
-    /// brought that `extras` name counts as present, the rest is removed again.
-    async fn take_ahead(
-        &mut self,
-        label: &str,
-        extras: &[ExtraImage],
-    ) -> Option<(mpsc::Receiver<bool>, JoinHandle<Fetched>)> {
-        let ahead = self.ahead.take()?;
-        if ahead.label == label {
-            return Some((ahead.gate, ahead.task));
-        }
-        let fetched = ahead.task.await.ok();
-        let complete = fetched.as_ref().is_some_and(|f| f.result.is_ok());
-        let (needed, unneeded): (Vec<String>, Vec<String>) = ahead
-            .references
-            .into_iter()
-            .partition(|r| extras.iter().any(|e| &e.url == r));
-        if complete && let Some(local) = self.local_images.as_mut() {
-            local.extend(needed);
-        }
-        self.remove_fetched_ahead(
-            unneeded,
-            "the module image's label changed while it was pulled",
-        )
-        .await;
-        None
-    }
-
-    /// Removes images fetched ahead that the update does not use (none of them was present
-    /// before). A failure is a warning.
-    async fn remove_fetched_ahead(&mut self, references: Vec<String>, why: &str) {
-        if references.is_empty() {
-            return;
-        }
-        self.message(
-            priority::INFO,
-            format!("Removing {} again: {why}", references.join(" ")),
-        );
-        for (reference, outcome) in self.podman.remove_images(&references).await {
-            match outcome {
-                // A fetch that failed may not have brought it.
-                Err(err) if !err.is_unknown_image() => {
-                    self.warning(format!("cannot remove image {reference}: {err}"));
-                }
-                _ => {}
-            }
-        }
     }
 
     /// The extra images of `org.nethserver.images`, checked before anything changes (NS8 finds a
@@ -587,64 +332,45 @@ impl Update<'_> {
         extras_of(images_label(&main.labels))
     }
 
-    /// The extra images are fetched (pulled, or loaded from the node's shared download) while
-    /// the imageroot is exported and staged: podman's pull and the export wait on different
-    /// things. The extraction installs nothing until the fetch has succeeded (its stream ends
-    /// well only then, see [`CheckedExport`]), so a failed fetch leaves the instance as it was,
-    /// as when the two steps ran one after the other, and is reported as the earlier step's
-    /// failure. Both steps are reported: `pull-extra-images` begins, `extract` begins, and both
-    /// end when both are done.
+    /// Stage → await the extra images → install. The extra images are fetched (pulled, or
+    /// loaded from the node's shared download) in the background while the imageroot is read
+    /// and staged; the install waits for them, so a failed fetch leaves the instance as it was
+    /// and is reported as the earlier step's failure.
     async fn pull_extras_and_extract(
         &mut self,
         main: &ImageInfo,
         extras: &[ExtraImage],
     ) -> StepResult<()> {
         self.begin(Step::PullExtraImages);
-        let unused: Vec<String> = std::mem::take(&mut self.maybe_loaded)
-            .into_iter()
-            .filter(|r| !extras.iter().any(|e| &e.url == r))
-            .collect();
-        self.remove_fetched_ahead(
-            unused,
-            "the module image did not come from the node's download, and names other images",
-        )
-        .await;
-        let (gate, task) = match self.take_ahead(images_label(&main.labels), extras).await {
-            Some(ahead) => Some(ahead),
-            None => {
-                let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
-                match self.missing(Step::PullExtraImages, &urls).await? {
-                    Some(fetch) => Some(fetch.announce(self).spawn(self.podman.clone())),
-                    None => None,
-                }
-            }
-        }
-        .unzip();
-        let extracted = self.extract(main, gate).await;
-        // Only a completed extraction, or one that failed in the middle of the install, has
-        // changed the tree.
-        if matches!(
-            extracted,
-            Ok(_)
-                | Err(ExtractFailure::Extract(
-                    extract::ExtractError::Install { .. }
-                ))
-        ) {
-            self.changed = true;
-        }
-        if let Some(task) = task {
-            // Awaited even when the extraction failed: the pull is not cut off mid-write, and
-            // its failure, the earlier step, is the one reported.
-            let fetched = task.await.unwrap_or_else(|e| Fetched {
+        let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
+        let fetch = match self.missing(Step::PullExtraImages, &urls).await? {
+            Some(fetch) => Some(tokio::spawn(fetch.announce(self).run(self.podman.clone()))),
+            None => None,
+        };
+        self.begin(Step::Extract);
+        let staged = self.stage(main).await;
+        if let Some(fetch) = fetch {
+            // Awaited even when the staging failed: the pull is not cut off mid-write, and its
+            // failure, the earlier step, is the one reported.
+            let fetched = fetch.await.unwrap_or_else(|e| Fetched {
                 loaded: Vec::new(),
-                pulled_ids: Vec::new(),
                 warnings: Vec::new(),
-                notes: Vec::new(),
                 result: Err(format!("the pull task failed: {e}")),
             });
             self.fetched(Step::PullExtraImages, fetched)?;
         }
-        let outcome = extracted.map_err(|e| failed(Step::Extract)(e.to_string()))?;
+        let staged = staged.map_err(failed(Step::Extract))?;
+        let installed = tokio::task::spawn_blocking(move || staged.install())
+            .await
+            .map_err(|e| failed(Step::Extract)(format!("the install task failed: {e}")))?;
+        // A failure in the middle of the install has changed the tree; any other did not.
+        if matches!(
+            installed,
+            Ok(_) | Err(extract::ExtractError::Install { .. })
+        ) {
+            self.changed = true;
+        }
+        let outcome = installed.map_err(|e| failed(Step::Extract)(e.to_string()))?;
         self.start_flush(&outcome);
         self.end(Step::PullExtraImages);
         self.result.files_installed = outcome.installed.len();
@@ -652,7 +378,6 @@ impl Update<'_> {
         self.end(Step::Extract);
         Ok(())
     }
-
     /// What must be fetched of `urls`: the references no local image is named by exactly (all of
     /// them with force); none when nothing is missing.
     async fn missing(&mut self, step: Step, urls: &[&str]) -> StepResult<Option<Fetch>> {
@@ -693,30 +418,21 @@ impl Update<'_> {
 
     /// Reports a finished fetch: its warnings, then its failure as `step`'s.
     fn fetched(&mut self, step: Step, fetched: Fetched) -> StepResult<()> {
-        for note in fetched.notes {
-            self.message(priority::DEBUG, note);
-        }
         for warning in fetched.warnings {
             self.warning(warning);
         }
         fetched.result.map_err(failed(step))
     }
 
-    /// Streams the image's filesystem into the staged extractor: the layer of a one-layer image
-    /// from the registry's copy, the node's shared download or `podman image save`, otherwise a
-    /// temporary container's export (see `engine/image_stream.rs`). With a `gate`, the stream
-    /// ends well only once the gate says the extra images are there.
-    async fn extract(
-        &mut self,
-        main: &ImageInfo,
-        gate: Option<mpsc::Receiver<bool>>,
-    ) -> Result<extract::ExtractOutcome, ExtractFailure> {
-        self.begin(Step::Extract);
+    /// Reads the image's filesystem into a staging dir of the install dir: the layer of a
+    /// one-layer image from the node's shared download or `podman image save`, otherwise a
+    /// temporary container's export (see `engine/image_stream.rs`).
+    async fn stage(&mut self, main: &ImageInfo) -> Result<extract::Staged, String> {
         let label = main
             .labels
             .get("org.nethserver.imageroot")
             .map(String::as_str);
-        let prefix = extract::imageroot_prefix(label)?;
+        let prefix = extract::imageroot_prefix(label).map_err(|e| e.to_string())?;
         let url = self.job.module_url.as_str();
         let shared_layer = self
             .job
@@ -724,42 +440,30 @@ impl Update<'_> {
             .as_ref()
             .and_then(|shared| shared.layer.clone())
             .filter(|_| self.main_from_archive);
-        // Only this extraction reads the registry's copy: it goes when the extraction ends, not
-        // when the update does (a hung script would keep it in /var/tmp).
-        let registry_image = self.registry_image.take();
-        let registry_layer = registry_image
-            .as_ref()
-            .and_then(|image| image.layer.clone().ok());
-        let source = match (shared_layer, registry_layer, Source::saved_layer(url, main)) {
-            (Some(path), _, Some(_)) => Source::LayerFile { path },
-            (_, Some(layer), Some(_)) => Source::RegistryLayer { layer },
-            (_, _, Some(layer)) => layer,
-            (_, _, None) => Source::Export {
-                container: self
-                    .podman
-                    .create(url)
-                    .await
-                    .map_err(|e| ExtractFailure::Other(e.to_string()))?,
+        let source = match (shared_layer, Source::saved_layer(url, main)) {
+            (Some(path), Some(_)) => Source::LayerFile { path },
+            (_, Some(layer)) => layer,
+            (_, None) => Source::Export {
+                container: self.podman.create(url).await.map_err(|e| e.to_string())?,
             },
         };
         let install_dir = self.job.instance.install_dir.clone();
         let podman = self.podman.clone();
-        let extracted = {
+        let staged = {
             let source = source.clone();
             tokio::task::spawn_blocking(move || {
-                let stream = source
-                    .open(&podman, gate)
-                    .map_err(|e| ExtractFailure::Other(e.to_string()))?;
-                Ok(extract::extract_imageroot(
+                let stream = source.open(&podman).map_err(|e| e.to_string())?;
+                extract::stage(
                     stream,
                     &install_dir,
                     &prefix,
+                    &extract::Limits::DEFAULT,
                     &mut |_| {},
-                )?)
+                )
+                .map_err(|e| e.to_string())
             })
             .await
         };
-        drop(registry_image);
         if let Source::Export { container } = source {
             // The export has ended (the extractor waits for it or kills it): the container is
             // not needed any more. Its removal is awaited before the image cleanup and before
@@ -770,9 +474,8 @@ impl Update<'_> {
                 (container, removed)
             }));
         }
-        extracted.map_err(|e| ExtractFailure::Other(format!("extraction task failed: {e}")))?
+        staged.map_err(|e| format!("the extraction task failed: {e}"))?
     }
-
     /// Reloads the instance's systemd manager over D-Bus. A failure is a warning, as in NS8.
     async fn reload(&mut self) {
         self.begin(Step::Reload);
@@ -1037,23 +740,6 @@ impl Update<'_> {
     /// update outlives the worker's result.
     async fn settle(&mut self) {
         self.await_container_removal().await;
-        // An inspection nobody took (the update failed before the environment step) still
-        // names the pulled image's digest in the result; the registry's copy of the module
-        // image goes.
-        if let Some(inspection) = self.inspection.take()
-            && let Ok(Ok(mut inspected)) = inspection.await
-            && let Some(main) = inspected.pop()
-        {
-            self.result.new_image_digest.get_or_insert(main.digest);
-        }
-        self.registry_image = None;
-        // A fetch started ahead and never used: the update failed before the extra images'
-        // step. What it brought was not there before, and goes, so the storage is as it was.
-        if let Some(ahead) = self.ahead.take() {
-            let _ = ahead.task.await;
-            self.remove_fetched_ahead(ahead.references, "the update did not get to use them")
-                .await;
-        }
         if let Some(flush) = self.flush.take() {
             let _ = flush.await;
         }
@@ -1154,42 +840,21 @@ impl Update<'_> {
 
 const CANCELLED: &str = "cancelled";
 
-/// How long the registry's copy of the module image may still take once podman pulled it.
-const COPY_GRACE: Duration = Duration::from_millis(500);
-
 /// Missing images to bring into the instance's storage.
 #[derive(Debug, Default)]
 struct Fetch {
     /// Reference → archive of the daemon's shared download (`engine/shared_images.rs`).
     loads: Vec<(String, PathBuf)>,
     pulls: Vec<String>,
-    /// Extra images of the shared download loaded with the module image, by the same podman
-    /// process (see [`Update::along_with_main`]). One that does not load is left to its step.
-    along: Vec<(String, PathBuf)>,
 }
 
 /// What a fetch did: the references loaded from the shared download, warnings (a failed load,
 /// then pulled) and its outcome.
 #[derive(Debug)]
 struct Fetched {
-    /// With the references of `along` when they loaded.
     loaded: Vec<String>,
-    /// The ids `podman pull` printed, one per pulled reference.
-    pulled_ids: Vec<String>,
     warnings: Vec<String>,
-    /// What only a debugging admin needs (a combined load that failed, then done one by one).
-    notes: Vec<String>,
     result: Result<(), String>,
-}
-
-/// A fetch of extra images started from the labels of the registry's copy.
-struct Ahead {
-    /// The `org.nethserver.images` label it was started from.
-    label: String,
-    /// What it fetches (none of it was present).
-    references: Vec<String>,
-    gate: mpsc::Receiver<bool>,
-    task: JoinHandle<Fetched>,
 }
 
 /// The `org.nethserver.images` label of an image ("" when it has none).
@@ -1215,25 +880,12 @@ fn extras_of(label: &str) -> StepResult<Vec<ExtraImage>> {
 }
 
 impl Fetch {
-    /// Every reference it brings in.
-    fn references(&self) -> Vec<String> {
-        let loads = self.loads.iter().chain(&self.along);
-        let loads = loads.map(|(reference, _)| reference.clone());
-        loads.chain(self.pulls.iter().cloned()).collect()
-    }
-
     /// Says what is about to be fetched.
     fn announce(self, update: &mut Update<'_>) -> Self {
         for (reference, _) in &self.loads {
             update.message(
                 priority::INFO,
                 format!("Loading {reference} (downloaded once for the node)"),
-            );
-        }
-        for (reference, _) in &self.along {
-            update.message(
-                priority::INFO,
-                format!("Loading {reference} with the module image (downloaded once for the node)"),
             );
         }
         if !self.pulls.is_empty() {
@@ -1243,30 +895,11 @@ impl Fetch {
     }
 
     /// Loads what the daemon downloaded, then pulls the rest and what failed to load, in one
-    /// podman pull. Several archives are loaded by one podman process; if that fails, the
-    /// `loads` are loaded one by one and the `along` left to the step that needs them.
+    /// podman pull.
     async fn run(self, podman: Podman) -> Fetched {
-        let Fetch {
-            loads,
-            mut pulls,
-            along,
-        } = self;
+        let Fetch { loads, mut pulls } = self;
         let mut warnings = Vec::new();
-        let mut notes = Vec::new();
         let mut loaded = Vec::new();
-        let together: Vec<&(String, PathBuf)> = loads.iter().chain(&along).collect();
-        if together.len() > 1 {
-            let archives: Vec<&Path> = together.iter().map(|(_, a)| a.as_path()).collect();
-            let references: Vec<&str> = together.iter().map(|(r, _)| r.as_str()).collect();
-            match podman.load_all(&archives).await {
-                Ok(()) => loaded.extend(references.iter().map(|r| (*r).to_owned())),
-                Err(err) => notes.push(format!(
-                    "cannot load {} in one podman process: {err}; loading them one by one",
-                    references.join(" ")
-                )),
-            }
-        }
-        let loads = if loaded.is_empty() { loads } else { Vec::new() };
         for (reference, archive) in loads {
             match podman.load(&archive).await {
                 Ok(()) => loaded.push(reference),
@@ -1279,40 +912,13 @@ impl Fetch {
             }
         }
         let references: Vec<&str> = pulls.iter().map(String::as_str).collect();
-        let (pulled_ids, result) = match podman.pull(&references).await {
-            Ok(ids) => (ids, Ok(())),
-            Err(err) => (Vec::new(), Err(err.to_string())),
-        };
+        let result = podman.pull(&references).await.map(|_| ());
         Fetched {
             loaded,
-            pulled_ids,
             warnings,
-            notes,
-            result,
+            result: result.map_err(|e| e.to_string()),
         }
     }
-
-    /// Runs the fetch as a task of its own. The receiver gets, once, whether it succeeded (it
-    /// sees the channel closed if the task dies); the task's result carries the details.
-    fn spawn(self, podman: Podman) -> (mpsc::Receiver<bool>, JoinHandle<Fetched>) {
-        let (done, gate) = mpsc::sync_channel(1);
-        let task = tokio::spawn(async move {
-            let fetched = self.run(podman).await;
-            let _ = done.send(fetched.result.is_ok());
-            fetched
-        });
-        (gate, task)
-    }
-}
-
-/// Why the extraction failed: the extractor's own error (which tells whether the tree changed),
-/// or podman's.
-#[derive(Debug, thiserror::Error)]
-enum ExtractFailure {
-    #[error("{0}")]
-    Extract(#[from] extract::ExtractError),
-    #[error("{0}")]
-    Other(String),
 }
 
 /// fsyncs a directory, so that an entry just created or renamed in it is on disk.
