@@ -1,5 +1,5 @@
 //! Makes what the update scripts wrote in the instance's state dir durable before the
-//! in-progress marker goes (`engine/update.rs`): once the marker is gone, a crash no longer
+//! in-progress marker goes (`engine/update/`): once the marker is gone, a crash no longer
 //! makes the next update run again, so a migration's output that was still only in the page
 //! cache could be lost while the update counts as done.
 //!

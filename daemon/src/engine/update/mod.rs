@@ -22,11 +22,10 @@ use tokio::sync::watch;
 
 use super::events::{Event, priority};
 use super::lock;
-use super::scripts::PlannedStep;
+use super::scripts::{CLEANUP_STEP, PULL_STEP, PlannedStep, SCRIPTS_STEP};
 use background::Background;
 pub use context::UpdateJob;
 use context::{CANCELLED, Ctx, Failed, StepResult, failed};
-use scripts::{CLEANUP_STEP, PULL_STEP, SCRIPTS_STEP};
 
 /// Runs the update and always returns a result (also for failures and cancellation).
 pub async fn run(

@@ -10,14 +10,8 @@ use module_updater_dbus::types::{ScriptOutcome, ScriptStatus, Step};
 
 use super::super::environment::Environment;
 use super::super::events::priority;
-use super::super::scripts::{self, PlannedStep, ScriptOutput, ScriptRun};
+use super::super::scripts::{self, BUILTIN_STEPS, PlannedStep, ScriptOutput, ScriptRun};
 use super::context::{Ctx, StepResult, failed, progress_window};
-
-/// NS8's built-in step names, merged with the module's own steps by name.
-pub const PULL_STEP: &str = "05pullimages";
-pub const SCRIPTS_STEP: &str = "50run_scriptdir";
-pub const CLEANUP_STEP: &str = "95cleanup_images";
-const BUILTIN_STEPS: [&str; 3] = [PULL_STEP, SCRIPTS_STEP, CLEANUP_STEP];
 
 /// The module's steps and the built-in ones, merged by name; with `after`, only those after it.
 pub fn plan(install_dir: &Path, after: Option<&str>) -> Vec<PlannedStep> {
