@@ -18,7 +18,8 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 use std::process::Child;
 
-use super::podman::{ImageInfo, Podman, PodmanError, tail};
+use super::command::{CommandError, tail};
+use super::podman::{ImageInfo, Podman, PodmanError};
 
 /// Where an image's filesystem is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,9 +90,10 @@ impl Checked {
         let Some(stdout) = child.stdout.take() else {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(PodmanError::Spawn(io::Error::other(format!(
-                "{command} has no stdout"
-            ))));
+            return Err(PodmanError::Command(CommandError::Spawn {
+                program: "podman",
+                source: io::Error::other(format!("{command} has no stdout")),
+            }));
         };
         Ok(Checked {
             stream: Box::new(stdout),

@@ -3,6 +3,7 @@
 //! The daemon (root) finds instances and starts one worker process per instance with the
 //! instance's credentials; the worker runs [`update::run`] and reports [`events::Event`]s.
 
+pub mod command;
 pub mod environment;
 pub mod events;
 pub mod extract;

@@ -7,19 +7,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::Stdio;
 
 use serde::Deserialize;
-use tokio::process::Command;
+
+use super::command::{CommandError, Runner};
 
 /// Errors of podman commands.
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
-    #[error("cannot run podman: {0} (is podman installed? apt-get install podman)")]
-    Spawn(#[source] std::io::Error),
-    #[error("`podman {command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("cannot parse the output of `podman {command}`: {source}")]
     Parse {
         command: String,
@@ -37,7 +32,10 @@ pub enum PodmanError {
 impl PodmanError {
     /// Whether podman said the image does not exist (`image not known`).
     pub fn is_unknown_image(&self) -> bool {
-        matches!(self, PodmanError::Failed { stderr, .. } if stderr.contains(IMAGE_UNKNOWN))
+        matches!(
+            self,
+            PodmanError::Command(CommandError::Failed { stderr, .. }) if stderr.contains(IMAGE_UNKNOWN)
+        )
     }
 }
 
@@ -89,67 +87,31 @@ struct RawListed {
     repo_digests: Option<Vec<String>>,
 }
 
-/// The podman CLI of the current user. `global` are options placed before the subcommand
-/// (none on a real node; kept for tests that point a rootful instance at a private storage).
-#[derive(Debug, Clone, Default)]
+/// The podman CLI of the current user. Its global options come first (none on a real node;
+/// kept for tests that point a rootful instance at a private storage).
+#[derive(Debug, Clone)]
 pub struct Podman {
-    global: Vec<String>,
-    /// `TMPDIR` for podman's large temporary files (an archive unpacked by `load`, an image
-    /// staged by `save`); `None`: podman's default, /var/tmp.
-    tmpdir: Option<std::path::PathBuf>,
+    runner: Runner,
 }
 
 impl Podman {
     pub fn new(global: Vec<String>) -> Self {
         Podman {
-            global,
-            tmpdir: None,
+            runner: Runner::new("podman", global),
         }
     }
 
-    /// The same podman, its temporary files in `dir`.
+    /// The same podman, its large temporary files (an archive unpacked by `load`, an image
+    /// staged by `save`) in `dir`.
     pub fn with_tmpdir(self, dir: std::path::PathBuf) -> Self {
         Podman {
-            tmpdir: Some(dir),
-            ..self
+            runner: self.runner.with_tmpdir(dir),
         }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::from(self.std_command(args));
-        command.kill_on_drop(true);
-        command
-    }
-
-    /// `podman <global> <args>` with stdin closed, as a blocking (std) command.
-    fn std_command(&self, args: &[&str]) -> std::process::Command {
-        let mut command = std::process::Command::new("podman");
-        command.args(&self.global).args(args).stdin(Stdio::null());
-        command.envs(super::go_runtime::for_this_process());
-        if let Some(dir) = &self.tmpdir {
-            command.env("TMPDIR", dir);
-        }
-        command
     }
 
     /// Runs `podman <global> <args>` and returns its stdout, or its failure with stderr's tail.
     pub async fn output(&self, args: &[&str]) -> Result<Vec<u8>, PodmanError> {
-        let output = self.run(args).await?;
-        if output.status.success() {
-            Ok(output.stdout)
-        } else {
-            Err(failure(args, &output))
-        }
-    }
-
-    /// Runs a command to its end and returns its whole output, whatever its exit status.
-    async fn run(&self, args: &[&str]) -> Result<std::process::Output, PodmanError> {
-        self.command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .map_err(PodmanError::Spawn)
+        Ok(self.runner.output(args).await?)
     }
 
     /// Every name (`repo:tag`) and repository digest (`repo@sha256:...`) of the local images, in
@@ -253,21 +215,22 @@ impl Podman {
     /// Starts `podman export` of a container, its tar stream on the child's stdout. Blocking
     /// (std) process, because the tar reader that consumes it is synchronous.
     pub fn export_blocking(&self, container: &str) -> Result<std::process::Child, PodmanError> {
-        self.std_command(&["export", "--", container])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(PodmanError::Spawn)
+        self.spawn_blocking(&["export", "--", container])
     }
 
     /// Starts `podman image save` of an image as a docker-archive on the child's stdout (its
     /// layers uncompressed, the layers first). Blocking (std) process, like the export.
     pub fn save_blocking(&self, image: &str) -> Result<std::process::Child, PodmanError> {
-        self.std_command(&["image", "save", "--format", "docker-archive", "--", image])
+        self.spawn_blocking(&["image", "save", "--format", "docker-archive", "--", image])
+    }
+
+    fn spawn_blocking(&self, args: &[&str]) -> Result<std::process::Child, PodmanError> {
+        self.runner
+            .std_command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(PodmanError::Spawn)
+            .map_err(|e| self.runner.spawn_error(e).into())
     }
 
     /// Removes a container, ignoring one that is already gone.
@@ -302,7 +265,7 @@ impl Podman {
         }
         let mut args = vec!["image", "rm", "--"];
         args.extend(references.iter().map(String::as_str));
-        let batch_stderr = match self.run(&args).await {
+        let batch_stderr = match self.runner.run(&args).await {
             Ok(output) if output.status.success() => {
                 return references.iter().map(|r| (r.clone(), Ok(()))).collect();
             }
@@ -313,7 +276,7 @@ impl Podman {
         let mut outcomes = Vec::with_capacity(references.len());
         for reference in references {
             let outcome = match self.remove_image(reference).await {
-                Err(PodmanError::Failed { stderr, .. })
+                Err(PodmanError::Command(CommandError::Failed { stderr, .. }))
                     if stderr.contains(IMAGE_UNKNOWN)
                         && !reported_unknown(&batch_stderr, reference) =>
                 {
@@ -340,14 +303,6 @@ fn reported_unknown(stderr: &str, reference: &str) -> bool {
         .any(|line| line.trim_end().ends_with(&suffix))
 }
 
-fn failure(args: &[&str], output: &std::process::Output) -> PodmanError {
-    PodmanError::Failed {
-        command: args.join(" "),
-        status: output.status.to_string(),
-        stderr: tail(&output.stderr),
-    }
-}
-
 fn parse_json<T: serde::de::DeserializeOwned>(
     args: &[&str],
     stdout: &[u8],
@@ -356,14 +311,6 @@ fn parse_json<T: serde::de::DeserializeOwned>(
         command: args.join(" "),
         source,
     })
-}
-
-/// The last lines of a command's stderr, for error messages.
-pub fn tail(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let start = lines.len().saturating_sub(5);
-    lines[start..].join(" | ")
 }
 
 #[cfg(test)]
@@ -405,10 +352,5 @@ mod tests {
             "a suffix of another reference"
         );
         assert!(reported_unknown("Error: r/z:9: image not known\n", "r/z:9"));
-    }
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        assert_eq!(tail(b"a\n\nb\nc\nd\ne\nf\n"), "b | c | d | e | f");
     }
 }

@@ -183,9 +183,7 @@ async fn fill(
         // registry failed it (then podman's pull fails too, and says so).
         Err(SharedImagesError::Skopeo(err)) => {
             let level = match &err {
-                SkopeoError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    log::Level::Info
-                }
+                SkopeoError::Command(e) if e.is_not_found() => log::Level::Info,
                 _ => log::Level::Warn,
             };
             log::log!(

@@ -8,12 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
 
 use serde::Deserialize;
-use tokio::process::Command;
 
-use super::podman::tail;
+use super::command::{CommandError, Runner};
 
 /// The label that names a module's extra images.
 pub const IMAGES_LABEL: &str = "org.nethserver.images";
@@ -25,15 +23,8 @@ const COMMAND_TIMEOUT: &str = "60s";
 /// Why skopeo could not read or copy an image.
 #[derive(Debug, thiserror::Error)]
 pub enum SkopeoError {
-    #[error("cannot run skopeo: {0} (apt-get install skopeo)")]
-    Spawn(#[source] std::io::Error),
-    #[error("`skopeo {command}` of {reference} failed ({status}): {stderr}")]
-    Failed {
-        command: &'static str,
-        reference: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("cannot parse the configuration of {reference} that skopeo printed: {source}")]
     Parse {
         reference: String,
@@ -75,19 +66,15 @@ struct RawContainerConfig {
 /// registry reference, `host/path:tag` or `host/path@digest`).
 pub async fn labels(reference: &str) -> Result<BTreeMap<String, String>, SkopeoError> {
     let source = format!("docker://{reference}");
-    let config = run(
-        "inspect --config",
-        reference,
-        &[
-            "--command-timeout",
-            COMMAND_TIMEOUT,
-            "inspect",
-            "--config",
-            "--raw",
-            "--",
-            &source,
-        ],
-    )
+    let config = run(&[
+        "--command-timeout",
+        COMMAND_TIMEOUT,
+        "inspect",
+        "--config",
+        "--raw",
+        "--",
+        &source,
+    ])
     .await?;
     parse_labels(reference, &config)
 }
@@ -103,7 +90,7 @@ pub async fn raw_manifest(reference: &str) -> Result<Vec<u8>, SkopeoError> {
         "--",
         &source,
     ];
-    run("inspect --raw", reference, &args).await
+    run(&args).await
 }
 
 /// Copies the image `reference` names into a new OCI archive at `archive`, named `reference`
@@ -129,34 +116,12 @@ pub async fn copy_to_archive(
         &source,
         &destination,
     ];
-    run("copy", reference, &args).await.map(|_| ())
+    run(&args).await.map(|_| ())
 }
 
 /// Runs skopeo with `args`; its standard output if it succeeded.
-async fn run(
-    command: &'static str,
-    reference: &str,
-    args: &[&str],
-) -> Result<Vec<u8>, SkopeoError> {
-    let output = Command::new("skopeo")
-        .args(args)
-        .envs(super::go_runtime::for_this_process())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(SkopeoError::Spawn)?;
-    if !output.status.success() {
-        return Err(SkopeoError::Failed {
-            command,
-            reference: reference.to_owned(),
-            status: output.status.to_string(),
-            stderr: tail(&output.stderr),
-        });
-    }
-    Ok(output.stdout)
+async fn run(args: &[&str]) -> Result<Vec<u8>, SkopeoError> {
+    Ok(Runner::new("skopeo", Vec::new()).output(args).await?)
 }
 
 /// The labels and diff ids of an OCI or Docker image configuration of `reference`.
