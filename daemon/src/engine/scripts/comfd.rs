@@ -5,7 +5,7 @@ use super::super::events::priority;
 use tokio::sync::mpsc;
 
 use super::ScriptOutput;
-use super::process::LineReader;
+use super::lines::LineReader;
 
 /// Reads NS8 commands from the `AGENT_COMFD` pipe.
 pub(super) async fn read_commands(

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use super::events::priority;
 
 mod comfd;
+mod lines;
 mod plan;
 mod process;
 #[cfg(test)]
