@@ -23,3 +23,15 @@ pub mod state_flush;
 pub mod unchanged;
 pub mod update;
 pub mod worker;
+
+/// Output of the podman 4.3 and skopeo 1.9 of Debian 12, captured as daemon/tests/fixtures/README.md
+/// says: `tool` is `podman-4.3` or `skopeo-1.9`.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+fn fixture(tool: &str, name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(tool)
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

@@ -228,6 +228,12 @@ mod tests {
     }
 
     #[test]
+    fn the_manifest_skopeo_1_9_reads_from_the_registry_is_carried_unchanged() {
+        let manifest = super::super::fixture("skopeo-1.9", "inspect-raw.json");
+        assert_eq!(carried_unchanged(&manifest), Ok(()));
+    }
+
+    #[test]
     fn the_one_manifest_and_its_bytes() {
         let index = format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"{DIGEST}"}}]}}"#);
         let archive = archive_with(&index, Some(b"{\"manifest\":1}"));

@@ -120,14 +120,7 @@ impl Podman {
     pub async fn local_names(&self) -> Result<HashSet<String>, PodmanError> {
         let args = ["image", "list", "--format", "json"];
         let stdout = self.output(&args).await?;
-        let listed: Vec<RawListed> = parse_json(&args, &stdout)?;
-        Ok(listed
-            .into_iter()
-            .flat_map(|image| {
-                let names = image.names.into_iter().flatten();
-                names.chain(image.repo_digests.into_iter().flatten())
-            })
-            .collect())
+        parse_list(&args, &stdout)
     }
 
     /// Pulls every reference in one podman process; the ids of the pulled images, one per line
@@ -140,12 +133,7 @@ impl Podman {
         let mut args = vec!["pull", "--quiet", "--"];
         args.extend_from_slice(references);
         let stdout = self.output(&args).await?;
-        Ok(String::from_utf8_lossy(&stdout)
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .map(str::to_owned)
-            .collect())
+        Ok(pulled_ids(&stdout))
     }
 
     /// Loads an image archive the daemon prepared (`engine/shared_images.rs`); the archive
@@ -162,26 +150,7 @@ impl Podman {
         let mut args = vec!["image", "inspect", "--"];
         args.extend_from_slice(references);
         let stdout = self.output(&args).await?;
-        let raw: Vec<RawInspect> = parse_json(&args, &stdout)?;
-        if raw.len() != references.len() {
-            return Err(PodmanError::Missing(references.join(" ")));
-        }
-        raw.into_iter()
-            .zip(references)
-            .map(|(image, reference)| {
-                let repo_digest = image
-                    .repo_digests
-                    .and_then(|d| d.into_iter().next())
-                    .ok_or_else(|| PodmanError::NoRepoDigest((*reference).to_owned()))?;
-                Ok(ImageInfo {
-                    id: image.id,
-                    digest: image.digest.unwrap_or_default(),
-                    repo_digest,
-                    labels: image.labels.unwrap_or_default(),
-                    layers: image.root_fs.and_then(|r| r.layers).unwrap_or_default(),
-                })
-            })
-            .collect()
+        parse_inspect(&args, &stdout, references)
     }
 
     /// Creates a container of `image` (never started) to read its filesystem; returns its id.
@@ -303,6 +272,56 @@ fn reported_unknown(stderr: &str, reference: &str) -> bool {
         .any(|line| line.trim_end().ends_with(&suffix))
 }
 
+/// The ids `podman pull --quiet` prints, one per line.
+fn pulled_ids(stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The names and repository digests of `podman image list --format json`.
+fn parse_list(args: &[&str], stdout: &[u8]) -> Result<HashSet<String>, PodmanError> {
+    let listed: Vec<RawListed> = parse_json(args, stdout)?;
+    Ok(listed
+        .into_iter()
+        .flat_map(|image| {
+            let names = image.names.into_iter().flatten();
+            names.chain(image.repo_digests.into_iter().flatten())
+        })
+        .collect())
+}
+
+/// What the update uses of `podman image inspect` of `references`, in their order.
+fn parse_inspect(
+    args: &[&str],
+    stdout: &[u8],
+    references: &[&str],
+) -> Result<Vec<ImageInfo>, PodmanError> {
+    let raw: Vec<RawInspect> = parse_json(args, stdout)?;
+    if raw.len() != references.len() {
+        return Err(PodmanError::Missing(references.join(" ")));
+    }
+    raw.into_iter()
+        .zip(references)
+        .map(|(image, reference)| {
+            let repo_digest = image
+                .repo_digests
+                .and_then(|d| d.into_iter().next())
+                .ok_or_else(|| PodmanError::NoRepoDigest((*reference).to_owned()))?;
+            Ok(ImageInfo {
+                id: image.id,
+                digest: image.digest.unwrap_or_default(),
+                repo_digest,
+                labels: image.labels.unwrap_or_default(),
+                layers: image.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(
     args: &[&str],
     stdout: &[u8],
@@ -337,6 +356,95 @@ mod tests {
         .unwrap();
         let layers = raw[0].root_fs.as_ref().and_then(|r| r.layers.clone());
         assert_eq!(layers, Some(vec!["sha256:1".into(), "sha256:2".into()]));
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        super::super::fixture("podman-4.3", name)
+    }
+
+    const FIXTURE: &str = "127.0.0.1:5917/fixture:1";
+
+    #[test]
+    fn the_inspection_of_a_pulled_image_gives_what_the_environment_needs() {
+        let info = parse_inspect(
+            &["image", "inspect"],
+            &fixture("image-inspect.json"),
+            &[FIXTURE],
+        )
+        .unwrap();
+        let [info] = &info[..] else {
+            panic!("{info:?}")
+        };
+        // The id is the configuration's digest, as the registry names it.
+        let manifest =
+            String::from_utf8(super::super::fixture("skopeo-1.9", "inspect-raw.json")).unwrap();
+        assert!(
+            manifest.contains(&format!("\"sha256:{}\"", info.id)),
+            "{manifest}"
+        );
+        assert!(info.digest.starts_with("sha256:"), "{info:?}");
+        assert_eq!(
+            info.repo_digest,
+            format!("127.0.0.1:5917/fixture@{}", info.digest)
+        );
+        assert_eq!(
+            info.labels.get("org.nethserver.images").map(String::as_str),
+            Some("127.0.0.1:5917/fixture-db:1")
+        );
+        assert_eq!(info.layers.len(), 1, "{info:?}");
+        // The layer's diff id is the one the registry's configuration names.
+        let config = super::super::fixture("skopeo-1.9", "inspect-config-raw.json");
+        let config = super::super::skopeo::parse_config(FIXTURE, &config).unwrap();
+        assert_eq!(config.diff_ids, info.layers);
+        assert_eq!(config.labels, info.labels);
+        // And `podman pull --quiet` printed that id.
+        assert_eq!(
+            pulled_ids(&fixture("pull-quiet.txt")),
+            vec![info.id.clone()]
+        );
+    }
+
+    #[test]
+    fn an_imported_image_has_no_labels_and_a_local_repo_digest() {
+        let reference = "localhost/imported:1";
+        let info =
+            parse_inspect(&[], &fixture("image-inspect-imported.json"), &[reference]).unwrap();
+        assert!(info[0].labels.is_empty());
+        assert!(
+            info[0]
+                .repo_digest
+                .starts_with("localhost/imported@sha256:")
+        );
+        let err = parse_inspect(
+            &[],
+            &fixture("image-inspect-imported.json"),
+            &[reference, "x/y:1"],
+        )
+        .unwrap_err();
+        assert!(matches!(err, PodmanError::Missing(_)), "{err}");
+    }
+
+    #[test]
+    fn the_listing_names_each_image_by_tag_and_by_digest() {
+        let names = parse_list(&[], &fixture("image-list.json")).unwrap();
+        assert!(names.contains(FIXTURE), "{names:?}");
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("127.0.0.1:5917/fixture@sha256:")),
+            "{names:?}"
+        );
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn an_unknown_image_in_a_batch_removal_is_found_in_what_podman_wrote() {
+        let stderr = String::from_utf8(fixture("image-rm-unknown.stderr")).unwrap();
+        assert!(
+            reported_unknown(&stderr, "127.0.0.1:5917/absent:9"),
+            "{stderr}"
+        );
+        assert!(!reported_unknown(&stderr, FIXTURE), "{stderr}");
     }
 
     #[test]

@@ -169,6 +169,25 @@ mod tests {
     }
 
     #[test]
+    fn the_configuration_skopeo_1_9_prints_gives_labels_and_diff_ids() {
+        let config = super::super::fixture("skopeo-1.9", "inspect-config-raw.json");
+        let parsed = parse_config("127.0.0.1:5917/fixture:1", &config).unwrap();
+        assert_eq!(
+            parsed.labels.get(IMAGES_LABEL).map(String::as_str),
+            Some("127.0.0.1:5917/fixture-db:1")
+        );
+        assert_eq!(
+            parsed
+                .labels
+                .get("org.nethserver.imageroot")
+                .map(String::as_str),
+            Some("imageroot")
+        );
+        assert_eq!(parsed.diff_ids.len(), 1);
+        assert!(parsed.diff_ids[0].starts_with("sha256:"), "{parsed:?}");
+    }
+
+    #[test]
     fn garbage_is_an_error_that_names_the_image() {
         let err = parse_labels("ghcr.io/a/b:1", b"<html>").unwrap_err();
         assert!(err.to_string().contains("ghcr.io/a/b:1"), "{err}");
