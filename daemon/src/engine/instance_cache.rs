@@ -1,8 +1,8 @@
 //! The node's instances, kept in memory and checked against the file system on every call.
 //!
 //! Discovery from scratch costs a user lookup per home directory and a read and parse of every
-//! environment file: about 5 ms of CPU per call with 100 instances, paid by every `ListInstances`,
-//! `GetInstance` and `UpdateModule` (issue 7, docs/benchmarks.md point 4). The cache keeps what it
+//! environment file, paid by every `ListInstances`, `GetInstance` and `UpdateModule` (the
+//! measurements are in docs/benchmarks.md). The cache keeps what it
 //! found and, on every call, lists the two base directories again and `lstat`s each candidate's
 //! environment file. A file is read and parsed again only when its identity changed (device,
 //! inode, size, mtime and ctime to the nanosecond, owner, mode); users are looked up again only

@@ -1,7 +1,7 @@
 //! The podman commands an update needs, each spawned as few times as the job allows (a podman
-//! process costs 25–45 ms): one listing tells which references are present, one pull fetches all
-//! missing ones (or loads every archive of the node's shared download), one inspect reads every
-//! image, one `image rm` removes every stale one. Every positional argument comes after `--`.
+//! process costs tens of milliseconds of CPU): one listing tells which references are present,
+//! one pull fetches all missing ones, one inspect reads every image, one `image rm` removes every
+//! stale one. Every positional argument comes after `--`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Stdio;

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use super::ExtractOutcome;
 use super::list::parse_list_line;
 
-/// Above this many regular files, [`sync_installed`] flushes whole filesystems instead of
-/// each file (an fsync costs ~0.2 ms here, a `syncfs` costs what is dirty on the filesystem).
+/// Above this many regular files, [`sync_installed`] flushes whole filesystems instead of each
+/// file (an fsync costs per file, a `syncfs` costs what is dirty on the filesystem).
 pub const SYNC_FILES_MAX: usize = 2000;
 
 /// Makes what an extraction installed durable: the data of every regular file of `outcome`,
@@ -27,8 +27,7 @@ pub const SYNC_FILES_MAX: usize = 2000;
 ///
 /// Only the files the extraction wrote are flushed, not the filesystem: a `syncfs` waits for
 /// everything dirty on it (podman's layers, other instances' files, anyone's writes) and makes
-/// every concurrent fsync wait behind it; measured on the bench, ~250 ms against ~45 ms for the
-/// ~300 files of its module. A tree of more than [`SYNC_FILES_MAX`] files is flushed with
+/// every concurrent fsync wait behind it. A tree of more than [`SYNC_FILES_MAX`] files is flushed with
 /// [`sync_filesystem`] of the install dir's filesystem and of `extra_dirs`' (the state dir,
 /// which may be another filesystem mounted below), and so is a tree with an entry its owner may
 /// not open (a file of mode 0200, say: no descriptor to fsync it through).
