@@ -316,12 +316,20 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
         "scripts must not run"
     );
 
-    // An interrupted update leaves the marker: the same URL then runs in full, scripts included.
-    std::fs::write(
-        instance.state_dir.join(".module-updater.in-progress"),
-        "job=0\n",
-    )
-    .unwrap();
+    // An interrupted update leaves the marker. A re-run that fails before it installs anything
+    // keeps it (the instance is still as the interrupted update left it); the same URL then runs
+    // in full, scripts included.
+    let marker = instance.state_dir.join(".module-updater.in-progress");
+    std::fs::write(&marker, "job=0\n").unwrap();
+    let missing = format!("{}/noop:9.9", sandbox.registry());
+    let run = run_job(&connection, &request(&missing, &[&instance.id], false)).await;
+    assert_eq!(
+        run.instance(&instance.id)["status"],
+        "failed",
+        "{:#}",
+        run.result
+    );
+    assert!(marker.exists(), "the interrupted update's marker is kept");
     let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],

@@ -49,6 +49,9 @@ pub fn prepare(ctx: &mut Ctx<'_>, background: &mut Background) -> StepResult<Pre
         );
     } else {
         if interrupted {
+            // What the interrupted update left is not the instance as it was: a failure of
+            // this one keeps the marker too, so that the next update runs in full again.
+            ctx.touched = true;
             ctx.message(
                 priority::WARNING,
                 "an earlier update of this instance was interrupted: running the whole update again".into(),
