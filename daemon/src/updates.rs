@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::ToSocketAddrs;
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +13,7 @@ use module_updater_dbus::types::repository_and_tag;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::engine::go_runtime;
+use crate::engine::command::Runner;
 use crate::version::Version;
 
 /// How long the registry may take: to accept a connection, and to answer a whole query.
@@ -231,17 +230,10 @@ async fn reachable(repository: &str, timeouts: Timeouts) -> Result<(), String> {
     Err(last)
 }
 
-/// `skopeo ARGS` within the overall timeout; its stdout.
+/// `skopeo ARGS` (the engine's runner) within the overall timeout; its stdout.
 async fn skopeo(args: &[&str], timeouts: Timeouts, what: &str) -> Result<Vec<u8>, String> {
-    let run = tokio::process::Command::new("skopeo")
-        .args(args)
-        .envs(go_runtime::for_this_process())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(timeouts.overall, run)
+    let runner = Runner::new("skopeo", Vec::new());
+    tokio::time::timeout(timeouts.overall, runner.output(args))
         .await
         .map_err(|_| {
             format!(
@@ -249,18 +241,7 @@ async fn skopeo(args: &[&str], timeouts: Timeouts, what: &str) -> Result<Vec<u8>
                 timeouts.overall.as_secs()
             )
         })?
-        .map_err(|e| format!("{what}: cannot run skopeo: {e} (apt-get install skopeo)"))?;
-    if output.status.success() {
-        Ok(output.stdout)
-    } else {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        Err(format!("{what}: {last}"))
-    }
+        .map_err(|e| format!("{what}: {e}"))
 }
 
 async fn list_tags(repository: &str, timeouts: Timeouts) -> Result<Vec<String>, String> {

@@ -316,12 +316,20 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
         "scripts must not run"
     );
 
-    // An interrupted update leaves the marker: the same URL then runs in full, scripts included.
-    std::fs::write(
-        instance.state_dir.join(".module-updater.in-progress"),
-        "job=0\n",
-    )
-    .unwrap();
+    // An interrupted update leaves the marker. A re-run that fails before it installs anything
+    // keeps it (the instance is still as the interrupted update left it); the same URL then runs
+    // in full, scripts included.
+    let marker = instance.state_dir.join(".module-updater.in-progress");
+    std::fs::write(&marker, "job=0\n").unwrap();
+    let missing = format!("{}/noop:9.9", sandbox.registry());
+    let run = run_job(&connection, &request(&missing, &[&instance.id], false)).await;
+    assert_eq!(
+        run.instance(&instance.id)["status"],
+        "failed",
+        "{:#}",
+        run.result
+    );
+    assert!(marker.exists(), "the interrupted update's marker is kept");
     let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],
@@ -423,57 +431,18 @@ async fn pull_missing_semantics_and_force() {
     );
 }
 
-/// The extra images start downloading while the module image is pulled, from the labels of its
-/// copy from the registry (skopeo); a copy of another image (the tag moved between the copy and
-/// the pull) and a module image that fails to pull leave nothing behind. The imageroot is read
-/// from the layer of that copy, checked against the pulled image: a layer that is not the
-/// image's fails the extraction and installs nothing.
+/// An instance updated alone makes the registry serve each blob of the changed images once: the
+/// module image and its new extra image are pulled into the instance's storage, and the
+/// imageroot is read from there. The instance ends with podman's digests, the new extra image's
+/// key and the new files. A module image that cannot be pulled leaves the storage, the files and
+/// the environment as they were; forced, every image is fetched again and the update completes.
 #[tokio::test(flavor = "multi_thread")]
-async fn extra_images_are_fetched_beside_the_module_image_pull() {
+async fn a_lone_instance_downloads_each_blob_once() {
     let mut sandbox = Sandbox::new().unwrap();
     let registry = sandbox.registry();
-    let [db1, db2, v1, v2] = module_with_changing_extra(&sandbox, "ahead", "aheaddb", 4096);
-    let other = sandbox
-        .build_blob_image("aheadother", "1", 4096, 13)
-        .unwrap();
-    // What the tag points to for skopeo when it "moved": a module image naming `other`.
-    let moved_to = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "ahead",
-            "3.0",
-            std::slice::from_ref(&other),
-        ))
-        .unwrap();
-    let instances = installed_instances(&mut sandbox, "ahead", 4, &v1);
-
-    // First in the daemon's PATH: a podman that delays the module image's pull by a second, so
-    // that the registry's answer always comes first, and a skopeo that, while `moved` exists,
-    // reads the image it names instead of the one asked for, and while `tamper` exists adds
-    // 1 KiB of zeros to the end of the (gzip) layer it copies into a directory.
-    let moved_file = sandbox.root().join("trap/moved");
-    let tamper_file = sandbox.root().join("trap/tamper");
-    let tamper = format!(
-        "case \" $* \" in *\" copy \"*\" dir:\"*) if [ -f {} ]; then\n  /usr/bin/skopeo \"$@\" || exit $?\n  for a in \"$@\"; do dir=${{a#dir:}}; done\n  for f in \"$dir\"/*; do\n    if [ \"$(head -c2 \"$f\" | od -An -tx1 | tr -d ' \\n')\" = 1f8b ]; then\n      {{ gzip -dc \"$f\"; head -c 1024 /dev/zero; }} | gzip > \"$f.t\" && mv \"$f.t\" \"$f\"\n    fi\n  done\n  exit 0\nfi ;; esac\n",
-        tamper_file.display()
-    );
-    let _daemon = start_daemon_with_trap(
-        &sandbox,
-        &[
-            (
-                "podman",
-                "#!/bin/sh\ncase \" $* \" in *\" pull \"*/ahead:*) sleep 1 ;; esac\nexec /usr/bin/podman \"$@\"\n"
-                    .to_owned(),
-            ),
-            (
-                "skopeo",
-                format!(
-                    "#!/bin/sh\nif [ -f {moved} ]; then\n  n=$#\n  for a in \"$@\"; do\n    case $a in docker://*) a=\"docker://$(cat {moved})\" ;; esac\n    set -- \"$@\" \"$a\"\n  done\n  shift $n\nfi\n{tamper}exec /usr/bin/skopeo \"$@\"\n",
-                    moved = moved_file.display(),
-                ),
-            ),
-        ],
-    );
+    let [db1, db2, v1, v2] = module_with_changing_extra(&sandbox, "lone", "lonedb", 1 << 20);
+    let instances = installed_instances(&mut sandbox, "lone", 2, &v1);
+    let _daemon = start_daemon(&sandbox, &[]);
     let connection = connect(&sandbox).await;
     let has_image = |instance: &Instance, reference: &str| has_image(&sandbox, instance, reference);
     let images = |instance: &Instance| {
@@ -483,20 +452,23 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
             &["podman", "image", "list", "--format", "{{.Id}} {{.Names}}"],
         )
     };
-
-    // The registry's label: the extra image is fetched beside the module image's pull.
-    let [fresh, moved, broken, tampered] = &instances[..] else {
+    let [fresh, broken] = &instances[..] else {
         unreachable!()
     };
+
+    let offset = sandbox.registry_log_offset().unwrap();
     let run = run_job(&connection, &request(&v2, &[&fresh.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
-    let messages = run.messages_of(&fresh.id);
-    let ahead = format!("The registry's {v2} names {db2}: fetching them beside it");
-    assert!(messages.contains(&ahead), "{messages:#?}");
-    let from_registry = format!(
-        "The imageroot is read from the layer the registry served for {v2}, while podman stores the images"
+    // The registry logs a request when it has answered it; the job has ended by now.
+    let traffic = sandbox.registry_traffic_since(offset).unwrap();
+    assert_eq!(
+        traffic.max_serves_per_blob(),
+        1,
+        "a blob was served more than once: {traffic:?}"
     );
-    assert!(messages.contains(&from_registry), "{messages:#?}");
+    // The module image's layer and configuration, the new extra image's layer and configuration.
+    assert!(traffic.blob_downloads.len() >= 4, "{traffic:?}");
+    assert!(traffic.blob_bytes >= 1 << 20, "{traffic:?}");
     assert_eq!(
         std::fs::read_to_string(fresh.install_dir.join("bin/version")).unwrap(),
         "2.0\n"
@@ -505,53 +477,36 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
     let inspected = as_user(
         &sandbox,
         fresh,
-        &["podman", "image", "inspect", "--format", "{{.Digest}}", &v2],
+        &[
+            "podman",
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}} {{.Digest}}",
+            &v2,
+        ],
     );
     assert_eq!(
-        env["IMAGE_DIGEST"],
-        inspected.trim(),
-        "podman's digest, not the copy's"
+        format!("{} {}", env["IMAGE_ID"], env["IMAGE_DIGEST"]),
+        inspected.trim()
     );
-    assert_eq!(fresh.read_env().unwrap()["AHEADDB_IMAGE"], db2);
+    assert_eq!(env["IMAGE_URL"], v2);
+    assert_eq!(env["PREV_IMAGE_URL"], v1);
+    assert_eq!(env["LONEDB_IMAGE"], db2);
+    assert_eq!(env["PREV_LONEDB_IMAGE"], db1);
     assert!(has_image(fresh, &db2));
     assert!(!has_image(fresh, &db1), "the stale extra image is removed");
 
-    // skopeo copied another image than the one podman pulled, whose label names another extra
-    // image: that one is removed again, the right one fetched, the layer read from podman.
-    std::fs::write(&moved_file, &moved_to).unwrap();
-    let run = run_job(&connection, &request(&v2, &[&moved.id], false)).await;
-    assert_eq!(run.status, "completed", "{:#}", run.result);
-    let messages = run.messages_of(&moved.id);
-    let removed =
-        format!("Removing {other} again: the module image's label changed while it was pulled");
-    assert!(messages.contains(&removed), "{messages:#?}");
-    assert!(
-        messages.iter().any(|m| m.starts_with(
-            "The imageroot is read from podman's storage: the registry's copy is the image "
-        ) && m.ends_with("(the tag moved)")),
-        "{messages:#?}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(moved.install_dir.join("bin/version")).unwrap(),
-        "2.0\n"
-    );
-    assert_eq!(moved.read_env().unwrap()["AHEADDB_IMAGE"], db2);
-    assert!(has_image(moved, &db2));
-    assert!(!has_image(moved, &other), "{}", images(moved));
-
-    // The module image cannot be pulled: what was fetched ahead goes, the storage is as before.
+    // The module image cannot be pulled: the storage, files and environment are as before.
     let before = images(broken);
-    let missing = format!("{registry}/ahead:9.9");
+    let env_before = std::fs::read(broken.env_file()).unwrap();
+    let missing = format!("{registry}/lone:9.9");
     let run = run_job(&connection, &request(&missing, &[&broken.id], false)).await;
     let result = run.instance(&broken.id);
     assert_eq!(result["status"], "failed", "{result:#}");
     assert_eq!(result["error"]["step"], "pull-image", "{result:#}");
-    let messages = run.messages_of(&broken.id);
-    let removed = format!("Removing {other} again: the update did not get to use them");
-    assert!(messages.contains(&removed), "{messages:#?}");
     assert_eq!(images(broken), before);
-    assert_eq!(broken.read_env().unwrap()["IMAGE_URL"], v1);
-    // Nothing of the copy skopeo wrote meanwhile was installed or left staged.
+    assert_eq!(std::fs::read(broken.env_file()).unwrap(), env_before);
     assert_eq!(
         std::fs::read_to_string(broken.install_dir.join("bin/version")).unwrap(),
         "1.0\n"
@@ -564,53 +519,14 @@ async fn extra_images_are_fetched_beside_the_module_image_pull() {
         .collect();
     assert!(staging.is_empty(), "{staging:?}");
 
-    // The registry's copy has a layer that is not the one the image's configuration names: the
-    // extraction fails before it installs anything.
-    std::fs::remove_file(&moved_file).unwrap();
-    std::fs::write(&tamper_file, "").unwrap();
-    let run = run_job(&connection, &request(&v2, &[&tampered.id], false)).await;
-    std::fs::remove_file(&tamper_file).unwrap();
-    let result = run.instance(&tampered.id);
-    assert_eq!(result["status"], "failed", "{result:#}");
-    assert_eq!(result["error"]["step"], "extract", "{result:#}");
-    let error = result["error"]["reason"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("the layer the registry served is not the image's"),
-        "{result:#}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(tampered.install_dir.join("bin/version")).unwrap(),
-        "1.0\n"
-    );
-    assert_eq!(tampered.read_env().unwrap()["IMAGE_URL"], v1);
-    let pulled = as_user(
-        &sandbox,
-        tampered,
-        &["podman", "image", "inspect", "--format", "{{.Digest}}", &v2],
-    );
-    assert_eq!(result["new_image_digest"], pulled.trim(), "{result:#}");
-    // The copies went with their updates.
-    for instance in [fresh, tampered] {
-        let prefix = format!("module-updater-{}-layer-", instance.id);
-        let copies: Vec<_> = std::fs::read_dir("/var/tmp")
-            .unwrap()
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|name| name.starts_with(&prefix))
-            .collect();
-        assert!(copies.is_empty(), "{copies:?}");
-    }
-
-    // Forced, nothing is read ahead (every image is fetched again, present or not, so what is
-    // fetched could not be told apart from what was there before).
+    // Forced, every image is fetched again: the update completes with the same images.
+    let identity = image_identity(&sandbox, fresh, &[&v2, &db2]);
     let run = run_job(&connection, &request(&v2, &[&fresh.id], true)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let messages = run.messages_of(&fresh.id);
-    assert!(
-        !messages.iter().any(|m| m.contains("beside it")),
-        "{messages:#?}"
-    );
-    assert!(has_image(fresh, &db2));
+    assert!(messages.contains(&format!("Pulling {v2}")), "{messages:#?}");
+    assert_eq!(image_identity(&sandbox, fresh, &[&v2, &db2]), identity);
+    assert_eq!(fresh.read_env().unwrap()["LONEDB_IMAGE"], db2);
 }
 
 /// A module image of two layers (a file replaced and one added by the second) is installed as
@@ -661,15 +577,6 @@ async fn a_module_image_of_two_layers_is_installed_merged() {
     let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(layers(&v2), "2");
-    // The registry's copy of it gives the labels only: podman merges the layers.
-    let messages = run.messages_of(&instance.id);
-    assert!(
-        messages.contains(
-            &"The imageroot is read from podman's storage: the image has 2 layers: podman merges them"
-                .to_owned()
-        ),
-        "{messages:#?}"
-    );
     assert_eq!(read("bin/tool"), "2\n");
     assert_eq!(read("bin/kept"), "first layer\n");
     assert_eq!(read("bin/added"), "second layer\n");
@@ -1389,8 +1296,7 @@ async fn stale_images_are_removed_together_with_per_image_outcomes() {
 
 /// podman's temporary files (what a pull stages, what `load` unpacks) go to a directory of the
 /// update's own in /var/tmp, gone when the update ends; what a killed worker of the instance left
-/// there is removed by its next update, and nothing of another instance's. The registry's copy
-/// of the module image is gone once the imageroot is extracted.
+/// there is removed by its next update, and nothing of another instance's.
 #[tokio::test(flavor = "multi_thread")]
 async fn podmans_temporary_files_go_with_the_update() {
     use std::os::unix::fs::PermissionsExt;
@@ -1400,24 +1306,17 @@ async fn podmans_temporary_files_go_with_the_update() {
     let [updated, other] = &instances[..] else {
         unreachable!()
     };
-    // A podman that notes its TMPDIR for every pull and load, and which copies of the module
-    // image from the registry are in /var/tmp when it removes the stale images (the last step,
-    // after the scripts).
+    // A podman that notes its TMPDIR for every pull and load.
     let record = sandbox.root().join("tmpdirs");
-    let copies = sandbox.root().join("copies");
-    for file in [&record, &copies] {
-        std::fs::write(file, "").unwrap();
-        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o666)).unwrap();
-    }
+    std::fs::write(&record, "").unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
     let _daemon = start_daemon_with_trap(
         &sandbox,
         &[(
             "podman",
             format!(
-                "#!/bin/sh\ncase \" $* \" in\n  *\" pull \"*|*\" load \"*) echo \"$TMPDIR\" >> {record} ;;\n  *\" image rm \"*) ls -d /var/tmp/module-updater-{id}-layer-* >> {copies} 2>/dev/null ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
+                "#!/bin/sh\ncase \" $* \" in\n  *\" pull \"*|*\" load \"*) echo \"$TMPDIR\" >> {record} ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
                 record = record.display(),
-                copies = copies.display(),
-                id = updated.id,
             ),
         )],
     );
@@ -1448,18 +1347,6 @@ async fn podmans_temporary_files_go_with_the_update() {
         "{tmpdir} outlived its update"
     );
     assert!(!left_by_updated.exists(), "the stale directory is removed");
-    let messages = run.messages_of(&updated.id);
-    assert!(
-        messages
-            .iter()
-            .any(|m| m.starts_with("The imageroot is read from the layer the registry served")),
-        "the update extracted from the registry's copy: {messages:#?}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(&copies).unwrap(),
-        "",
-        "the registry's copy outlived the extraction"
-    );
     assert!(
         left_by_other.join("blob").exists(),
         "another instance's directory is left alone"

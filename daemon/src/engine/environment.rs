@@ -8,10 +8,11 @@
 //! instead of writing the literal string `None` (NS8 bug, reference §3 item 3).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -295,6 +296,81 @@ fn write_atomically(dir: &Path, path: &Path, contents: &[u8], mode: u32) -> Resu
         .and_then(|d| d.sync_all())
         .map_err(write_err)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as the daemon reads it: owned by the instance's user, never through a link.
+
+/// The largest environment file that is read (a bigger one is not an instance's).
+pub(super) const MAX_ENVIRONMENT_SIZE: u64 = 1 << 20;
+
+/// What identifies a version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub(super) dev: u64,
+    pub(super) ino: u64,
+    pub(super) size: u64,
+    pub(super) mtime: (i64, i64),
+    pub(super) ctime: (i64, i64),
+    pub(super) uid: u32,
+    pub(super) mode: u32,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &Metadata) -> FileIdentity {
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            uid: meta.uid(),
+            mode: meta.mode(),
+        }
+    }
+
+    /// Whether a change of the file could still go unseen by its identity: its ctime is within
+    /// `margin` of `read_at` (or after it, when the clock was set back).
+    pub fn racy(&self, read_at: SystemTime, margin: Duration) -> bool {
+        let ctime = i128::from(self.ctime.0) * 1_000_000_000 + i128::from(self.ctime.1);
+        let read = read_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        ctime + margin.as_nanos() as i128 > read
+    }
+}
+
+/// An environment file as read: its identity when opened, and its contents when it is a regular
+/// file owned by the expected user and not too big.
+pub struct EnvironmentRead {
+    pub identity: FileIdentity,
+    pub environment: Option<Environment>,
+}
+
+/// Opens the environment file without following a final symlink (a user cannot point the
+/// daemon at another file) and without blocking on a FIFO, and reads it when it is a regular
+/// file owned by `uid`. `None` when it cannot be opened or read.
+pub fn read_owned(path: &Path, uid: u32) -> Option<EnvironmentRead> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    // The identity is taken before reading: a change during the read changes it after.
+    let meta = file.metadata().ok()?;
+    let identity = FileIdentity::of(&meta);
+    if !meta.is_file() || meta.uid() != uid || meta.len() > MAX_ENVIRONMENT_SIZE {
+        return Some(EnvironmentRead {
+            identity,
+            environment: None,
+        });
+    }
+    let mut text = String::new();
+    io::Read::read_to_string(&mut file, &mut text).ok()?;
+    Some(EnvironmentRead {
+        identity,
+        environment: Some(Environment::parse(&text)),
+    })
 }
 
 #[cfg(test)]
@@ -658,5 +734,29 @@ mod tests {
             }
             prop_assert!(leftovers(dir.path()).is_empty());
         }
+    }
+
+    #[test]
+    fn racy_means_a_ctime_within_the_margin_of_the_read() {
+        let identity = |sec: i64, nsec: i64| FileIdentity {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime: (sec, nsec),
+            ctime: (sec, nsec),
+            uid: 0,
+            mode: 0o100644,
+        };
+        let at = |sec: u64| UNIX_EPOCH + Duration::from_secs(sec);
+        let margin = Duration::from_secs(2);
+        assert!(identity(100, 0).racy(at(101), margin));
+        assert!(identity(100, 0).racy(at(100), margin));
+        assert!(
+            identity(100, 0).racy(at(50), margin),
+            "a ctime in the future"
+        );
+        assert!(identity(99, 999_999_999).racy(at(101), margin));
+        assert!(!identity(99, 0).racy(at(101), margin));
+        assert!(!identity(-5, 0).racy(at(101), margin));
     }
 }

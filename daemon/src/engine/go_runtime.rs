@@ -1,13 +1,9 @@
 //! How the Go programs an update runs (podman, skopeo) collect their garbage.
 //!
-//! Go's collector runs, by default, each time the heap doubles, from 4 MiB on: a podman process
-//! that lives for half a second runs it several times while it starts, reclaiming little it
-//! would not free by exiting. Every instance of a job pays for that in each of its podman
-//! processes, and a job of many instances is bound by the CPU. So the collector is turned off,
-//! with a soft limit on the heap in its place (Go runs the collector again as the heap nears
-//! it): loading the demo module's two images into an instance's storage took ~9 % less CPU
-//! (docs/benchmarks.md, round 8), and podman's resident size stayed near 50 MiB whether it
-//! loaded 30 MiB or 300 MiB, since it streams layers through reused buffers.
+//! Go's collector runs, by default, each time the heap doubles from 4 MiB: a podman process that
+//! lives for half a second runs it several times while it starts, reclaiming little it would not
+//! free by exiting, and a job of many instances is bound by that CPU. So the collector is off,
+//! with a soft limit on the heap in its place (docs/benchmarks.md has the measurements).
 //!
 //! An admin who sets either variable in the daemon's environment (a drop-in's `Environment=`)
 //! gets that instead: the workers are handed it too (`worker::worker_environment`).

@@ -8,24 +8,18 @@
 //! them applied in order, whiteouts included: podman does that, in a container's `export`.
 //!
 //! When the daemon downloaded the image once for the node, it wrote that layer to a file the
-//! workers read instead (`engine/shared_images.rs`); when the worker copied the image from the
-//! registry while podman pulled it (`engine/registry_layer.rs`), the layer is read from that
-//! copy, decompressed and checked against the image's diff id.
+//! workers read instead (`engine/shared_images.rs`).
 //!
-//! Each stream ends well (EOF) only when podman succeeded and, with a gate, the extra images
-//! were fetched; the extractor reads its stream to the end before it installs anything, so a
-//! failed podman or fetch leaves the instance as it was.
+//! Each stream ends well (EOF) only when podman succeeded; the extractor reads its stream to the
+//! end before it installs anything, so a failed podman leaves the instance as it was.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::process::Child;
-use std::sync::mpsc;
 
-use sha2::{Digest, Sha256};
-
-use super::podman::{ImageInfo, Podman, PodmanError, tail};
-use super::registry_layer::Layer;
+use super::command::{CommandError, tail};
+use super::podman::{ImageInfo, Podman, PodmanError};
 
 /// Where an image's filesystem is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +31,6 @@ pub enum Source {
     /// The one layer of the image as a tar file the daemon wrote when it downloaded the image
     /// once for the node (`engine/shared_images.rs`).
     LayerFile { path: PathBuf },
-    /// The one layer of the image as the registry served it, copied by the worker.
-    RegistryLayer { layer: Layer },
 }
 
 impl Source {
@@ -51,95 +43,25 @@ impl Source {
     }
 
     /// Starts the podman process (or opens the file) and returns its stream.
-    pub fn open(
-        &self,
-        podman: &Podman,
-        gate: Option<mpsc::Receiver<bool>>,
-    ) -> Result<Box<dyn Read + Send>, StreamError> {
+    pub fn open(&self, podman: &Podman) -> Result<Box<dyn Read + Send>, StreamError> {
         match self {
             Source::SavedLayer { image } => {
                 let child = podman.save_blocking(image)?;
-                let stream = Checked::of_child(child, "podman image save", gate)?;
+                let stream = Checked::of_child(child, "podman image save")?;
                 Ok(Box::new(LayerOfArchive::new(stream)))
             }
             Source::Export { container } => {
                 let child = podman.export_blocking(container)?;
-                Ok(Box::new(Checked::of_child(child, "podman export", gate)?))
+                Ok(Box::new(Checked::of_child(child, "podman export")?))
             }
             Source::LayerFile { path } => {
                 let file = File::open(path).map_err(|source| StreamError::Open {
                     path: path.clone(),
                     source,
                 })?;
-                Ok(Box::new(Checked {
-                    stream: Box::new(file),
-                    child: None,
-                    command: "",
-                    gate,
-                }))
-            }
-            Source::RegistryLayer { layer } => {
-                let file = File::open(&layer.path).map_err(|source| StreamError::Open {
-                    path: layer.path.clone(),
-                    source,
-                })?;
-                let tar: Box<dyn Read + Send> = if layer.gzip {
-                    // podman's and skopeo's gzip writers may write several members.
-                    Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(file)))
-                } else {
-                    Box::new(file)
-                };
-                Ok(Box::new(Checked {
-                    stream: Box::new(DiffIdChecked::new(tar, layer.diff_id.clone())),
-                    child: None,
-                    command: "",
-                    gate,
-                }))
+                Ok(Box::new(file))
             }
         }
-    }
-}
-
-/// A layer stream that ends well only if what it gave hashes to the diff id the image's
-/// configuration names: the layer is the image's, whatever the registry served.
-pub struct DiffIdChecked<R> {
-    stream: R,
-    hasher: Option<Sha256>,
-    diff_id: String,
-}
-
-impl<R: Read> DiffIdChecked<R> {
-    pub fn new(stream: R, diff_id: String) -> Self {
-        DiffIdChecked {
-            stream,
-            hasher: Some(Sha256::new()),
-            diff_id,
-        }
-    }
-}
-
-impl<R: Read> Read for DiffIdChecked<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.stream.read(buf)?;
-        if n > 0 {
-            if let Some(hasher) = self.hasher.as_mut() {
-                hasher.update(&buf[..n]);
-            }
-        } else if !buf.is_empty()
-            && let Some(hasher) = self.hasher.take()
-        {
-            let read = super::oci_archive::lowercase_hex(&hasher.finalize());
-            if self.diff_id.strip_prefix("sha256:") != Some(read.as_str()) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "the layer the registry served is not the image's: it hashes to sha256:{read}, the image's configuration names {}",
-                        self.diff_id
-                    ),
-                ));
-            }
-        }
-        Ok(n)
     }
 }
 
@@ -156,33 +78,27 @@ pub enum StreamError {
     },
 }
 
-/// A stream that ends well (EOF) only when the podman process writing it, if any, exited with
-/// success and, with a gate, the gate said yes.
+/// A stream that ends well (EOF) only when the podman process writing it exited with success.
 pub struct Checked {
     stream: Box<dyn Read + Send>,
     child: Option<Child>,
     command: &'static str,
-    gate: Option<mpsc::Receiver<bool>>,
 }
 
 impl Checked {
-    fn of_child(
-        mut child: Child,
-        command: &'static str,
-        gate: Option<mpsc::Receiver<bool>>,
-    ) -> Result<Checked, PodmanError> {
+    fn of_child(mut child: Child, command: &'static str) -> Result<Checked, PodmanError> {
         let Some(stdout) = child.stdout.take() else {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(PodmanError::Spawn(io::Error::other(format!(
-                "{command} has no stdout"
-            ))));
+            return Err(PodmanError::Command(CommandError::Spawn {
+                program: "podman",
+                source: io::Error::other(format!("{command} has no stdout")),
+            }));
         };
         Ok(Checked {
             stream: Box::new(stdout),
             child: Some(child),
             command,
-            gate,
         })
     }
 }
@@ -204,13 +120,6 @@ impl Read for Checked {
                 )));
             }
         }
-        if n == 0
-            && !buf.is_empty()
-            && let Some(gate) = self.gate.take()
-            && gate.recv() != Ok(true)
-        {
-            return Err(io::Error::other("the extra images could not be pulled"));
-        }
         Ok(n)
     }
 }
@@ -228,7 +137,7 @@ const BLOCK: u64 = 512;
 
 /// The layer member of the docker-archive of an image of one layer, as a stream of its own.
 /// When the member ends, the rest of the archive is read to its end first, so that whatever the
-/// archive's own end reports (podman's exit status, the gate) is reported before the layer is
+/// archive's own end reports (podman's exit status) is reported before the layer is
 /// taken as whole.
 ///
 /// The member is found by its form, not by the diff id the image's configuration gives: podman
@@ -491,43 +400,5 @@ mod tests {
         );
         assert_eq!(Source::saved_layer("r/m:2", &info(&[&one, &one])), None);
         assert_eq!(Source::saved_layer("r/m:2", &info(&[])), None);
-    }
-
-    fn sha256(data: &[u8]) -> String {
-        format!("sha256:{}", super::super::oci_archive::sha256_of(data))
-    }
-
-    #[test]
-    fn a_gzip_layer_of_the_registry_is_read_and_checked_against_its_diff_id() {
-        let layer = layer_tar();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &layer).unwrap();
-        std::fs::write(&path, gz.finish().unwrap()).unwrap();
-        let source = |diff_id: String| Source::RegistryLayer {
-            layer: Layer {
-                path: path.clone(),
-                gzip: true,
-                diff_id,
-            },
-        };
-        let podman = Podman::new(Vec::new());
-        let mut right = source(sha256(&layer)).open(&podman, None).unwrap();
-        assert_eq!(read_all(&mut right).unwrap(), layer);
-
-        let other = sha256(b"another layer");
-        let mut wrong = source(other.clone()).open(&podman, None).unwrap();
-        let err = read_all(&mut wrong).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains(&other), "{err}");
-        assert!(err.to_string().contains(&sha256(&layer)), "{err}");
-
-        // The extra images' gate still has the last word.
-        let (done, gate) = mpsc::sync_channel(1);
-        done.send(false).unwrap();
-        let mut gated = source(sha256(&layer)).open(&podman, Some(gate)).unwrap();
-        let err = read_all(&mut gated).unwrap_err();
-        assert!(err.to_string().contains("extra images"), "{err}");
     }
 }

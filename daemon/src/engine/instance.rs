@@ -6,8 +6,7 @@
 
 use std::path::PathBuf;
 
-use super::environment::Environment;
-use super::instance_cache::{self, InstanceCache};
+use super::environment::{self, Environment};
 
 /// Where instances are looked for.
 #[derive(Debug, Clone)]
@@ -36,14 +35,14 @@ pub struct Instance {
 impl Instance {
     /// Reads the instance's environment file (refusing a file not owned by the instance's user).
     pub fn environment(&self) -> Option<Environment> {
-        instance_cache::read_owned(&self.state_dir.join("environment"), self.uid)
+        environment::read_owned(&self.state_dir.join("environment"), self.uid)
             .and_then(|read| read.environment)
     }
 
     /// Reads the instance agent's own settings, `state/agent.env` on an NS8 node (its Redis
     /// credentials), with the same ownership check.
     pub fn agent_env(&self) -> Option<Environment> {
-        instance_cache::read_owned(&self.state_dir.join("agent.env"), self.uid)
+        environment::read_owned(&self.state_dir.join("agent.env"), self.uid)
             .and_then(|read| read.environment)
     }
 }
@@ -57,19 +56,6 @@ pub fn plausible_id(id: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && id.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
         && id.as_bytes().last().is_some_and(u8::is_ascii_digit)
-}
-
-/// Every instance on the node, sorted by id: a discovery from scratch. The daemon keeps an
-/// [`InstanceCache`] instead, which answers the same for far less work per call.
-pub fn discover(bases: &Bases) -> Vec<Instance> {
-    InstanceCache::new(bases.clone()).instances()
-}
-
-/// The instance with this id, if a discovery from scratch finds it.
-pub fn find(bases: &Bases, id: &str) -> Option<Instance> {
-    InstanceCache::new(bases.clone())
-        .find(id)
-        .map(|found| found.instance.clone())
 }
 
 #[cfg(test)]
@@ -87,45 +73,5 @@ mod tests {
         for id in ["mail1", "nextcloud3", "my-app12", "a_b1"] {
             assert!(plausible_id(id), "{id:?}");
         }
-    }
-
-    #[test]
-    fn rootful_instances_are_found_by_their_environment() {
-        let base = tempfile::tempdir().unwrap();
-        let state = base.path().join("crowdsec1/state");
-        std::fs::create_dir_all(&state).unwrap();
-        std::fs::write(
-            state.join("environment"),
-            "MODULE_ID=crowdsec1\nIMAGE_URL=x/y:1\n",
-        )
-        .unwrap();
-        let other = base.path().join("wrong2/state");
-        std::fs::create_dir_all(&other).unwrap();
-        std::fs::write(other.join("environment"), "MODULE_ID=else2\n").unwrap();
-        let bases = Bases {
-            home: base.path().join("nohome"),
-            rootful: base.path().to_path_buf(),
-        };
-        let all = discover(&bases);
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].id, "crowdsec1");
-        assert!(!all[0].rootless);
-        assert!(find(&bases, "../crowdsec1").is_none());
-        assert!(find(&bases, "wrong2").is_none());
-    }
-
-    #[test]
-    fn a_symlinked_environment_is_not_read() {
-        let base = tempfile::tempdir().unwrap();
-        let state = base.path().join("evil1/state");
-        std::fs::create_dir_all(&state).unwrap();
-        let target = base.path().join("target");
-        std::fs::write(&target, "MODULE_ID=evil1\n").unwrap();
-        std::os::unix::fs::symlink(&target, state.join("environment")).unwrap();
-        let bases = Bases {
-            home: base.path().join("nohome"),
-            rootful: base.path().to_path_buf(),
-        };
-        assert!(discover(&bases).is_empty());
     }
 }

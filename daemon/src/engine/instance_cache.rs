@@ -1,8 +1,8 @@
 //! The node's instances, kept in memory and checked against the file system on every call.
 //!
 //! Discovery from scratch costs a user lookup per home directory and a read and parse of every
-//! environment file: about 5 ms of CPU per call with 100 instances, paid by every `ListInstances`,
-//! `GetInstance` and `UpdateModule` (issue 7, docs/benchmarks.md point 4). The cache keeps what it
+//! environment file, paid by every `ListInstances`, `GetInstance` and `UpdateModule` (the
+//! measurements are in docs/benchmarks.md). The cache keeps what it
 //! found and, on every call, lists the two base directories again and `lstat`s each candidate's
 //! environment file. A file is read and parsed again only when its identity changed (device,
 //! inode, size, mtime and ctime to the nanosecond, owner, mode); users are looked up again only
@@ -23,25 +23,19 @@
 //! is older than that. The same holds for the user database files.
 
 use std::collections::HashMap;
-use std::fs::{File, Metadata};
-use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use nix::unistd::User;
 
-use super::environment::Environment;
+use super::environment::{Environment, FileIdentity, read_owned};
 use super::instance::{Bases, Instance, plausible_id};
 
 /// How recent a file's ctime may be, relative to when it was read, for the read to be trusted
 /// as long as the file's identity stays the same. Above the coarsest timestamp granularity of
 /// the file systems a node may use (one second), with room for the coarse clock's lag.
 pub const RACY_MARGIN: Duration = Duration::from_secs(2);
-
-/// The largest environment file that is read (a bigger one is not an instance's).
-const MAX_ENVIRONMENT_SIZE: u64 = 1 << 20;
 
 /// The files whose change may change what a user lookup answers.
 const USER_DATABASE: [&str; 2] = ["/etc/passwd", "/etc/nsswitch.conf"];
@@ -87,42 +81,6 @@ impl UserDatabase {
                     .map_err(|_| ())
             }),
         }
-    }
-}
-
-/// What identifies a version of a file without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-    uid: u32,
-    mode: u32,
-}
-
-impl FileIdentity {
-    fn of(meta: &Metadata) -> FileIdentity {
-        FileIdentity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-            uid: meta.uid(),
-            mode: meta.mode(),
-        }
-    }
-
-    /// Whether a change of the file could still go unseen by its identity: its ctime is within
-    /// `margin` of `read_at` (or after it, when the clock was set back).
-    fn racy(&self, read_at: SystemTime, margin: Duration) -> bool {
-        let ctime = i128::from(self.ctime.0) * 1_000_000_000 + i128::from(self.ctime.1);
-        let read = read_at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i128);
-        ctime + margin.as_nanos() as i128 > read
     }
 }
 
@@ -415,39 +373,6 @@ impl Kind {
     }
 }
 
-/// An environment file as read: its identity when opened, and its contents when it is a regular
-/// file owned by the expected user and not too big.
-pub(super) struct EnvironmentRead {
-    identity: FileIdentity,
-    pub(super) environment: Option<Environment>,
-}
-
-/// Opens the environment file without following a final symlink (a user cannot point the
-/// daemon at another file) and without blocking on a FIFO, and reads it when it is a regular
-/// file owned by `uid`. `None` when it cannot be opened or read.
-pub(super) fn read_owned(path: &Path, uid: u32) -> Option<EnvironmentRead> {
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    // The identity is taken before reading: a change during the read changes it after.
-    let meta = file.metadata().ok()?;
-    let identity = FileIdentity::of(&meta);
-    if !meta.is_file() || meta.uid() != uid || meta.len() > MAX_ENVIRONMENT_SIZE {
-        return Some(EnvironmentRead {
-            identity,
-            environment: None,
-        });
-    }
-    let mut text = String::new();
-    File::read_to_string(&mut file, &mut text).ok()?;
-    Some(EnvironmentRead {
-        identity,
-        environment: Some(Environment::parse(&text)),
-    })
-}
-
 /// The names below `base` that may be instance ids (any other entry cannot be one).
 fn dir_names(base: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(base) else {
@@ -465,7 +390,7 @@ fn dir_names(base: &Path) -> Vec<String> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::os::unix::fs::chown;
+    use std::os::unix::fs::{MetadataExt, chown};
 
     /// A node in a temp dir: a home base, a rootful base and a passwd-like file
     /// (`name:uid:gid:home` lines) that the cache's user lookup reads.
@@ -602,7 +527,10 @@ mod tests {
         let bases = node.bases();
         let read = |path: &Path, uid: u32| -> Option<Environment> {
             let meta = std::fs::symlink_metadata(path).ok()?;
-            if !meta.is_file() || meta.uid() != uid || meta.len() > MAX_ENVIRONMENT_SIZE {
+            if !meta.is_file()
+                || meta.uid() != uid
+                || meta.len() > super::super::environment::MAX_ENVIRONMENT_SIZE
+            {
                 return None;
             }
             Some(Environment::parse(&std::fs::read_to_string(path).ok()?))
@@ -882,30 +810,6 @@ mod tests {
     }
 
     #[test]
-    fn racy_means_a_ctime_within_the_margin_of_the_read() {
-        let identity = |sec: i64, nsec: i64| FileIdentity {
-            dev: 1,
-            ino: 2,
-            size: 3,
-            mtime: (sec, nsec),
-            ctime: (sec, nsec),
-            uid: 0,
-            mode: 0o100644,
-        };
-        let at = |sec: u64| UNIX_EPOCH + Duration::from_secs(sec);
-        let margin = Duration::from_secs(2);
-        assert!(identity(100, 0).racy(at(101), margin));
-        assert!(identity(100, 0).racy(at(100), margin));
-        assert!(
-            identity(100, 0).racy(at(50), margin),
-            "a ctime in the future"
-        );
-        assert!(identity(99, 999_999_999).racy(at(101), margin));
-        assert!(!identity(99, 0).racy(at(101), margin));
-        assert!(!identity(-5, 0).racy(at(101), margin));
-    }
-
-    #[test]
     fn concurrent_calls_agree() {
         let node = Node::new();
         for n in 1..=10 {
@@ -923,5 +827,46 @@ mod tests {
         for t in threads {
             assert!(t.join().unwrap().iter().all(|n| *n == 10));
         }
+    }
+
+    #[test]
+    fn rootful_instances_are_found_by_their_environment() {
+        let base = tempfile::tempdir().unwrap();
+        let state = base.path().join("crowdsec1/state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            state.join("environment"),
+            "MODULE_ID=crowdsec1\nIMAGE_URL=x/y:1\n",
+        )
+        .unwrap();
+        let other = base.path().join("wrong2/state");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("environment"), "MODULE_ID=else2\n").unwrap();
+        let bases = Bases {
+            home: base.path().join("nohome"),
+            rootful: base.path().to_path_buf(),
+        };
+        let all = InstanceCache::new(bases.clone()).instances();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].id, "crowdsec1");
+        assert!(!all[0].rootless);
+        let cache = InstanceCache::new(bases);
+        assert!(cache.find("../crowdsec1").is_none());
+        assert!(cache.find("wrong2").is_none());
+    }
+
+    #[test]
+    fn a_symlinked_environment_is_not_read() {
+        let base = tempfile::tempdir().unwrap();
+        let state = base.path().join("evil1/state");
+        std::fs::create_dir_all(&state).unwrap();
+        let target = base.path().join("target");
+        std::fs::write(&target, "MODULE_ID=evil1\n").unwrap();
+        std::os::unix::fs::symlink(&target, state.join("environment")).unwrap();
+        let bases = Bases {
+            home: base.path().join("nohome"),
+            rootful: base.path().to_path_buf(),
+        };
+        assert!(InstanceCache::new(bases).instances().is_empty());
     }
 }

@@ -121,7 +121,7 @@ pub fn sha256_of(bytes: &[u8]) -> String {
 }
 
 /// `bytes` as lowercase hex.
-pub fn lowercase_hex(bytes: &[u8]) -> String {
+fn lowercase_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -225,6 +225,12 @@ mod tests {
         add("index.json", index.as_bytes());
         tar.finish().unwrap();
         file
+    }
+
+    #[test]
+    fn the_manifest_skopeo_1_9_reads_from_the_registry_is_carried_unchanged() {
+        let manifest = super::super::fixture("skopeo-1.9", "inspect-raw.json");
+        assert_eq!(carried_unchanged(&manifest), Ok(()));
     }
 
     #[test]

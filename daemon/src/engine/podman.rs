@@ -1,25 +1,20 @@
 //! The podman commands an update needs, each spawned as few times as the job allows (a podman
-//! process costs 25–45 ms): one listing tells which references are present, one pull fetches all
-//! missing ones (or loads every archive of the node's shared download), one inspect reads every
-//! image, one `image rm` removes every stale one. Every positional argument comes after `--`.
+//! process costs tens of milliseconds of CPU): one listing tells which references are present,
+//! one pull fetches all missing ones, one inspect reads every image, one `image rm` removes every
+//! stale one. Every positional argument comes after `--`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Stdio;
 
 use serde::Deserialize;
-use tokio::process::Command;
+
+use super::command::{CommandError, Runner};
 
 /// Errors of podman commands.
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
-    #[error("cannot run podman: {0} (is podman installed? apt-get install podman)")]
-    Spawn(#[source] std::io::Error),
-    #[error("`podman {command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("cannot parse the output of `podman {command}`: {source}")]
     Parse {
         command: String,
@@ -32,14 +27,15 @@ pub enum PodmanError {
     NoRepoDigest(String),
     #[error("podman returned no data for image {0}")]
     Missing(String),
-    #[error("{0} cannot be named as an oci-archive: reference (it has a ':')")]
-    NotAReference(String),
 }
 
 impl PodmanError {
     /// Whether podman said the image does not exist (`image not known`).
     pub fn is_unknown_image(&self) -> bool {
-        matches!(self, PodmanError::Failed { stderr, .. } if stderr.contains(IMAGE_UNKNOWN))
+        matches!(
+            self,
+            PodmanError::Command(CommandError::Failed { stderr, .. }) if stderr.contains(IMAGE_UNKNOWN)
+        )
     }
 }
 
@@ -91,67 +87,31 @@ struct RawListed {
     repo_digests: Option<Vec<String>>,
 }
 
-/// The podman CLI of the current user. `global` are options placed before the subcommand
-/// (none on a real node; kept for tests that point a rootful instance at a private storage).
-#[derive(Debug, Clone, Default)]
+/// The podman CLI of the current user. Its global options come first (none on a real node;
+/// kept for tests that point a rootful instance at a private storage).
+#[derive(Debug, Clone)]
 pub struct Podman {
-    global: Vec<String>,
-    /// `TMPDIR` for podman's large temporary files (an archive unpacked by `load`, an image
-    /// staged by `save`); `None`: podman's default, /var/tmp.
-    tmpdir: Option<std::path::PathBuf>,
+    runner: Runner,
 }
 
 impl Podman {
     pub fn new(global: Vec<String>) -> Self {
         Podman {
-            global,
-            tmpdir: None,
+            runner: Runner::new("podman", global),
         }
     }
 
-    /// The same podman, its temporary files in `dir`.
+    /// The same podman, its large temporary files (an archive unpacked by `load`, an image
+    /// staged by `save`) in `dir`.
     pub fn with_tmpdir(self, dir: std::path::PathBuf) -> Self {
         Podman {
-            tmpdir: Some(dir),
-            ..self
+            runner: self.runner.with_tmpdir(dir),
         }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::from(self.std_command(args));
-        command.kill_on_drop(true);
-        command
-    }
-
-    /// `podman <global> <args>` with stdin closed, as a blocking (std) command.
-    fn std_command(&self, args: &[&str]) -> std::process::Command {
-        let mut command = std::process::Command::new("podman");
-        command.args(&self.global).args(args).stdin(Stdio::null());
-        command.envs(super::go_runtime::for_this_process());
-        if let Some(dir) = &self.tmpdir {
-            command.env("TMPDIR", dir);
-        }
-        command
     }
 
     /// Runs `podman <global> <args>` and returns its stdout, or its failure with stderr's tail.
     pub async fn output(&self, args: &[&str]) -> Result<Vec<u8>, PodmanError> {
-        let output = self.run(args).await?;
-        if output.status.success() {
-            Ok(output.stdout)
-        } else {
-            Err(failure(args, &output))
-        }
-    }
-
-    /// Runs a command to its end and returns its whole output, whatever its exit status.
-    async fn run(&self, args: &[&str]) -> Result<std::process::Output, PodmanError> {
-        self.command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .map_err(PodmanError::Spawn)
+        Ok(self.runner.output(args).await?)
     }
 
     /// Every name (`repo:tag`) and repository digest (`repo@sha256:...`) of the local images, in
@@ -160,14 +120,7 @@ impl Podman {
     pub async fn local_names(&self) -> Result<HashSet<String>, PodmanError> {
         let args = ["image", "list", "--format", "json"];
         let stdout = self.output(&args).await?;
-        let listed: Vec<RawListed> = parse_json(&args, &stdout)?;
-        Ok(listed
-            .into_iter()
-            .flat_map(|image| {
-                let names = image.names.into_iter().flatten();
-                names.chain(image.repo_digests.into_iter().flatten())
-            })
-            .collect())
+        parse_list(&args, &stdout)
     }
 
     /// Pulls every reference in one podman process; the ids of the pulled images, one per line
@@ -180,12 +133,7 @@ impl Podman {
         let mut args = vec!["pull", "--quiet", "--"];
         args.extend_from_slice(references);
         let stdout = self.output(&args).await?;
-        Ok(String::from_utf8_lossy(&stdout)
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .map(str::to_owned)
-            .collect())
+        Ok(pulled_ids(&stdout))
     }
 
     /// Loads an image archive the daemon prepared (`engine/shared_images.rs`); the archive
@@ -197,50 +145,12 @@ impl Podman {
             .map(|_| ())
     }
 
-    /// Loads several OCI archives in one podman process (`podman load` takes one): `podman
-    /// pull` of their `oci-archive:` references names each image as `load` does, from the
-    /// archive's reference annotation. A podman process costs 25–45 ms, and this is paid by
-    /// every instance of a job that shares a download.
-    pub async fn load_all(&self, archives: &[&std::path::Path]) -> Result<(), PodmanError> {
-        let mut references = Vec::with_capacity(archives.len());
-        for archive in archives {
-            let path = archive.display().to_string();
-            // The transport reads `path:reference`: a ':' in the path would cut it.
-            if path.contains(':') {
-                return Err(PodmanError::NotAReference(path));
-            }
-            references.push(format!("oci-archive:{path}"));
-        }
-        let mut args = vec!["pull", "--quiet", "--"];
-        args.extend(references.iter().map(String::as_str));
-        self.output(&args).await.map(|_| ())
-    }
-
     /// Inspects every reference in one podman process, in the order given.
     pub async fn inspect(&self, references: &[&str]) -> Result<Vec<ImageInfo>, PodmanError> {
         let mut args = vec!["image", "inspect", "--"];
         args.extend_from_slice(references);
         let stdout = self.output(&args).await?;
-        let raw: Vec<RawInspect> = parse_json(&args, &stdout)?;
-        if raw.len() != references.len() {
-            return Err(PodmanError::Missing(references.join(" ")));
-        }
-        raw.into_iter()
-            .zip(references)
-            .map(|(image, reference)| {
-                let repo_digest = image
-                    .repo_digests
-                    .and_then(|d| d.into_iter().next())
-                    .ok_or_else(|| PodmanError::NoRepoDigest((*reference).to_owned()))?;
-                Ok(ImageInfo {
-                    id: image.id,
-                    digest: image.digest.unwrap_or_default(),
-                    repo_digest,
-                    labels: image.labels.unwrap_or_default(),
-                    layers: image.root_fs.and_then(|r| r.layers).unwrap_or_default(),
-                })
-            })
-            .collect()
+        parse_inspect(&args, &stdout, references)
     }
 
     /// Creates a container of `image` (never started) to read its filesystem; returns its id.
@@ -274,21 +184,22 @@ impl Podman {
     /// Starts `podman export` of a container, its tar stream on the child's stdout. Blocking
     /// (std) process, because the tar reader that consumes it is synchronous.
     pub fn export_blocking(&self, container: &str) -> Result<std::process::Child, PodmanError> {
-        self.std_command(&["export", "--", container])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(PodmanError::Spawn)
+        self.spawn_blocking(&["export", "--", container])
     }
 
     /// Starts `podman image save` of an image as a docker-archive on the child's stdout (its
     /// layers uncompressed, the layers first). Blocking (std) process, like the export.
     pub fn save_blocking(&self, image: &str) -> Result<std::process::Child, PodmanError> {
-        self.std_command(&["image", "save", "--format", "docker-archive", "--", image])
+        self.spawn_blocking(&["image", "save", "--format", "docker-archive", "--", image])
+    }
+
+    fn spawn_blocking(&self, args: &[&str]) -> Result<std::process::Child, PodmanError> {
+        self.runner
+            .std_command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(PodmanError::Spawn)
+            .map_err(|e| self.runner.spawn_error(e).into())
     }
 
     /// Removes a container, ignoring one that is already gone.
@@ -323,7 +234,7 @@ impl Podman {
         }
         let mut args = vec!["image", "rm", "--"];
         args.extend(references.iter().map(String::as_str));
-        let batch_stderr = match self.run(&args).await {
+        let batch_stderr = match self.runner.run(&args).await {
             Ok(output) if output.status.success() => {
                 return references.iter().map(|r| (r.clone(), Ok(()))).collect();
             }
@@ -334,7 +245,7 @@ impl Podman {
         let mut outcomes = Vec::with_capacity(references.len());
         for reference in references {
             let outcome = match self.remove_image(reference).await {
-                Err(PodmanError::Failed { stderr, .. })
+                Err(PodmanError::Command(CommandError::Failed { stderr, .. }))
                     if stderr.contains(IMAGE_UNKNOWN)
                         && !reported_unknown(&batch_stderr, reference) =>
                 {
@@ -361,12 +272,54 @@ fn reported_unknown(stderr: &str, reference: &str) -> bool {
         .any(|line| line.trim_end().ends_with(&suffix))
 }
 
-fn failure(args: &[&str], output: &std::process::Output) -> PodmanError {
-    PodmanError::Failed {
-        command: args.join(" "),
-        status: output.status.to_string(),
-        stderr: tail(&output.stderr),
+/// The ids `podman pull --quiet` prints, one per line.
+fn pulled_ids(stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The names and repository digests of `podman image list --format json`.
+fn parse_list(args: &[&str], stdout: &[u8]) -> Result<HashSet<String>, PodmanError> {
+    let listed: Vec<RawListed> = parse_json(args, stdout)?;
+    Ok(listed
+        .into_iter()
+        .flat_map(|image| {
+            let names = image.names.into_iter().flatten();
+            names.chain(image.repo_digests.into_iter().flatten())
+        })
+        .collect())
+}
+
+/// What the update uses of `podman image inspect` of `references`, in their order.
+fn parse_inspect(
+    args: &[&str],
+    stdout: &[u8],
+    references: &[&str],
+) -> Result<Vec<ImageInfo>, PodmanError> {
+    let raw: Vec<RawInspect> = parse_json(args, stdout)?;
+    if raw.len() != references.len() {
+        return Err(PodmanError::Missing(references.join(" ")));
     }
+    raw.into_iter()
+        .zip(references)
+        .map(|(image, reference)| {
+            let repo_digest = image
+                .repo_digests
+                .and_then(|d| d.into_iter().next())
+                .ok_or_else(|| PodmanError::NoRepoDigest((*reference).to_owned()))?;
+            Ok(ImageInfo {
+                id: image.id,
+                digest: image.digest.unwrap_or_default(),
+                repo_digest,
+                labels: image.labels.unwrap_or_default(),
+                layers: image.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(
@@ -377,14 +330,6 @@ fn parse_json<T: serde::de::DeserializeOwned>(
         command: args.join(" "),
         source,
     })
-}
-
-/// The last lines of a command's stderr, for error messages.
-pub fn tail(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let start = lines.len().saturating_sub(5);
-    lines[start..].join(" | ")
 }
 
 #[cfg(test)]
@@ -413,6 +358,95 @@ mod tests {
         assert_eq!(layers, Some(vec!["sha256:1".into(), "sha256:2".into()]));
     }
 
+    fn fixture(name: &str) -> Vec<u8> {
+        super::super::fixture("podman-4.3", name)
+    }
+
+    const FIXTURE: &str = "127.0.0.1:5917/fixture:1";
+
+    #[test]
+    fn the_inspection_of_a_pulled_image_gives_what_the_environment_needs() {
+        let info = parse_inspect(
+            &["image", "inspect"],
+            &fixture("image-inspect.json"),
+            &[FIXTURE],
+        )
+        .unwrap();
+        let [info] = &info[..] else {
+            panic!("{info:?}")
+        };
+        // The id is the configuration's digest, as the registry names it.
+        let manifest =
+            String::from_utf8(super::super::fixture("skopeo-1.9", "inspect-raw.json")).unwrap();
+        assert!(
+            manifest.contains(&format!("\"sha256:{}\"", info.id)),
+            "{manifest}"
+        );
+        assert!(info.digest.starts_with("sha256:"), "{info:?}");
+        assert_eq!(
+            info.repo_digest,
+            format!("127.0.0.1:5917/fixture@{}", info.digest)
+        );
+        assert_eq!(
+            info.labels.get("org.nethserver.images").map(String::as_str),
+            Some("127.0.0.1:5917/fixture-db:1")
+        );
+        assert_eq!(info.layers.len(), 1, "{info:?}");
+        // The layer's diff id is the one the registry's configuration names.
+        let config = super::super::fixture("skopeo-1.9", "inspect-config-raw.json");
+        let config = super::super::skopeo::parse_config(FIXTURE, &config).unwrap();
+        assert_eq!(config.diff_ids, info.layers);
+        assert_eq!(config.labels, info.labels);
+        // And `podman pull --quiet` printed that id.
+        assert_eq!(
+            pulled_ids(&fixture("pull-quiet.txt")),
+            vec![info.id.clone()]
+        );
+    }
+
+    #[test]
+    fn an_imported_image_has_no_labels_and_a_local_repo_digest() {
+        let reference = "localhost/imported:1";
+        let info =
+            parse_inspect(&[], &fixture("image-inspect-imported.json"), &[reference]).unwrap();
+        assert!(info[0].labels.is_empty());
+        assert!(
+            info[0]
+                .repo_digest
+                .starts_with("localhost/imported@sha256:")
+        );
+        let err = parse_inspect(
+            &[],
+            &fixture("image-inspect-imported.json"),
+            &[reference, "x/y:1"],
+        )
+        .unwrap_err();
+        assert!(matches!(err, PodmanError::Missing(_)), "{err}");
+    }
+
+    #[test]
+    fn the_listing_names_each_image_by_tag_and_by_digest() {
+        let names = parse_list(&[], &fixture("image-list.json")).unwrap();
+        assert!(names.contains(FIXTURE), "{names:?}");
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("127.0.0.1:5917/fixture@sha256:")),
+            "{names:?}"
+        );
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn an_unknown_image_in_a_batch_removal_is_found_in_what_podman_wrote() {
+        let stderr = String::from_utf8(fixture("image-rm-unknown.stderr")).unwrap();
+        assert!(
+            reported_unknown(&stderr, "127.0.0.1:5917/absent:9"),
+            "{stderr}"
+        );
+        assert!(!reported_unknown(&stderr, FIXTURE), "{stderr}");
+    }
+
     #[test]
     fn unknown_images_are_found_by_their_whole_reference() {
         // What podman 4.3.1 prints for `image rm r/a:1 r/z:9 r/b:1` (z unknown, b in use).
@@ -426,10 +460,5 @@ mod tests {
             "a suffix of another reference"
         );
         assert!(reported_unknown("Error: r/z:9: image not known\n", "r/z:9"));
-    }
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        assert_eq!(tail(b"a\n\nb\nc\nd\ne\nf\n"), "b | c | d | e | f");
     }
 }

@@ -1,6 +1,5 @@
-//! The worker's large temporary files in /var/tmp: the registry's copy of the module image
-//! (`engine/registry_layer.rs`) and podman's own (an archive `podman load` unpacks, the blobs a
-//! pull stages before it commits them), each in a directory of the update's own.
+//! The worker's large temporary files in /var/tmp: podman's own (an archive `podman load`
+//! unpacks, the blobs a pull stages before it commits them), in a directory of the update's own.
 //!
 //! podman and skopeo clean up after themselves when they end, not when they are killed: a
 //! cancelled job kills the worker's process group, and what a killed `podman load` unpacked (the
@@ -20,49 +19,27 @@ use std::path::Path;
 /// Where the directories go: podman's own default for large temporary files.
 pub const PARENT: &str = "/var/tmp";
 
-/// What a directory holds, part of its name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// The registry's copy of the module image.
-    Layer,
-    /// podman's temporary files (its `TMPDIR`).
-    Podman,
-}
-
-impl Kind {
-    const ALL: [Kind; 2] = [Kind::Layer, Kind::Podman];
-
-    fn word(self) -> &'static str {
-        match self {
-            Kind::Layer => "layer",
-            Kind::Podman => "tmp",
-        }
-    }
-}
-
-/// The start of the name of a directory of `kind` for `instance`; the rest is tempfile's random
-/// suffix (letters and digits).
-fn prefix(instance: &str, kind: Kind) -> String {
-    format!("module-updater-{instance}-{}-", kind.word())
+/// The start of the name of a directory for `instance`; the rest is tempfile's random suffix
+/// (letters and digits).
+fn prefix(instance: &str) -> String {
+    format!("module-updater-{instance}-tmp-")
 }
 
 /// Whether `name` is a directory name [`make`] gives for `instance`. Instance ids may contain
 /// dashes, so the suffix must be the random one: `mail1`'s prefix is a prefix of names of an
-/// instance `mail1-layer-2` too.
+/// instance `mail1-tmp-2` too.
 fn is_of(name: &str, instance: &str) -> bool {
-    Kind::ALL.iter().any(|kind| {
-        name.strip_prefix(&prefix(instance, *kind))
-            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
-    })
+    name.strip_prefix(&prefix(instance))
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
-/// A new directory of `kind` for `instance` in `parent` (0700, the caller's), removed when the
+/// A new directory for `instance` in `parent` (0700, the caller's), removed when the
 /// returned value is dropped.
-pub fn make(parent: &Path, instance: &str, kind: Kind) -> io::Result<tempfile::TempDir> {
+pub fn make(parent: &Path, instance: &str) -> io::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
-    // tempfile's default is the umask's (0755 with the usual one): others could read the copy.
+    // tempfile's default is the umask's (0755 with the usual one): others could read the files.
     tempfile::Builder::new()
-        .prefix(&prefix(instance, kind))
+        .prefix(&prefix(instance))
         .permissions(fs::Permissions::from_mode(0o700))
         .tempdir_in(parent)
 }
@@ -102,16 +79,15 @@ mod tests {
     fn what_a_killed_worker_left_is_removed_and_nothing_else() {
         let parent = tempfile::tempdir().unwrap();
         // What a killed worker leaves is a directory not removed on drop.
-        let left = |instance: &str, kind: Kind| make(parent.path(), instance, kind).unwrap().keep();
-        let layer = left("mail1", Kind::Layer);
-        fs::create_dir_all(layer.join("sub")).unwrap();
-        fs::write(layer.join("sub/blob"), "x").unwrap();
-        left("mail1", Kind::Podman);
+        let left = |instance: &str| make(parent.path(), instance).unwrap().keep();
+        let dir = left("mail1");
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        fs::write(dir.join("sub/blob"), "x").unwrap();
         // Other instances' (one whose id starts like mail1's), podman's own, a bare prefix.
-        left("mail12", Kind::Layer);
-        left("mail1-layer-2", Kind::Podman);
+        left("mail12");
+        left("mail1-tmp-2");
         fs::create_dir(parent.path().join("podman-pull-1")).unwrap();
-        fs::write(parent.path().join("module-updater-mail1-layer-"), "").unwrap();
+        fs::write(parent.path().join("module-updater-mail1-tmp-"), "").unwrap();
         remove_left_by(parent.path(), "mail1", nix::unistd::geteuid().as_raw());
         let mut left: Vec<_> = fs::read_dir(parent.path())
             .unwrap()
@@ -119,13 +95,13 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left.len(), 4, "{left:?}");
-        assert_eq!(left[0], "module-updater-mail1-layer-");
+        assert_eq!(left[0], "module-updater-mail1-tmp-");
         assert!(
-            left[1].starts_with("module-updater-mail1-layer-2-tmp-"),
+            left[1].starts_with("module-updater-mail1-tmp-2-tmp-"),
             "{left:?}"
         );
         assert!(
-            left[2].starts_with("module-updater-mail12-layer-"),
+            left[2].starts_with("module-updater-mail12-tmp-"),
             "{left:?}"
         );
         assert_eq!(left[3], "podman-pull-1");
@@ -135,7 +111,7 @@ mod tests {
     fn the_daemon_removes_only_what_the_instance_user_owns() {
         use std::os::unix::fs::MetadataExt;
         let parent = tempfile::tempdir().unwrap();
-        let dir = make(parent.path(), "mail1", Kind::Podman).unwrap().keep();
+        let dir = make(parent.path(), "mail1").unwrap().keep();
         let me = fs::metadata(&dir).unwrap().uid();
         remove_left_by(parent.path(), "mail1", me + 1);
         assert!(dir.exists(), "another owner's directory is left alone");
@@ -147,7 +123,7 @@ mod tests {
     fn a_directory_is_private_and_goes_when_dropped() {
         use std::os::unix::fs::PermissionsExt;
         let parent = tempfile::tempdir().unwrap();
-        let dir = make(parent.path(), "mail1", Kind::Podman).unwrap();
+        let dir = make(parent.path(), "mail1").unwrap();
         let mode = fs::metadata(dir.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         let path = dir.path().to_owned();

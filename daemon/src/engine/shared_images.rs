@@ -183,9 +183,7 @@ async fn fill(
         // registry failed it (then podman's pull fails too, and says so).
         Err(SharedImagesError::Skopeo(err)) => {
             let level = match &err {
-                SkopeoError::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    log::Level::Info
-                }
+                SkopeoError::Command(e) if e.is_not_found() => log::Level::Info,
                 _ => log::Level::Warn,
             };
             log::log!(
@@ -506,7 +504,7 @@ async fn write_layer(
     let podman = podman.clone();
     let target = path.clone();
     let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let mut stream = source.open(&podman, None).map_err(|e| e.to_string())?;
+        let mut stream = source.open(&podman).map_err(|e| e.to_string())?;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -614,8 +612,16 @@ async fn manifest_types(
     ];
     args.extend_from_slice(references);
     let stdout = podman.output(&args).await?;
-    let text = String::from_utf8_lossy(&stdout);
-    let parsed: Vec<(String, usize, String)> = text
+    let parsed = parse_manifest_types(&stdout);
+    if parsed.len() != references.len() {
+        return Err(PodmanError::Missing(references.join(" ")).into());
+    }
+    Ok(parsed)
+}
+
+/// The lines `<manifest type> <repository digests> <digest>` of [`manifest_types`]' format.
+fn parse_manifest_types(stdout: &[u8]) -> Vec<(String, usize, String)> {
+    String::from_utf8_lossy(stdout)
         .lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
@@ -624,11 +630,7 @@ async fn manifest_types(
             let digest = fields.next()?.to_owned();
             Some((kind, count, digest))
         })
-        .collect();
-    if parsed.len() != references.len() {
-        return Err(PodmanError::Missing(references.join(" ")).into());
-    }
-    Ok(parsed)
+        .collect()
 }
 
 /// Saves an image of the private storage as an OCI archive at `archive`.
@@ -647,4 +649,35 @@ async fn save(podman: &Podman, reference: &str, archive: &Path) -> Result<(), Sh
         ])
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_type_of_a_pulled_oci_image_lets_it_be_shared() {
+        let captured = super::super::fixture("podman-4.3", "image-inspect-manifest-type.txt");
+        let parsed = parse_manifest_types(&captured);
+        let [(kind, repo_digests, digest)] = &parsed[..] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(kind, OCI_MANIFEST);
+        assert_eq!(*repo_digests, 1);
+        assert!(digest.starts_with("sha256:"), "{digest}");
+    }
+
+    #[test]
+    fn the_extra_images_to_share_are_those_the_label_names_and_not_all_have() {
+        let config = super::super::fixture("skopeo-1.9", "inspect-config-raw.json");
+        let labels = skopeo::parse_config("r", &config).unwrap().labels;
+        let none = HashSet::new();
+        assert_eq!(
+            extras_to_share(&labels, &none),
+            vec!["127.0.0.1:5917/fixture-db:1"]
+        );
+        let present = HashSet::from(["127.0.0.1:5917/fixture-db:1".to_owned()]);
+        assert!(extras_to_share(&labels, &present).is_empty());
+    }
 }

@@ -2,21 +2,16 @@
 //! it exactly as the registry serves it.
 //!
 //! skopeo shares podman's image library, so it reads the same registries.conf (mirrors,
-//! insecure registries), the same credentials of the same user and picks the same platform from
-//! a manifest list. The worker copies the module image into a directory while podman pulls it
-//! (`engine/registry_layer.rs`: its labels start the extra images' download, its layer is
-//! extracted); the daemon's shared download (`engine/shared_images.rs`) reads the module image's
-//! labels and copies images into OCI archives the instances load. Without skopeo, or when the
-//! registry does not answer, the update runs as before, one podman step after the other.
+//! insecure registries), the same credentials and picks the same platform from a manifest list.
+//! Only the daemon's shared download (`engine/shared_images.rs`) uses it: the module image's
+//! labels, and images copied into OCI archives the instances load.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
 
 use serde::Deserialize;
-use tokio::process::Command;
 
-use super::podman::tail;
+use super::command::{CommandError, Runner};
 
 /// The label that names a module's extra images.
 pub const IMAGES_LABEL: &str = "org.nethserver.images";
@@ -28,15 +23,8 @@ const COMMAND_TIMEOUT: &str = "60s";
 /// Why skopeo could not read or copy an image.
 #[derive(Debug, thiserror::Error)]
 pub enum SkopeoError {
-    #[error("cannot run skopeo: {0} (apt-get install skopeo)")]
-    Spawn(#[source] std::io::Error),
-    #[error("`skopeo {command}` of {reference} failed ({status}): {stderr}")]
-    Failed {
-        command: &'static str,
-        reference: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("cannot parse the configuration of {reference} that skopeo printed: {source}")]
     Parse {
         reference: String,
@@ -78,19 +66,15 @@ struct RawContainerConfig {
 /// registry reference, `host/path:tag` or `host/path@digest`).
 pub async fn labels(reference: &str) -> Result<BTreeMap<String, String>, SkopeoError> {
     let source = format!("docker://{reference}");
-    let config = run(
-        "inspect --config",
-        reference,
-        &[
-            "--command-timeout",
-            COMMAND_TIMEOUT,
-            "inspect",
-            "--config",
-            "--raw",
-            "--",
-            &source,
-        ],
-    )
+    let config = run(&[
+        "--command-timeout",
+        COMMAND_TIMEOUT,
+        "inspect",
+        "--config",
+        "--raw",
+        "--",
+        &source,
+    ])
     .await?;
     parse_labels(reference, &config)
 }
@@ -106,7 +90,7 @@ pub async fn raw_manifest(reference: &str) -> Result<Vec<u8>, SkopeoError> {
         "--",
         &source,
     ];
-    run("inspect --raw", reference, &args).await
+    run(&args).await
 }
 
 /// Copies the image `reference` names into a new OCI archive at `archive`, named `reference`
@@ -132,52 +116,12 @@ pub async fn copy_to_archive(
         &source,
         &destination,
     ];
-    run("copy", reference, &args).await.map(|_| ())
-}
-
-/// Copies the image `reference` names into the directory `dir` (skopeo's `dir:` transport:
-/// `manifest.json` and each blob in a file named by its sha256), its blobs as the registry
-/// serves them (skopeo checks each against its digest).
-pub async fn copy_to_dir(reference: &str, dir: &Path) -> Result<(), SkopeoError> {
-    let source = format!("docker://{reference}");
-    let destination = format!("dir:{}", dir.display());
-    let args = [
-        "--command-timeout",
-        COMMAND_TIMEOUT,
-        "copy",
-        "--quiet",
-        "--",
-        &source,
-        &destination,
-    ];
-    run("copy", reference, &args).await.map(|_| ())
+    run(&args).await.map(|_| ())
 }
 
 /// Runs skopeo with `args`; its standard output if it succeeded.
-async fn run(
-    command: &'static str,
-    reference: &str,
-    args: &[&str],
-) -> Result<Vec<u8>, SkopeoError> {
-    let output = Command::new("skopeo")
-        .args(args)
-        .envs(super::go_runtime::for_this_process())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(SkopeoError::Spawn)?;
-    if !output.status.success() {
-        return Err(SkopeoError::Failed {
-            command,
-            reference: reference.to_owned(),
-            status: output.status.to_string(),
-            stderr: tail(&output.stderr),
-        });
-    }
-    Ok(output.stdout)
+async fn run(args: &[&str]) -> Result<Vec<u8>, SkopeoError> {
+    Ok(Runner::new("skopeo", Vec::new()).output(args).await?)
 }
 
 /// The labels and diff ids of an OCI or Docker image configuration of `reference`.
@@ -222,6 +166,25 @@ mod tests {
         ] {
             assert!(parse_labels("r", config).unwrap().is_empty());
         }
+    }
+
+    #[test]
+    fn the_configuration_skopeo_1_9_prints_gives_labels_and_diff_ids() {
+        let config = super::super::fixture("skopeo-1.9", "inspect-config-raw.json");
+        let parsed = parse_config("127.0.0.1:5917/fixture:1", &config).unwrap();
+        assert_eq!(
+            parsed.labels.get(IMAGES_LABEL).map(String::as_str),
+            Some("127.0.0.1:5917/fixture-db:1")
+        );
+        assert_eq!(
+            parsed
+                .labels
+                .get("org.nethserver.imageroot")
+                .map(String::as_str),
+            Some("imageroot")
+        );
+        assert_eq!(parsed.diff_ids.len(), 1);
+        assert!(parsed.diff_ids[0].starts_with("sha256:"), "{parsed:?}");
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Makes what the update scripts wrote in the instance's state dir durable before the
-//! in-progress marker goes (`engine/update.rs`): once the marker is gone, a crash no longer
+//! in-progress marker goes (`engine/update/`): once the marker is gone, a crash no longer
 //! makes the next update run again, so a migration's output that was still only in the page
 //! cache could be lost while the update counts as done.
 //!
 //! Only what changed since the update began is flushed, found by its modification time: files
 //! and directories (a directory's mtime moves when an entry is created, renamed or removed in
-//! it). A `syncfs` would wait for everything dirty on the filesystem, podman's layers included
-//! (about 250 ms on the bench); this is a walk of a small tree and a few fsyncs. The walk never
+//! it). A `syncfs` would wait for everything dirty on the filesystem, podman's layers included;
+//! this is a walk of a small tree and a few fsyncs. The walk never
 //! follows a symbolic link nor leaves the state dir's filesystem, and beyond
 //! [`MAX_VISITED`] entries the filesystem is synced whole instead.
 

@@ -1,7 +1,6 @@
 //! Files an update would rewrite with the bytes they already hold.
 //!
-//! Most files of a module change little between two versions (the bench's demo module: about
-//! four in five are the same). Staging such a file costs a new inode, its data written again,
+//! Most files of a module are the same in two versions of it. Staging such a file costs a new inode, its data written again,
 //! a rename and an fsync, for nothing; on a busy filesystem, allocating the inode alone costs
 //! more than reading the file. So the extractor compares a small regular file of the image with
 //! the one installed at its path and, when they are the same in every way the install would

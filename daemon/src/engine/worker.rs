@@ -138,7 +138,7 @@ pub async fn update_instance(
         while let Ok(Some(line)) = lines.next_line().await {
             log::debug!(MODULE_ID = id.as_str(); "worker: {line}");
             tail.push(line);
-            if tail.len() > 5 {
+            if tail.len() > super::command::TAIL_LINES {
                 tail.remove(0);
             }
         }

@@ -113,14 +113,14 @@ pub struct Floor {
 
 /// The daemon's podman commands for an instance going from 1.0 to 2.0 with the extra image
 /// `demo-db` changing (see daemon/src/engine/podman.rs and update.rs), in its order: one
-/// listing, the pull of the module image, skopeo's copy of the module image from the registry
-/// (its one layer is the filesystem the daemon reads: `engine/registry_layer.rs`; into a
-/// directory here, writing the files is the daemon's own work), one inspect, the pull of the
-/// missing extra image, and the removal of the two stale images in one command. Timed one after
-/// the other: the daemon runs the copy, the pull of the extra image and the inspection beside
-/// the module image's pull, so its wall time can be below this. Then, apart from
+/// listing, the pull of the module image, one inspect, `podman image save` of the module image
+/// (its one layer is the filesystem the daemon reads: `engine/image_stream.rs`; to /dev/null
+/// here, writing the files is the daemon's own work), the pull of the missing extra image, and
+/// the removal of the two stale images in one command. Timed one after the other: the daemon
+/// pulls the extra image while it reads the module image, so its wall time can be below this.
+/// Then, apart from
 /// the podman floor, the manager's `Reload` (busctl, as the user) and the update scripts as the
-/// daemon runs them (cwd the state dir, the environment loaded). podman and skopeo get the Go
+/// daemon runs them (cwd the state dir, the environment loaded). podman gets the Go
 /// settings the daemon gives them (`engine/go_runtime.rs`), the rest does not. Each step is
 /// timed inside one shell (`EPOCHREALTIME`), so no process start of ours is counted.
 const FLOOR_SCRIPT: &str = r#"set -u
@@ -134,10 +134,8 @@ step() {
 }
 step podman-image-list podman image list --format json
 step podman-pull-module podman pull --quiet -- "$v2"
-copy=$(mktemp -d /var/tmp/floor-copy-XXXXXX)
-step skopeo-copy-module skopeo copy --quiet -- "docker://$v2" "dir:$copy"
-rm -rf "$copy"
 step podman-image-inspect podman image inspect -- "$v2"
+step podman-image-save podman image save --format docker-archive -- "$v2"
 step podman-pull-extra podman pull --quiet -- "$db2"
 step podman-image-rm podman image rm -- "$v1" "$db1"
 unset GOGC GOMEMLIMIT

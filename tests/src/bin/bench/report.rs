@@ -264,10 +264,8 @@ fn targets(summaries: &[Summary]) -> Vec<Target> {
         },
     };
     out.push(bytes);
-    // The target is about several instances sharing one download. At N = 1 the one instance
-    // pulls for itself: the module image's configuration blob (a few KiB) and its layer are
-    // served twice (skopeo's copy of the module image, `engine/registry_layer.rs`, and podman's
-    // pull); the table shows it.
+    // The target is about several instances sharing one download; at N = 1 the one instance
+    // pulls for itself (the table shows what it was served).
     let most_served = summaries.iter().filter(|s| s.n >= 2).max_by(|a, b| {
         a.daemon_max_serves_per_blob
             .total_cmp(&b.daemon_max_serves_per_blob)

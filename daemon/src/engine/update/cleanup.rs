@@ -1,0 +1,79 @@
+//! The cleanup step (`95cleanup_images`): the previous images the new environment no longer
+//! names, removed in one podman process.
+
+use module_updater_dbus::types::Step;
+
+use super::super::environment::Environment;
+use super::super::events::priority;
+use super::super::podman::Podman;
+use super::context::Ctx;
+
+/// Removes the stale images; returns those removed. An image still in use, or an environment
+/// that cannot be read, is a warning.
+pub async fn cleanup(ctx: &mut Ctx<'_>, podman: &Podman) -> Vec<String> {
+    ctx.begin(Step::CleanupImages);
+    let mut removed = Vec::new();
+    match Environment::load(&ctx.instance().state_dir.join("environment")) {
+        Ok(env) => {
+            let stale = stale_images(&env);
+            for old in &stale {
+                ctx.message(priority::INFO, format!("Removing {old}"));
+            }
+            for (old, outcome) in podman.remove_images(&stale).await {
+                match outcome {
+                    Ok(()) => removed.push(old),
+                    Err(err) => ctx.warning(format!("cannot remove image {old}: {err}")),
+                }
+            }
+        }
+        Err(err) => {
+            ctx.warning(format!(
+                "cleanup skipped: cannot read the environment: {err}"
+            ));
+            return removed;
+        }
+    }
+    ctx.end(Step::CleanupImages);
+    removed
+}
+
+/// Previous images the environment no longer names: `PREV_X_IMAGE` ≠ `X_IMAGE`, and
+/// `PREV_IMAGE_URL` ≠ `IMAGE_URL`, never one that a current key still names.
+pub fn stale_images(env: &Environment) -> Vec<String> {
+    let current: Vec<&str> = env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("PREV_") && (k.ends_with("_IMAGE") || *k == "IMAGE_URL"))
+        .map(|(_, v)| v)
+        .collect();
+    let mut stale: Vec<String> = Vec::new();
+    for (key, old) in env.iter() {
+        let Some(name) = key.strip_prefix("PREV_") else {
+            continue;
+        };
+        if !(name.ends_with("_IMAGE") || name == "IMAGE_URL") || old.is_empty() {
+            continue;
+        }
+        if env.get(name) != Some(old) && !current.contains(&old) && !stale.iter().any(|s| s == old)
+        {
+            stale.push(old.to_owned());
+        }
+    }
+    stale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_images_never_include_a_current_one() {
+        let env = Environment::parse(
+            "IMAGE_URL=r/demo:2\nPREV_IMAGE_URL=r/demo:1\nDB_IMAGE=r/db:2\nPREV_DB_IMAGE=r/db:1\n\
+             CACHE_IMAGE=r/cache:1\nPREV_CACHE_IMAGE=r/cache:1\nOTHER_IMAGE=r/db:1b\nPREV_X_IMAGE=r/cache:1\n",
+        );
+        assert_eq!(
+            stale_images(&env),
+            vec!["r/db:1".to_owned(), "r/demo:1".to_owned()]
+        );
+    }
+}
