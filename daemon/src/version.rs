@@ -1,6 +1,7 @@
-//! Version tags of module images, compared as semantic versions: `1.7.1`, `2.0` (a missing
-//! minor or patch counts as 0), `2.1.0-rc.1` (a pre-release sorts before its release). A tag
-//! that is not a version (`latest`, `main`) is never older or newer than anything.
+//! Version tags of module images, compared as semantic versions: `1.7.1`, `2.0` (a missing patch
+//! counts as 0), `2.1.0-rc.1` (a pre-release sorts before its release). A tag that is not a
+//! version (`latest`, `main`, a lone number such as `0-rc`) is never older or newer than
+//! anything.
 
 use std::cmp::Ordering;
 
@@ -12,8 +13,8 @@ pub struct Version {
 }
 
 impl Version {
-    /// `None` for a tag that is not `MAJOR[.MINOR[.PATCH]][-PRE][+BUILD]` (an optional leading
-    /// `v` is allowed).
+    /// `None` for a tag that is not `MAJOR.MINOR[.PATCH][-PRE][+BUILD]` (an optional leading `v`
+    /// is allowed).
     pub fn parse(tag: &str) -> Option<Version> {
         let tag = tag.strip_prefix('v').unwrap_or(tag);
         let tag = tag.split_once('+').map_or(tag, |(v, _)| v);
@@ -22,7 +23,7 @@ impl Version {
             None => (tag, None),
         };
         let parts: Vec<&str> = core.split('.').collect();
-        if parts.is_empty() || parts.len() > 3 {
+        if parts.len() < 2 || parts.len() > 3 {
             return None;
         }
         let mut numbers = [0u64; 3];
