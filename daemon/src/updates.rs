@@ -62,6 +62,9 @@ struct Answer<T> {
 /// The answers of the registries, by repository (tags) and by image URL (digest).
 pub struct UpdateCache {
     timeouts: Timeouts,
+    /// One check at a time: any local user may ask, and a flood of calls must not become a
+    /// flood of skopeo processes (callers wait their turn, and then mostly find answers kept).
+    checking: tokio::sync::Mutex<()>,
     tags: Mutex<HashMap<String, Answer<Vec<String>>>>,
     digests: Mutex<HashMap<String, Answer<String>>>,
 }
@@ -75,6 +78,7 @@ impl UpdateCache {
     pub fn new(timeouts: Timeouts) -> UpdateCache {
         UpdateCache {
             timeouts,
+            checking: tokio::sync::Mutex::new(()),
             tags: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
         }
@@ -87,6 +91,7 @@ impl UpdateCache {
         installed: &[Installed],
         refresh: bool,
     ) -> BTreeMap<String, Available> {
+        let _turn = self.checking.lock().await;
         let timeouts = self.timeouts;
         let mut out = BTreeMap::new();
         for instance in installed {
