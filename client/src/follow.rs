@@ -7,7 +7,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use module_updater_dbus::{BUS_NAME, JOB_INTERFACE, JOB_PATH_PREFIX, JobProxy};
+use module_updater_dbus::{BUS_NAME, JOB_INTERFACE, JOB_PATH_PREFIX, JobProxy, JobSignal};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -208,22 +208,7 @@ impl Outcome {
 /// What one matched message means for the followed job.
 #[derive(Debug, PartialEq)]
 enum Event {
-    Progress {
-        instance: String,
-        step: String,
-        percent: u32,
-    },
-    Message {
-        instance: String,
-        priority: u32,
-        text: String,
-    },
-    InstanceFinished {
-        instance: String,
-        status: String,
-        exit_code: i32,
-    },
-    Finished,
+    Signal(JobSignal),
     Properties {
         status: Option<String>,
         progress: Option<u32>,
@@ -247,32 +232,10 @@ fn decode(msg: &Message, job_path: &str) -> Option<Event> {
     if path != job_path {
         return None;
     }
+    if let Some(signal) = JobSignal::decode(msg) {
+        return Some(Event::Signal(signal));
+    }
     match (interface.as_str(), member.as_str()) {
-        (JOB_INTERFACE, "Progress") => {
-            let (instance, step, percent) = body.deserialize().ok()?;
-            Some(Event::Progress {
-                instance,
-                step,
-                percent,
-            })
-        }
-        (JOB_INTERFACE, "Message") => {
-            let (instance, priority, text) = body.deserialize().ok()?;
-            Some(Event::Message {
-                instance,
-                priority,
-                text,
-            })
-        }
-        (JOB_INTERFACE, "InstanceFinished") => {
-            let (instance, status, exit_code) = body.deserialize().ok()?;
-            Some(Event::InstanceFinished {
-                instance,
-                status,
-                exit_code,
-            })
-        }
-        (JOB_INTERFACE, "Finished") => Some(Event::Finished),
         ("org.freedesktop.DBus.Properties", "PropertiesChanged") => {
             let (iface, changed, _invalidated): (
                 String,
@@ -504,21 +467,21 @@ impl<'a> Follower<'a> {
     /// Shows one matched message; says whether it calls for confirming the end.
     fn apply(&self, view: &mut View, msg: &Message) -> Next {
         match decode(msg, &self.path) {
-            Some(Event::Progress {
+            Some(Event::Signal(JobSignal::Progress {
                 instance,
                 step,
                 percent,
-            }) => view.progress(&instance, &step, percent),
-            Some(Event::Message {
+            })) => view.progress(&instance, &step, percent),
+            Some(Event::Signal(JobSignal::Message {
                 instance,
                 priority,
                 text,
-            }) => view.message(&instance, priority, &text),
-            Some(Event::InstanceFinished {
+            })) => view.message(&instance, priority, &text),
+            Some(Event::Signal(JobSignal::InstanceFinished {
                 instance,
                 status,
                 exit_code,
-            }) => {
+            })) => {
                 view.instance_finished(&instance, &status, exit_code);
             }
             // The status alone is not the end: `Finished` (or the poll) leads to GetResult.
@@ -527,7 +490,7 @@ impl<'a> Follower<'a> {
                     view.job_progress(progress);
                 }
             }
-            Some(Event::Finished) => return Next::Confirm,
+            Some(Event::Signal(JobSignal::Finished { .. })) => return Next::Confirm,
             Some(Event::OwnerChanged { new_owner }) if new_owner.is_empty() => {
                 return Next::OwnerLost;
             }
@@ -586,15 +549,21 @@ mod tests {
         let msg = signal(job, JOB_INTERFACE, "Progress", &("mail1", "extract", 60u32));
         assert_eq!(
             decode(&msg, job),
-            Some(Event::Progress {
+            Some(Event::Signal(JobSignal::Progress {
                 instance: "mail1".into(),
                 step: "extract".into(),
                 percent: 60
-            })
+            }))
         );
         assert_eq!(decode(&msg, "/org/nethserver/ModuleUpdater/job/8"), None);
         let msg = signal(job, JOB_INTERFACE, "Finished", &("completed", 0i32));
-        assert_eq!(decode(&msg, job), Some(Event::Finished));
+        assert_eq!(
+            decode(&msg, job),
+            Some(Event::Signal(JobSignal::Finished {
+                status: "completed".into(),
+                exit_code: 0
+            }))
+        );
         let msg = signal(
             job,
             JOB_INTERFACE,
@@ -603,11 +572,11 @@ mod tests {
         );
         assert_eq!(
             decode(&msg, job),
-            Some(Event::InstanceFinished {
+            Some(Event::Signal(JobSignal::InstanceFinished {
                 instance: "mail1".into(),
                 status: "failed".into(),
                 exit_code: 1
-            })
+            }))
         );
     }
 

@@ -6,10 +6,12 @@
 
 pub mod error;
 pub mod proxy;
+pub mod signal;
 pub mod types;
 
 pub use error::Error;
 pub use proxy::{InstanceProxy, JobProxy, ModuleUpdaterProxy};
+pub use signal::JobSignal;
 
 /// The well-known name the daemon owns on the system bus.
 pub const BUS_NAME: &str = "org.nethserver.ModuleUpdater";

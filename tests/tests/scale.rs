@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,8 +18,6 @@ use module_updater_tests::{Instance, Sandbox};
 use zbus::{MatchRule, MessageStream, OwnedObjectPath};
 
 const PATH: &str = "/org/nethserver/ModuleUpdater";
-/// Threads installing instances at once (each install is podman pull + export as the user).
-const INSTALL_THREADS: usize = 4;
 
 fn busctl(sandbox: &Sandbox, args: &[&str]) -> Output {
     Command::new("busctl")
@@ -113,41 +110,6 @@ async fn run_completed(
     run
 }
 
-/// `n` rootless instances of `module`, installed at `url`. Users and their managers are created
-/// one after the other (the sandbox needs `&mut` for that); the installs, which take most of the
-/// time, run on [`INSTALL_THREADS`] threads. Returns the instances and the two durations.
-fn provision(
-    sandbox: &mut Sandbox,
-    module: &str,
-    n: usize,
-    url: &str,
-) -> (Vec<Instance>, Duration, Duration) {
-    let started = Instant::now();
-    let instances: Vec<Instance> = (0..n)
-        .map(|_| sandbox.add_rootless_instance(module).unwrap())
-        .collect();
-    let added = started.elapsed();
-    let started = Instant::now();
-    let next = AtomicUsize::new(0);
-    let sandbox = &*sandbox;
-    std::thread::scope(|scope| {
-        for _ in 0..INSTALL_THREADS.min(n) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(instance) = instances.get(i) else {
-                        break;
-                    };
-                    sandbox
-                        .install(instance, url)
-                        .unwrap_or_else(|e| panic!("install {}: {e}", instance.id));
-                }
-            });
-        }
-    });
-    (instances, added, started.elapsed())
-}
-
 fn ids(instances: &[Instance]) -> Vec<&str> {
     instances.iter().map(|i| i.id.as_str()).collect()
 }
@@ -157,21 +119,26 @@ fn ids(instances: &[Instance]) -> Vec<&str> {
 async fn a_twenty_instance_job_updates_every_instance() {
     const N: usize = 20;
     let test_started = Instant::now();
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "many", "1.0", &[]))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(&sandbox, "many", "2.0", &[]).file(
-            "update-module.d/10hello",
-            "#!/bin/sh\necho \"updated $MODULE_ID\"\n",
-            0o755,
-        ))
-        .unwrap();
-    let images_built = test_started.elapsed();
-    let (instances, added, installed) = provision(&mut sandbox, "many", N, &v1);
-    let daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .module("many", &["1.0"])
+        .image_with("2.0", |sandbox, _| {
+            module_image(sandbox, "many", "2.0", &[]).file(
+                "update-module.d/10hello",
+                "#!/bin/sh\necho \"updated $MODULE_ID\"\n",
+                0o755,
+            )
+        })
+        .rootless("many", N, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
+    let instances = s.instances.clone();
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
+    let SetupTimes {
+        images_built,
+        instances_added: added,
+        installed,
+    } = s.times;
 
     let mut stream = subscribe(&connection).await;
     let job_started = Instant::now();
@@ -191,7 +158,7 @@ async fn a_twenty_instance_job_updates_every_instance() {
         .seen
         .iter()
         .filter_map(|s| match s {
-            Seen::InstanceFinished {
+            module_updater_dbus::JobSignal::InstanceFinished {
                 instance,
                 status,
                 exit_code,
@@ -266,24 +233,25 @@ async fn job_property_changes_are_coalesced_to_five_per_second() {
     const N: usize = 6;
     const LIMIT: usize = 5;
     let test_started = Instant::now();
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "chatty", "1.0", &[]))
-        .unwrap();
     // A script that reports its progress in many small steps over about two seconds, so the
     // job's progress changes far more often than five times a second, for several seconds.
     let steps = "#!/bin/sh\ni=1\nwhile [ $i -le 100 ]; do\n  echo \"set-progress $i\" >&3\n  \
                  sleep 0.05\n  i=$((i + 3))\ndone\n";
-    let v2 = sandbox
-        .build_image(&module_image(&sandbox, "chatty", "2.0", &[]).file(
-            "update-module.d/50steps",
-            steps,
-            0o755,
-        ))
-        .unwrap();
-    let (instances, _, _) = provision(&mut sandbox, "chatty", N, &v1);
-    let daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .module("chatty", &["1.0"])
+        .image_with("2.0", move |sandbox, _| {
+            module_image(sandbox, "chatty", "2.0", &[]).file(
+                "update-module.d/50steps",
+                steps,
+                0o755,
+            )
+        })
+        .rootless("chatty", N, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
+    let instances = s.instances.clone();
+    let v2 = s.url("2.0");
 
     // One stream for everything the service emits on job paths, in arrival order.
     let rule = MatchRule::builder()
@@ -459,25 +427,25 @@ async fn job_property_changes_are_coalesced_to_five_per_second() {
 async fn a_slow_instance_does_not_delay_the_others() {
     const SLEEP: &str = "sleep 20";
     let test_started = Instant::now();
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "tortoise", "1.0", &[]))
-        .unwrap();
     let maybe_slow = format!(
         "#!/bin/sh\nif [ -e \"$AGENT_STATE_DIR/slow\" ]; then\n  echo sleeping\n  {SLEEP}\nfi\n"
     );
-    let v2 = sandbox
-        .build_image(&module_image(&sandbox, "tortoise", "2.0", &[]).file(
-            "update-module.d/50maybe-slow",
-            maybe_slow,
-            0o755,
-        ))
-        .unwrap();
-    let (instances, _, _) = provision(&mut sandbox, "tortoise", 2, &v1);
-    let (slow, fast) = (&instances[0], &instances[1]);
+    let s = Scenario::new()
+        .module("tortoise", &["1.0"])
+        .image_with("2.0", move |sandbox, _| {
+            module_image(sandbox, "tortoise", "2.0", &[]).file(
+                "update-module.d/50maybe-slow",
+                maybe_slow,
+                0o755,
+            )
+        })
+        .rootless("tortoise", 2, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
+    let v2 = s.url("2.0");
+    let (slow, fast) = (&s.instances[0], &s.instances[1]);
     std::fs::write(slow.state_dir.join("slow"), "").unwrap();
-    let daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
     let sleeping = || {
         Command::new("pgrep")
             .args(["-u", &slow.id, "-f", SLEEP])
@@ -586,13 +554,14 @@ async fn a_slow_instance_does_not_delay_the_others() {
 /// updated alone, which pulls for itself).
 #[tokio::test(flavor = "multi_thread")]
 async fn three_instances_download_each_blob_once() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let [_, db2, v1, v2] = module_with_changing_extra(&sandbox, "shared", "shareddb", 1 << 21);
-    let (instances, _, _) = provision(&mut sandbox, "shared", 3, &v1);
-    let lone = sandbox.add_rootless_instance("shared").unwrap();
-    sandbox.install(&lone, &v1).unwrap();
-    let daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .module_with_changing_extra("shared", "shareddb", 1 << 21)
+        .rootless("shared", 4, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
+    let (instances, lone) = (s.instances[..3].to_vec(), &s.instances[3]);
+    let [db2, v2] = ["extra2", "2.0"].map(|key| s.url(key));
 
     let offset = sandbox.registry_log_offset().unwrap();
     let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
@@ -661,44 +630,48 @@ async fn three_instances_download_each_blob_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_extra_images_download_beside_each_other_and_the_module_image_load() {
     use std::os::unix::fs::PermissionsExt;
-    let mut sandbox = Sandbox::new().unwrap();
-    let blob =
-        |repo: &str, tag: &str, seed: u64| sandbox.build_blob_image(repo, tag, 4096, seed).unwrap();
-    let (a1, a2) = (blob("besidea", "1", 21), blob("besidea", "2", 22));
-    let (b1, b2) = (blob("besideb", "1", 23), blob("besideb", "2", 24));
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "beside", "1.0", &[a1, b1]))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "beside",
-            "2.0",
-            &[a2.clone(), b2.clone()],
-        ))
-        .unwrap();
-    let (instances, _, _) = provision(&mut sandbox, "beside", 2, &v1);
-
-    let record = sandbox.root().join("download-times");
-    std::fs::write(&record, "").unwrap();
-    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
     // `<seconds> start|end <what>` around the daemon's load and every copy into an archive.
-    let timed = |real: &str, what: &str, delay: u32| {
+    fn timed(sandbox: &Sandbox, real: &str, what: &str, delay: u32) -> String {
         format!(
             "  echo \"$(date +%s.%N) start {what}\" >> {record}\n  sleep {delay}\n  {real} \"$@\"\n  rc=$?\n  echo \"$(date +%s.%N) end {what}\" >> {record}\n  exit $rc ;;\n",
-            record = record.display(),
+            record = sandbox.root().join("download-times").display(),
         )
-    };
-    let podman = format!(
-        "#!/bin/sh\ncase \"$(id -u) $*\" in\n\"0 \"*\" load \"*)\n{}esac\nexec /usr/bin/podman \"$@\"\n",
-        timed("/usr/bin/podman", "load", 2)
-    );
-    let skopeo = format!(
-        "#!/bin/sh\nfor arg; do case \"$arg\" in docker://*) ref=${{arg#docker://}} ;; esac; done\ncase \"$*\" in\n*\" copy \"*oci-archive:*)\n{}esac\nexec /usr/bin/skopeo \"$@\"\n",
-        timed("/usr/bin/skopeo", "$ref", 1)
-    );
-    let daemon = start_daemon_with_trap(&sandbox, &[("podman", podman), ("skopeo", skopeo)]);
-    let connection = connect(&sandbox).await;
+    }
+    let mut s = Scenario::new()
+        .blob("a1", "besidea", "1", 4096, 21)
+        .blob("a2", "besidea", "2", 4096, 22)
+        .blob("b1", "besideb", "1", 4096, 23)
+        .blob("b2", "besideb", "2", 4096, 24)
+        .image_with("1.0", |sandbox, images| {
+            module_image(sandbox, "beside", "1.0", &[images.url("a1"), images.url("b1")])
+        })
+        .image_with("2.0", |sandbox, images| {
+            module_image(sandbox, "beside", "2.0", &[images.url("a2"), images.url("b2")])
+        })
+        .rootless("beside", 2, "1.0")
+        .prepare(|sandbox, _, _| {
+            let record = sandbox.root().join("download-times");
+            std::fs::write(&record, "").unwrap();
+            std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+        })
+        .trap("podman", |sandbox, _, _| {
+            format!(
+                "#!/bin/sh\ncase \"$(id -u) $*\" in\n\"0 \"*\" load \"*)\n{}esac\nexec /usr/bin/podman \"$@\"\n",
+                timed(sandbox, "/usr/bin/podman", "load", 2)
+            )
+        })
+        .trap("skopeo", |sandbox, _, _| {
+            format!(
+                "#!/bin/sh\nfor arg; do case \"$arg\" in docker://*) ref=${{arg#docker://}} ;; esac; done\ncase \"$*\" in\n*\" copy \"*oci-archive:*)\n{}esac\nexec /usr/bin/skopeo \"$@\"\n",
+                timed(sandbox, "/usr/bin/skopeo", "$ref", 1)
+            )
+        })
+        .start()
+        .await;
+    let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
+    let instances = s.instances.clone();
+    let [a2, b2, v2] = ["a2", "b2", "2.0"].map(|key| s.url(key));
+    let record = sandbox.root().join("download-times");
     let offset = sandbox.registry_log_offset().unwrap();
     run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
@@ -738,24 +711,24 @@ async fn the_extra_images_download_beside_each_other_and_the_module_image_load()
         }
         assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
     }
-    drop(connection);
-    drop(daemon);
 
     // A copy that fails while the module image loads (the slowed podman is still first in the
     // daemon's PATH): the download starts again without skopeo, and the layer file the first
     // attempt wrote for the workers is not in its way.
-    let (more, _, _) = provision(&mut sandbox, "beside", 2, &v1);
+    let more = s.add_rootless("beside", 2, "1.0");
     let failing = "#!/bin/sh\ncase \"$*\" in\n*\" copy \"*besideb*) echo 'a copy that fails' >&2; exit 1 ;;\nesac\nexec /usr/bin/skopeo \"$@\"\n";
-    let daemon = start_daemon_with_trap(&sandbox, &[("skopeo", failing.to_owned())]);
-    let connection = connect(&sandbox).await;
-    run_completed(&connection, &daemon, &request(&v2, &ids(&more), false)).await;
+    s.restart_daemon_with(DaemonOptions::new().trap("skopeo", |_, _, _| failing.to_owned()))
+        .await;
+    let (connection, daemon) = (s.bus(), s.daemon());
+    let more = &s.instances[more];
+    run_completed(connection, daemon, &request(&v2, &ids(more), false)).await;
     let log = daemon.log();
     assert!(
         log.contains("a copy that fails") && log.contains("pulled with podman, then saved"),
         "{log}"
     );
     assert!(!log.contains("cannot write the layer"), "{log}");
-    for instance in &more {
+    for instance in more {
         assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
     }
 }
@@ -765,18 +738,25 @@ async fn the_extra_images_download_beside_each_other_and_the_module_image_load()
 /// not shared; each instance pulls the tag itself and ends with what the registry now serves.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_extra_image_whose_tag_moves_during_the_download_is_pulled_by_each_instance() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let [_, db2, v1, v2] = module_with_changing_extra(&sandbox, "moving", "movingdb", 4096);
-    let db3 = sandbox.build_blob_image("movingdb", "3", 4096, 13).unwrap();
-    let (instances, _, _) = provision(&mut sandbox, "moving", 2, &v1);
-    // The daemon's copy of the extra image first pushes `:3` under the tag `:2`, once.
+    let s = Scenario::new()
+        .module_with_changing_extra("moving", "movingdb", 4096)
+        .blob("db3", "movingdb", "3", 4096, 13)
+        .rootless("moving", 2, "1.0")
+        // The daemon's copy of the extra image first pushes `:3` under the tag `:2`, once.
+        .trap("skopeo", |sandbox, images, _| {
+            format!(
+                "#!/bin/sh\ncase \"$*\" in\n*\" copy \"*docker://{db2}\" oci-archive:\"*)\n  if [ ! -e {moved} ]; then\n    touch {moved}\n    /usr/bin/skopeo copy --quiet docker://{db3} docker://{db2} || exit 1\n  fi ;;\nesac\nexec /usr/bin/skopeo \"$@\"\n",
+                moved = sandbox.root().join("moved").display(),
+                db2 = images.url("extra2"),
+                db3 = images.url("db3"),
+            )
+        })
+        .start()
+        .await;
+    let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
+    let instances = s.instances.clone();
+    let [db2, db3, v2] = ["extra2", "db3", "2.0"].map(|key| s.url(key));
     let moved = sandbox.root().join("moved");
-    let skopeo = format!(
-        "#!/bin/sh\ncase \"$*\" in\n*\" copy \"*docker://{db2}\" oci-archive:\"*)\n  if [ ! -e {moved} ]; then\n    touch {moved}\n    /usr/bin/skopeo copy --quiet docker://{db3} docker://{db2} || exit 1\n  fi ;;\nesac\nexec /usr/bin/skopeo \"$@\"\n",
-        moved = moved.display(),
-    );
-    let daemon = start_daemon_with_trap(&sandbox, &[("skopeo", skopeo)]);
-    let connection = connect(&sandbox).await;
     let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
     assert!(moved.exists(), "the tag was not moved:\n{}", daemon.log());
 
@@ -818,23 +798,33 @@ async fn an_extra_image_whose_tag_moves_during_the_download_is_pulled_by_each_in
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_whose_load_fails_pulls_the_same_images() {
     use std::os::unix::fs::PermissionsExt;
-    let mut sandbox = Sandbox::new().unwrap();
-    let [_, db2, v1, v2] = module_with_changing_extra(&sandbox, "together", "togetherdb", 4096);
-    let (instances, _, _) = provision(&mut sandbox, "together", 2, &v1);
+    // A podman that records who runs it, with which Go settings, and fails the second
+    // instance's loads.
+    fn podman(sandbox: &Sandbox, _: &Images, instances: &[Instance]) -> String {
+        format!(
+            "#!/bin/sh\necho \"$(id -un) [$GOGC $GOMEMLIMIT] $*\" >> {record}\ncase \"$(id -un) $*\" in\n  \"{pulled} load \"*) echo 'Error: a load that fails' >&2; exit 125 ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
+            record = sandbox.root().join("podman-calls").display(),
+            pulled = instances[1].id,
+        )
+    }
+    let mut s = Scenario::new()
+        .module_with_changing_extra("together", "togetherdb", 4096)
+        .rootless("together", 2, "1.0")
+        .prepare(|sandbox, _, _| {
+            let record = sandbox.root().join("podman-calls");
+            std::fs::write(&record, "").unwrap();
+            std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+        })
+        .trap("podman", podman)
+        .start()
+        .await;
+    let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
+    let instances = s.instances.clone();
     let [loaded, pulled] = &instances[..] else {
         unreachable!()
     };
-    // A podman that records who runs it, with which Go settings, and fails `pulled`'s loads.
+    let [db2, v2] = ["extra2", "2.0"].map(|key| s.url(key));
     let record = sandbox.root().join("podman-calls");
-    std::fs::write(&record, "").unwrap();
-    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let podman = format!(
-        "#!/bin/sh\necho \"$(id -un) [$GOGC $GOMEMLIMIT] $*\" >> {record}\ncase \"$(id -un) $*\" in\n  \"{pulled} load \"*) echo 'Error: a load that fails' >&2; exit 125 ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
-        record = record.display(),
-        pulled = pulled.id,
-    );
-    let daemon = start_daemon_with_trap(&sandbox, &[("podman", podman.clone())]);
-    let connection = connect(&sandbox).await;
     let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
 
     for shared in [
@@ -880,12 +870,14 @@ async fn an_instance_whose_load_fails_pulls_the_same_images() {
     }
 
     // An admin's own setting reaches every podman instead.
-    drop(daemon);
     std::fs::write(&record, "").unwrap();
-    let daemon =
-        start_daemon_with_trap_and_env(&sandbox, &[("podman", podman)], &[("GOGC", "100")]);
-    let connection = connect(&sandbox).await;
-    run_completed(&connection, &daemon, &request(&v2, &[&loaded.id], true)).await;
+    s.restart_daemon_with(
+        DaemonOptions::new()
+            .trap("podman", podman)
+            .env("GOGC", "100"),
+    )
+    .await;
+    run_completed(s.bus(), s.daemon(), &request(&v2, &[&loaded.id], true)).await;
     let calls = calls_of(&loaded.id);
     assert!(!calls.is_empty(), "the forced update ran no podman");
     for (go, args) in &calls {
@@ -899,29 +891,31 @@ async fn an_instance_whose_load_fails_pulls_the_same_images() {
 /// registry's images and nothing of the download's other image is left in its storage.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_image_pulled_after_a_failed_load_brings_its_own_extra_images() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let [db1, db2, v1, v2] = module_with_changing_extra(&sandbox, "astray", "astraydb", 4096);
-    let other = sandbox
-        .build_blob_image("astrayother", "1", 4096, 13)
-        .unwrap();
-    // What the daemon downloads for 2.0: a module image naming `other`.
-    let moved_to = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "astray",
-            "3.0",
-            std::slice::from_ref(&other),
-        ))
-        .unwrap();
-    let (instances, _, _) = provision(&mut sandbox, "astray", 2, &v1);
-    // The daemon's skopeo reads 3.0 when asked for 2.0; the workers' loads fail.
-    let skopeo = format!(
-        "#!/bin/sh\nn=$#\nfor a in \"$@\"; do\n  [ \"$a\" = docker://{v2} ] && a=docker://{moved_to}\n  set -- \"$@\" \"$a\"\ndone\nshift $n\nexec /usr/bin/skopeo \"$@\"\n"
-    );
-    let podman = "#!/bin/sh\nif [ \"$(id -u)\" != 0 ]; then\n  case \" $* \" in\n    *\" load \"*) echo 'Error: a load that fails' >&2; exit 125 ;;\n  esac\nfi\nexec /usr/bin/podman \"$@\"\n"
-        .to_owned();
-    let daemon = start_daemon_with_trap(&sandbox, &[("skopeo", skopeo), ("podman", podman)]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .module_with_changing_extra("astray", "astraydb", 4096)
+        .blob("other", "astrayother", "1", 4096, 13)
+        // What the daemon downloads for 2.0: a module image naming `other`.
+        .image_with("3.0", |sandbox, images| {
+            module_image(sandbox, "astray", "3.0", &[images.url("other")])
+        })
+        .rootless("astray", 2, "1.0")
+        // The daemon's skopeo reads 3.0 when asked for 2.0; the workers' loads fail.
+        .trap("skopeo", |_, images, _| {
+            format!(
+                "#!/bin/sh\nn=$#\nfor a in \"$@\"; do\n  [ \"$a\" = docker://{v2} ] && a=docker://{moved_to}\n  set -- \"$@\" \"$a\"\ndone\nshift $n\nexec /usr/bin/skopeo \"$@\"\n",
+                v2 = images.url("2.0"),
+                moved_to = images.url("3.0"),
+            )
+        })
+        .trap("podman", |_, _, _| {
+            "#!/bin/sh\nif [ \"$(id -u)\" != 0 ]; then\n  case \" $* \" in\n    *\" load \"*) echo 'Error: a load that fails' >&2; exit 125 ;;\n  esac\nfi\nexec /usr/bin/podman \"$@\"\n"
+                .to_owned()
+        })
+        .start()
+        .await;
+    let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
+    let instances = s.instances.clone();
+    let [db1, db2, other, v2] = ["extra1", "extra2", "other", "2.0"].map(|key| s.url(key));
     run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
     let has_image = |instance: &Instance, reference: &str| has_image(&sandbox, instance, reference);
     for instance in &instances {
@@ -949,29 +943,35 @@ async fn a_module_image_pulled_after_a_failed_load_brings_its_own_extra_images()
 /// one another tool compressed would get other digests, so each instance pulls it, and is told.
 #[tokio::test(flavor = "multi_thread")]
 async fn images_compressed_by_another_tool_keep_the_registry_digest() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let built_db = sandbox
-        .build_blob_image("gzdb", "built", 1 << 20, 21)
-        .unwrap();
-    let db2 = sandbox
-        .push_gzipped_elsewhere(&built_db, "gzdb", "2")
-        .unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "gz", "1.0", &[]))
-        .unwrap();
-    // Pushed by podman, and the same image pushed again with GNU gzip's layers.
-    let by_podman = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "gz",
-            "2.0-podman",
-            std::slice::from_ref(&db2),
-        ))
-        .unwrap();
-    let v2 = sandbox
-        .push_gzipped_elsewhere(&by_podman, "gz", "2.0")
-        .unwrap();
-    let (instances, _, _) = provision(&mut sandbox, "gz", 4, &v1);
+    let mut s = Scenario::new()
+        .blob("built-db", "gzdb", "built", 1 << 20, 21)
+        .pushed("db2", |sandbox, images| {
+            let built = images.url("built-db");
+            sandbox.push_gzipped_elsewhere(&built, "gzdb", "2").unwrap()
+        })
+        .module("gz", &["1.0"])
+        // Pushed by podman, and the same image pushed again with GNU gzip's layers.
+        .image_with("by-podman", |sandbox, images| {
+            module_image(sandbox, "gz", "2.0-podman", &[images.url("db2")])
+        })
+        .pushed("2.0", |sandbox, images| {
+            let by_podman = images.url("by-podman");
+            sandbox
+                .push_gzipped_elsewhere(&by_podman, "gz", "2.0")
+                .unwrap()
+        })
+        .rootless("gz", 4, "1.0")
+        .trap("skopeo", |sandbox, _, _| {
+            record_root_commands(sandbox, "skopeo")
+        })
+        .trap("podman", |sandbox, _, _| {
+            record_root_commands(sandbox, "podman")
+        })
+        .start()
+        .await;
+    let [db2, by_podman, v2] = ["db2", "by-podman", "2.0"].map(|key| s.url(key));
+    let instances = s.instances.clone();
+    let sandbox = &s.sandbox;
     let registry_digest = |url: &str| {
         let out = Command::new("skopeo")
             .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
@@ -987,7 +987,7 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
         "GNU gzip gave podman's bytes: the test would prove nothing"
     );
     // What the instance's own pull would give: the registry's digests, under the name pulled.
-    let check = |instance: &Instance, module: &str| {
+    let check = |sandbox: &Sandbox, instance: &Instance, module: &str| {
         let inspect = as_user(
             &sandbox,
             instance,
@@ -1028,20 +1028,7 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
 
     // skopeo and the daemon's own podman, recorded: where they stage images.
     let record = sandbox.root().join("staging");
-    let record_root_commands = |tool: &str| {
-        format!(
-            "#!/bin/sh\nif [ \"$(id -u)\" = 0 ]; then echo \"TMPDIR=$TMPDIR $*\" >> {}; fi\nexec /usr/bin/{tool} \"$@\"\n",
-            record.display()
-        )
-    };
-    let daemon = start_daemon_with_trap(
-        &sandbox,
-        &[
-            ("skopeo", record_root_commands("skopeo")),
-            ("podman", record_root_commands("podman")),
-        ],
-    );
-    let connection = connect(&sandbox).await;
+    let (connection, daemon) = (s.bus(), s.daemon());
     let offset = sandbox.registry_log_offset().unwrap();
     let run = run_completed(
         &connection,
@@ -1057,7 +1044,7 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
         daemon.log()
     );
     for instance in with_skopeo {
-        check(instance, &v2);
+        check(sandbox, instance, &v2);
         let messages = run.messages_of(&instance.id);
         for shared in [
             format!("Loading {v2} (downloaded once for the node)"),
@@ -1092,22 +1079,15 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
             "{line}"
         );
     }
-    drop(connection);
-    drop(daemon);
 
     // A skopeo that is not there (as a shell says it).
-    let daemon = start_daemon_with_trap(
-        &sandbox,
-        &[(
-            "skopeo",
-            "#!/bin/sh\necho 'skopeo: not found' >&2\nexit 127\n".to_owned(),
-        )],
-    );
-    let connection = connect(&sandbox).await;
+    let not_there = "#!/bin/sh\necho 'skopeo: not found' >&2\nexit 127\n";
+    s.restart_daemon_with(DaemonOptions::new().trap("skopeo", |_, _, _| not_there.to_owned()))
+        .await;
     let job = request(&by_podman, &ids(without_skopeo), false);
-    let run = run_completed(&connection, &daemon, &job).await;
+    let run = run_completed(s.bus(), s.daemon(), &job).await;
     for instance in without_skopeo {
-        check(instance, &by_podman);
+        check(&s.sandbox, instance, &by_podman);
         let messages = run.messages_of(&instance.id);
         let shared = format!("Loading {by_podman} (downloaded once for the node)");
         let pulled = format!("{db2} is pulled by each instance: podman would save its layers");
@@ -1120,28 +1100,37 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
     }
 }
 
+/// A stand-in for `tool` that records what root runs (`TMPDIR=<its TMPDIR> <arguments>`) in
+/// the sandbox's `staging` file.
+fn record_root_commands(sandbox: &Sandbox, tool: &str) -> String {
+    format!(
+        "#!/bin/sh\nif [ \"$(id -u)\" = 0 ]; then echo \"TMPDIR=$TMPDIR $*\" >> {}; fi\nexec /usr/bin/{tool} \"$@\"\n",
+        sandbox.root().join("staging").display()
+    )
+}
+
 /// A script that prints 5 000 lines at once: the bus gets the first ones and then at most 50 a
 /// second from that instance; a warning counts the messages left out and names the journal
 /// query that has them all. Every line is either shown or counted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_script_lines_is_cut_to_the_message_budget() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&module_updater_tests::ImageSpec::module("flood", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(
-            &module_updater_tests::ImageSpec::module("flood", "2.0").file(
+    let s = Scenario::new()
+        .image(
+            "1.0",
+            module_updater_tests::ImageSpec::module("flood", "1.0"),
+        )
+        .image(
+            "2.0",
+            module_updater_tests::ImageSpec::module("flood", "2.0").file(
                 "update-module.d/10flood",
                 "#!/bin/sh\nseq 1 5000 | sed 's/^/line /'\n",
                 0o755,
             ),
         )
-        .unwrap();
-    let (instances, _, _) = provision(&mut sandbox, "flood", 1, &v1);
-    let id = instances[0].id.as_str();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+        .rootless("flood", 1, "1.0")
+        .start()
+        .await;
+    let (connection, id, v2) = (s.bus(), s.instances[0].id.as_str(), s.url("2.0"));
     let run = run_job(&connection, &request(&v2, &[id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
 

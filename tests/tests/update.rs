@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use module_updater_tests::{ImageSpec, Instance, Sandbox};
+use module_updater_tests::{ImageSpec, Instance};
 
 /// An update script that records what NS8 promises a script: its uid, cwd, environment, stdin.
 const RECORDER: &str = "#!/bin/sh\nid -u > \"$AGENT_STATE_DIR/script.uid\"\npwd > script.cwd\nnice > script.nice\nenv | sort > script.env\ncat > script.stdin\necho set-progress 50 >&3\necho '<4>recorder says hello'\n";
@@ -14,86 +14,73 @@ const RECORDER: &str = "#!/bin/sh\nid -u > \"$AGENT_STATE_DIR/script.uid\"\npwd 
 /// A whole 1.0 → 2.0 update of a rootless instance, checked the way an administrator would.
 #[tokio::test(flavor = "multi_thread")]
 async fn rootless_update_from_1_to_2() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let registry = sandbox.registry();
-    let db1 = sandbox
-        .build_blob_image("mariadb", "10.1", 4096, 1)
-        .unwrap();
-    let db2 = sandbox
-        .build_blob_image("mariadb", "10.2", 4096, 2)
-        .unwrap();
-    let cache = sandbox
-        .build_blob_image("redis-cache", "7", 4096, 3)
-        .unwrap();
-    let fauth = sandbox
-        .build_blob_image("2fauth", "5.2.0", 1024, 4)
-        .unwrap();
-    let v1 = sandbox
-        .build_image(
-            &module_image(&sandbox, "demo", "1.0", &[db1.clone(), cache.clone()])
-                .file("bin/only-in-1", "old\n", 0o755)
-                .file(
-                    "systemd/user/changed.service",
-                    "[Service]\nExecStart=/bin/true\n",
-                    0o644,
-                ),
-        )
-        .unwrap();
-    let v2 = sandbox
-        .build_image(
-            &module_image(
-                &sandbox,
+    let s = Scenario::new()
+        .blob("db1", "mariadb", "10.1", 4096, 1)
+        .blob("db2", "mariadb", "10.2", 4096, 2)
+        .blob("cache", "redis-cache", "7", 4096, 3)
+        .blob("fauth", "2fauth", "5.2.0", 1024, 4)
+        .image_with("1.0", |sandbox, images| {
+            module_image(
+                sandbox,
                 "demo",
-                "2.0",
-                &[db2.clone(), cache.clone(), fauth.clone()],
+                "1.0",
+                &[images.url("db1"), images.url("cache")],
             )
-            .file(
-                "systemd/user/added.service",
-                "[Service]\nType=oneshot\nExecStart=/bin/true\n",
-                0o644,
-            )
+            .file("bin/only-in-1", "old\n", 0o755)
             .file(
                 "systemd/user/changed.service",
-                "[Service]\nExecStart=/bin/false\n",
+                "[Service]\nExecStart=/bin/true\n",
                 0o644,
             )
-            .file("update-module.d/10record", RECORDER, 0o755)
-            .file(
-                "update-module.d/20notexec",
-                "#!/bin/sh\ntouch ran-20\n",
-                0o644,
-            )
-            .file(
-                "update-module.d/30fails",
-                "#!/bin/sh\necho failing\nexit 3\n",
-                0o755,
-            )
-            .file("update-module.d/.gitignore", "*\n", 0o644),
-        )
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("demo").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
+        })
+        .image_with("2.0", |sandbox, images| {
+            let extras = [images.url("db2"), images.url("cache"), images.url("fauth")];
+            module_image(sandbox, "demo", "2.0", &extras)
+                .file(
+                    "systemd/user/added.service",
+                    "[Service]\nType=oneshot\nExecStart=/bin/true\n",
+                    0o644,
+                )
+                .file(
+                    "systemd/user/changed.service",
+                    "[Service]\nExecStart=/bin/false\n",
+                    0o644,
+                )
+                .file("update-module.d/10record", RECORDER, 0o755)
+                .file(
+                    "update-module.d/20notexec",
+                    "#!/bin/sh\ntouch ran-20\n",
+                    0o644,
+                )
+                .file(
+                    "update-module.d/30fails",
+                    "#!/bin/sh\necho failing\nexit 3\n",
+                    0o755,
+                )
+                .file("update-module.d/.gitignore", "*\n", 0o644)
+        })
+        .rootless("demo", 1, "1.0")
+        // A `systemctl` first in the daemon's PATH records any call: an update must make none.
+        .trap("systemctl", |sandbox, _, _| {
+            let calls = sandbox.root().join("systemctl-calls");
+            format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", calls.display())
+        })
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let registry = sandbox.registry();
+    let [db1, db2, cache, fauth, v1, v2] =
+        ["db1", "db2", "cache", "fauth", "1.0", "2.0"].map(|key| s.url(key));
     let before = instance.read_env().unwrap();
     assert_eq!(before["IMAGE_URL"], v1);
     assert!(instance.install_dir.join("bin/only-in-1").exists());
     let env_mode = std::fs::metadata(instance.env_file())
         .unwrap()
         .permissions();
-
-    // A `systemctl` first in the daemon's PATH records any call: an update must make none.
     // The record is writable by everyone: the workers run as the instance user.
     let calls = sandbox.root().join("systemctl-calls");
     std::fs::write(&calls, "").unwrap();
     std::fs::set_permissions(&calls, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let _daemon = start_daemon_with_trap(
-        &sandbox,
-        &[(
-            "systemctl",
-            format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", calls.display()),
-        )],
-    );
-
-    let connection = connect(&sandbox).await;
     let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
     assert_eq!(run.status, "completed", "{:#}", run.result);
@@ -283,18 +270,21 @@ async fn rootless_update_from_1_to_2() {
 /// Same URL, no force: nothing is pulled, extracted, written, run or removed.
 #[tokio::test(flavor = "multi_thread")]
 async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("noop", "1.0").file(
-            "update-module.d/10mark",
-            "#!/bin/sh\necho x >> marks\n",
-            0o755,
-        ))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("noop").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let daemon = start_daemon(&sandbox, &["--verbose"]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .image(
+            "1.0",
+            ImageSpec::module("noop", "1.0").file(
+                "update-module.d/10mark",
+                "#!/bin/sh\necho x >> marks\n",
+                0o755,
+            ),
+        )
+        .rootless("noop", 1, "1.0")
+        .daemon(&["--verbose"])
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let (daemon, v1) = (s.daemon(), s.url("1.0"));
     // The lock file is created by taking the lock (NS8's agent does the same); it is not state.
     let snapshot = |dir: &std::path::Path| {
         let mut tree = common::snapshot(dir);
@@ -381,16 +371,24 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
 /// with force the module image is pulled again.
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_missing_semantics_and_force() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("tagmove", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("tagmove", "2.0").file("bin/which", "first\n", 0o644))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("tagmove").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    as_user(&sandbox, &instance, &["podman", "pull", "-q", &v2]);
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("tagmove", "1.0"))
+        .image(
+            "2.0",
+            ImageSpec::module("tagmove", "2.0").file("bin/which", "first\n", 0o644),
+        )
+        .rootless("tagmove", 1, "1.0")
+        .prepare(|sandbox, images, instances| {
+            as_user(
+                sandbox,
+                &instances[0],
+                &["podman", "pull", "-q", &images.url("2.0")],
+            );
+        })
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let v2 = s.url("2.0");
     let first_id = as_user(
         &sandbox,
         &instance,
@@ -401,8 +399,6 @@ async fn pull_missing_semantics_and_force() {
         .build_image(&ImageSpec::module("tagmove", "2.0").file("bin/which", "second\n", 0o644))
         .unwrap();
     assert_eq!(moved, v2);
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
 
     let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(
@@ -438,12 +434,14 @@ async fn pull_missing_semantics_and_force() {
 /// the environment as they were; forced, every image is fetched again and the update completes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lone_instance_downloads_each_blob_once() {
-    let mut sandbox = Sandbox::new().unwrap();
+    let s = Scenario::new()
+        .module_with_changing_extra("lone", "lonedb", 1 << 20)
+        .rootless("lone", 2, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, instances) = (&s.sandbox, s.bus(), &s.instances);
     let registry = sandbox.registry();
-    let [db1, db2, v1, v2] = module_with_changing_extra(&sandbox, "lone", "lonedb", 1 << 20);
-    let instances = installed_instances(&mut sandbox, "lone", 2, &v1);
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let [db1, db2, v1, v2] = ["extra1", "extra2", "1.0", "2.0"].map(|key| s.url(key));
     let has_image = |instance: &Instance, reference: &str| has_image(&sandbox, instance, reference);
     let images = |instance: &Instance| {
         as_user(
@@ -535,26 +533,28 @@ async fn a_lone_instance_downloads_each_blob_once() {
 /// either.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_image_of_two_layers_is_installed_merged() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("layers", "1.0").file("bin/tool", "1\n", 0o755))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(
-            &ImageSpec::module("layers", "2.0")
+    let s = Scenario::new()
+        .image(
+            "1.0",
+            ImageSpec::module("layers", "1.0").file("bin/tool", "1\n", 0o755),
+        )
+        .image(
+            "2.0",
+            ImageSpec::module("layers", "2.0")
                 .file("bin/tool", "2 in the first layer\n", 0o755)
                 .file("bin/kept", "first layer\n", 0o644)
                 .second_layer_file("bin/tool", "2\n", 0o755)
                 .second_layer_file("bin/added", "second layer\n", 0o644),
         )
-        .unwrap();
-    let v3 = sandbox
-        .build_image(&ImageSpec::module("layers", "3.0").file("bin/tool", "3\n", 0o755))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("layers").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+        .image(
+            "3.0",
+            ImageSpec::module("layers", "3.0").file("bin/tool", "3\n", 0o755),
+        )
+        .rootless("layers", 1, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [v2, v3] = ["2.0", "3.0"].map(|key| s.url(key));
     let layers = |url: &str| {
         as_user(
             &sandbox,
@@ -614,32 +614,34 @@ async fn a_module_image_of_two_layers_is_installed_merged() {
 /// label extracts only its subtree; an existing `state/` keeps its mode.
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_images_are_refused_and_labels_are_honoured() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("guarded", "1.0").file("bin/tool", "1\n", 0o755))
-        .unwrap();
-    let absolute = sandbox
-        .build_image(&ImageSpec::module("guarded", "2.0-abs").symlink("bin/passwd", "/etc/passwd"))
-        .unwrap();
-    let escaping = sandbox
-        .build_image(
-            &ImageSpec::module("guarded", "2.0-rel").symlink("bin/up", "../../../../../../etc"),
+    let s = Scenario::new()
+        .image(
+            "1.0",
+            ImageSpec::module("guarded", "1.0").file("bin/tool", "1\n", 0o755),
         )
-        .unwrap();
-    let subtree = sandbox
-        .build_image(
-            &ImageSpec::module("guarded", "3.0")
+        .image(
+            "absolute",
+            ImageSpec::module("guarded", "2.0-abs").symlink("bin/passwd", "/etc/passwd"),
+        )
+        .image(
+            "escaping",
+            ImageSpec::module("guarded", "2.0-rel").symlink("bin/up", "../../../../../../etc"),
+        )
+        .image(
+            "subtree",
+            ImageSpec::module("guarded", "3.0")
                 .imageroot_dir("opt/app/root")
                 .label("org.nethserver.imageroot", "/opt/app/root/")
                 .file("bin/tool", "3\n", 0o755)
                 .dir("state", 0o755)
                 .file("state/shipped", "s\n", 0o644),
         )
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("guarded").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+        .rootless("guarded", 1, "1.0")
+        .start()
+        .await;
+    let (connection, instance) = (s.bus(), &s.instances[0]);
+    let [v1, absolute, escaping, subtree] =
+        ["1.0", "absolute", "escaping", "subtree"].map(|key| s.url(key));
     let tree = |dir: &std::path::Path| {
         let mut tree = snapshot(dir);
         tree.retain(|k, _| !k.ends_with(".lock") && !k.starts_with(".imageroot.staging"));
@@ -694,17 +696,14 @@ async fn hostile_images_are_refused_and_labels_are_honoured() {
 /// lock that cannot be taken for another reason says so.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_instance_lock_excludes_ns8s_agent() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("locked", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("locked", "2.0"))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("locked").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("locked", "1.0"))
+        .image("2.0", ImageSpec::module("locked", "2.0"))
+        .rootless("locked", 1, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let v2 = s.url("2.0");
 
     let lock = instance.state_dir.join(".update-module.lock");
     let mut holder = sandbox
@@ -769,14 +768,15 @@ async fn the_instance_lock_excludes_ns8s_agent() {
 /// is killed with its children.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_worker_and_script_timeout() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("killed", "1.0").file("bin/tool", "1\n", 0o755))
-        .unwrap();
     let big = vec![7u8; 160 * 1024 * 1024];
-    let v2 = sandbox
-        .build_image(
-            &ImageSpec::module("killed", "2.0")
+    let s = Scenario::new()
+        .image(
+            "1.0",
+            ImageSpec::module("killed", "1.0").file("bin/tool", "1\n", 0o755),
+        )
+        .image(
+            "2.0",
+            ImageSpec::module("killed", "2.0")
                 .file("bin/tool", "2\n", 0o755)
                 .file("data/big", big, 0o644)
                 .file(
@@ -785,13 +785,20 @@ async fn killed_worker_and_script_timeout() {
                     0o755,
                 ),
         )
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("killed").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    // Pre-pull so the extraction starts at once.
-    as_user(&sandbox, &instance, &["podman", "pull", "-q", &v2]);
-    let _daemon = start_daemon(&sandbox, &["--script-timeout", "2"]);
-    let connection = connect(&sandbox).await;
+        .rootless("killed", 1, "1.0")
+        // Pre-pulled so the extraction starts at once.
+        .prepare(|sandbox, images, instances| {
+            as_user(
+                sandbox,
+                &instances[0],
+                &["podman", "pull", "-q", &images.url("2.0")],
+            );
+        })
+        .daemon(&["--script-timeout", "2"])
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let v2 = s.url("2.0");
     let tree = |dir: &std::path::Path| {
         let mut tree = snapshot(dir);
         tree.retain(|k, _| {
@@ -910,13 +917,11 @@ async fn killed_worker_and_script_timeout() {
 /// instance. A rootful instance is updated by root with its manager reloaded.
 #[tokio::test(flavor = "multi_thread")]
 async fn module_steps_and_a_rootful_instance() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("stepper", "1.0"))
-        .unwrap();
-    let good = sandbox
-        .build_image(
-            &ImageSpec::module("stepper", "2.0")
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("stepper", "1.0"))
+        .image(
+            "good",
+            ImageSpec::module("stepper", "2.0")
                 .file(
                     "update-module.d/10script",
                     "#!/bin/sh\necho script >> order\n",
@@ -928,20 +933,23 @@ async fn module_steps_and_a_rootful_instance() {
                     0o755,
                 ),
         )
-        .unwrap();
-    let bad = sandbox
-        .build_image(&ImageSpec::module("stepper", "2.1").file(
-            "actions/update-module/60check",
-            "#!/bin/sh\nexit 4\n",
-            0o755,
-        ))
-        .unwrap();
-    let rootless = sandbox.add_rootless_instance("stepper").unwrap();
-    let rootful = sandbox.add_rootful_instance("stepper").unwrap();
-    sandbox.install(&rootless, &v1).unwrap();
-    sandbox.install(&rootful, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+        .image(
+            "bad",
+            ImageSpec::module("stepper", "2.1").file(
+                "actions/update-module/60check",
+                "#!/bin/sh\nexit 4\n",
+                0o755,
+            ),
+        )
+        .rootless("stepper", 1, "1.0")
+        .rootful("stepper", 1, "1.0")
+        .start()
+        .await;
+    let connection = s.bus();
+    let [rootless, rootful] = &s.instances[..] else {
+        unreachable!()
+    };
+    let [good, bad] = ["good", "bad"].map(|key| s.url(key));
 
     let run = run_job(
         &connection,
@@ -982,35 +990,30 @@ async fn module_steps_and_a_rootful_instance() {
 /// reload's outcome); an old image still used by a container is kept with a warning.
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_failure_and_image_in_use_are_warnings() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let side1 = sandbox.build_blob_image("sidecar", "1", 1024, 11).unwrap();
-    let side2 = sandbox.build_blob_image("sidecar", "2", 1024, 12).unwrap();
-    let v1 = sandbox
-        .build_image(
-            &ImageSpec::module("warned", "1.0").label("org.nethserver.images", side1.clone()),
-        )
-        .unwrap();
-    let v2 = sandbox
-        .build_image(
-            &ImageSpec::module("warned", "2.0").label("org.nethserver.images", side2.clone()),
-        )
-        .unwrap();
-    let rootful = sandbox.add_rootful_instance("warned").unwrap();
-    sandbox.install(&rootful, &v1).unwrap();
-    // A container made from the old sidecar image keeps it in use.
-    let created = sandbox
-        .podman_as(
-            &rootful,
-            &["create", "--name", "keeps-sidecar", &side1, "/none"],
-        )
-        .unwrap();
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    let mut s = Scenario::new()
+        .blob("side1", "sidecar", "1", 1024, 11)
+        .blob("side2", "sidecar", "2", 1024, 12)
+        .image_with("1.0", |_, images| {
+            ImageSpec::module("warned", "1.0").label("org.nethserver.images", images.url("side1"))
+        })
+        .image_with("2.0", |_, images| {
+            ImageSpec::module("warned", "2.0").label("org.nethserver.images", images.url("side2"))
+        })
+        .rootful("warned", 1, "1.0")
+        // A container made from the old sidecar image keeps it in use.
+        .prepare(|sandbox, images, instances| {
+            let side1 = images.url("side1");
+            let argv = ["create", "--name", "keeps-sidecar", &side1, "/none"];
+            let created = sandbox.podman_as(&instances[0], &argv).unwrap();
+            let stderr = String::from_utf8_lossy(&created.stderr);
+            assert!(created.status.success(), "{stderr}");
+        })
+        .without_daemon()
+        .start()
+        .await;
     // The rootful instances' manager is one that no one answers for.
     let mut command = std::process::Command::new(module_updater_tests::daemon_binary().unwrap());
+    let sandbox = &s.sandbox;
     command
         .arg("--config")
         .arg(sandbox.daemon_config().unwrap())
@@ -1023,9 +1026,10 @@ async fn reload_failure_and_image_in_use_are_warnings() {
         .arg("--rootful-base")
         .arg(sandbox.rootful_base())
         .args(["--system-manager-address", "unix:path=/nonexistent/bus"])
-        .args(daemon_args(&sandbox));
-    let _daemon = sandbox.start_daemon_with(command).unwrap();
-    let connection = connect(&sandbox).await;
+        .args(daemon_args(sandbox));
+    s.start_daemon_with(command).await;
+    let (sandbox, connection, rootful) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [side1, side2, v1, v2] = ["side1", "side2", "1.0", "2.0"].map(|key| s.url(key));
 
     let run = run_job(&connection, &request(&v2, &[&rootful.id], false)).await;
     let result = run.instance(&rootful.id);
@@ -1069,57 +1073,40 @@ async fn reload_failure_and_image_in_use_are_warnings() {
 /// an extraction that fails while the pull succeeds fails at extract, with the pull completed.
 #[tokio::test(flavor = "multi_thread")]
 async fn extra_images_pulled_beside_the_extraction_fail_at_their_own_step() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let registry = sandbox.registry();
-    let side1 = sandbox
-        .build_blob_image("overlap-side", "1", 4096, 21)
-        .unwrap();
-    let side2 = sandbox
-        .build_blob_image("overlap-side", "2", 4096, 22)
-        .unwrap();
-    let v1 = sandbox
-        .build_image(
-            &module_image(&sandbox, "overlap", "1.0", std::slice::from_ref(&side1))
-                .file("bin/tool", "1\n", 0o755),
-        )
-        .unwrap();
-    // Nothing was ever pushed under this name: its pull fails.
-    let never_pushed = format!("{registry}/never-pushed:1");
-    let mut missing_extra = module_image(
-        &sandbox,
-        "overlap",
-        "2.0-missing",
-        std::slice::from_ref(&never_pushed),
-    )
-    .file("bin/tool", "2\n", 0o755);
-    for i in 0..200 {
-        missing_extra = missing_extra.file(format!("share/f{i}"), format!("{i}\n"), 0o644);
-    }
-    let missing_extra = sandbox.build_image(&missing_extra).unwrap();
-    let hostile = sandbox
-        .build_image(
-            &module_image(
-                &sandbox,
-                "overlap",
-                "2.0-hostile",
-                std::slice::from_ref(&side2),
-            )
-            .symlink("bin/up", "../../../../../../etc"),
-        )
-        .unwrap();
-    // A file its owner may not read cannot be flushed on its own: the flush falls back to the
-    // whole filesystem, without a warning.
-    let v2 = sandbox
-        .build_image(
-            &module_image(&sandbox, "overlap", "2.0", std::slice::from_ref(&side2))
+    let s = Scenario::new()
+        .blob("side1", "overlap-side", "1", 4096, 21)
+        .blob("side2", "overlap-side", "2", 4096, 22)
+        .image_with("1.0", |sandbox, images| {
+            module_image(sandbox, "overlap", "1.0", &[images.url("side1")])
+                .file("bin/tool", "1\n", 0o755)
+        })
+        .image_with("missing-extra", |sandbox, _| {
+            // Nothing was ever pushed under this name: its pull fails.
+            let never_pushed = format!("{}/never-pushed:1", sandbox.registry());
+            let mut spec = module_image(sandbox, "overlap", "2.0-missing", &[never_pushed])
+                .file("bin/tool", "2\n", 0o755);
+            for i in 0..200 {
+                spec = spec.file(format!("share/f{i}"), format!("{i}\n"), 0o644);
+            }
+            spec
+        })
+        .image_with("hostile", |sandbox, images| {
+            module_image(sandbox, "overlap", "2.0-hostile", &[images.url("side2")])
+                .symlink("bin/up", "../../../../../../etc")
+        })
+        // A file its owner may not read cannot be flushed on its own: the flush falls back to
+        // the whole filesystem, without a warning.
+        .image_with("2.0", |sandbox, images| {
+            module_image(sandbox, "overlap", "2.0", &[images.url("side2")])
                 .file("bin/tool", "2\n", 0o755)
-                .file("bin/write-only", "w\n", 0o200),
-        )
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("overlap").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+                .file("bin/write-only", "w\n", 0o200)
+        })
+        .rootless("overlap", 1, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [side2, missing_extra, hostile, v2] =
+        ["side2", "missing-extra", "hostile", "2.0"].map(|key| s.url(key));
     let tree = |dir: &std::path::Path| {
         let mut tree = snapshot(dir);
         tree.retain(|k, _| {
@@ -1217,46 +1204,35 @@ async fn extra_images_pulled_beside_the_extraction_fail_at_their_own_step() {
 /// one that never existed are warnings naming them.
 #[tokio::test(flavor = "multi_thread")]
 async fn stale_images_are_removed_together_with_per_image_outcomes() {
-    let mut sandbox = Sandbox::new().unwrap();
+    let s = Scenario::new()
+        .blob("side1", "batch-side", "1", 1024, 31)
+        .blob("side2", "batch-side", "2", 1024, 32)
+        .image_with("1.0", |sandbox, images| {
+            module_image(sandbox, "batch", "1.0", &[images.url("side1")])
+        })
+        .image_with("2.0", |sandbox, images| {
+            module_image(sandbox, "batch", "2.0", &[images.url("side2")])
+        })
+        .rootless("batch", 1, "1.0")
+        .prepare(|sandbox, images, instances| {
+            let instance = &instances[0];
+            // A container keeps the old extra image in use.
+            let side1 = images.url("side1");
+            let argv = ["podman", "create", "--name", "keeps-side", &side1, "/none"];
+            as_user(sandbox, instance, &argv);
+            // A previous image that is not in the storage (removed by hand, say).
+            let registry = sandbox.registry();
+            let mut env = instance.read_env().unwrap();
+            env.insert("GHOST_IMAGE".into(), format!("{registry}/ghost:2"));
+            env.insert("PREV_GHOST_IMAGE".into(), format!("{registry}/ghost:1"));
+            sandbox.write_env(instance, &env).unwrap();
+        })
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
     let registry = sandbox.registry();
-    let side1 = sandbox
-        .build_blob_image("batch-side", "1", 1024, 31)
-        .unwrap();
-    let side2 = sandbox
-        .build_blob_image("batch-side", "2", 1024, 32)
-        .unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "batch",
-            "1.0",
-            std::slice::from_ref(&side1),
-        ))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(
-            &sandbox,
-            "batch",
-            "2.0",
-            std::slice::from_ref(&side2),
-        ))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("batch").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    // A container keeps the old extra image in use.
-    as_user(
-        &sandbox,
-        &instance,
-        &["podman", "create", "--name", "keeps-side", &side1, "/none"],
-    );
-    // A previous image that is not in the storage (removed by hand, say).
     let ghost = format!("{registry}/ghost:1");
-    let mut env = instance.read_env().unwrap();
-    env.insert("GHOST_IMAGE".into(), format!("{registry}/ghost:2"));
-    env.insert("PREV_GHOST_IMAGE".into(), ghost.clone());
-    sandbox.write_env(&instance, &env).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let [side1, side2, v1, v2] = ["side1", "side2", "1.0", "2.0"].map(|key| s.url(key));
 
     let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
@@ -1300,27 +1276,29 @@ async fn stale_images_are_removed_together_with_per_image_outcomes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn podmans_temporary_files_go_with_the_update() {
     use std::os::unix::fs::PermissionsExt;
-    let mut sandbox = Sandbox::new().unwrap();
-    let [_, _, v1, v2] = module_with_changing_extra(&sandbox, "scratch", "scratchdb", 4096);
-    let instances = installed_instances(&mut sandbox, "scratch", 2, &v1);
-    let [updated, other] = &instances[..] else {
-        unreachable!()
-    };
-    // A podman that notes its TMPDIR for every pull and load.
-    let record = sandbox.root().join("tmpdirs");
-    std::fs::write(&record, "").unwrap();
-    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let _daemon = start_daemon_with_trap(
-        &sandbox,
-        &[(
-            "podman",
+    let s = Scenario::new()
+        .module_with_changing_extra("scratch", "scratchdb", 4096)
+        .rootless("scratch", 2, "1.0")
+        // A podman that notes its TMPDIR for every pull and load.
+        .trap("podman", |sandbox, _, _| {
             format!(
                 "#!/bin/sh\ncase \" $* \" in\n  *\" pull \"*|*\" load \"*) echo \"$TMPDIR\" >> {record} ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
-                record = record.display(),
-            ),
-        )],
-    );
-    let connection = connect(&sandbox).await;
+                record = sandbox.root().join("tmpdirs").display(),
+            )
+        })
+        .prepare(|sandbox, _, _| {
+            let record = sandbox.root().join("tmpdirs");
+            std::fs::write(&record, "").unwrap();
+            std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666)).unwrap();
+        })
+        .start()
+        .await;
+    let (sandbox, connection) = (&s.sandbox, s.bus());
+    let [updated, other] = &s.instances[..] else {
+        unreachable!()
+    };
+    let v2 = s.url("2.0");
+    let record = sandbox.root().join("tmpdirs");
     // What a killed worker of each instance left: a directory with a blob in it.
     let left = |instance: &Instance| {
         let dir = format!("/var/tmp/module-updater-{}-tmp-Killed1", instance.id);

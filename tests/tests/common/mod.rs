@@ -1,16 +1,19 @@
 //! Helpers shared by the end-to-end test files: a sandbox with the daemon running on its bus, and
 //! running a job the way a careful client does (subscribe first, confirm the end by property).
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use module_updater_dbus::{BUS_NAME, JOB_INTERFACE, JobProxy, ModuleUpdaterProxy};
+use module_updater_dbus::{BUS_NAME, JOB_INTERFACE, JobProxy, JobSignal, ModuleUpdaterProxy};
 use module_updater_tests::{Daemon, ImageSpec, Instance, Sandbox};
 use serde_json::Value;
 use zbus::{MatchRule, MessageStream, OwnedObjectPath};
+
+mod scenario;
+pub use scenario::{DaemonOptions, INSTALL_THREADS, Images, Scenario, ScenarioBuilder, SetupTimes};
 
 /// How long any single job in these tests may take.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(180);
@@ -111,30 +114,6 @@ pub async fn connect(sandbox: &Sandbox) -> zbus::Connection {
         .expect("connect to the sandbox bus")
 }
 
-/// A signal of a job, as a client saw it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Seen {
-    Progress {
-        instance: String,
-        step: String,
-        percent: u32,
-    },
-    Message {
-        instance: String,
-        priority: u32,
-        text: String,
-    },
-    InstanceFinished {
-        instance: String,
-        status: String,
-        exit_code: i32,
-    },
-    Finished {
-        status: String,
-        exit_code: i32,
-    },
-}
-
 /// A finished job.
 #[derive(Debug)]
 pub struct JobRun {
@@ -142,7 +121,7 @@ pub struct JobRun {
     pub status: String,
     pub exit_code: i32,
     pub result: Value,
-    pub seen: Vec<Seen>,
+    pub seen: Vec<JobSignal>,
 }
 
 impl JobRun {
@@ -157,10 +136,10 @@ impl JobRun {
         self.seen
             .iter()
             .filter_map(|s| match s {
-                Seen::Progress {
+                JobSignal::Progress {
                     instance, percent, ..
                 } if instance == id => Some(*percent),
-                Seen::InstanceFinished { instance, .. } if instance == id => Some(100),
+                JobSignal::InstanceFinished { instance, .. } if instance == id => Some(100),
                 _ => None,
             })
             .collect()
@@ -170,7 +149,7 @@ impl JobRun {
         self.seen
             .iter()
             .filter_map(|s| match s {
-                Seen::Message { instance, text, .. } if instance == id => Some(text.clone()),
+                JobSignal::Message { instance, text, .. } if instance == id => Some(text.clone()),
                 _ => None,
             })
             .collect()
@@ -223,41 +202,10 @@ pub async fn follow(
         if header.path().map(|p| p.as_str()) != Some(path.as_str()) {
             continue;
         }
-        let member = header.member().map(|m| m.to_string()).unwrap_or_default();
-        let body = message.body();
-        let item = match member.as_str() {
-            "Progress" => {
-                let (instance, step, percent): (String, String, u32) = body.deserialize().unwrap();
-                Seen::Progress {
-                    instance,
-                    step,
-                    percent,
-                }
-            }
-            "Message" => {
-                let (instance, priority, text): (String, u32, String) = body.deserialize().unwrap();
-                Seen::Message {
-                    instance,
-                    priority,
-                    text,
-                }
-            }
-            "InstanceFinished" => {
-                let (instance, status, exit_code): (String, String, i32) =
-                    body.deserialize().unwrap();
-                Seen::InstanceFinished {
-                    instance,
-                    status,
-                    exit_code,
-                }
-            }
-            "Finished" => {
-                let (status, exit_code): (String, i32) = body.deserialize().unwrap();
-                Seen::Finished { status, exit_code }
-            }
-            _ => continue,
+        let Some(item) = JobSignal::decode(&message) else {
+            continue;
         };
-        let done = matches!(item, Seen::Finished { .. });
+        let done = matches!(item, JobSignal::Finished { .. });
         seen.push(item);
         if done {
             break;

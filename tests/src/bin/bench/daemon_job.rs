@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use module_updater_dbus::{BUS_NAME, JOB_INTERFACE, JobProxy, ModuleUpdaterProxy};
+use module_updater_dbus::{BUS_NAME, JobProxy, JobSignal, ModuleUpdaterProxy};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use zbus::{MatchRule, Message, MessageStream};
@@ -178,37 +178,31 @@ pub async fn run(
             continue;
         }
         let secs = at.saturating_duration_since(started).as_secs_f64();
-        let interface = header
-            .interface()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
-        let member = header.member().map(|m| m.to_string()).unwrap_or_default();
-        if interface == JOB_INTERFACE {
-            let body = message.body();
-            if let Ok((instance, what, number)) = body.deserialize::<(String, String, u32)>() {
-                if instance == first {
-                    timeline.push((secs, format!("{member} {what} {number}")));
-                }
-            } else if let Ok((instance, status, code)) = body.deserialize::<(String, String, i32)>()
+        let Some(signal) = JobSignal::decode(&message) else {
+            if header
+                .member()
+                .is_some_and(|m| m.as_str() == "PropertiesChanged")
             {
-                if instance == first {
-                    timeline.push((secs, format!("{member} {status} {code}")));
-                }
-            } else if let Ok((instance, _, text)) = body.deserialize::<(String, u32, String)>()
-                && instance == first
-            {
-                timeline.push((secs, format!("{member} {text}")));
+                changes.push(secs);
             }
+            continue;
+        };
+        let line = match &signal {
+            JobSignal::Progress { step, percent, .. } => format!("Progress {step} {percent}"),
+            JobSignal::Message { text, .. } => format!("Message {text}"),
+            JobSignal::InstanceFinished {
+                status, exit_code, ..
+            } => format!("InstanceFinished {status} {exit_code}"),
+            JobSignal::Finished { .. } => "Finished".to_owned(),
+        };
+        if signal.instance().is_none_or(|instance| instance == first) {
+            timeline.push((secs, line));
         }
-        match (interface.as_str(), member.as_str()) {
-            (JOB_INTERFACE, "Progress") => progress.push(secs),
-            (JOB_INTERFACE, "Message") => messages += 1,
-            (JOB_INTERFACE, "Finished") => {
-                timeline.push((secs, "Finished".to_owned()));
-                break at;
-            }
-            ("org.freedesktop.DBus.Properties", "PropertiesChanged") => changes.push(secs),
-            _ => {}
+        match signal {
+            JobSignal::Progress { .. } => progress.push(secs),
+            JobSignal::Message { .. } => messages += 1,
+            JobSignal::Finished { .. } => break at,
+            JobSignal::InstanceFinished { .. } => {}
         }
     };
     let wall_s = finished_at.saturating_duration_since(started).as_secs_f64();
