@@ -19,19 +19,19 @@ const PATH: &str = "/org/nethserver/ModuleUpdater";
 
 /// A 2.0 whose update script prints two lines, then waits until the test creates `gate` in the
 /// instance's state dir (its working directory), then prints a third.
-fn gated_module(sandbox: &Sandbox) -> (String, String) {
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("api", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("api", "2.0").file(
-            "update-module.d/50gate",
-            "#!/bin/sh\necho 'first line'\necho 'second line'\n\
-             while [ ! -e gate ]; do sleep 0.1; done\necho 'after the gate'\n",
-            0o755,
-        ))
-        .unwrap();
-    (v1, v2)
+/// Module `api` at 1.0, and at 2.0 with a script that waits for [`open_gate`].
+fn gated_module() -> ScenarioBuilder {
+    Scenario::new()
+        .image("1.0", ImageSpec::module("api", "1.0"))
+        .image(
+            "2.0",
+            ImageSpec::module("api", "2.0").file(
+                "update-module.d/50gate",
+                "#!/bin/sh\necho 'first line'\necho 'second line'\n\
+                 while [ ! -e gate ]; do sleep 0.1; done\necho 'after the gate'\n",
+                0o755,
+            ),
+        )
 }
 
 fn open_gate(instance: &Instance) {
@@ -144,15 +144,19 @@ fn busctl_json(sandbox: &Sandbox, args: &[&str]) -> Value {
 /// the history survives a restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let (v1, v2) = gated_module(&sandbox);
-    let a = sandbox.add_rootless_instance("api").unwrap();
-    let b = sandbox.add_rootless_instance("api").unwrap();
-    sandbox.install(&a, &v1).unwrap();
-    sandbox.install(&b, &v1).unwrap();
-    let daemon = start_daemon(&sandbox, &["--job-linger", "3"]);
-    let monitor = Monitor::start(&sandbox, "api");
-    let connection = connect(&sandbox).await;
+    let mut s = gated_module()
+        .rootless("api", 2, "1.0")
+        .daemon(&["--job-linger", "3"])
+        .start()
+        .await;
+    // The test restarts the daemon: it holds it.
+    let daemon = s.daemon.take().unwrap();
+    let (sandbox, connection) = (&s.sandbox, s.bus());
+    let [a, b] = &s.instances[..] else {
+        unreachable!()
+    };
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
+    let monitor = Monitor::start(sandbox, "api");
 
     // Before any job: the instances are objects with their image.
     let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
@@ -511,12 +515,9 @@ fn error_name(out: &std::process::Output) -> String {
 /// job's lines and never systemd's messages about its own job N.
 #[tokio::test(flavor = "multi_thread")]
 async fn journal_fields_are_namespaced() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let (v1, _) = gated_module(&sandbox);
-    let instance = sandbox.add_rootless_instance("api").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = gated_module().rootless("api", 1, "1.0").start().await;
+    let (connection, daemon, instance) = (s.bus(), s.daemon(), &s.instances[0]);
+    let v1 = s.url("1.0");
     let run = run_job(&connection, &request(&v1, &[&instance.id], true)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let log = daemon.log();
@@ -546,13 +547,10 @@ async fn the_python_example_of_the_docs_runs() {
         .unwrap();
     let start = doc.find("```python\n").expect("a Python example") + "```python\n".len();
     let example = &doc[start..start + doc[start..].find("```").unwrap()];
-    let mut sandbox = Sandbox::new().unwrap();
-    let (v1, v2) = gated_module(&sandbox);
-    let instance = sandbox.add_rootless_instance("api").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    open_gate(&instance);
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = gated_module().rootless("api", 1, "1.0").start().await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    open_gate(instance);
+    let v2 = s.url("2.0");
     let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let script = example
@@ -583,23 +581,16 @@ async fn the_python_example_of_the_docs_runs() {
 /// validation form naming the instance; tags that are not versions are never a downgrade.
 #[tokio::test(flavor = "multi_thread")]
 async fn another_module_and_a_downgrade_are_refused_before_any_job() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("chk", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("chk", "2.0"))
-        .unwrap();
-    let latest = sandbox
-        .build_image(&ImageSpec::module("chk", "latest"))
-        .unwrap();
-    let other = sandbox
-        .build_image(&ImageSpec::module("other", "9.0"))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("chk").unwrap();
-    sandbox.install(&instance, &v2).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("chk", "1.0"))
+        .image("2.0", ImageSpec::module("chk", "2.0"))
+        .image("latest", ImageSpec::module("chk", "latest"))
+        .image("other", ImageSpec::module("other", "9.0"))
+        .rootless("chk", 1, "2.0")
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [v1, v2, latest, other] = ["1.0", "2.0", "latest", "other"].map(|key| s.url(key));
     let refusal = |request: &str| {
         let out = gdbus_call(
             &sandbox,
@@ -676,30 +667,32 @@ async fn another_module_and_a_downgrade_are_refused_before_any_job() {
 /// answers costs its instance an error within the timeout while the others answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn updates_are_listed_from_the_registry_with_their_age() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let mut urls = std::collections::BTreeMap::new();
-    for tag in ["1.0", "1.1", "2.0", "2.0-rc1", "2.1-rc1"] {
-        urls.insert(
-            tag,
-            sandbox.build_image(&ImageSpec::module("upd", tag)).unwrap(),
-        );
-    }
-    let on_release = sandbox.add_rootless_instance("upd").unwrap();
-    let on_prerelease = sandbox.add_rootless_instance("upd").unwrap();
-    let on_moved = sandbox.add_rootless_instance("upd").unwrap();
-    let unreachable = sandbox.add_rootless_instance("upd").unwrap();
-    sandbox.install(&on_release, &urls["1.0"]).unwrap();
-    sandbox.install(&on_prerelease, &urls["2.0-rc1"]).unwrap();
-    sandbox.install(&on_moved, &urls["1.1"]).unwrap();
-    sandbox.install(&unreachable, &urls["1.0"]).unwrap();
+    const TAGS: [&str; 5] = ["1.0", "1.1", "2.0", "2.0-rc1", "2.1-rc1"];
     // A registry that accepts connections and never answers.
     let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hole_url = format!("{}/upd:1.0", hole.local_addr().unwrap());
-    let mut env = unreachable.read_env().unwrap();
-    env.insert("IMAGE_URL".into(), hole_url.clone());
-    sandbox.write_env(&unreachable, &env).unwrap();
-    let _daemon = start_daemon(&sandbox, &["--registry-timeout", "3"]);
-    let connection = connect(&sandbox).await;
+    let unreachable_url = hole_url.clone();
+    let s = Scenario::new()
+        .module("upd", &TAGS)
+        .rootless("upd", 1, "1.0")
+        .rootless("upd", 1, "2.0-rc1")
+        .rootless("upd", 1, "1.1")
+        .rootless("upd", 1, "1.0")
+        .prepare(move |sandbox, _, instances| {
+            let unreachable = &instances[3];
+            let mut env = unreachable.read_env().unwrap();
+            env.insert("IMAGE_URL".into(), unreachable_url);
+            sandbox.write_env(unreachable, &env).unwrap();
+        })
+        .daemon(&["--registry-timeout", "3"])
+        .start()
+        .await;
+    let (sandbox, connection) = (&s.sandbox, s.bus());
+    let [on_release, on_prerelease, on_moved, unreachable] = &s.instances[..] else {
+        unreachable!()
+    };
+    let urls: std::collections::BTreeMap<&str, String> =
+        TAGS.iter().map(|tag| (*tag, s.url(tag))).collect();
     let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
 
     let started = Instant::now();

@@ -357,29 +357,30 @@ fn user_runs(instance: &Instance, pattern: &str) -> bool {
         .success()
 }
 
-fn sleeping_image(sandbox: &Sandbox, tag: &str, script: &str) -> String {
-    sandbox
-        .build_image(&ImageSpec::module("app", tag).file("update-module.d/50slow", script, 0o755))
-        .unwrap()
+/// Module `app` at `tag` with an update script `script` (one that sleeps, say).
+fn sleeping_image(tag: &str, script: &str) -> ImageSpec {
+    ImageSpec::module("app", tag).file("update-module.d/50slow", script, 0o755)
 }
 
 #[test]
 fn every_command_with_its_exit_code() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("app", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("app", "2.0").file(
-            "update-module.d/20talk",
-            "#!/bin/sh\necho \"hello from $MODULE_ID\"\n",
-            0o755,
-        ))
-        .unwrap();
-    let slow = sleeping_image(&sandbox, "3.0", "#!/bin/sh\nsleep 300\n");
-    let a = sandbox.add_rootless_instance("app").unwrap();
-    sandbox.install(&a, &v1).unwrap();
-    let daemon = start_daemon(&sandbox, &[]);
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("app", "1.0"))
+        .image(
+            "2.0",
+            ImageSpec::module("app", "2.0").file(
+                "update-module.d/20talk",
+                "#!/bin/sh\necho \"hello from $MODULE_ID\"\n",
+                0o755,
+            ),
+        )
+        .image("slow", sleeping_image("3.0", "#!/bin/sh\nsleep 300\n"))
+        .rootless("app", 1, "1.0")
+        .build();
+    // The test stops the daemon: it holds it.
+    let daemon = s.daemon.take().unwrap();
+    let (sandbox, a) = (&s.sandbox, &s.instances[0]);
+    let [v1, v2, slow] = ["1.0", "2.0", "slow"].map(|key| s.url(key));
     let id = a.id.as_str();
 
     // version, and the hidden generators xtask uses.
@@ -748,13 +749,11 @@ fn every_command_with_its_exit_code() {
 
 #[test]
 fn unixexec_transport_and_monitor() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("app", "1.0"))
-        .unwrap();
-    let a = sandbox.add_rootless_instance("app").unwrap();
-    sandbox.install(&a, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("app", "1.0"))
+        .rootless("app", 1, "1.0")
+        .build();
+    let (sandbox, a, v1) = (&s.sandbox, &s.instances[0], s.url("1.0"));
     let id = a.id.as_str();
 
     // What -H does, minus ssh: the bus reached through systemd-stdio-bridge's stdin/stdout, with
@@ -860,22 +859,23 @@ fn screen_text(raw: &str) -> String {
 
 #[test]
 fn progress_bars_and_summary_on_a_terminal() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("app", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("app", "2.0").file(
-            "update-module.d/20talk",
-            "#!/bin/sh\necho \"hello from $MODULE_ID\"\nsleep 1\n",
-            0o755,
-        ))
-        .unwrap();
-    let a = sandbox.add_rootless_instance("app").unwrap();
-    let b = sandbox.add_rootless_instance("app").unwrap();
-    sandbox.install(&a, &v1).unwrap();
-    sandbox.install(&b, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("app", "1.0"))
+        .image(
+            "2.0",
+            ImageSpec::module("app", "2.0").file(
+                "update-module.d/20talk",
+                "#!/bin/sh\necho \"hello from $MODULE_ID\"\nsleep 1\n",
+                0o755,
+            ),
+        )
+        .rootless("app", 2, "1.0")
+        .build();
+    let sandbox = &s.sandbox;
+    let [a, b] = &s.instances[..] else {
+        unreachable!()
+    };
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
 
     // In a time zone far from UTC, as a person's terminal may be.
     let args = ["update", &v2, &a.id, &b.id];
@@ -982,17 +982,13 @@ fn progress_bars_and_summary_on_a_terminal() {
 
 #[test]
 fn summary_of_a_failed_instance_with_warnings() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let a = sandbox.add_rootless_instance("app").unwrap();
-    let b = sandbox.add_rootless_instance("app").unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("app", "1.0"))
-        .unwrap();
     // Every instance gets a failing script (a warning, NS8 semantics); the module's own step
     // fails for the second instance only (which fails it).
-    let v2 = sandbox
-        .build_image(
-            &ImageSpec::module("app", "2.0")
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("app", "1.0"))
+        .image(
+            "2.0",
+            ImageSpec::module("app", "2.0")
                 .file(
                     "update-module.d/30warn",
                     "#!/bin/sh\necho 'not quite'\nexit 3\n",
@@ -1000,17 +996,20 @@ fn summary_of_a_failed_instance_with_warnings() {
                 )
                 .file(
                     "actions/update-module/60check",
-                    format!(
-                        "#!/bin/sh\nif [ \"$MODULE_ID\" = {} ]; then echo 'disk full' >&2; exit 4; fi\n",
-                        b.id
-                    ),
+                    "#!/bin/sh\nif [ -e disk-full ]; then echo 'disk full' >&2; exit 4; fi\n",
                     0o755,
                 ),
         )
-        .unwrap();
-    sandbox.install(&a, &v1).unwrap();
-    sandbox.install(&b, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
+        .rootless("app", 2, "1.0")
+        .prepare(|_, _, instances| {
+            std::fs::write(instances[1].state_dir.join("disk-full"), "").unwrap();
+        })
+        .build();
+    let sandbox = &s.sandbox;
+    let [a, b] = &s.instances[..] else {
+        unreachable!()
+    };
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
 
     let args = ["update", &v2, &a.id, &b.id];
     let out = Terminal::start(&sandbox, "failed", &args, &[])
@@ -1084,16 +1083,19 @@ fn summary_of_a_failed_instance_with_warnings() {
 
 #[test]
 fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("app", "1.0"))
-        .unwrap();
-    let slow = sleeping_image(&sandbox, "2.0", "#!/bin/sh\nsleep 300\n");
-    // Ignores SIGTERM (sleep inherits that), so cancelling takes the daemon's 10 s SIGKILL grace.
-    let stubborn = sleeping_image(&sandbox, "3.0", "#!/bin/sh\ntrap '' TERM\nsleep 301\n");
-    let a = sandbox.add_rootless_instance("app").unwrap();
-    sandbox.install(&a, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("app", "1.0"))
+        .image("slow", sleeping_image("2.0", "#!/bin/sh\nsleep 300\n"))
+        // Ignores SIGTERM (sleep inherits that), so cancelling takes the daemon's 10 s SIGKILL
+        // grace.
+        .image(
+            "stubborn",
+            sleeping_image("3.0", "#!/bin/sh\ntrap '' TERM\nsleep 301\n"),
+        )
+        .rootless("app", 1, "1.0")
+        .build();
+    let (sandbox, a) = (&s.sandbox, &s.instances[0]);
+    let [slow, stubborn] = ["slow", "stubborn"].map(|key| s.url(key));
     let id = a.id.as_str();
 
     // First Ctrl-C: the job is cancelled and followed to its end.
@@ -1180,14 +1182,13 @@ fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
 
 #[test]
 fn the_service_killed_while_a_job_is_followed() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("app", "1.0"))
-        .unwrap();
-    let slow = sleeping_image(&sandbox, "2.0", "#!/bin/sh\nsleep 302\n");
-    let a = sandbox.add_rootless_instance("app").unwrap();
-    sandbox.install(&a, &v1).unwrap();
-    let mut daemon = start_daemon(&sandbox, &[]);
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("app", "1.0"))
+        .image("slow", sleeping_image("2.0", "#!/bin/sh\nsleep 302\n"))
+        .rootless("app", 1, "1.0")
+        .build();
+    let mut daemon = s.daemon.take().unwrap();
+    let (sandbox, a, slow) = (&s.sandbox, &s.instances[0], s.url("slow"));
     let id = a.id.as_str();
 
     let mut follower = Background::start(&sandbox, "killed", &["update", &slow, id]);
@@ -1376,20 +1377,19 @@ fn busctl_update(
 #[test]
 fn polkit_asks_for_a_password_on_a_terminal_only() {
     use module_updater_dbus::ACTION_UPDATE_MODULE;
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("app", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("app", "2.0"))
-        .unwrap();
-    let target = sandbox.add_rootless_instance("app").unwrap();
-    sandbox.install(&target, &v1).unwrap();
     // A non-root user with a password, who is also the administrator polkit asks for.
-    let caller = sandbox.add_rootless_instance("caller").unwrap();
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("app", "1.0"))
+        .image("2.0", ImageSpec::module("app", "2.0"))
+        .rootless("app", 1, "1.0")
+        .bare("caller", 1)
+        .without_daemon()
+        .build();
+    let mut polkit = s.sandbox.start_polkitd().unwrap();
+    let (sandbox, target, caller, v2) =
+        (&s.sandbox, &s.instances[0], &s.instances[1], s.url("2.0"));
     let password = "Correct-horse-7";
-    sandbox.set_password(&caller, password).unwrap();
-    let mut polkit = sandbox.start_polkitd().unwrap();
+    sandbox.set_password(caller, password).unwrap();
     // update-module needs an administrator's password (auth_admin, nothing kept between calls),
     // and the administrator is the caller. Another action is granted outright: an answer pkcheck
     // can see, so the test knows when polkitd has loaded the file (cancel is granted outright

@@ -717,8 +717,7 @@ async fn the_extra_images_download_beside_each_other_and_the_module_image_load()
     // attempt wrote for the workers is not in its way.
     let more = s.add_rootless("beside", 2, "1.0");
     let failing = "#!/bin/sh\ncase \"$*\" in\n*\" copy \"*besideb*) echo 'a copy that fails' >&2; exit 1 ;;\nesac\nexec /usr/bin/skopeo \"$@\"\n";
-    s.restart_daemon_with(DaemonOptions::new().trap("skopeo", |_, _, _| failing.to_owned()))
-        .await;
+    s.restart_daemon_with(DaemonOptions::new().trap("skopeo", |_, _, _| failing.to_owned()));
     let (connection, daemon) = (s.bus(), s.daemon());
     let more = &s.instances[more];
     run_completed(connection, daemon, &request(&v2, &ids(more), false)).await;
@@ -875,8 +874,7 @@ async fn an_instance_whose_load_fails_pulls_the_same_images() {
         DaemonOptions::new()
             .trap("podman", podman)
             .env("GOGC", "100"),
-    )
-    .await;
+    );
     run_completed(s.bus(), s.daemon(), &request(&v2, &[&loaded.id], true)).await;
     let calls = calls_of(&loaded.id);
     assert!(!calls.is_empty(), "the forced update ran no podman");
@@ -1082,8 +1080,7 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
 
     // A skopeo that is not there (as a shell says it).
     let not_there = "#!/bin/sh\necho 'skopeo: not found' >&2\nexit 127\n";
-    s.restart_daemon_with(DaemonOptions::new().trap("skopeo", |_, _, _| not_there.to_owned()))
-        .await;
+    s.restart_daemon_with(DaemonOptions::new().trap("skopeo", |_, _, _| not_there.to_owned()));
     let job = request(&by_podman, &ids(without_skopeo), false);
     let run = run_completed(s.bus(), s.daemon(), &job).await;
     for instance in without_skopeo {

@@ -1027,7 +1027,7 @@ async fn reload_failure_and_image_in_use_are_warnings() {
         .arg(sandbox.rootful_base())
         .args(["--system-manager-address", "unix:path=/nonexistent/bus"])
         .args(daemon_args(sandbox));
-    s.start_daemon_with(command).await;
+    s.start_daemon_with(command);
     let (sandbox, connection, rootful) = (&s.sandbox, s.bus(), &s.instances[0]);
     let [side1, side2, v1, v2] = ["side1", "side2", "1.0", "2.0"].map(|key| s.url(key));
 

@@ -266,9 +266,16 @@ impl ScenarioBuilder {
         self
     }
 
-    /// Builds and pushes the images, adds and installs the instances, runs the `prepare` steps,
-    /// starts the daemon and connects to the bus.
+    /// [`ScenarioBuilder::build`], then a connection to the sandbox's bus ([`Scenario::bus`]).
     pub async fn start(self) -> Scenario {
+        let mut scenario = self.build();
+        scenario.bus = Some(connect(&scenario.sandbox).await);
+        scenario
+    }
+
+    /// Builds and pushes the images, adds and installs the instances, runs the `prepare` steps
+    /// and starts the daemon; for tests that talk to it with other clients only.
+    pub fn build(self) -> Scenario {
         let started = Instant::now();
         let mut sandbox = Sandbox::new().expect("create the sandbox");
         let mut images = Images::default();
@@ -315,40 +322,36 @@ impl ScenarioBuilder {
             options: self.daemon,
         };
         if self.start_daemon {
-            scenario.start_daemon().await;
+            scenario.start_daemon();
         }
         scenario
     }
 }
 
 impl Scenario {
-    /// Starts the daemon as the builder described it, and connects to the bus if not yet.
-    pub async fn start_daemon(&mut self) -> &Daemon {
+    /// Starts the daemon as the builder described it.
+    pub fn start_daemon(&mut self) -> &Daemon {
         let command = daemon_command(&self.sandbox, &self.images, &self.instances, &self.options);
-        self.start_daemon_with(command).await
+        self.start_daemon_with(command)
     }
 
     /// Starts the daemon from a command the test made (see `Sandbox::daemon_command`).
-    pub async fn start_daemon_with(&mut self, command: std::process::Command) -> &Daemon {
+    pub fn start_daemon_with(&mut self, command: std::process::Command) -> &Daemon {
         assert!(self.daemon.is_none(), "the daemon already runs");
         let daemon = self
             .sandbox
             .start_daemon_with(command)
             .expect("start module-updaterd");
-        self.daemon = Some(daemon);
-        if self.bus.is_none() {
-            self.bus = Some(connect(&self.sandbox).await);
-        }
-        self.daemon.as_ref().expect("just started")
+        self.daemon.insert(daemon)
     }
 
     /// Stops the daemon (SIGTERM, waits for it) and starts one with `options` instead.
-    pub async fn restart_daemon_with(&mut self, options: DaemonOptions) -> &Daemon {
+    pub fn restart_daemon_with(&mut self, options: DaemonOptions) -> &Daemon {
         if let Some(daemon) = self.daemon.take() {
             daemon.stop().expect("stop the daemon");
         }
         self.options = options;
-        self.start_daemon().await
+        self.start_daemon()
     }
 
     /// Adds `count` rootless instances of `module` installed at the image keyed `at`; returns
@@ -376,11 +379,11 @@ impl Scenario {
             .expect("the scenario's daemon was not started")
     }
 
-    /// A connection to the sandbox's bus.
+    /// A connection to the sandbox's bus (made by [`ScenarioBuilder::start`]).
     pub fn bus(&self) -> &zbus::Connection {
         self.bus
             .as_ref()
-            .expect("the scenario's daemon was not started")
+            .expect("the scenario was built without a bus connection: use start()")
     }
 
     /// The URL of the image keyed `key`.
