@@ -115,31 +115,30 @@ async fn wait_for_process(instance: &Instance, pattern: &str) {
 }
 
 /// A module image whose update script sleeps, so that its job can be cancelled.
-fn sleeper(sandbox: &Sandbox, repo: &str, tag: &str) -> String {
-    sandbox
-        .build_image(&ImageSpec::module(repo, tag).file(
-            "update-module.d/50sleep",
-            "#!/bin/sh\nsleep 300\n",
-            0o755,
-        ))
-        .unwrap()
+/// Module `repo` at `tag` with an update script that sleeps for 5 minutes.
+fn sleeper(repo: &str, tag: &str) -> ImageSpec {
+    ImageSpec::module(repo, tag).file("update-module.d/50sleep", "#!/bin/sh\nsleep 300\n", 0o755)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn polkit_decides_for_everyone_but_root() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("guard", "1.0"))
-        .unwrap();
-    let v2 = sleeper(&sandbox, "guard", "2.0");
-    let target = sandbox.add_rootless_instance("guard").unwrap();
-    sandbox.install(&target, &v1).unwrap();
-    // Two plain non-root users (instances of another module, never updated here).
-    let alice = sandbox.add_rootless_instance("alice").unwrap();
-    let bob = sandbox.add_rootless_instance("bob").unwrap();
-    let mut polkit = sandbox.start_polkitd().unwrap();
-    let daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("guard", "1.0"))
+        .image("2.0", sleeper("guard", "2.0"))
+        .rootless("guard", 1, "1.0")
+        // Two plain non-root users (instances of another module, never updated here).
+        .bare("alice", 1)
+        .bare("bob", 1)
+        .polkit()
+        .start()
+        .await;
+    // The test stops the daemon and polkitd itself: it holds them.
+    let (mut polkit, daemon) = (s.polkit.take().unwrap(), s.daemon.take().unwrap());
+    let (sandbox, connection) = (&s.sandbox, s.bus());
+    let [target, alice, bob] = &s.instances[..] else {
+        unreachable!()
+    };
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
     let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
     let update = request(&v2, &[&target.id], false);
 
@@ -390,15 +389,17 @@ async fn polkit_decides_for_everyone_but_root() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_polkit_only_root_may_act() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("alone", "1.0"))
-        .unwrap();
-    let target = sandbox.add_rootless_instance("alone").unwrap();
-    sandbox.install(&target, &v1).unwrap();
-    let user = sandbox.add_rootless_instance("user").unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("alone", "1.0"))
+        .rootless("alone", 1, "1.0")
+        .bare("user", 1)
+        .start()
+        .await;
+    let (sandbox, connection) = (&s.sandbox, s.bus());
+    let [target, user] = &s.instances[..] else {
+        unreachable!()
+    };
+    let v1 = s.url("1.0");
 
     // Nobody owns org.freedesktop.PolicyKit1 on this bus.
     let out = Command::new("busctl")
@@ -506,27 +507,27 @@ async fn without_polkit_only_root_may_act() {
 /// be harmless by construction: only compared with what discovery found, never joined into a path.
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_is_refused_before_it_reaches_anything() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("input", "1.0"))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("input").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
     // Traps: what `<base>.join(id)` would find for the hostile ids, each looking like a valid
     // rootful instance. Were an id ever joined into a path, the daemon would accept the trap.
-    let rootful = sandbox.rootful_base();
-    let mut traps = Vec::new();
-    for (id, dir) in [
-        ("../x1", rootful.join("../x1")),
-        ("a/b1", rootful.join("a/b1")),
-        (".1", rootful.join(".1")),
-        ("../home/../x1", rootful.join("../home/../x1")),
-    ] {
-        let state = dir.join("state");
-        std::fs::create_dir_all(&state).unwrap();
-        std::fs::write(state.join("environment"), format!("MODULE_ID={id}\n")).unwrap();
-        traps.push(state.join("environment"));
+    fn traps(sandbox: &Sandbox) -> Vec<(&'static str, PathBuf)> {
+        let rootful = sandbox.rootful_base();
+        ["../x1", "a/b1", ".1", "../home/../x1"]
+            .into_iter()
+            .map(|id| (id, rootful.join(id).join("state/environment")))
+            .collect()
     }
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("input", "1.0"))
+        .rootless("input", 1, "1.0")
+        .prepare(|sandbox, _, _| {
+            for (id, env) in traps(sandbox) {
+                std::fs::create_dir_all(env.parent().unwrap()).unwrap();
+                std::fs::write(env, format!("MODULE_ID={id}\n")).unwrap();
+            }
+        })
+        .without_daemon()
+        .build();
+    let traps: Vec<PathBuf> = traps(&s.sandbox).into_iter().map(|(_, env)| env).collect();
     let trap_snapshot = |traps: &[PathBuf]| -> Vec<(Vec<u8>, std::time::SystemTime)> {
         traps
             .iter()
@@ -539,7 +540,9 @@ async fn hostile_input_is_refused_before_it_reaches_anything() {
             .collect()
     };
     let before = trap_snapshot(&traps);
-    let mut daemon = start_daemon(&sandbox, &[]);
+    s.start_daemon();
+    let mut daemon = s.daemon.take().unwrap();
+    let (sandbox, instance, v1) = (&s.sandbox, &s.instances[0], s.url("1.0"));
 
     for id in [
         "../x1",
@@ -657,42 +660,39 @@ async fn hostile_input_is_refused_before_it_reaches_anything() {
 /// semantics), but inherit nothing either.
 #[tokio::test(flavor = "multi_thread")]
 async fn module_code_runs_unprivileged_and_inherits_nothing() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let victim = sandbox.add_rootless_instance("victim").unwrap();
-    let rootless = sandbox.add_rootless_instance("probe").unwrap();
-    let rootful = sandbox.add_rootful_instance("probe").unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("probe", "1.0"))
-        .unwrap();
-    let victim_env = victim.env_file();
-    // `exec ls` last: the listing is of a process holding exactly what the script held.
-    let probe = format!(
-        "#!/bin/sh\n\
-         out=\"$AGENT_STATE_DIR\"\n\
-         id -u > \"$out/probe.uid\"\n\
-         id -G > \"$out/probe.groups\"\n\
-         grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status > \"$out/probe.caps\"\n\
-         # Rootful modules run as root, as in NS8: only a rootless one is confined.\n\
-         if [ \"$(id -u)\" != 0 ]; then\n\
-           if touch {home}/pwned 2>/dev/null; then echo home >> \"$out/probe.wrote\"; fi\n\
-           if echo PWNED=1 2>/dev/null >> {env}; then echo env >> \"$out/probe.wrote\"; fi\n\
-         fi\n\
-         exec ls -l /proc/self/fd/ > \"$out/probe.fds\"\n",
-        home = victim.home.display(),
-        env = victim_env.display(),
-    );
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("probe", "2.0").file(
-            "update-module.d/10probe",
-            probe,
-            0o755,
-        ))
-        .unwrap();
-    sandbox.install(&rootless, &v1).unwrap();
-    sandbox.install(&rootful, &v1).unwrap();
-    let victim_before = snapshot(&victim.home);
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let mut s = Scenario::new()
+        .bare("victim", 1)
+        .rootless("probe", 1, "1.0")
+        .rootful("probe", 1, "1.0")
+        .image("1.0", ImageSpec::module("probe", "1.0"))
+        .image_for_instances("2.0", |_, _, instances| {
+            // `exec ls` last: the listing is of a process holding exactly what the script held.
+            let probe = format!(
+                "#!/bin/sh\n\
+             out=\"$AGENT_STATE_DIR\"\n\
+             id -u > \"$out/probe.uid\"\n\
+             id -G > \"$out/probe.groups\"\n\
+             grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status > \"$out/probe.caps\"\n\
+             # Rootful modules run as root, as in NS8: only a rootless one is confined.\n\
+             if [ \"$(id -u)\" != 0 ]; then\n\
+               if touch {home}/pwned 2>/dev/null; then echo home >> \"$out/probe.wrote\"; fi\n\
+               if echo PWNED=1 2>/dev/null >> {env}; then echo env >> \"$out/probe.wrote\"; fi\n\
+             fi\n\
+             exec ls -l /proc/self/fd/ > \"$out/probe.fds\"\n",
+                home = instances[0].home.display(),
+                env = instances[0].env_file().display(),
+            );
+            ImageSpec::module("probe", "2.0").file("update-module.d/10probe", probe, 0o755)
+        })
+        .without_daemon()
+        .start()
+        .await;
+    let victim_before = snapshot(&s.instances[0].home);
+    s.start_daemon();
+    let (sandbox, connection, v2) = (&s.sandbox, s.bus(), s.url("2.0"));
+    let [victim, rootless, rootful] = &s.instances[..] else {
+        unreachable!()
+    };
     let run = run_job(
         &connection,
         &request(&v2, &[&rootless.id, &rootful.id], false),
@@ -868,21 +868,17 @@ async fn flood_round(
 /// (docs/security.md records them), never asserted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_unauthorised_calls_is_refused_while_root_is_served() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("flood", "1.0"))
-        .unwrap();
-    let mut instances = Vec::new();
-    for _ in 0..3 {
-        let instance = sandbox.add_rootless_instance("flood").unwrap();
-        sandbox.install(&instance, &v1).unwrap();
-        instances.push(instance);
-    }
-    let flooder = sandbox.add_rootless_instance("flooder").unwrap();
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("flood", "1.0"))
+        .rootless("flood", 3, "1.0")
+        .bare("flooder", 1)
+        .polkit()
+        .start()
+        .await;
+    let mut daemon = s.daemon.take().unwrap();
+    let (sandbox, connection, v1) = (&s.sandbox, s.bus(), s.url("1.0"));
+    let (instances, flooder) = (&s.instances[..3], &s.instances[3]);
     let all = instances.len() + 1;
-    let _polkit = sandbox.start_polkitd().unwrap();
-    let mut daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
     let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
     let update = request(&v1, &[&instances[0].id], true);
 
@@ -1225,18 +1221,21 @@ fn install_tree(instance: &Instance) -> std::collections::BTreeMap<String, (u32,
 /// keeps serving.
 #[tokio::test(flavor = "multi_thread")]
 async fn malicious_images_are_refused_or_neutralised() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("evil", "1.0").file("bin/tool", "1\n", 0o755))
-        .unwrap();
-    let rootless = sandbox.add_rootless_instance("evil").unwrap();
-    let rootful = sandbox.add_rootful_instance("evil").unwrap();
-    let bystander = sandbox.add_rootless_instance("bystander").unwrap();
-    sandbox.install(&rootless, &v1).unwrap();
-    sandbox.install(&rootful, &v1).unwrap();
-    sandbox.install(&bystander, &v1).unwrap();
-    let mut daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let mut s = Scenario::new()
+        .image(
+            "1.0",
+            ImageSpec::module("evil", "1.0").file("bin/tool", "1\n", 0o755),
+        )
+        .rootless("evil", 1, "1.0")
+        .rootful("evil", 1, "1.0")
+        .rootless("bystander", 1, "1.0")
+        .start()
+        .await;
+    let mut daemon = s.daemon.take().unwrap();
+    let (sandbox, connection) = (&s.sandbox, s.bus());
+    let [rootless, rootful, bystander] = &s.instances[..] else {
+        unreachable!()
+    };
     let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
 
     let marker = format!(
@@ -1424,16 +1423,16 @@ async fn malicious_images_are_refused_or_neutralised() {
 /// install dirs changes.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_image_of_100000_files_is_installed_within_the_limits() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("many", "1.0"))
-        .unwrap();
-    let rootless = sandbox.add_rootless_instance("many").unwrap();
-    let rootful = sandbox.add_rootful_instance("many").unwrap();
-    sandbox.install(&rootless, &v1).unwrap();
-    sandbox.install(&rootful, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("many", "1.0"))
+        .rootless("many", 1, "1.0")
+        .rootful("many", 1, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection) = (&s.sandbox, s.bus());
+    let [rootless, rootful] = &s.instances[..] else {
+        unreachable!()
+    };
     let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
     let layer = (0..100_000)
         .fold(

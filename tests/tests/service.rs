@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use module_updater_tests::{ImageSpec, Sandbox};
+use module_updater_tests::{ImageSpec, Instance, Sandbox};
 
 const NAME: &str = "org.nethserver.ModuleUpdater";
 const PATH: &str = "/org/nethserver/ModuleUpdater";
@@ -88,20 +88,20 @@ fn refused(sandbox: &Sandbox, request: &str) -> (String, serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn validation_errors_busy_and_instance_queries() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("valid", "1.0"))
-        .unwrap();
-    let slow = sandbox
-        .build_image(&ImageSpec::module("valid", "2.0").file(
-            "update-module.d/50slow",
-            "#!/bin/sh\nsleep 5\n",
-            0o755,
-        ))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("valid").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("valid", "1.0"))
+        .image(
+            "slow",
+            ImageSpec::module("valid", "2.0").file(
+                "update-module.d/50slow",
+                "#!/bin/sh\nsleep 5\n",
+                0o755,
+            ),
+        )
+        .rootless("valid", 1, "1.0")
+        .build();
+    let (sandbox, instance) = (&s.sandbox, &s.instances[0]);
+    let [v1, slow] = ["1.0", "slow"].map(|key| s.url(key));
     let id = instance.id.as_str();
 
     let cases: Vec<(String, &str, &str, &str)> = vec![
@@ -283,14 +283,12 @@ async fn validation_errors_busy_and_instance_queries() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("pair", "1.0"))
-        .unwrap();
     let picky = "#!/bin/sh\n[ -e \"$AGENT_STATE_DIR/fail-me\" ] && exit 7\nexit 0\n";
-    let v2 = sandbox
-        .build_image(
-            &ImageSpec::module("pair", "2.0")
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("pair", "1.0"))
+        .image(
+            "2.0",
+            ImageSpec::module("pair", "2.0")
                 .file(
                     "update-module.d/20talk",
                     "#!/bin/sh\necho \"hello from $MODULE_ID\"\n",
@@ -298,21 +296,26 @@ async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
                 )
                 .file("actions/update-module/70picky", picky, 0o755),
         )
-        .unwrap();
-    let v3 = sandbox
-        .build_image(&ImageSpec::module("pair", "3.0").file(
-            "update-module.d/50sleep",
-            "#!/bin/sh\nsleep 300\n",
-            0o755,
-        ))
-        .unwrap();
-    let a = sandbox.add_rootless_instance("pair").unwrap();
-    let b = sandbox.add_rootless_instance("pair").unwrap();
-    sandbox.install(&a, &v1).unwrap();
-    sandbox.install(&b, &v1).unwrap();
-    std::fs::write(b.state_dir.join("fail-me"), "").unwrap();
-    let daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+        .image(
+            "3.0",
+            ImageSpec::module("pair", "3.0").file(
+                "update-module.d/50sleep",
+                "#!/bin/sh\nsleep 300\n",
+                0o755,
+            ),
+        )
+        .rootless("pair", 2, "1.0")
+        .prepare(|_, _, instances| {
+            std::fs::write(instances[1].state_dir.join("fail-me"), "").unwrap();
+        })
+        .start()
+        .await;
+    let daemon = s.daemon.take().unwrap();
+    let (sandbox, connection) = (&s.sandbox, s.bus());
+    let [a, b] = &s.instances[..] else {
+        unreachable!()
+    };
+    let [v2, v3] = ["2.0", "3.0"].map(|key| s.url(key));
 
     // JobFinished reaches a client that subscribed before calling.
     let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
@@ -406,13 +409,11 @@ async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_daemon_killed_mid_job_reports_it_interrupted_and_the_rerun_completes() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("crash", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(
-            &ImageSpec::module("crash", "2.0")
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("crash", "1.0"))
+        .image(
+            "2.0",
+            ImageSpec::module("crash", "2.0")
                 .file(
                     "update-module.d/40count",
                     "#!/bin/sh\necho run >> runs\n",
@@ -424,11 +425,12 @@ async fn a_daemon_killed_mid_job_reports_it_interrupted_and_the_rerun_completes(
                     0o755,
                 ),
         )
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("crash").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let mut daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+        .rootless("crash", 1, "1.0")
+        .start()
+        .await;
+    let mut daemon = s.daemon.take().unwrap();
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let v2 = s.url("2.0");
     let path = submit(&connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
@@ -491,21 +493,22 @@ async fn a_daemon_killed_mid_job_reports_it_interrupted_and_the_rerun_completes(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_job_and_idle_exit() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("term", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("term", "2.0").file(
-            "update-module.d/50sleep",
-            "#!/bin/sh\nsleep 300\n",
-            0o755,
-        ))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("term").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let mut s = Scenario::new()
+        .image("1.0", ImageSpec::module("term", "1.0"))
+        .image(
+            "2.0",
+            ImageSpec::module("term", "2.0").file(
+                "update-module.d/50sleep",
+                "#!/bin/sh\nsleep 300\n",
+                0o755,
+            ),
+        )
+        .rootless("term", 1, "1.0")
+        .start()
+        .await;
+    let daemon = s.daemon.take().unwrap();
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let v2 = s.url("2.0");
     let path = submit(&connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
@@ -562,14 +565,13 @@ async fn sigterm_during_a_job_and_idle_exit() {
 /// snapshot, so any change of names, signatures or annotations fails here first.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_introspection_matches_the_committed_contract() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("shape", "1.0"))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("shape").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("shape", "1.0"))
+        .rootless("shape", 1, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let v1 = s.url("1.0");
     let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
     let instance_path = module_updater_dbus::instance_path(&instance.id);
     let mut changed = Vec::new();
@@ -626,15 +628,24 @@ fn extract_interface(xml: &str, name: &str) -> String {
 /// a rename, as NS8's agent writes) show in the very next `ListInstances` and `GetInstance`.
 #[tokio::test(flavor = "multi_thread")]
 async fn instance_queries_see_new_instances_and_changed_environments_at_once() {
-    let mut sandbox = Sandbox::new().unwrap();
+    let env_text = |registry: &str, id: &str, tag: &str| {
+        format!("IMAGE_URL={registry}/fresh:{tag}\nMODULE_ID={id}\n")
+    };
+    let mut s = Scenario::new()
+        .bare("fresh", 1)
+        // Written in place: the file keeps its inode and its owner, the instance user.
+        .prepare(move |sandbox, _, instances| {
+            let first = &instances[0];
+            let text = env_text(&sandbox.registry(), &first.id, "1.0");
+            std::fs::write(first.env_file(), text).unwrap();
+        })
+        .start()
+        .await;
+    let (first, connection) = (s.instances[0].clone(), s.bus().clone());
+    let sandbox = &mut s.sandbox;
     let registry = sandbox.registry();
-    let first = sandbox.add_rootless_instance("fresh").unwrap();
     let url_of = |tag: &str| format!("{registry}/fresh:{tag}");
-    let env_text = |id: &str, tag: &str| format!("IMAGE_URL={}\nMODULE_ID={id}\n", url_of(tag));
-    // Written in place: the file keeps its inode and its owner, the instance user.
-    std::fs::write(first.env_file(), env_text(&first.id, "1.0")).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let env_text = |id: &str, tag: &str| env_text(&registry, id, tag);
     let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
         .await
         .unwrap();
@@ -717,41 +728,46 @@ async fn instance_queries_see_new_instances_and_changed_environments_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
     use module_updaterd::jobs::{JobRecord, JobStatus, MAX_KNOWN_JOBS};
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("limits", "1.0"))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("limits").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let jobs = sandbox.daemon_state_dir().join("jobs");
-    std::fs::create_dir_all(&jobs).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64;
-    for id in 1..=MAX_KNOWN_JOBS as u64 {
-        let record = JobRecord {
-            id,
-            action: "update-module".into(),
-            request: request(&v1, &[&instance.id], false),
-            instances: vec![instance.id.clone()],
-            status: JobStatus::Completed,
-            progress: 100,
-            exit_code: 0,
-            caller_uid: 0,
-            started_usec: now,
-            finished_usec: now,
-            steps: Default::default(),
-            results: Default::default(),
-            error: None,
-        };
-        std::fs::write(
-            jobs.join(format!("{id}.json")),
-            serde_json::to_vec(&record).unwrap(),
-        )
-        .unwrap();
+    // As many finished jobs as the daemon keeps, recorded by an earlier daemon.
+    fn write_finished_jobs(sandbox: &Sandbox, images: &Images, instances: &[Instance]) {
+        let (v1, instance) = (images.url("1.0"), &instances[0]);
+        let jobs = sandbox.daemon_state_dir().join("jobs");
+        std::fs::create_dir_all(&jobs).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        for id in 1..=MAX_KNOWN_JOBS as u64 {
+            let record = JobRecord {
+                id,
+                action: "update-module".into(),
+                request: request(&v1, &[&instance.id], false),
+                instances: vec![instance.id.clone()],
+                status: JobStatus::Completed,
+                progress: 100,
+                exit_code: 0,
+                caller_uid: 0,
+                started_usec: now,
+                finished_usec: now,
+                steps: Default::default(),
+                results: Default::default(),
+                error: None,
+            };
+            std::fs::write(
+                jobs.join(format!("{id}.json")),
+                serde_json::to_vec(&record).unwrap(),
+            )
+            .unwrap();
+        }
     }
-    let _daemon = start_daemon(&sandbox, &["--job-linger", "3600"]);
+    let s = Scenario::new()
+        .image("1.0", ImageSpec::module("limits", "1.0"))
+        .rootless("limits", 1, "1.0")
+        .prepare(write_finished_jobs)
+        .daemon(&["--job-linger", "3600"])
+        .build();
+    let (sandbox, instance, v1) = (&s.sandbox, &s.instances[0], s.url("1.0"));
+    let jobs = sandbox.daemon_state_dir().join("jobs");
 
     let out = update_module_with_busctl(&sandbox, &request(&v1, &[&instance.id], false));
     assert!(!out.status.success(), "accepted: {}", text(&out.stdout));
@@ -780,25 +796,18 @@ async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
 /// instance ends `cancelled` (not `failed` with podman's error), unchanged, with no re-run owed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancel_during_the_pull_ends_the_instance_cancelled_and_unchanged() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("slowpull", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("slowpull", "2.0"))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("slowpull").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    // A podman whose pull of 2.0 takes five minutes.
-    let _daemon = start_daemon_with_trap(
-        &sandbox,
-        &[(
-            "podman",
+    let s = Scenario::new()
+        .module("slowpull", &["1.0", "2.0"])
+        .rootless("slowpull", 1, "1.0")
+        // A podman whose pull of 2.0 takes five minutes.
+        .trap("podman", |_, _, _| {
             "#!/bin/sh\ncase \" $* \" in *\" pull \"*/slowpull:2.0*) sleep 301 ;; esac\nexec /usr/bin/podman \"$@\"\n"
-                .to_owned(),
-        )],
-    );
-    let connection = connect(&sandbox).await;
+                .to_owned()
+        })
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
     let mut stream = subscribe(&connection).await;
     let path = submit(&connection, &request(&v2, &[&instance.id], false))
         .await
@@ -839,30 +848,23 @@ async fn a_cancel_during_the_pull_ends_the_instance_cancelled_and_unchanged() {
 /// next job downloads again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancel_during_the_shared_download_stops_it_and_leaves_nothing() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("slowcopy", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("slowcopy", "2.0"))
-        .unwrap();
-    let instances = installed_instances(&mut sandbox, "slowcopy", 2, &v1);
-    let ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
-    // A skopeo whose copy takes five minutes while `slow` exists (the daemon kills the process
-    // it started: this one is it).
-    let slow = sandbox.root().join("trap/slow");
-    let _daemon = start_daemon_with_trap(
-        &sandbox,
-        &[(
-            "skopeo",
+    let s = Scenario::new()
+        .module("slowcopy", &["1.0", "2.0"])
+        .rootless("slowcopy", 2, "1.0")
+        // A skopeo whose copy takes five minutes while `slow` exists (the daemon kills the
+        // process it started: this one is it).
+        .trap("skopeo", |sandbox, _, _| {
             format!(
                 "#!/bin/sh\ncase \" $* \" in *\" copy \"*) [ -f {} ] && exec sleep 302 ;; esac\nexec /usr/bin/skopeo \"$@\"\n",
-                slow.display()
-            ),
-        )],
-    );
+                sandbox.root().join("trap/slow").display()
+            )
+        })
+        .start()
+        .await;
+    let (sandbox, connection, instances) = (&s.sandbox, s.bus(), s.instances.clone());
+    let (ids, [v1, v2]) = (s.ids(), ["1.0", "2.0"].map(|key| s.url(key)));
+    let slow = sandbox.root().join("trap/slow");
     std::fs::write(&slow, "").unwrap();
-    let connection = connect(&sandbox).await;
     let mut stream = subscribe(&connection).await;
     let path = submit(&connection, &request(&v2, &ids, false))
         .await

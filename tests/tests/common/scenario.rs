@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use module_updater_tests::{Daemon, ImageSpec, Instance, Sandbox};
+use module_updater_tests::{Daemon, ImageSpec, Instance, Polkit, Sandbox};
 
 use super::{JobRun, connect, daemon_args, module_image, request, run_job};
 
@@ -36,7 +36,7 @@ impl Images {
     }
 }
 
-type PushFn = Box<dyn FnOnce(&Sandbox, &Images) -> String>;
+type PushFn = Box<dyn FnOnce(&Sandbox, &Images, &[Instance]) -> String>;
 type TrapFn = Box<dyn Fn(&Sandbox, &Images, &[Instance]) -> String>;
 type PrepareFn = Box<dyn FnOnce(&Sandbox, &Images, &[Instance])>;
 
@@ -87,13 +87,15 @@ impl DaemonOptions {
     }
 }
 
-/// What a test sets up, built in this order: images, instances, what `prepare` does, the daemon.
+/// What a test sets up, built in this order: the instances' users, the images, the installs,
+/// what `prepare` does, the daemon.
 pub struct ScenarioBuilder {
     images: Vec<(String, PushFn)>,
     instances: Vec<InstanceSet>,
     prepare: Vec<PrepareFn>,
     daemon: DaemonOptions,
     start_daemon: bool,
+    polkit: bool,
 }
 
 /// A started scenario.
@@ -103,6 +105,8 @@ pub struct Scenario {
     /// The instances, in the order they were asked for.
     pub instances: Vec<Instance>,
     pub daemon: Option<Daemon>,
+    /// The sandbox's polkitd, when the builder asked for it.
+    pub polkit: Option<Polkit>,
     /// How long the set-up took, for tests that report it.
     pub times: SetupTimes,
     bus: Option<zbus::Connection>,
@@ -112,10 +116,11 @@ pub struct Scenario {
 /// How long each part of a scenario's set-up took.
 #[derive(Debug, Clone, Copy)]
 pub struct SetupTimes {
-    /// The sandbox made and the images built and pushed.
-    pub images_built: Duration,
-    /// The instances' users and managers created, one after the other (the sandbox needs `&mut`).
+    /// The sandbox made and the instances' users and managers created, one after the other
+    /// (the sandbox needs `&mut`).
     pub instances_added: Duration,
+    /// The images built and pushed.
+    pub images_built: Duration,
     /// The first version installed on every instance, on [`INSTALL_THREADS`] threads.
     pub installed: Duration,
 }
@@ -133,6 +138,7 @@ impl Scenario {
             prepare: Vec::new(),
             daemon: DaemonOptions::default(),
             start_daemon: true,
+            polkit: false,
         }
     }
 }
@@ -196,13 +202,36 @@ impl ScenarioBuilder {
         })
     }
 
+    /// An image whose description needs the instances (their ids or paths), keyed `key`.
+    /// Instances are added before any image is built, and installed after.
+    pub fn image_for_instances(
+        mut self,
+        key: &str,
+        spec: impl FnOnce(&Sandbox, &Images, &[Instance]) -> ImageSpec + 'static,
+    ) -> Self {
+        let key_owned = key.to_owned();
+        self.images.push((
+            key.to_owned(),
+            Box::new(move |sandbox, images, instances| {
+                let spec = spec(sandbox, images, instances);
+                sandbox
+                    .build_image(&spec)
+                    .unwrap_or_else(|e| panic!("build the image {key_owned:?}: {e}"))
+            }),
+        ));
+        self
+    }
+
     /// An image put in the registry by `push`, which returns its URL, keyed `key`.
     pub fn pushed(
         mut self,
         key: &str,
         push: impl FnOnce(&Sandbox, &Images) -> String + 'static,
     ) -> Self {
-        self.images.push((key.to_owned(), Box::new(push)));
+        self.images.push((
+            key.to_owned(),
+            Box::new(move |sandbox, images, _| push(sandbox, images)),
+        ));
         self
     }
 
@@ -260,6 +289,12 @@ impl ScenarioBuilder {
         self
     }
 
+    /// A real polkitd on the sandbox's bus, started before the daemon ([`Scenario::polkit`]).
+    pub fn polkit(mut self) -> Self {
+        self.polkit = true;
+        self
+    }
+
     /// Leaves the daemon stopped: the test starts it ([`Scenario::start_daemon`]).
     pub fn without_daemon(mut self) -> Self {
         self.start_daemon = false;
@@ -278,13 +313,6 @@ impl ScenarioBuilder {
     pub fn build(self) -> Scenario {
         let started = Instant::now();
         let mut sandbox = Sandbox::new().expect("create the sandbox");
-        let mut images = Images::default();
-        for (key, push) in self.images {
-            let url = push(&sandbox, &images);
-            images.0.insert(key, url);
-        }
-        let images_built = started.elapsed();
-        let started = Instant::now();
         let mut instances = Vec::new();
         let mut installs = Vec::new();
         for set in self.instances {
@@ -295,13 +323,24 @@ impl ScenarioBuilder {
                     sandbox.add_rootless_instance(&set.module)
                 }
                 .unwrap_or_else(|e| panic!("add an instance of {}: {e}", set.module));
-                if let Some(at) = &set.at {
-                    installs.push((instances.len(), images.url(at)));
+                if let Some(at) = set.at.clone() {
+                    installs.push((instances.len(), at));
                 }
                 instances.push(instance);
             }
         }
         let instances_added = started.elapsed();
+        let started = Instant::now();
+        let mut images = Images::default();
+        for (key, push) in self.images {
+            let url = push(&sandbox, &images, &instances);
+            images.0.insert(key, url);
+        }
+        let images_built = started.elapsed();
+        let installs: Vec<(usize, String)> = installs
+            .into_iter()
+            .map(|(index, at)| (index, images.url(&at)))
+            .collect();
         let started = Instant::now();
         install_all(&sandbox, &instances, &installs);
         let times = SetupTimes {
@@ -312,11 +351,15 @@ impl ScenarioBuilder {
         for step in self.prepare {
             step(&sandbox, &images, &instances);
         }
+        let polkit = self
+            .polkit
+            .then(|| sandbox.start_polkitd().expect("start polkitd"));
         let mut scenario = Scenario {
             sandbox,
             images,
             instances,
             daemon: None,
+            polkit,
             times,
             bus: None,
             options: self.daemon,
