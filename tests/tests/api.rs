@@ -159,7 +159,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
     let monitor = Monitor::start(sandbox, "api");
 
     // Before any job: the instances are objects with their image.
-    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let manager = ModuleUpdaterProxy::new(connection).await.unwrap();
     let features = manager.features().await.unwrap();
     for feature in [
         "object-manager",
@@ -169,7 +169,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
     ] {
         assert!(features.iter().any(|f| f == feature), "{features:?}");
     }
-    let before = instance_proxy(&connection, &a.id).await;
+    let before = instance_proxy(connection, &a.id).await;
     assert_eq!(before.id().await.unwrap(), a.id);
     assert_eq!(before.version().await.unwrap(), "1.0");
     assert_eq!(before.image_url().await.unwrap(), v1);
@@ -184,7 +184,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
 
     // The job is started by another client (busctl).
     let out = busctl(
-        &sandbox,
+        sandbox,
         &[
             "call",
             module_updater_dbus::BUS_NAME,
@@ -209,7 +209,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
         .await;
 
     // A late client: both instances wait at the gate, having printed two lines.
-    let job = job_proxy(&connection, &job_path).await;
+    let job = job_proxy(connection, &job_path).await;
     eventually(
         "both instances at the gate",
         Duration::from_secs(120),
@@ -228,7 +228,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
     )
     .await;
     let states = busctl_json(
-        &sandbox,
+        sandbox,
         &[
             "get-property",
             module_updater_dbus::BUS_NAME,
@@ -245,7 +245,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
         assert!(percent > 0 && percent < 100, "{states}");
         assert_eq!(state[3], -1, "{states}");
         let messages = busctl_json(
-            &sandbox,
+            sandbox,
             &[
                 "call",
                 module_updater_dbus::BUS_NAME,
@@ -280,7 +280,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
         }
     }
     let out = gdbus_call(
-        &sandbox,
+        sandbox,
         &job_path,
         "org.nethserver.ModuleUpdater.Job.GetMessages",
         &["nosuch1"],
@@ -290,7 +290,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
 
     // Our client shows the same from the job alone.
     let job_number: u64 = job_path.rsplit('/').next().unwrap().parse().unwrap();
-    let status = client_json(&sandbox, &["status", &job_number.to_string(), "--json"]);
+    let status = client_json(sandbox, &["status", &job_number.to_string(), "--json"]);
     assert_eq!(
         status["instance_states"][&a.id]["status"], "running",
         "{status}"
@@ -299,7 +299,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
         status["instance_states"][&a.id]["step"], "run-scripts",
         "{status}"
     );
-    let table = client_text(&sandbox, &["status", &job_number.to_string()]);
+    let table = client_text(sandbox, &["status", &job_number.to_string()]);
     assert!(
         table.lines().any(|l| l.split_whitespace().take(3).eq([
             b.id.as_str(),
@@ -312,7 +312,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
     // GetManagedObjects: both instances (updating, held by the job) and the live job, with all
     // their properties.
     let out = gdbus_call(
-        &sandbox,
+        sandbox,
         PATH,
         "org.freedesktop.DBus.ObjectManager.GetManagedObjects",
         &[],
@@ -344,13 +344,13 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
         assert!(objects.contains(property), "{property} missing: {objects}");
     }
     assert!(objects.contains("'updating'"), "{objects}");
-    let held = instance_proxy(&connection, &b.id).await;
+    let held = instance_proxy(connection, &b.id).await;
     assert_eq!(held.state().await.unwrap(), "updating");
     assert_eq!(held.job().await.unwrap().as_str(), job_path);
 
     // Through the gate: the job ends, its states and FinishedUsec are announced.
-    open_gate(&a);
-    open_gate(&b);
+    open_gate(a);
+    open_gate(b);
     eventually("the job's end", Duration::from_secs(120), || {
         let job = &job;
         async move { job.status().await.unwrap() == "completed" }
@@ -413,7 +413,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
     // The history, after the job is gone and across a restart.
     let history_of = |id: &str| {
         let out = gdbus_call(
-            &sandbox,
+            sandbox,
             PATH,
             "org.nethserver.ModuleUpdater.GetHistory",
             &[id],
@@ -429,7 +429,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
         serde_json::from_str::<Value>(&json).unwrap_or_else(|e| panic!("{e}: {printed}"))
     };
     drop(daemon);
-    let daemon = start_daemon(&sandbox, &[]);
+    let daemon = start_daemon(sandbox, &[]);
     for id in [&a.id, &b.id] {
         let history = history_of(id);
         let entries = history.as_array().unwrap();
@@ -450,18 +450,18 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
         assert_eq!(entry["scripts"][0]["name"], "50gate", "{entry}");
         assert!(entry["finished_usec"].as_u64() >= entry["started_usec"].as_u64());
     }
-    let again = instance_proxy(&connection, &a.id).await;
+    let again = instance_proxy(connection, &a.id).await;
     let last: Value = serde_json::from_str(&again.last_update().await.unwrap()).unwrap();
     assert_eq!(last["job"], job_number);
     // And through our client.
-    let history = client_json(&sandbox, &["history", &a.id, "--json"]);
+    let history = client_json(sandbox, &["history", &a.id, "--json"]);
     assert_eq!(history[0]["instance"], a.id.as_str(), "{history}");
     assert_eq!(history[0]["job"], job_number, "{history}");
     assert!(
         history[0]["finished"].as_str().unwrap().ends_with('Z'),
         "ISO 8601 in UTC: {history}"
     );
-    let table = client_text(&sandbox, &["history"]);
+    let table = client_text(sandbox, &["history"]);
     for id in [&a.id, &b.id] {
         assert!(
             table.lines().any(|l| l.contains(id.as_str())
@@ -470,7 +470,7 @@ async fn a_plugin_binds_to_instances_and_jobs_and_reads_the_history() {
             "{table}"
         );
     }
-    let show = client_json(&sandbox, &["show", &b.id, "--json"]);
+    let show = client_json(sandbox, &["show", &b.id, "--json"]);
     assert_eq!(show["state"], "idle", "{show}");
     assert_eq!(show["version"], "2.0", "{show}");
     assert_eq!(show["IMAGE_URL"], v2.as_str(), "{show}");
@@ -518,7 +518,7 @@ async fn journal_fields_are_namespaced() {
     let s = gated_module().rootless("api", 1, "1.0").start().await;
     let (connection, daemon, instance) = (s.bus(), s.daemon(), &s.instances[0]);
     let v1 = s.url("1.0");
-    let run = run_job(&connection, &request(&v1, &[&instance.id], true)).await;
+    let run = run_job(connection, &request(&v1, &[&instance.id], true)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let log = daemon.log();
     let job_lines: Vec<&str> = log
@@ -551,7 +551,7 @@ async fn the_python_example_of_the_docs_runs() {
     let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
     open_gate(instance);
     let v2 = s.url("2.0");
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let script = example
         .replace("/org/nethserver/ModuleUpdater/job/12", run.path.as_str())
@@ -593,7 +593,7 @@ async fn another_module_and_a_downgrade_are_refused_before_any_job() {
     let [v1, v2, latest, other] = ["1.0", "2.0", "latest", "other"].map(|key| s.url(key));
     let refusal = |request: &str| {
         let out = gdbus_call(
-            &sandbox,
+            sandbox,
             PATH,
             "org.nethserver.ModuleUpdater.UpdateModule",
             &[request],
@@ -615,7 +615,7 @@ async fn another_module_and_a_downgrade_are_refused_before_any_job() {
         assert_eq!(array[0]["instance"], instance.id.as_str());
         assert_eq!(array[0]["current"], v2.as_str());
     }
-    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let manager = ModuleUpdaterProxy::new(connection).await.unwrap();
     assert!(
         manager.list_jobs().await.unwrap().is_empty(),
         "a job was created"
@@ -624,12 +624,12 @@ async fn another_module_and_a_downgrade_are_refused_before_any_job() {
     let allowed = serde_json::json!(
         {"module_url": v1, "instances": [instance.id], "allow_downgrade": true}
     );
-    let run = run_job(&connection, &allowed.to_string()).await;
+    let run = run_job(connection, &allowed.to_string()).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
-    let run = run_job(&connection, &request(&latest, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&latest, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
-    let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v1, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     // Our client says the same for `update`, and --allow-downgrade lets it through.
     let out = sandbox
@@ -693,28 +693,28 @@ async fn updates_are_listed_from_the_registry_with_their_age() {
     };
     let urls: std::collections::BTreeMap<&str, String> =
         TAGS.iter().map(|tag| (*tag, s.url(tag))).collect();
-    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let manager = ModuleUpdaterProxy::new(connection).await.unwrap();
 
     let started = Instant::now();
     let updates: Value = serde_json::from_str(&manager.list_updates(&[]).await.unwrap()).unwrap();
     let took = started.elapsed();
     let line = |updates: &Value, instance: &Instance| updates["instances"][&instance.id].clone();
-    assert_eq!(line(&updates, &on_release)["newest"], "2.0", "{updates:#}");
+    assert_eq!(line(&updates, on_release)["newest"], "2.0", "{updates:#}");
     assert_eq!(
-        line(&updates, &on_release)["newest_url"],
+        line(&updates, on_release)["newest_url"],
         urls["2.0"].as_str()
     );
     assert_eq!(
-        line(&updates, &on_prerelease)["newest"],
+        line(&updates, on_prerelease)["newest"],
         "2.1-rc1",
         "{updates:#}"
     );
-    assert_eq!(line(&updates, &on_moved)["newest"], "2.0");
+    assert_eq!(line(&updates, on_moved)["newest"], "2.0");
     for instance in [&on_release, &on_prerelease, &on_moved] {
         assert_eq!(line(&updates, instance)["tag_moved"], false, "{updates:#}");
         assert!(line(&updates, instance)["error"].is_null(), "{updates:#}");
     }
-    let error = line(&updates, &unreachable)["error"]
+    let error = line(&updates, unreachable)["error"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -730,13 +730,13 @@ async fn updates_are_listed_from_the_registry_with_their_age() {
     let kept: Value =
         serde_json::from_str(&manager.list_updates(&[on_moved.id.as_str()]).await.unwrap())
             .unwrap();
-    assert_eq!(line(&kept, &on_moved)["tag_moved"], false);
+    assert_eq!(line(&kept, on_moved)["tag_moved"], false);
     assert!(
-        line(&kept, &on_moved)["age_seconds"].as_u64().unwrap() >= 1,
+        line(&kept, on_moved)["age_seconds"].as_u64().unwrap() >= 1,
         "{kept:#}"
     );
     let out = busctl(
-        &sandbox,
+        sandbox,
         &[
             "--json=short",
             "call",
@@ -752,8 +752,8 @@ async fn updates_are_listed_from_the_registry_with_their_age() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
     let fresh: Value = serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap();
-    assert_eq!(line(&fresh, &on_moved)["tag_moved"], true, "{fresh:#}");
-    assert_eq!(line(&fresh, &on_moved)["age_seconds"], 0, "{fresh:#}");
+    assert_eq!(line(&fresh, on_moved)["tag_moved"], true, "{fresh:#}");
+    assert_eq!(line(&fresh, on_moved)["age_seconds"], 0, "{fresh:#}");
 
     // Our client: a table, exit code 100 when an update is available.
     let out = sandbox
@@ -771,7 +771,7 @@ async fn updates_are_listed_from_the_registry_with_their_age() {
         "{table}"
     );
     let name = error_name(&gdbus_call(
-        &sandbox,
+        sandbox,
         PATH,
         "org.nethserver.ModuleUpdater.ListUpdates",
         &["['nosuch1']"],

@@ -384,7 +384,7 @@ fn every_command_with_its_exit_code() {
     let id = a.id.as_str();
 
     // version, and the hidden generators xtask uses.
-    let out = run(&sandbox, &["version"]).expect(0);
+    let out = run(sandbox, &["version"]).expect(0);
     assert!(
         out.stdout.starts_with(&format!(
             "module-updater {}\nmodule-updaterd ",
@@ -392,16 +392,16 @@ fn every_command_with_its_exit_code() {
         )),
         "{out:#?}"
     );
-    let version = run(&sandbox, &["version", "--json"]).expect(0).json();
+    let version = run(sandbox, &["version", "--json"]).expect(0).json();
     assert_eq!(version["client"], env!("CARGO_PKG_VERSION"));
     assert!(version["daemon"].is_string());
-    let out = run(&sandbox, &["generate", "completions", "bash"]).expect(0);
+    let out = run(sandbox, &["generate", "completions", "bash"]).expect(0);
     assert!(out.stdout.contains("module-updater"));
-    let out = run(&sandbox, &["generate", "man"]).expect(0);
+    let out = run(sandbox, &["generate", "man"]).expect(0);
     assert!(out.stdout.contains(".TH module-updater"));
 
     // list and show, as tables and as JSON.
-    let out = run(&sandbox, &["list"]).expect(0);
+    let out = run(sandbox, &["list"]).expect(0);
     let lines: Vec<Vec<&str>> = out
         .stdout
         .lines()
@@ -412,36 +412,36 @@ fn every_command_with_its_exit_code() {
         lines.contains(&vec![id, v1.as_str(), "idle", "-"]),
         "{out:#?}"
     );
-    let list = run(&sandbox, &["list", "--json"]).expect(0).json();
+    let list = run(sandbox, &["list", "--json"]).expect(0).json();
     assert_eq!(
         list,
         serde_json::json!([{"id": id, "image_url": v1, "state": "idle", "job": null}])
     );
-    let out = run(&sandbox, &["show", id]).expect(0);
+    let out = run(sandbox, &["show", id]).expect(0);
     assert!(
         out.stdout
             .lines()
             .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["IMAGE_URL", v1.as_str()]),
         "{out:#?}"
     );
-    let show = run(&sandbox, &["show", "--json", id]).expect(0).json();
+    let show = run(sandbox, &["show", "--json", id]).expect(0).json();
     assert_eq!(show["MODULE_ID"], id);
     assert_eq!(show["IMAGE_URL"], v1.as_str());
-    let out = run(&sandbox, &["show", "nosuch1"]).expect(4);
+    let out = run(sandbox, &["show", "nosuch1"]).expect(4);
     assert!(
         out.one_error_line().contains("module-updater list"),
         "{out:#?}"
     );
     assert_eq!(
-        run(&sandbox, &["jobs", "--json"]).expect(0).json(),
+        run(sandbox, &["jobs", "--json"]).expect(0).json(),
         serde_json::json!([])
     );
 
     // Bad command lines and unreadable input: 64, never 2 (which means busy).
-    run(&sandbox, &["status", "bogus"]).expect(64);
-    run(&sandbox, &["frobnicate"]).expect(64);
+    run(sandbox, &["status", "bogus"]).expect(64);
+    run(sandbox, &["frobnicate"]).expect(64);
     let out = run(
-        &sandbox,
+        sandbox,
         &[
             "run",
             "update-module",
@@ -457,7 +457,7 @@ fn every_command_with_its_exit_code() {
 
     // Validation: NS8's array on stdout, exit 10.
     let bad = serde_json::json!({"module_url": v2, "instances": ["app"]}).to_string();
-    let out = run(&sandbox, &["run", "update-module", "--data", &bad]).expect(10);
+    let out = run(sandbox, &["run", "update-module", "--data", &bad]).expect(10);
     let array = out.json();
     assert_eq!(array[0]["field"], "instances.0");
     assert_eq!(array[0]["error"], "instances_pattern");
@@ -469,13 +469,13 @@ fn every_command_with_its_exit_code() {
     // NS8's type check: refused before any job exists.
     let other = v1.replace("/app:", "/webtop:");
     assert_ne!(other, v1);
-    let out = run(&sandbox, &["update", &other, id]).expect(1);
+    let out = run(sandbox, &["update", &other, id]).expect(1);
     let expected = format!(
         "Module instance \"{id}\" is of type \"app\", cannot update it with an image of type \"webtop\" ({other})"
     );
     assert!(out.one_error_line().contains(&expected), "{out:#?}");
     assert_eq!(
-        run(&sandbox, &["jobs", "--json"]).expect(0).json(),
+        run(sandbox, &["jobs", "--json"]).expect(0).json(),
         serde_json::json!([])
     );
 
@@ -483,7 +483,7 @@ fn every_command_with_its_exit_code() {
     let file = sandbox.root().join("request.json");
     std::fs::write(&file, request(&v2, &[id], false)).unwrap();
     let out = run(
-        &sandbox,
+        sandbox,
         &[
             "run",
             "update-module",
@@ -545,17 +545,17 @@ fn every_command_with_its_exit_code() {
     }
 
     // --data - (stdin), with force: the same image again runs the update again.
-    let mut command = client(&sandbox);
+    let mut command = client(sandbox);
     command.args(["run", "update-module", "--data", "-"]);
     let out = run_with(command, Some(&request(&v2, &[id], true))).expect(0);
     assert_eq!(out.json()["instances"][id]["status"], "completed");
     // `update` without --force on the current image; --quiet prints the result only.
-    let out = run(&sandbox, &["--quiet", "update", &v2, id]).expect(0);
+    let out = run(sandbox, &["--quiet", "update", &v2, id]).expect(0);
     assert_eq!(out.stderr, "");
     assert_eq!(out.json()["instances"][id]["status"], "already-installed");
 
     // status, jobs and wait of a finished job.
-    let out = run(&sandbox, &["status", &job.to_string()]).expect(0);
+    let out = run(sandbox, &["status", &job.to_string()]).expect(0);
     assert!(
         out.stdout
             .lines()
@@ -577,7 +577,7 @@ fn every_command_with_its_exit_code() {
         "{out:#?}"
     );
     let path = format!("/org/nethserver/ModuleUpdater/job/{job}");
-    let status = run(&sandbox, &["status", "--json", &path]).expect(0).json();
+    let status = run(sandbox, &["status", "--json", &path]).expect(0).json();
     assert_eq!(status["id"], job);
     // Times in JSON: ISO 8601 in UTC beside the microseconds.
     let started = status["started"].as_str().unwrap();
@@ -589,7 +589,7 @@ fn every_command_with_its_exit_code() {
     assert_eq!(status["exit_code"], 0);
     assert_eq!(status["instances"], serde_json::json!([id]));
     assert_eq!(status["result"], result);
-    let jobs = run(&sandbox, &["jobs", "--json"]).expect(0).json();
+    let jobs = run(sandbox, &["jobs", "--json"]).expect(0).json();
     assert!(
         jobs.as_array()
             .unwrap()
@@ -597,20 +597,20 @@ fn every_command_with_its_exit_code() {
             .any(|j| j["id"] == job && j["status"] == "completed"),
         "{jobs}"
     );
-    let out = run(&sandbox, &["jobs"]).expect(0);
+    let out = run(sandbox, &["jobs"]).expect(0);
     assert!(
         out.stdout
             .lines()
             .any(|l| l.starts_with(&format!("{job} ")) && l.contains("completed")),
         "{out:#?}"
     );
-    let out = run(&sandbox, &["wait", &job.to_string()]).expect(0);
+    let out = run(sandbox, &["wait", &job.to_string()]).expect(0);
     assert_eq!(out.json(), result);
-    let out = run(&sandbox, &["status", "99999"]).expect(4);
+    let out = run(sandbox, &["status", "99999"]).expect(4);
     assert!(out.one_error_line().contains("no job 99999"), "{out:#?}");
-    run(&sandbox, &["wait", "99999"]).expect(4);
+    run(sandbox, &["wait", "99999"]).expect(4);
     // With --json the error is JSON on stdout too, the exit code unchanged.
-    let out = run(&sandbox, &["status", "99999", "--json"]).expect(4);
+    let out = run(sandbox, &["status", "99999", "--json"]).expect(4);
     let error = &out.json()["error"];
     assert_eq!(
         error["name"],
@@ -619,7 +619,7 @@ fn every_command_with_its_exit_code() {
     assert_eq!(error["exit_code"], 4);
     assert!(error["message"].as_str().unwrap().contains("no job 99999"));
     assert!(out.one_error_line().contains("no job 99999"), "{out:#?}");
-    let out = run(&sandbox, &["--json", "frobnicate"]).expect(64);
+    let out = run(sandbox, &["--json", "frobnicate"]).expect(64);
     assert_eq!(
         out.json()["error"]["name"],
         "org.nethserver.ModuleUpdater.Client.Error.Usage"
@@ -628,26 +628,26 @@ fn every_command_with_its_exit_code() {
     // Completion asks the service: instance ids for INSTANCE, job numbers for JOB.
     let address = sandbox.bus_address();
     let out = bash_completions(
-        &sandbox,
+        sandbox,
         &["module-updater", "--address", &address, "show", ""],
     )
     .expect(0);
     assert!(out.stdout.lines().any(|l| l == id), "{out:#?}");
     let out = bash_completions(
-        &sandbox,
+        sandbox,
         &["module-updater", "--address", &address, "wait", ""],
     )
     .expect(0);
     assert!(out.stdout.lines().any(|l| l == job.to_string()), "{out:#?}");
     let out =
-        bash_completions(&sandbox, &["module-updater", "--address", &address, "sta"]).expect(0);
+        bash_completions(sandbox, &["module-updater", "--address", &address, "sta"]).expect(0);
     assert_eq!(
         out.stdout.lines().collect::<Vec<_>>(),
         ["status"],
         "{out:#?}"
     );
     // fish shows each candidate's help: the instance's image and state.
-    let mut command = client(&sandbox);
+    let mut command = client(sandbox);
     command.env("COMPLETE", "fish").args([
         "--",
         "module-updater",
@@ -665,20 +665,20 @@ fn every_command_with_its_exit_code() {
     );
 
     // Busy: 2, with the array naming the job that holds the instance; then cancel it.
-    let mut follower = Background::start(&sandbox, "busy", &["update", &slow, id]);
+    let mut follower = Background::start(sandbox, "busy", &["update", &slow, id]);
     follower.wait_for(
         "the update to hold the instance",
         Duration::from_secs(60),
-        |_| run(&sandbox, &["list", "--json"]).json()[0]["state"] == "updating",
+        |_| run(sandbox, &["list", "--json"]).json()[0]["state"] == "updating",
     );
-    let holder = run(&sandbox, &["list", "--json"]).json()[0]["job"]
+    let holder = run(sandbox, &["list", "--json"]).json()[0]["job"]
         .as_str()
         .unwrap()
         .to_owned();
-    let out = run(&sandbox, &["update", &slow, id]).expect(2);
+    let out = run(sandbox, &["update", &slow, id]).expect(2);
     let array = out.json();
     assert_eq!(array[0]["error"], "action_already_running");
-    let out = run(&sandbox, &["update", "--json", &slow, id]).expect(2);
+    let out = run(sandbox, &["update", "--json", &slow, id]).expect(2);
     let error = &out.json()["error"];
     assert_eq!(error["name"], "org.nethserver.ModuleUpdater.Error.Busy");
     assert_eq!(error["details"], array);
@@ -690,9 +690,9 @@ fn every_command_with_its_exit_code() {
         "{out:#?}"
     );
     follower.wait_for("the script to run", Duration::from_secs(60), |_| {
-        user_runs(&a, "sleep 300")
+        user_runs(a, "sleep 300")
     });
-    let out = run(&sandbox, &["cancel", holder_id]).expect(0);
+    let out = run(sandbox, &["cancel", holder_id]).expect(0);
     assert!(
         out.stdout
             .contains(&format!("module-updater wait {holder_id}")),
@@ -714,14 +714,14 @@ fn every_command_with_its_exit_code() {
         "{}",
         out.stderr
     );
-    run(&sandbox, &["cancel", "99999"]).expect(4);
+    run(sandbox, &["cancel", "99999"]).expect(4);
 
     // The service gone: 3, for a missing bus as for a missing service.
     assert!(daemon.stop().unwrap().success());
     // Completion falls back to no candidates, at once and without an error.
     let started = Instant::now();
     let out = bash_completions(
-        &sandbox,
+        sandbox,
         &["module-updater", "--address", &address, "show", ""],
     )
     .expect(0);
@@ -732,7 +732,7 @@ fn every_command_with_its_exit_code() {
         "{:?}",
         started.elapsed()
     );
-    let out = run(&sandbox, &["list"]).expect(3);
+    let out = run(sandbox, &["list"]).expect(3);
     assert!(
         out.one_error_line().contains("cannot be reached"),
         "{out:#?}"
@@ -773,7 +773,7 @@ fn unixexec_transport_and_monitor() {
     assert_eq!(list[0]["id"], id);
 
     // monitor --json: one object per line, every signal of a job, until Ctrl-C.
-    let mut monitor = Background::start(&sandbox, "monitor", &["monitor", "--json"]);
+    let mut monitor = Background::start(sandbox, "monitor", &["monitor", "--json"]);
     monitor.wait_for("the monitor to subscribe", Duration::from_secs(30), |m| {
         m.stderr().contains("Monitoring")
     });
@@ -879,7 +879,7 @@ fn progress_bars_and_summary_on_a_terminal() {
 
     // In a time zone far from UTC, as a person's terminal may be.
     let args = ["update", &v2, &a.id, &b.id];
-    let out = Terminal::start(&sandbox, "update", &args, &[("TZ", "Asia/Kolkata")])
+    let out = Terminal::start(sandbox, "update", &args, &[("TZ", "Asia/Kolkata")])
         .finish(CLIENT_TIMEOUT)
         .expect(0);
     let screen = out.stdout;
@@ -963,7 +963,7 @@ fn progress_bars_and_summary_on_a_terminal() {
 
     // -v shows the debug lines (the environment keys written); --utc the times in UTC.
     let args = ["-v", "--utc", "update", "--force", &v2, &a.id];
-    let out = Terminal::start(&sandbox, "verbose", &args, &[("TZ", "Asia/Kolkata")])
+    let out = Terminal::start(sandbox, "verbose", &args, &[("TZ", "Asia/Kolkata")])
         .finish(CLIENT_TIMEOUT)
         .expect(0);
     let screen = out.stdout;
@@ -1012,7 +1012,7 @@ fn summary_of_a_failed_instance_with_warnings() {
     let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
 
     let args = ["update", &v2, &a.id, &b.id];
-    let out = Terminal::start(&sandbox, "failed", &args, &[])
+    let out = Terminal::start(sandbox, "failed", &args, &[])
         .finish(CLIENT_TIMEOUT)
         .expect(1);
     let screen = out.stdout;
@@ -1099,9 +1099,9 @@ fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
     let id = a.id.as_str();
 
     // First Ctrl-C: the job is cancelled and followed to its end.
-    let mut follower = Background::start(&sandbox, "cancel", &["update", &slow, id]);
+    let mut follower = Background::start(sandbox, "cancel", &["update", &slow, id]);
     follower.wait_for("the script to run", Duration::from_secs(60), |_| {
-        user_runs(&a, "sleep 300")
+        user_runs(a, "sleep 300")
     });
     follower.interrupt();
     let out = follower.finish(Duration::from_secs(60)).expect(1);
@@ -1115,12 +1115,12 @@ fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
     let result = out.json();
     assert_eq!(result["status"], "aborted");
     assert_eq!(result["instances"][id]["status"], "cancelled");
-    assert!(!user_runs(&a, "sleep 300"));
+    assert!(!user_runs(a, "sleep 300"));
 
     // Second Ctrl-C: detach at once, say how to re-attach; the job goes on.
-    let mut follower = Background::start(&sandbox, "detach", &["update", &stubborn, id]);
+    let mut follower = Background::start(sandbox, "detach", &["update", &stubborn, id]);
     follower.wait_for("the script to run", Duration::from_secs(60), |_| {
-        user_runs(&a, "sleep 301")
+        user_runs(a, "sleep 301")
     });
     follower.interrupt();
     follower.wait_for("the cancel note", Duration::from_secs(10), |f| {
@@ -1143,7 +1143,7 @@ fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
         "{}",
         out.stderr
     );
-    let status = run(&sandbox, &["status", "--json", &job.to_string()])
+    let status = run(sandbox, &["status", "--json", &job.to_string()])
         .expect(0)
         .json();
     assert_eq!(
@@ -1151,7 +1151,7 @@ fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
         "the job goes on after a detach: {status}"
     );
     // `wait` did not start the job: Ctrl-C on its terminal only detaches, the job goes on.
-    let mut waiter = Terminal::start(&sandbox, "wait", &["wait", &job.to_string()], &[]);
+    let mut waiter = Terminal::start(sandbox, "wait", &["wait", &job.to_string()], &[]);
     waiter.wait_for("the bars", Duration::from_secs(30), |screen| {
         screen.contains(&format!("job {job}"))
     });
@@ -1166,7 +1166,7 @@ fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
         out.stdout
     );
     assert!(!out.stdout.contains("cancelling"), "{}", out.stdout);
-    let status = run(&sandbox, &["status", "--json", &job.to_string()])
+    let status = run(sandbox, &["status", "--json", &job.to_string()])
         .expect(0)
         .json();
     assert_eq!(
@@ -1174,7 +1174,7 @@ fn ctrl_c_cancels_then_a_second_ctrl_c_detaches() {
         "wait's Ctrl-C cancelled: {status}"
     );
     // Re-attached, the client follows it to its end (the script dies of SIGKILL after 10 s).
-    let out = run(&sandbox, &["wait", &job.to_string()]).expect(1);
+    let out = run(sandbox, &["wait", &job.to_string()]).expect(1);
     let result = out.json();
     assert_eq!(result["status"], "aborted");
     assert_eq!(result["instances"][id]["status"], "cancelled");
@@ -1191,9 +1191,9 @@ fn the_service_killed_while_a_job_is_followed() {
     let (sandbox, a, slow) = (&s.sandbox, &s.instances[0], s.url("slow"));
     let id = a.id.as_str();
 
-    let mut follower = Background::start(&sandbox, "killed", &["update", &slow, id]);
+    let mut follower = Background::start(sandbox, "killed", &["update", &slow, id]);
     follower.wait_for("the script to run", Duration::from_secs(60), |_| {
-        user_runs(&a, "sleep 302")
+        user_runs(a, "sleep 302")
     });
     let job = job_id_of(&follower.stderr());
     daemon.kill();
@@ -1214,13 +1214,13 @@ fn the_service_killed_while_a_job_is_followed() {
     );
 
     // Back, the service reports the job interrupted, and `wait` says it failed.
-    let _daemon = start_daemon(&sandbox, &[]);
-    let status = run(&sandbox, &["status", "--json", &job.to_string()])
+    let _daemon = start_daemon(sandbox, &[]);
+    let status = run(sandbox, &["status", "--json", &job.to_string()])
         .expect(0)
         .json();
     assert_eq!(status["status"], "aborted");
     assert_eq!(status["result"]["error"], "interrupted");
-    let out = run(&sandbox, &["wait", &job.to_string()]).expect(1);
+    let out = run(sandbox, &["wait", &job.to_string()]).expect(1);
     assert_eq!(out.json()["error"], "interrupted");
     assert!(out.stderr.contains("interrupted"), "{}", out.stderr);
 }
@@ -1408,7 +1408,7 @@ polkit.addAdminRule(function(action, subject) {{
         probe = module_updater_dbus::ACTION_CANCEL,
     );
     let rule_file = polkit.add_rule("password-prompt", &rules).unwrap();
-    let probe = polkit.subject_process(&caller).unwrap();
+    let probe = polkit.subject_process(caller).unwrap();
     polkit
         .wait_for(
             module_updater_dbus::ACTION_CANCEL,
@@ -1421,7 +1421,7 @@ polkit.addAdminRule(function(action, subject) {{
         )
         .unwrap();
     drop(probe);
-    let daemon = start_daemon(&sandbox, &[]);
+    let daemon = start_daemon(sandbox, &[]);
     let update = request(&v2, &[&target.id], false);
 
     // The reason the daemon logged for its latest refusal of the caller (busctl prints only
@@ -1440,7 +1440,7 @@ polkit.addAdminRule(function(action, subject) {{
     };
 
     // busctl without the flag: refused at once, and why.
-    let (ok, stderr, took) = busctl_update(&sandbox, &caller, &update, false);
+    let (ok, stderr, took) = busctl_update(sandbox, caller, &update, false);
     assert!(!ok, "a non-interactive call was let through");
     assert!(stderr.contains("Access denied"), "{stderr}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -1452,7 +1452,7 @@ polkit.addAdminRule(function(action, subject) {{
     );
     // With the flag, polkit is asked interactively: it answers that no agent could ask (busctl
     // starts none), which it says only when interaction was allowed.
-    let (ok, _, _) = busctl_update(&sandbox, &caller, &update, true);
+    let (ok, _, _) = busctl_update(sandbox, caller, &update, true);
     assert!(!ok);
     let (count, line) = last_refusal();
     assert_eq!(count, 2, "{line}");
@@ -1461,7 +1461,7 @@ polkit.addAdminRule(function(action, subject) {{
     let address = sandbox.bus_address();
     let out = sandbox
         .run_as(
-            &caller,
+            caller,
             &[
                 "gdbus",
                 "call",
@@ -1604,7 +1604,7 @@ polkit.addAdminRule(function(action, subject) {{
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(prompt);
-    let jobs = run(&sandbox, &["--json", "jobs"]).expect(0).json();
+    let jobs = run(sandbox, &["--json", "jobs"]).expect(0).json();
     assert_eq!(
         jobs,
         serde_json::json!([]),
@@ -1644,12 +1644,12 @@ polkit.addAdminRule(function(action, subject) {{
     assert_eq!(result["status"], "completed", "{screen}");
     assert_eq!(target.read_env().unwrap()["IMAGE_URL"], v2);
     // Only that job ran, started by the caller; the refused calls started none.
-    let jobs = run(&sandbox, &["--json", "jobs"]).expect(0).json();
+    let jobs = run(sandbox, &["--json", "jobs"]).expect(0).json();
     let jobs = jobs.as_array().unwrap();
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(jobs[0]["caller_uid"], caller.uid);
     // No agent is left behind.
-    assert!(!user_runs(&caller, "pkttyagent"));
+    assert!(!user_runs(caller, "pkttyagent"));
     let log = daemon.log();
     assert!(
         log.contains(&format!(

@@ -30,28 +30,26 @@ fn give_credentials(instance: &Instance, password: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_clusters_copy_of_the_environment_follows_each_update() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("clu", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("clu", "2.0"))
-        .unwrap();
-    let with = sandbox.add_rootless_instance("clu").unwrap();
-    let without = sandbox.add_rootless_instance("clu").unwrap();
-    for instance in [&with, &without] {
-        sandbox.install(instance, &v1).unwrap();
-    }
-    let mut redis = sandbox.start_redis().unwrap();
+    let mut s = Scenario::new()
+        .module("clu", &["1.0", "2.0"])
+        .rootless("clu", 2, "1.0")
+        .without_daemon()
+        .start()
+        .await;
+    let mut redis = s.sandbox.start_redis().unwrap();
+    let [with, without] = &s.instances[..] else {
+        unreachable!()
+    };
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
     redis.add_module_user(&with.id, "s3cret").unwrap();
     redis.add_module_user(&without.id, "other").unwrap();
-    give_credentials(&with, "s3cret");
+    give_credentials(with, "s3cret");
     // What the cluster knew before: the old version and a key the file no longer has.
     let key = format!("module/{}/environment", with.id);
     redis
         .cli(&["HSET", &key, "IMAGE_URL", &v1, "STALE_KEY", "x"])
         .unwrap();
-    let agent_env = sandbox.root().join("agent.env");
+    let agent_env = s.sandbox.root().join("agent.env");
     std::fs::write(
         &agent_env,
         format!(
@@ -61,10 +59,13 @@ async fn the_clusters_copy_of_the_environment_follows_each_update() {
     )
     .unwrap();
     let flag = format!("--ns8-agent-env={}", agent_env.display());
-    let _daemon = start_daemon(&sandbox, &[&flag]);
-    let connection = connect(&sandbox).await;
+    s.restart_daemon_with(DaemonOptions::new().args(&[&flag]));
+    let connection = s.bus();
+    let [with, without] = &s.instances[..] else {
+        unreachable!()
+    };
 
-    let run = run_job(&connection, &request(&v2, &[&with.id, &without.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&with.id, &without.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     // Exactly the file, written in one transaction (the stale key is gone).
     assert_eq!(redis.hash(&key).unwrap(), with.read_env().unwrap());
@@ -97,7 +98,7 @@ async fn the_clusters_copy_of_the_environment_follows_each_update() {
     redis.stop();
     let back =
         serde_json::json!({"module_url": v1, "instances": [with.id], "allow_downgrade": true});
-    let run = run_job(&connection, &back.to_string()).await;
+    let run = run_job(connection, &back.to_string()).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(with.read_env().unwrap()["IMAGE_URL"], v1);
     let warnings = run.instance(&with.id)["warnings"].to_string();
@@ -110,21 +111,19 @@ async fn the_clusters_copy_of_the_environment_follows_each_update() {
 /// Not an NS8 node (no agent settings file): nothing is sent and nothing is said.
 #[tokio::test(flavor = "multi_thread")]
 async fn off_an_ns8_node_nothing_is_sent_or_said() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&ImageSpec::module("solo", "1.0"))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&ImageSpec::module("solo", "2.0"))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("solo").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    give_credentials(&instance, "unused");
-    let missing = sandbox.root().join("no-agent.env");
+    let mut s = Scenario::new()
+        .module("solo", &["1.0", "2.0"])
+        .rootless("solo", 1, "1.0")
+        .prepare(|_, _, instances| give_credentials(&instances[0], "unused"))
+        .without_daemon()
+        .start()
+        .await;
+    let missing = s.sandbox.root().join("no-agent.env");
     let flag = format!("--ns8-agent-env={}", missing.display());
-    let daemon = start_daemon(&sandbox, &[&flag]);
-    let connection = connect(&sandbox).await;
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    s.restart_daemon_with(DaemonOptions::new().args(&[&flag]));
+    let (connection, daemon) = (s.bus(), s.daemon());
+    let (instance, v2) = (&s.instances[0], s.url("2.0"));
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert!(
         run.instance(&instance.id)["warnings"]

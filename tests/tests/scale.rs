@@ -121,8 +121,8 @@ async fn a_twenty_instance_job_updates_every_instance() {
     let test_started = Instant::now();
     let s = Scenario::new()
         .module("many", &["1.0"])
-        .image_with("2.0", |sandbox, _| {
-            module_image(sandbox, "many", "2.0", &[]).file(
+        .image_with("2.0", |_| {
+            module_image("many", "2.0", &[]).file(
                 "update-module.d/10hello",
                 "#!/bin/sh\necho \"updated $MODULE_ID\"\n",
                 0o755,
@@ -140,10 +140,10 @@ async fn a_twenty_instance_job_updates_every_instance() {
         installed,
     } = s.times;
 
-    let mut stream = subscribe(&connection).await;
+    let mut stream = subscribe(connection).await;
     let job_started = Instant::now();
-    let path = submit_with_busctl(&sandbox, &request(&v2, &ids(&instances), false));
-    let run = follow(&connection, &mut stream, path.clone()).await;
+    let path = submit_with_busctl(sandbox, &request(&v2, &ids(&instances), false));
+    let run = follow(connection, &mut stream, path.clone()).await;
     let job_took = job_started.elapsed();
 
     assert_eq!(
@@ -195,12 +195,12 @@ async fn a_twenty_instance_job_updates_every_instance() {
 
     // What a busctl user sees afterwards.
     assert_eq!(
-        job_property(&sandbox, path.as_str(), "Status"),
+        job_property(sandbox, path.as_str(), "Status"),
         "s \"completed\""
     );
-    assert_eq!(job_property(&sandbox, path.as_str(), "ExitCode"), "i 0");
-    assert_eq!(job_property(&sandbox, path.as_str(), "Progress"), "u 100");
-    let listed = list_instances(&sandbox);
+    assert_eq!(job_property(sandbox, path.as_str(), "ExitCode"), "i 0");
+    assert_eq!(job_property(sandbox, path.as_str(), "Progress"), "u 100");
+    let listed = list_instances(sandbox);
     for instance in &instances {
         assert_eq!(
             listed[&instance.id],
@@ -239,12 +239,8 @@ async fn job_property_changes_are_coalesced_to_five_per_second() {
                  sleep 0.05\n  i=$((i + 3))\ndone\n";
     let s = Scenario::new()
         .module("chatty", &["1.0"])
-        .image_with("2.0", move |sandbox, _| {
-            module_image(sandbox, "chatty", "2.0", &[]).file(
-                "update-module.d/50steps",
-                steps,
-                0o755,
-            )
+        .image_with("2.0", move |_| {
+            module_image("chatty", "2.0", &[]).file("update-module.d/50steps", steps, 0o755)
         })
         .rootless("chatty", N, "1.0")
         .start()
@@ -261,7 +257,7 @@ async fn job_property_changes_are_coalesced_to_five_per_second() {
         .build()
         .unwrap();
     let mut stream =
-        MessageStream::for_match_rule(rule, &connection, std::num::NonZeroUsize::new(65536))
+        MessageStream::for_match_rule(rule, connection, std::num::NonZeroUsize::new(65536))
             .await
             .unwrap();
     // Drained on a task of its own so that arrival times are not delayed by the test.
@@ -298,7 +294,7 @@ async fn job_property_changes_are_coalesced_to_five_per_second() {
         arrivals
     });
 
-    let path = submit_with_busctl(&sandbox, &request(&v2, &ids(&instances), false));
+    let path = submit_with_busctl(sandbox, &request(&v2, &ids(&instances), false));
     let arrivals = collector.await.unwrap();
     let job = path.as_str();
     assert!(
@@ -308,7 +304,7 @@ async fn job_property_changes_are_coalesced_to_five_per_second() {
         "no Finished within {JOB_TIMEOUT:?}: {arrivals:#?}\n{}",
         daemon.log()
     );
-    assert_eq!(job_property(&sandbox, job, "Status"), "s \"completed\"");
+    assert_eq!(job_property(sandbox, job, "Status"), "s \"completed\"");
 
     let mine: Vec<&Arrival> = arrivals.iter().filter(|a| a.path == job).collect();
     let changes: Vec<&Arrival> = mine
@@ -432,8 +428,8 @@ async fn a_slow_instance_does_not_delay_the_others() {
     );
     let s = Scenario::new()
         .module("tortoise", &["1.0"])
-        .image_with("2.0", move |sandbox, _| {
-            module_image(sandbox, "tortoise", "2.0", &[]).file(
+        .image_with("2.0", move |_| {
+            module_image("tortoise", "2.0", &[]).file(
                 "update-module.d/50maybe-slow",
                 maybe_slow,
                 0o755,
@@ -455,10 +451,10 @@ async fn a_slow_instance_does_not_delay_the_others() {
             .success()
     };
 
-    let mut stream = subscribe(&connection).await;
+    let mut stream = subscribe(connection).await;
     let submitted = Instant::now();
     // The slow instance first: a service that worked in request order would make fast wait.
-    let path = submit_with_busctl(&sandbox, &request(&v2, &[&slow.id, &fast.id], false));
+    let path = submit_with_busctl(sandbox, &request(&v2, &[&slow.id, &fast.id], false));
     let job = path.as_str().to_owned();
     let mut finished_at: BTreeMap<String, Duration> = BTreeMap::new();
     let mut checked_while_sleeping = false;
@@ -500,10 +496,10 @@ async fn a_slow_instance_does_not_delay_the_others() {
                     );
                     // The service answers while the slow script runs.
                     let asked = Instant::now();
-                    let listed = list_instances(&sandbox);
+                    let listed = list_instances(sandbox);
                     list_latency = asked.elapsed();
                     assert_eq!(
-                        job_property(&sandbox, &job, "Status"),
+                        job_property(sandbox, &job, "Status"),
                         "s \"running\"",
                         "the job is still running"
                     );
@@ -539,7 +535,7 @@ async fn a_slow_instance_does_not_delay_the_others() {
         list_latency < Duration::from_secs(2),
         "ListInstances took {list_latency:?} while a script slept"
     );
-    assert_eq!(job_property(&sandbox, &job, "Status"), "s \"completed\"");
+    assert_eq!(job_property(sandbox, &job, "Status"), "s \"completed\"");
     assert_eq!(slow.read_env().unwrap()["IMAGE_URL"], v2);
     eprintln!(
         "slow instance: fast finished after {fast_done:?}, slow after {slow_done:?}, \
@@ -564,7 +560,7 @@ async fn three_instances_download_each_blob_once() {
     let [db2, v2] = ["extra2", "2.0"].map(|key| s.url(key));
 
     let offset = sandbox.registry_log_offset().unwrap();
-    let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
+    let run = run_completed(connection, daemon, &request(&v2, &ids(&instances), false)).await;
     // The registry logs a request when it has answered it; the job has ended by now.
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
     eprintln!("three instances: {traffic:?}");
@@ -604,15 +600,15 @@ async fn three_instances_download_each_blob_once() {
 
     // The instance updated alone pulls for itself: the reference for what a pull gives.
     let offset = sandbox.registry_log_offset().unwrap();
-    let alone = run_job(&connection, &request(&v2, &[&lone.id], false)).await;
+    let alone = run_job(connection, &request(&v2, &[&lone.id], false)).await;
     assert_eq!(alone.status, "completed", "{:#}", alone.result);
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
     assert!(
         traffic.blob_bytes >= 1 << 21,
         "the lone instance did not pull: {traffic:?}"
     );
-    let inspect = |instance: &Instance| image_identity(&sandbox, instance, &[&v2, &db2]);
-    let expected = inspect(&lone);
+    let inspect = |instance: &Instance| image_identity(sandbox, instance, &[&v2, &db2]);
+    let expected = inspect(lone);
     for instance in &instances {
         assert_eq!(inspect(instance), expected, "{}", instance.id);
         let env = instance.read_env().unwrap();
@@ -642,11 +638,11 @@ async fn the_extra_images_download_beside_each_other_and_the_module_image_load()
         .blob("a2", "besidea", "2", 4096, 22)
         .blob("b1", "besideb", "1", 4096, 23)
         .blob("b2", "besideb", "2", 4096, 24)
-        .image_with("1.0", |sandbox, images| {
-            module_image(sandbox, "beside", "1.0", &[images.url("a1"), images.url("b1")])
+        .image_with("1.0", |images| {
+            module_image("beside", "1.0", &[images.url("a1"), images.url("b1")])
         })
-        .image_with("2.0", |sandbox, images| {
-            module_image(sandbox, "beside", "2.0", &[images.url("a2"), images.url("b2")])
+        .image_with("2.0", |images| {
+            module_image("beside", "2.0", &[images.url("a2"), images.url("b2")])
         })
         .rootless("beside", 2, "1.0")
         .prepare(|sandbox, _, _| {
@@ -673,7 +669,7 @@ async fn the_extra_images_download_beside_each_other_and_the_module_image_load()
     let [a2, b2, v2] = ["a2", "b2", "2.0"].map(|key| s.url(key));
     let record = sandbox.root().join("download-times");
     let offset = sandbox.registry_log_offset().unwrap();
-    run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
+    run_completed(connection, daemon, &request(&v2, &ids(&instances), false)).await;
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
     assert_eq!(traffic.max_serves_per_blob(), 1, "{traffic:?}");
 
@@ -704,7 +700,7 @@ async fn the_extra_images_download_beside_each_other_and_the_module_image_load()
     for instance in &instances {
         for image in [&v2, &a2, &b2] {
             assert!(
-                has_image(&sandbox, instance, image),
+                has_image(sandbox, instance, image),
                 "{}: {image}",
                 instance.id
             );
@@ -756,7 +752,7 @@ async fn an_extra_image_whose_tag_moves_during_the_download_is_pulled_by_each_in
     let instances = s.instances.clone();
     let [db2, db3, v2] = ["extra2", "db3", "2.0"].map(|key| s.url(key));
     let moved = sandbox.root().join("moved");
-    let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
+    let run = run_completed(connection, daemon, &request(&v2, &ids(&instances), false)).await;
     assert!(moved.exists(), "the tag was not moved:\n{}", daemon.log());
 
     let digest = Command::new("skopeo")
@@ -774,7 +770,7 @@ async fn an_extra_image_whose_tag_moves_during_the_download_is_pulled_by_each_in
     for instance in &instances {
         let messages = run.messages_of(&instance.id);
         assert!(messages.contains(&told), "{}: {messages:#?}", instance.id);
-        let identity = image_identity(&sandbox, instance, &[&db2]);
+        let identity = image_identity(sandbox, instance, &[&db2]);
         assert!(
             identity.contains(&digest),
             "{}: {identity} lacks {digest}",
@@ -824,7 +820,7 @@ async fn an_instance_whose_load_fails_pulls_the_same_images() {
     };
     let [db2, v2] = ["extra2", "2.0"].map(|key| s.url(key));
     let record = sandbox.root().join("podman-calls");
-    let run = run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
+    let run = run_completed(connection, daemon, &request(&v2, &ids(&instances), false)).await;
 
     for shared in [
         format!("Loading {v2} (downloaded once for the node)"),
@@ -841,7 +837,7 @@ async fn an_instance_whose_load_fails_pulls_the_same_images() {
             "the failure is told: {warnings}"
         );
     }
-    let inspect = |instance: &Instance| image_identity(&sandbox, instance, &[&v2, &db2]);
+    let inspect = |instance: &Instance| image_identity(sandbox, instance, &[&v2, &db2]);
     assert_eq!(inspect(loaded), inspect(pulled));
     for instance in &instances {
         let env = instance.read_env().unwrap();
@@ -893,8 +889,8 @@ async fn a_module_image_pulled_after_a_failed_load_brings_its_own_extra_images()
         .module_with_changing_extra("astray", "astraydb", 4096)
         .blob("other", "astrayother", "1", 4096, 13)
         // What the daemon downloads for 2.0: a module image naming `other`.
-        .image_with("3.0", |sandbox, images| {
-            module_image(sandbox, "astray", "3.0", &[images.url("other")])
+        .image_with("3.0", |images| {
+            module_image("astray", "3.0", &[images.url("other")])
         })
         .rootless("astray", 2, "1.0")
         // The daemon's skopeo reads 3.0 when asked for 2.0; the workers' loads fail.
@@ -914,8 +910,8 @@ async fn a_module_image_pulled_after_a_failed_load_brings_its_own_extra_images()
     let (sandbox, connection, daemon) = (&s.sandbox, s.bus(), s.daemon());
     let instances = s.instances.clone();
     let [db1, db2, other, v2] = ["extra1", "extra2", "other", "2.0"].map(|key| s.url(key));
-    run_completed(&connection, &daemon, &request(&v2, &ids(&instances), false)).await;
-    let has_image = |instance: &Instance, reference: &str| has_image(&sandbox, instance, reference);
+    run_completed(connection, daemon, &request(&v2, &ids(&instances), false)).await;
+    let has_image = |instance: &Instance, reference: &str| has_image(sandbox, instance, reference);
     for instance in &instances {
         assert!(
             !has_image(instance, &other),
@@ -949,8 +945,8 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
         })
         .module("gz", &["1.0"])
         // Pushed by podman, and the same image pushed again with GNU gzip's layers.
-        .image_with("by-podman", |sandbox, images| {
-            module_image(sandbox, "gz", "2.0-podman", &[images.url("db2")])
+        .image_with("by-podman", |images| {
+            module_image("gz", "2.0-podman", &[images.url("db2")])
         })
         .pushed("2.0", |sandbox, images| {
             let by_podman = images.url("by-podman");
@@ -987,7 +983,7 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
     // What the instance's own pull would give: the registry's digests, under the name pulled.
     let check = |sandbox: &Sandbox, instance: &Instance, module: &str| {
         let inspect = as_user(
-            &sandbox,
+            sandbox,
             instance,
             &[
                 "podman",
@@ -1028,12 +1024,7 @@ async fn images_compressed_by_another_tool_keep_the_registry_digest() {
     let record = sandbox.root().join("staging");
     let (connection, daemon) = (s.bus(), s.daemon());
     let offset = sandbox.registry_log_offset().unwrap();
-    let run = run_completed(
-        &connection,
-        &daemon,
-        &request(&v2, &ids(with_skopeo), false),
-    )
-    .await;
+    let run = run_completed(connection, daemon, &request(&v2, &ids(with_skopeo), false)).await;
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
     assert_eq!(
         traffic.max_serves_per_blob(),
@@ -1128,7 +1119,7 @@ async fn a_flood_of_script_lines_is_cut_to_the_message_budget() {
         .start()
         .await;
     let (connection, id, v2) = (s.bus(), s.instances[0].id.as_str(), s.url("2.0"));
-    let run = run_job(&connection, &request(&v2, &[id], false)).await;
+    let run = run_job(connection, &request(&v2, &[id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
 
     let messages = run.messages_of(id);

@@ -139,15 +139,15 @@ async fn polkit_decides_for_everyone_but_root() {
         unreachable!()
     };
     let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
-    let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let updater = ModuleUpdaterProxy::new(connection).await.unwrap();
     let update = request(&v2, &[&target.id], false);
 
     // No rule: the shipped default (auth_admin_keep) refuses a caller with no authentication
     // agent, and the daemon answers AccessDenied.
     let message = assert_denied(
         &gdbus(
-            &sandbox,
-            Some(&alice),
+            sandbox,
+            Some(alice),
             PATH,
             &manager("UpdateModule"),
             &[&update],
@@ -160,12 +160,12 @@ async fn polkit_decides_for_everyone_but_root() {
     );
     // Reading is open to every local user (docs/security.md, "The read model"): the same
     // instance through every read path, with no rule and no polkit question.
-    let out = gdbus(&sandbox, Some(&alice), PATH, &manager("ListInstances"), &[]);
+    let out = gdbus(sandbox, Some(alice), PATH, &manager("ListInstances"), &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&target.id));
     let out = gdbus(
-        &sandbox,
-        Some(&alice),
+        sandbox,
+        Some(alice),
         PATH,
         &manager("GetInstance"),
         &[&target.id],
@@ -173,24 +173,24 @@ async fn polkit_decides_for_everyone_but_root() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&v1), "{}", text(&out.stdout));
     let (name, _) = refusal(&gdbus(
-        &sandbox,
-        Some(&alice),
+        sandbox,
+        Some(alice),
         PATH,
         &manager("GetInstance"),
         &["nosuch9"],
     ));
     assert_eq!(name, "org.nethserver.ModuleUpdater.Error.NoSuchInstance");
     let out = gdbus(
-        &sandbox,
-        Some(&alice),
+        sandbox,
+        Some(alice),
         PATH,
         &manager("GetHistory"),
         &[&target.id],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = gdbus(
-        &sandbox,
-        Some(&alice),
+        sandbox,
+        Some(alice),
         PATH,
         "org.freedesktop.DBus.ObjectManager.GetManagedObjects",
         &[],
@@ -202,7 +202,7 @@ async fn polkit_decides_for_everyone_but_root() {
     // A rule grants update-module to the members of a group, for this instance and registry
     // only: rules can read the request's details.
     let group = polkit.add_group("mutest").unwrap();
-    polkit.add_member(&group, &alice).unwrap();
+    polkit.add_member(&group, alice).unwrap();
     let registry = sandbox.registry();
     let rule = format!(
         r#"polkit.addRule(function(action, subject) {{
@@ -219,11 +219,11 @@ async fn polkit_decides_for_everyone_but_root() {
         ("module_url", v2.as_str()),
         ("instances", target.id.as_str()),
     ];
-    let alice_process = polkit.subject_process(&alice).unwrap();
+    let alice_process = polkit.subject_process(alice).unwrap();
     polkit
         .wait_for(ACTION_UPDATE_MODULE, &alice_process, &details, true)
         .unwrap();
-    let bob_process = polkit.subject_process(&bob).unwrap();
+    let bob_process = polkit.subject_process(bob).unwrap();
     assert_eq!(
         polkit
             .check(ACTION_UPDATE_MODULE, bob_process.pid(), bob.uid, &details)
@@ -233,16 +233,16 @@ async fn polkit_decides_for_everyone_but_root() {
     );
 
     // Alice may now update that instance.
-    let mut stream = subscribe(&connection).await;
+    let mut stream = subscribe(connection).await;
     let out = gdbus(
-        &sandbox,
-        Some(&alice),
+        sandbox,
+        Some(alice),
         PATH,
         &manager("UpdateModule"),
         &[&update],
     );
     let job = object_path(&out);
-    let job_proxy = JobProxy::builder(&connection)
+    let job_proxy = JobProxy::builder(connection)
         .path(job.as_str())
         .build()
         .await
@@ -251,8 +251,8 @@ async fn polkit_decides_for_everyone_but_root() {
     // Only that instance: the rule reads the details.
     assert_denied(
         &gdbus(
-            &sandbox,
-            Some(&alice),
+            sandbox,
+            Some(alice),
             PATH,
             &manager("UpdateModule"),
             &[&request(&v2, &[&bob.id], false)],
@@ -261,8 +261,8 @@ async fn polkit_decides_for_everyone_but_root() {
     );
     // A job's log so far is as open as its signals.
     let out = gdbus(
-        &sandbox,
-        Some(&bob),
+        sandbox,
+        Some(bob),
         &job,
         &job_method("GetMessages"),
         &[&target.id],
@@ -271,8 +271,8 @@ async fn polkit_decides_for_everyone_but_root() {
     // Bob is not in the group: refused before the daemon looks at whether the instance is busy.
     assert_denied(
         &gdbus(
-            &sandbox,
-            Some(&bob),
+            sandbox,
+            Some(bob),
             PATH,
             &manager("UpdateModule"),
             &[&update],
@@ -281,16 +281,16 @@ async fn polkit_decides_for_everyone_but_root() {
     );
 
     // Cancel: bob may not cancel alice's job; alice may, without any rule.
-    wait_for_process(&target, "sleep 300").await;
+    wait_for_process(target, "sleep 300").await;
     let message = assert_denied(
-        &gdbus(&sandbox, Some(&bob), &job, &job_method("Cancel"), &[]),
+        &gdbus(sandbox, Some(bob), &job, &job_method("Cancel"), &[]),
         "Cancel of another's job",
     );
     assert!(message.contains(ACTION_CANCEL), "{message}");
-    let out = gdbus(&sandbox, Some(&alice), &job, &job_method("Cancel"), &[]);
+    let out = gdbus(sandbox, Some(alice), &job, &job_method("Cancel"), &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let run = follow(
-        &connection,
+        connection,
         &mut stream,
         zbus::OwnedObjectPath::try_from(job.clone()).unwrap(),
     )
@@ -305,44 +305,44 @@ async fn polkit_decides_for_everyone_but_root() {
 
     // Root needs no polkit: it reads the instance, cancels alice's job, and its own job cannot
     // be cancelled by alice.
-    let out = gdbus(&sandbox, None, PATH, &manager("GetInstance"), &[&target.id]);
+    let out = gdbus(sandbox, None, PATH, &manager("GetInstance"), &[&target.id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let forced = request(&v2, &[&target.id], true);
-    let mut stream = subscribe(&connection).await;
+    let mut stream = subscribe(connection).await;
     let alices = object_path(&gdbus(
-        &sandbox,
-        Some(&alice),
+        sandbox,
+        Some(alice),
         PATH,
         &manager("UpdateModule"),
         &[&forced],
     ));
-    wait_for_process(&target, "sleep 300").await;
-    let out = gdbus(&sandbox, None, &alices, &job_method("Cancel"), &[]);
+    wait_for_process(target, "sleep 300").await;
+    let out = gdbus(sandbox, None, &alices, &job_method("Cancel"), &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let run = follow(
-        &connection,
+        connection,
         &mut stream,
         zbus::OwnedObjectPath::try_from(alices).unwrap(),
     )
     .await;
     assert_eq!(run.instance(&target.id)["status"], "cancelled");
-    let mut stream = subscribe(&connection).await;
+    let mut stream = subscribe(connection).await;
     let roots = object_path(&gdbus(
-        &sandbox,
+        sandbox,
         None,
         PATH,
         &manager("UpdateModule"),
         &[&forced],
     ));
-    wait_for_process(&target, "sleep 300").await;
+    wait_for_process(target, "sleep 300").await;
     assert_denied(
-        &gdbus(&sandbox, Some(&alice), &roots, &job_method("Cancel"), &[]),
+        &gdbus(sandbox, Some(alice), &roots, &job_method("Cancel"), &[]),
         "Cancel of root's job",
     );
-    let out = gdbus(&sandbox, None, &roots, &job_method("Cancel"), &[]);
+    let out = gdbus(sandbox, None, &roots, &job_method("Cancel"), &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     follow(
-        &connection,
+        connection,
         &mut stream,
         zbus::OwnedObjectPath::try_from(roots).unwrap(),
     )
@@ -414,8 +414,8 @@ async fn without_polkit_only_root_may_act() {
     let update = request(&v1, &[&target.id], false);
     let message = assert_denied(
         &gdbus(
-            &sandbox,
-            Some(&user),
+            sandbox,
+            Some(user),
             PATH,
             &manager("UpdateModule"),
             &[&update],
@@ -426,8 +426,8 @@ async fn without_polkit_only_root_may_act() {
     assert!(message.contains("not running"), "{message}");
     // Reading asks nobody.
     let out = gdbus(
-        &sandbox,
-        Some(&user),
+        sandbox,
+        Some(user),
         PATH,
         &manager("GetInstance"),
         &[&target.id],
@@ -435,16 +435,16 @@ async fn without_polkit_only_root_may_act() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // Root is not asked about: its job runs (already installed: done at once) and lingers.
-    let run = run_job(&connection, &update).await;
+    let run = run_job(connection, &update).await;
     assert_eq!(run.status, "completed");
     assert_eq!(run.instance(&target.id)["status"], "already-installed");
-    let out = gdbus(&sandbox, None, PATH, &manager("GetInstance"), &[&target.id]);
+    let out = gdbus(sandbox, None, PATH, &manager("GetInstance"), &[&target.id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     // Cancelling root's (finished) job is still an authorisation question for anyone else.
     assert_denied(
         &gdbus(
-            &sandbox,
-            Some(&user),
+            sandbox,
+            Some(user),
             run.path.as_str(),
             &job_method("Cancel"),
             &[],
@@ -453,16 +453,16 @@ async fn without_polkit_only_root_may_act() {
     );
     // The read-only calls answer.
     let out = gdbus(
-        &sandbox,
-        Some(&user),
+        sandbox,
+        Some(user),
         run.path.as_str(),
         &job_method("GetResult"),
         &[],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = gdbus(
-        &sandbox,
-        Some(&user),
+        sandbox,
+        Some(user),
         run.path.as_str(),
         "org.freedesktop.DBus.Properties.Get",
         &[module_updater_dbus::JOB_INTERFACE, "Status"],
@@ -471,7 +471,7 @@ async fn without_polkit_only_root_may_act() {
     let address = sandbox.bus_address();
     let out = sandbox
         .run_as(
-            &user,
+            user,
             &[
                 "gdbus",
                 "introspect",
@@ -488,8 +488,8 @@ async fn without_polkit_only_root_may_act() {
     // Anything else is stopped by the bus policy before the daemon sees it (deny by default).
     let message = assert_denied(
         &gdbus(
-            &sandbox,
-            Some(&user),
+            sandbox,
+            Some(user),
             run.path.as_str(),
             "org.freedesktop.DBus.Properties.Set",
             &[
@@ -553,7 +553,7 @@ async fn hostile_input_is_refused_before_it_reaches_anything() {
         "/tmp/../x1",
     ] {
         let (name, message) = refusal(&gdbus(
-            &sandbox,
+            sandbox,
             None,
             PATH,
             &manager("UpdateModule"),
@@ -564,7 +564,7 @@ async fn hostile_input_is_refused_before_it_reaches_anything() {
         assert_eq!(array[0]["error"], "instances_instance_not_found", "{id}");
         assert_eq!(array[0]["value"], id);
         for method in ["GetInstance", "GetHistory"] {
-            let (name, _) = refusal(&gdbus(&sandbox, None, PATH, &manager(method), &[id]));
+            let (name, _) = refusal(&gdbus(sandbox, None, PATH, &manager(method), &[id]));
             assert_eq!(
                 name, "org.nethserver.ModuleUpdater.Error.NoSuchInstance",
                 "{method} {id}"
@@ -573,14 +573,14 @@ async fn hostile_input_is_refused_before_it_reaches_anything() {
     }
     assert!(!Path::new("/etc1").exists());
     assert_eq!(trap_snapshot(&traps), before, "a trap was written");
-    let listing = text(&gdbus(&sandbox, None, PATH, &manager("ListInstances"), &[]).stdout);
+    let listing = text(&gdbus(sandbox, None, PATH, &manager("ListInstances"), &[]).stdout);
     for id in ["../x1", "a/b1", ".1", "../home/../x1"] {
         assert!(!listing.contains(&format!("'{id}'")), "{listing}");
     }
 
     // Image references podman could misread, or that are no references at all (sent with our
     // proxy: gdbus would interpret the escapes of a JSON string argument).
-    let connection = connect(&sandbox).await;
+    let connection = connect(sandbox).await;
     let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
     for url in [
         "-x",
@@ -665,7 +665,7 @@ async fn module_code_runs_unprivileged_and_inherits_nothing() {
         .rootless("probe", 1, "1.0")
         .rootful("probe", 1, "1.0")
         .image("1.0", ImageSpec::module("probe", "1.0"))
-        .image_for_instances("2.0", |_, _, instances| {
+        .image_for_instances("2.0", |_, instances| {
             // `exec ls` last: the listing is of a process holding exactly what the script held.
             let probe = format!(
                 "#!/bin/sh\n\
@@ -694,7 +694,7 @@ async fn module_code_runs_unprivileged_and_inherits_nothing() {
         unreachable!()
     };
     let run = run_job(
-        &connection,
+        connection,
         &request(&v2, &[&rootless.id, &rootful.id], false),
     )
     .await;
@@ -705,16 +705,13 @@ async fn module_code_runs_unprivileged_and_inherits_nothing() {
             .unwrap_or_else(|e| panic!("{}: {name}: {e}", instance.id))
     };
     // The rootless instance's script: its uid and group, no capability at all.
+    assert_eq!(read(rootless, "probe.uid").trim(), rootless.uid.to_string());
     assert_eq!(
-        read(&rootless, "probe.uid").trim(),
-        rootless.uid.to_string()
-    );
-    assert_eq!(
-        read(&rootless, "probe.groups").trim(),
+        read(rootless, "probe.groups").trim(),
         rootless.gid.to_string(),
         "only the instance's own group"
     );
-    let caps = read(&rootless, "probe.caps");
+    let caps = read(rootless, "probe.caps");
     for line in caps.lines() {
         let (name, value) = line.split_once(':').unwrap();
         assert_eq!(
@@ -727,12 +724,12 @@ async fn module_code_runs_unprivileged_and_inherits_nothing() {
     assert!(
         !rootless.state_dir.join("probe.wrote").exists(),
         "the script wrote into another instance: {}",
-        read(&rootless, "probe.wrote")
+        read(rootless, "probe.wrote")
     );
     assert!(!victim.home.join("pwned").exists());
     assert_eq!(snapshot(&victim.home), victim_before);
     // The rootful instance's script runs as root, as in NS8.
-    assert_eq!(read(&rootful, "probe.uid").trim(), "0");
+    assert_eq!(read(rootful, "probe.uid").trim(), "0");
 
     // Descriptors: 0-2 and the command channel 3 are pipes (1 is the listing file); the only
     // other one is ls's own directory handle. No socket (the daemon's or the worker's bus
@@ -765,7 +762,7 @@ async fn module_code_runs_unprivileged_and_inherits_nothing() {
     // podman ran as the instance's user: the new image is in the user's own storage.
     let images = sandbox
         .podman_as(
-            &rootless,
+            rootless,
             &["images", "--format", "{{.Repository}}:{{.Tag}}"],
         )
         .unwrap();
@@ -879,7 +876,7 @@ async fn a_flood_of_unauthorised_calls_is_refused_while_root_is_served() {
     let (sandbox, connection, v1) = (&s.sandbox, s.bus(), s.url("1.0"));
     let (instances, flooder) = (&s.instances[..3], &s.instances[3]);
     let all = instances.len() + 1;
-    let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let updater = ModuleUpdaterProxy::new(connection).await.unwrap();
     let update = request(&v1, &[&instances[0].id], true);
 
     let mut quiet = Vec::new();
@@ -892,7 +889,7 @@ async fn a_flood_of_unauthorised_calls_is_refused_while_root_is_served() {
 
     // 16 calls pending at most (4 connections x 4): within the per-uid limit, so every call is
     // polkit's to answer, and polkit says no.
-    let (summary, mut samples) = flood_round(&sandbox, &updater, &flooder, &update, 4, all).await;
+    let (summary, mut samples) = flood_round(sandbox, &updater, flooder, &update, 4, all).await;
     assert_eq!(
         summary["errors"],
         serde_json::json!({ACCESS_DENIED: 1000}),
@@ -904,7 +901,7 @@ async fn a_flood_of_unauthorised_calls_is_refused_while_root_is_served() {
     );
 
     // 64 pending (4 x 16): over the limit, the excess is refused without asking polkit.
-    let (summary, mut samples) = flood_round(&sandbox, &updater, &flooder, &update, 16, all).await;
+    let (summary, mut samples) = flood_round(sandbox, &updater, flooder, &update, 16, all).await;
     let errors = summary["errors"].as_object().unwrap();
     assert!(errors.contains_key(LIMITS_EXCEEDED), "{summary}");
     for name in errors.keys() {
@@ -1236,7 +1233,7 @@ async fn malicious_images_are_refused_or_neutralised() {
     let [rootless, rootful, bystander] = &s.instances[..] else {
         unreachable!()
     };
-    let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let updater = ModuleUpdaterProxy::new(connection).await.unwrap();
 
     let marker = format!(
         "mu-evil-{}",
@@ -1248,7 +1245,7 @@ async fn malicious_images_are_refused_or_neutralised() {
         .collect();
     let etc_before = etc_tree();
     let shadow_before = std::fs::metadata("/etc/shadow").unwrap();
-    let bystander_before = install_tree(&bystander);
+    let bystander_before = install_tree(bystander);
     let base = || {
         HandTar::default()
             .dir("imageroot", 0o755)
@@ -1352,13 +1349,13 @@ async fn malicious_images_are_refused_or_neutralised() {
 
     for (n, (name, layer, labels, outcome)) in cases.into_iter().enumerate() {
         let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let url = push_raw_image(&sandbox, "evil", &format!("{n}-{name}"), &layer, &labels);
+        let url = push_raw_image(sandbox, "evil", &format!("{n}-{name}"), &layer, &labels);
         let before: Vec<_> = [&rootless, &rootful]
             .iter()
             .map(|i| (install_tree(i), std::fs::read(i.env_file()).unwrap()))
             .collect();
         let run = run_job(
-            &connection,
+            connection,
             &request(&url, &[&rootless.id, &rootful.id], false),
         )
         .await;
@@ -1414,7 +1411,7 @@ async fn malicious_images_are_refused_or_neutralised() {
         std::os::unix::fs::MetadataExt::nlink(&shadow_before),
         "a hard link to /etc/shadow was made"
     );
-    assert_eq!(install_tree(&bystander), bystander_before);
+    assert_eq!(install_tree(bystander), bystander_before);
     assert!(daemon.is_running(), "{}", daemon.log());
 }
 
@@ -1433,7 +1430,7 @@ async fn an_image_of_100000_files_is_installed_within_the_limits() {
     let [rootless, rootful] = &s.instances[..] else {
         unreachable!()
     };
-    let updater = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let updater = ModuleUpdaterProxy::new(connection).await.unwrap();
     let layer = (0..100_000)
         .fold(
             HandTar::default()
@@ -1442,20 +1439,20 @@ async fn an_image_of_100000_files_is_installed_within_the_limits() {
             |tar, i| tar.file(&format!("imageroot/many/{i}"), b"", 0o644),
         )
         .finish();
-    let url = push_raw_image(&sandbox, "many", "2.0", &layer, &[]);
+    let url = push_raw_image(sandbox, "many", "2.0", &layer, &[]);
     let etc_before = etc_tree();
 
     let started = Instant::now();
-    let mut stream = subscribe(&connection).await;
+    let mut stream = subscribe(connection).await;
     let path = submit(
-        &connection,
+        connection,
         &request(&url, &[&rootless.id, &rootful.id], false),
     )
     .await
     .unwrap();
     // The daemon answers while the workers pull, export and extract.
     let mut listed = 0usize;
-    let job = JobProxy::builder(&connection)
+    let job = JobProxy::builder(connection)
         .path(path.clone())
         .build()
         .await
@@ -1468,7 +1465,7 @@ async fn an_image_of_100000_files_is_installed_within_the_limits() {
         listed += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let run = follow(&connection, &mut stream, path).await;
+    let run = follow(connection, &mut stream, path).await;
     eprintln!(
         "100,000 files into two instances: {:.1} s ({listed} ListInstances answered meanwhile)",
         started.elapsed().as_secs_f64()

@@ -188,7 +188,7 @@ async fn validation_errors_busy_and_instance_queries() {
         ),
     ];
     for (request, field, parameter, error) in &cases {
-        let (name, array) = refused(&sandbox, request);
+        let (name, array) = refused(sandbox, request);
         assert_eq!(
             name, "org.nethserver.ModuleUpdater.Error.ValidationFailed",
             "{request}"
@@ -199,11 +199,11 @@ async fn validation_errors_busy_and_instance_queries() {
         assert_eq!(item["error"], *error, "{request}: {array}");
     }
     // No job exists after all those refusals.
-    let out = busctl(&sandbox, &["call", NAME, PATH, NAME, "ListJobs"]);
+    let out = busctl(sandbox, &["call", NAME, PATH, NAME, "ListJobs"]);
     assert_eq!(text(&out.stdout).trim(), "ao 0");
 
     // Instances as busctl sees them.
-    let out = busctl(&sandbox, &["call", NAME, PATH, NAME, "ListInstances"]);
+    let out = busctl(sandbox, &["call", NAME, PATH, NAME, "ListInstances"]);
     let listing = text(&out.stdout);
     assert!(listing.starts_with("a(ssso) 1 "), "{listing}");
     assert!(
@@ -211,7 +211,7 @@ async fn validation_errors_busy_and_instance_queries() {
         "{listing}"
     );
     let out = busctl(
-        &sandbox,
+        sandbox,
         &[
             "--json=short",
             "call",
@@ -229,7 +229,7 @@ async fn validation_errors_busy_and_instance_queries() {
     assert_eq!(info["data"][0]["rootless"], "true");
     assert_eq!(info["data"][0]["uid"], instance.uid.to_string());
     let out = gdbus_call(
-        &sandbox,
+        sandbox,
         PATH,
         "org.nethserver.ModuleUpdater.GetInstance",
         &["nosuch1"],
@@ -241,7 +241,7 @@ async fn validation_errors_busy_and_instance_queries() {
     );
 
     // Busy: a second request for an instance in a running job names the job that holds it.
-    let out = update_module_with_busctl(&sandbox, &request(&slow, &[id], false));
+    let out = update_module_with_busctl(sandbox, &request(&slow, &[id], false));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let job = text(&out.stdout)
         .trim()
@@ -252,19 +252,19 @@ async fn validation_errors_busy_and_instance_queries() {
         job.starts_with("/org/nethserver/ModuleUpdater/job/"),
         "{job}"
     );
-    let (name, array) = refused(&sandbox, &request(&slow, &[id], false));
+    let (name, array) = refused(sandbox, &request(&slow, &[id], false));
     assert_eq!(name, "org.nethserver.ModuleUpdater.Error.Busy");
     assert_eq!(array[0]["error"], "action_already_running");
     assert_eq!(array[0]["value"], id);
     assert_eq!(array[0]["job"], job.as_str());
-    let listing = text(&busctl(&sandbox, &["call", NAME, PATH, NAME, "ListInstances"]).stdout);
+    let listing = text(&busctl(sandbox, &["call", NAME, PATH, NAME, "ListInstances"]).stdout);
     assert!(
         listing.contains(&format!("\"updating\" \"{job}\"")),
         "{listing}"
     );
     // Properties of the job through busctl.
     let out = busctl(
-        &sandbox,
+        sandbox,
         &[
             "get-property",
             NAME,
@@ -318,12 +318,12 @@ async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
     let [v2, v3] = ["2.0", "3.0"].map(|key| s.url(key));
 
     // JobFinished reaches a client that subscribed before calling.
-    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(connection)
         .await
         .unwrap();
     let mut finished =
         futures_util::StreamExt::boxed(manager.receive_job_finished().await.unwrap());
-    let run = run_job(&connection, &request(&v2, &[&a.id, &b.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&a.id, &b.id], false)).await;
     assert_eq!(run.status, "aborted");
     assert_eq!(run.exit_code, 1);
     assert_eq!(run.instance(&a.id)["status"], "completed");
@@ -375,18 +375,18 @@ async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
         let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         serde_json::from_str::<serde_json::Value>(reply["data"][0].as_str().unwrap()).unwrap()
     };
-    assert_eq!(result_via_busctl(&sandbox), run.result);
+    assert_eq!(result_via_busctl(sandbox), run.result);
     assert!(daemon.stop().unwrap().success());
-    let daemon = start_daemon(&sandbox, &[]);
+    let daemon = start_daemon(sandbox, &[]);
     assert_eq!(
-        result_via_busctl(&sandbox),
+        result_via_busctl(sandbox),
         run.result,
         "the result survives a restart"
     );
 
     // Cancel a job whose script sleeps: the instance ends cancelled, the script is gone.
     std::fs::remove_file(b.state_dir.join("fail-me")).unwrap();
-    let connection = connect(&sandbox).await;
+    let connection = connect(sandbox).await;
     let mut stream = subscribe(&connection).await;
     let path = submit(&connection, &request(&v3, &[&a.id], false))
         .await
@@ -395,7 +395,7 @@ async fn a_two_instance_job_with_one_failure_then_restart_and_cancel() {
     let old_id: u64 = job.rsplit('/').next().unwrap().parse().unwrap();
     assert!(next_id > old_id, "job ids are never reused across restarts");
     let run =
-        cancel_once_running(&sandbox, &connection, &mut stream, path, &a.id, "sleep 300").await;
+        cancel_once_running(sandbox, &connection, &mut stream, path, &a.id, "sleep 300").await;
     assert_eq!(run.status, "aborted");
     assert_eq!(
         run.instance(&a.id)["status"],
@@ -431,7 +431,7 @@ async fn a_daemon_killed_mid_job_reports_it_interrupted_and_the_rerun_completes(
     let mut daemon = s.daemon.take().unwrap();
     let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
     let v2 = s.url("2.0");
-    let path = submit(&connection, &request(&v2, &[&instance.id], false))
+    let path = submit(connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
     let started = Instant::now();
@@ -459,8 +459,8 @@ async fn a_daemon_killed_mid_job_reports_it_interrupted_and_the_rerun_completes(
     }
     std::fs::write(instance.state_dir.join("done-waiting"), "").unwrap();
 
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let _daemon = start_daemon(sandbox, &[]);
+    let connection = connect(sandbox).await;
     let job = module_updater_dbus::JobProxy::builder(&connection)
         .path(path.clone())
         .build()
@@ -471,7 +471,7 @@ async fn a_daemon_killed_mid_job_reports_it_interrupted_and_the_rerun_completes(
     let result: serde_json::Value = serde_json::from_str(&job.get_result().await.unwrap()).unwrap();
     assert_eq!(result["error"], "interrupted");
     assert_eq!(result["instances"][&instance.id]["status"], "failed");
-    let listing = text(&busctl(&sandbox, &["call", NAME, PATH, NAME, "ListInstances"]).stdout);
+    let listing = text(&busctl(sandbox, &["call", NAME, PATH, NAME, "ListInstances"]).stdout);
     assert!(
         listing.contains("\"idle\""),
         "the instance is free: {listing}"
@@ -509,7 +509,7 @@ async fn sigterm_during_a_job_and_idle_exit() {
     let daemon = s.daemon.take().unwrap();
     let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
     let v2 = s.url("2.0");
-    let path = submit(&connection, &request(&v2, &[&instance.id], false))
+    let path = submit(connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
     let started = Instant::now();
@@ -539,8 +539,8 @@ async fn sigterm_during_a_job_and_idle_exit() {
     );
 
     // The job was cancelled and recorded; a new daemon serves its result.
-    let mut idle = start_daemon(&sandbox, &["--idle-timeout", "2"]);
-    let connection = connect(&sandbox).await;
+    let mut idle = start_daemon(sandbox, &["--idle-timeout", "2"]);
+    let connection = connect(sandbox).await;
     let job = module_updater_dbus::JobProxy::builder(&connection)
         .path(path)
         .build()
@@ -572,7 +572,7 @@ async fn the_introspection_matches_the_committed_contract() {
         .await;
     let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
     let v1 = s.url("1.0");
-    let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v1, &[&instance.id], false)).await;
     let instance_path = module_updater_dbus::instance_path(&instance.id);
     let mut changed = Vec::new();
     for (path, interface, file) in [
@@ -588,7 +588,7 @@ async fn the_introspection_matches_the_committed_contract() {
             "instance.xml",
         ),
     ] {
-        let out = busctl(&sandbox, &["introspect", "--xml-interface", NAME, path]);
+        let out = busctl(sandbox, &["introspect", "--xml-interface", NAME, path]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let xml = text(&out.stdout);
         let actual = extract_interface(&xml, interface);
@@ -606,7 +606,7 @@ async fn the_introspection_matches_the_committed_contract() {
          snapshots"
     );
     // The ObjectManager is on the manager's object.
-    let out = busctl(&sandbox, &["introspect", "--xml-interface", NAME, PATH]);
+    let out = busctl(sandbox, &["introspect", "--xml-interface", NAME, PATH]);
     assert!(
         text(&out.stdout).contains("<interface name=\"org.freedesktop.DBus.ObjectManager\">"),
         "{}",
@@ -688,7 +688,7 @@ async fn instance_queries_see_new_instances_and_changed_environments_at_once() {
     std::fs::rename(&temporary, second.env_file()).unwrap();
     let info = manager.get_instance(&second.id).await.unwrap();
     assert_eq!(info["IMAGE_URL"], url_of("3.0"));
-    let out = busctl(&sandbox, &["call", NAME, PATH, NAME, "ListInstances"]);
+    let out = busctl(sandbox, &["call", NAME, PATH, NAME, "ListInstances"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let busctl_listing = text(&out.stdout);
     assert!(busctl_listing.starts_with("a(ssso) 2 "), "{busctl_listing}");
@@ -706,7 +706,7 @@ async fn instance_queries_see_new_instances_and_changed_environments_at_once() {
         [idle(&second.id, url_of("3.0"))]
     );
     let out = gdbus_call(
-        &sandbox,
+        sandbox,
         PATH,
         "org.nethserver.ModuleUpdater.GetInstance",
         &[&first.id],
@@ -716,7 +716,7 @@ async fn instance_queries_see_new_instances_and_changed_environments_at_once() {
         "{}",
         text(&out.stderr)
     );
-    let (name, array) = refused(&sandbox, &request(&url_of("2.0"), &[&first.id], false));
+    let (name, array) = refused(sandbox, &request(&url_of("2.0"), &[&first.id], false));
     assert_eq!(name, "org.nethserver.ModuleUpdater.Error.ValidationFailed");
     assert_eq!(array[0]["error"], "instances_instance_not_found");
 }
@@ -769,7 +769,7 @@ async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
     let (sandbox, instance, v1) = (&s.sandbox, &s.instances[0], s.url("1.0"));
     let jobs = sandbox.daemon_state_dir().join("jobs");
 
-    let out = update_module_with_busctl(&sandbox, &request(&v1, &[&instance.id], false));
+    let out = update_module_with_busctl(sandbox, &request(&v1, &[&instance.id], false));
     assert!(!out.status.success(), "accepted: {}", text(&out.stdout));
     let stderr = text(&out.stderr);
     assert!(
@@ -777,7 +777,7 @@ async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
         "{stderr}"
     );
     let out = gdbus_call(
-        &sandbox,
+        sandbox,
         PATH,
         "org.nethserver.ModuleUpdater.UpdateModule",
         &[&request(&v1, &[&instance.id], false)],
@@ -787,7 +787,7 @@ async fn the_known_jobs_limit_refuses_a_new_job_before_it_exists() {
         "{}",
         text(&out.stderr)
     );
-    let listed = text(&busctl(&sandbox, &["call", NAME, PATH, NAME, "ListJobs"]).stdout);
+    let listed = text(&busctl(sandbox, &["call", NAME, PATH, NAME, "ListJobs"]).stdout);
     assert!(listed.starts_with("ao 1024 "), "{listed}");
     assert!(!jobs.join("1025.json").exists(), "a job record was written");
 }
@@ -808,13 +808,13 @@ async fn a_cancel_during_the_pull_ends_the_instance_cancelled_and_unchanged() {
         .await;
     let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
     let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
-    let mut stream = subscribe(&connection).await;
-    let path = submit(&connection, &request(&v2, &[&instance.id], false))
+    let mut stream = subscribe(connection).await;
+    let path = submit(connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
     let run = cancel_once_running(
-        &sandbox,
-        &connection,
+        sandbox,
+        connection,
         &mut stream,
         path,
         &instance.id,
@@ -865,19 +865,12 @@ async fn a_cancel_during_the_shared_download_stops_it_and_leaves_nothing() {
     let (ids, [v1, v2]) = (s.ids(), ["1.0", "2.0"].map(|key| s.url(key)));
     let slow = sandbox.root().join("trap/slow");
     std::fs::write(&slow, "").unwrap();
-    let mut stream = subscribe(&connection).await;
-    let path = submit(&connection, &request(&v2, &ids, false))
+    let mut stream = subscribe(connection).await;
+    let path = submit(connection, &request(&v2, &ids, false))
         .await
         .unwrap();
-    let run = cancel_once_running(
-        &sandbox,
-        &connection,
-        &mut stream,
-        path,
-        "root",
-        "sleep 302",
-    )
-    .await;
+    let run =
+        cancel_once_running(sandbox, connection, &mut stream, path, "root", "sleep 302").await;
     assert_eq!(run.status, "aborted", "{:#}", run.result);
     for instance in &instances {
         assert_eq!(
@@ -897,7 +890,7 @@ async fn a_cancel_during_the_shared_download_stops_it_and_leaves_nothing() {
 
     // The next job downloads again, with the real skopeo.
     std::fs::remove_file(&slow).unwrap();
-    let run = run_job(&connection, &request(&v2, &ids, false)).await;
+    let run = run_job(connection, &request(&v2, &ids, false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     for instance in &instances {
         let loaded = format!("Loading {v2} (downloaded once for the node)");

@@ -19,23 +19,18 @@ async fn rootless_update_from_1_to_2() {
         .blob("db2", "mariadb", "10.2", 4096, 2)
         .blob("cache", "redis-cache", "7", 4096, 3)
         .blob("fauth", "2fauth", "5.2.0", 1024, 4)
-        .image_with("1.0", |sandbox, images| {
-            module_image(
-                sandbox,
-                "demo",
-                "1.0",
-                &[images.url("db1"), images.url("cache")],
-            )
-            .file("bin/only-in-1", "old\n", 0o755)
-            .file(
-                "systemd/user/changed.service",
-                "[Service]\nExecStart=/bin/true\n",
-                0o644,
-            )
+        .image_with("1.0", |images| {
+            module_image("demo", "1.0", &[images.url("db1"), images.url("cache")])
+                .file("bin/only-in-1", "old\n", 0o755)
+                .file(
+                    "systemd/user/changed.service",
+                    "[Service]\nExecStart=/bin/true\n",
+                    0o644,
+                )
         })
-        .image_with("2.0", |sandbox, images| {
+        .image_with("2.0", |images| {
             let extras = [images.url("db2"), images.url("cache"), images.url("fauth")];
-            module_image(sandbox, "demo", "2.0", &extras)
+            module_image("demo", "2.0", &extras)
                 .file(
                     "systemd/user/added.service",
                     "[Service]\nType=oneshot\nExecStart=/bin/true\n",
@@ -81,7 +76,7 @@ async fn rootless_update_from_1_to_2() {
     let calls = sandbox.root().join("systemctl-calls");
     std::fs::write(&calls, "").unwrap();
     std::fs::set_permissions(&calls, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(run.exit_code, 0);
@@ -156,13 +151,13 @@ async fn rootless_update_from_1_to_2() {
     // The user's manager was reloaded over D-Bus: the new unit is loaded, the changed one fresh.
     assert_eq!(
         sandbox
-            .unit_property(&instance, "added.service", "LoadState")
+            .unit_property(instance, "added.service", "LoadState")
             .unwrap(),
         "s \"loaded\""
     );
     assert_eq!(
         sandbox
-            .unit_property(&instance, "changed.service", "NeedDaemonReload")
+            .unit_property(instance, "changed.service", "NeedDaemonReload")
             .unwrap(),
         "b false"
     );
@@ -251,8 +246,8 @@ async fn rootless_update_from_1_to_2() {
 
     // Cleanup: the previous module image and the replaced extra image are gone, the rest stay.
     let images = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
     );
     assert!(!images.lines().any(|l| l == v1), "{images}");
@@ -293,7 +288,7 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
     };
     let before = snapshot(&instance.install_dir);
 
-    let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v1, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed");
     assert_eq!(run.instance(&instance.id)["status"], "already-installed");
     assert_eq!(
@@ -312,7 +307,7 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
     let marker = instance.state_dir.join(".module-updater.in-progress");
     std::fs::write(&marker, "job=0\n").unwrap();
     let missing = format!("{}/noop:9.9", sandbox.registry());
-    let run = run_job(&connection, &request(&missing, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&missing, &[&instance.id], false)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],
         "failed",
@@ -320,7 +315,7 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
         run.result
     );
     assert!(marker.exists(), "the interrupted update's marker is kept");
-    let run = run_job(&connection, &request(&v1, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v1, &[&instance.id], false)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],
         "completed",
@@ -345,7 +340,7 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
     );
 
     // Force with the same URL and no extra images: pulls again and completes (NS8 fails here).
-    let run = run_job(&connection, &request(&v1, &[&instance.id], true)).await;
+    let run = run_job(connection, &request(&v1, &[&instance.id], true)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],
         "completed",
@@ -357,8 +352,8 @@ async fn same_url_is_a_true_no_op_unless_an_update_was_interrupted() {
         "x\nx\n"
     );
     let images = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
     );
     assert!(
@@ -390,8 +385,8 @@ async fn pull_missing_semantics_and_force() {
     let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
     let v2 = s.url("2.0");
     let first_id = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &["podman", "image", "inspect", "--format", "{{.Id}}", &v2],
     );
     // The tag moves in the registry.
@@ -400,7 +395,7 @@ async fn pull_missing_semantics_and_force() {
         .unwrap();
     assert_eq!(moved, v2);
 
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],
         "completed",
@@ -413,7 +408,7 @@ async fn pull_missing_semantics_and_force() {
         "first\n"
     );
 
-    let run = run_job(&connection, &request(&v2, &[&instance.id], true)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], true)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],
         "completed",
@@ -442,10 +437,10 @@ async fn a_lone_instance_downloads_each_blob_once() {
     let (sandbox, connection, instances) = (&s.sandbox, s.bus(), &s.instances);
     let registry = sandbox.registry();
     let [db1, db2, v1, v2] = ["extra1", "extra2", "1.0", "2.0"].map(|key| s.url(key));
-    let has_image = |instance: &Instance, reference: &str| has_image(&sandbox, instance, reference);
+    let has_image = |instance: &Instance, reference: &str| has_image(sandbox, instance, reference);
     let images = |instance: &Instance| {
         as_user(
-            &sandbox,
+            sandbox,
             instance,
             &["podman", "image", "list", "--format", "{{.Id}} {{.Names}}"],
         )
@@ -455,7 +450,7 @@ async fn a_lone_instance_downloads_each_blob_once() {
     };
 
     let offset = sandbox.registry_log_offset().unwrap();
-    let run = run_job(&connection, &request(&v2, &[&fresh.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&fresh.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     // The registry logs a request when it has answered it; the job has ended by now.
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
@@ -473,7 +468,7 @@ async fn a_lone_instance_downloads_each_blob_once() {
     );
     let env = fresh.read_env().unwrap();
     let inspected = as_user(
-        &sandbox,
+        sandbox,
         fresh,
         &[
             "podman",
@@ -499,7 +494,7 @@ async fn a_lone_instance_downloads_each_blob_once() {
     let before = images(broken);
     let env_before = std::fs::read(broken.env_file()).unwrap();
     let missing = format!("{registry}/lone:9.9");
-    let run = run_job(&connection, &request(&missing, &[&broken.id], false)).await;
+    let run = run_job(connection, &request(&missing, &[&broken.id], false)).await;
     let result = run.instance(&broken.id);
     assert_eq!(result["status"], "failed", "{result:#}");
     assert_eq!(result["error"]["step"], "pull-image", "{result:#}");
@@ -518,12 +513,12 @@ async fn a_lone_instance_downloads_each_blob_once() {
     assert!(staging.is_empty(), "{staging:?}");
 
     // Forced, every image is fetched again: the update completes with the same images.
-    let identity = image_identity(&sandbox, fresh, &[&v2, &db2]);
-    let run = run_job(&connection, &request(&v2, &[&fresh.id], true)).await;
+    let identity = image_identity(sandbox, fresh, &[&v2, &db2]);
+    let run = run_job(connection, &request(&v2, &[&fresh.id], true)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let messages = run.messages_of(&fresh.id);
     assert!(messages.contains(&format!("Pulling {v2}")), "{messages:#?}");
-    assert_eq!(image_identity(&sandbox, fresh, &[&v2, &db2]), identity);
+    assert_eq!(image_identity(sandbox, fresh, &[&v2, &db2]), identity);
     assert_eq!(fresh.read_env().unwrap()["LONEDB_IMAGE"], db2);
 }
 
@@ -557,8 +552,8 @@ async fn a_module_image_of_two_layers_is_installed_merged() {
     let [v2, v3] = ["2.0", "3.0"].map(|key| s.url(key));
     let layers = |url: &str| {
         as_user(
-            &sandbox,
-            &instance,
+            sandbox,
+            instance,
             &[
                 "podman",
                 "image",
@@ -572,9 +567,9 @@ async fn a_module_image_of_two_layers_is_installed_merged() {
         .to_owned()
     };
     let read = |path: &str| std::fs::read_to_string(instance.install_dir.join(path)).unwrap();
-    let containers = || as_user(&sandbox, &instance, &["podman", "ps", "--all", "--quiet"]);
+    let containers = || as_user(sandbox, instance, &["podman", "ps", "--all", "--quiet"]);
 
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(layers(&v2), "2");
     assert_eq!(read("bin/tool"), "2\n");
@@ -584,10 +579,10 @@ async fn a_module_image_of_two_layers_is_installed_merged() {
 
     // By digest, as an administrator may pin it: the image is present (pulled by tag), so
     // nothing is pulled, and it is read by that reference.
-    as_user(&sandbox, &instance, &["podman", "pull", "--quiet", &v3]);
+    as_user(sandbox, instance, &["podman", "pull", "--quiet", &v3]);
     let pinned = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &[
             "podman",
             "image",
@@ -600,7 +595,7 @@ async fn a_module_image_of_two_layers_is_installed_merged() {
     .trim()
     .to_owned();
     assert!(pinned.contains("@sha256:"), "{pinned}");
-    let run = run_job(&connection, &request(&pinned, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&pinned, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], pinned);
     assert_eq!(layers(&pinned), "1");
@@ -650,7 +645,7 @@ async fn hostile_images_are_refused_and_labels_are_honoured() {
     let before = tree(&instance.home);
 
     for bad in [&absolute, &escaping] {
-        let run = run_job(&connection, &request(bad, &[&instance.id], false)).await;
+        let run = run_job(connection, &request(bad, &[&instance.id], false)).await;
         assert_eq!(run.status, "aborted");
         assert_eq!(run.exit_code, 1);
         let result = run.instance(&instance.id);
@@ -665,7 +660,7 @@ async fn hostile_images_are_refused_and_labels_are_honoured() {
         assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v1);
     }
 
-    let run = run_job(&connection, &request(&subtree, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&subtree, &[&instance.id], false)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],
         "completed",
@@ -707,13 +702,13 @@ async fn the_instance_lock_excludes_ns8s_agent() {
 
     let lock = instance.state_dir.join(".update-module.lock");
     let mut holder = sandbox
-        .command_as(&instance, &["flock", lock.to_str().unwrap(), "sleep", "60"])
+        .command_as(instance, &["flock", lock.to_str().unwrap(), "sleep", "60"])
         .spawn()
         .unwrap();
     // Wait until the holder has the lock (it waits for it, so our probes cannot make it give up).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while sandbox
-        .run_as(&instance, &["flock", "-n", lock.to_str().unwrap(), "true"])
+        .run_as(instance, &["flock", "-n", lock.to_str().unwrap(), "true"])
         .unwrap()
         .status
         .success()
@@ -726,7 +721,7 @@ async fn the_instance_lock_excludes_ns8s_agent() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let env_before = std::fs::read(instance.env_file()).unwrap();
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
     assert_eq!(result["status"], "failed");
     assert_eq!(result["error"]["step"], "prepare");
@@ -745,7 +740,7 @@ async fn the_instance_lock_excludes_ns8s_agent() {
     std::fs::remove_file(&lock).unwrap();
     std::fs::write(&lock, "").unwrap();
     std::fs::set_permissions(&lock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     let reason = run.instance(&instance.id)["error"]["reason"]
         .as_str()
         .unwrap()
@@ -754,7 +749,7 @@ async fn the_instance_lock_excludes_ns8s_agent() {
     assert!(reason.contains("Permission denied"), "{reason}");
     std::fs::remove_file(&lock).unwrap();
 
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(
         run.instance(&instance.id)["status"],
         "completed",
@@ -811,8 +806,8 @@ async fn killed_worker_and_script_timeout() {
     let before = tree(&instance.install_dir);
     let env_before = std::fs::read(instance.env_file()).unwrap();
 
-    let mut stream = subscribe(&connection).await;
-    let path = submit(&connection, &request(&v2, &[&instance.id], false))
+    let mut stream = subscribe(connection).await;
+    let path = submit(connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
     // Wait for the staging dir, then kill the worker (it runs as the instance user).
@@ -846,7 +841,7 @@ async fn killed_worker_and_script_timeout() {
         .status()
         .unwrap();
     assert!(killed.success(), "no worker to kill");
-    let run = follow(&connection, &mut stream, path).await;
+    let run = follow(connection, &mut stream, path).await;
     let result = run.instance(&instance.id);
     assert_eq!(result["status"], "failed", "{result:#}");
     assert_eq!(result["error"]["step"], "extract", "{result:#}");
@@ -868,7 +863,7 @@ async fn killed_worker_and_script_timeout() {
     let lock = instance.state_dir.join(".update-module.lock");
     assert!(
         sandbox
-            .run_as(&instance, &["flock", "-n", lock.to_str().unwrap(), "true"])
+            .run_as(instance, &["flock", "-n", lock.to_str().unwrap(), "true"])
             .unwrap()
             .status
             .success()
@@ -876,7 +871,7 @@ async fn killed_worker_and_script_timeout() {
 
     // The same request again: completes, the leftover staging dir is gone, the hung script is
     // killed after its timeout together with its background child.
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
     assert_eq!(result["status"], "completed", "{result:#}");
     assert_eq!(
@@ -952,7 +947,7 @@ async fn module_steps_and_a_rootful_instance() {
     let [good, bad] = ["good", "bad"].map(|key| s.url(key));
 
     let run = run_job(
-        &connection,
+        connection,
         &request(&good, &[&rootless.id, &rootful.id], false),
     )
     .await;
@@ -968,7 +963,7 @@ async fn module_steps_and_a_rootful_instance() {
         assert_eq!(order, format!("script\ncheck {good}\n"));
         assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], good);
     }
-    let run = run_job(&connection, &request(&bad, &[&rootless.id], false)).await;
+    let run = run_job(connection, &request(&bad, &[&rootless.id], false)).await;
     assert_eq!(run.status, "aborted");
     let result = run.instance(&rootless.id);
     assert_eq!(result["error"]["step"], "module-step", "{result:#}");
@@ -993,10 +988,10 @@ async fn reload_failure_and_image_in_use_are_warnings() {
     let mut s = Scenario::new()
         .blob("side1", "sidecar", "1", 1024, 11)
         .blob("side2", "sidecar", "2", 1024, 12)
-        .image_with("1.0", |_, images| {
+        .image_with("1.0", |images| {
             ImageSpec::module("warned", "1.0").label("org.nethserver.images", images.url("side1"))
         })
-        .image_with("2.0", |_, images| {
+        .image_with("2.0", |images| {
             ImageSpec::module("warned", "2.0").label("org.nethserver.images", images.url("side2"))
         })
         .rootful("warned", 1, "1.0")
@@ -1031,7 +1026,7 @@ async fn reload_failure_and_image_in_use_are_warnings() {
     let (sandbox, connection, rootful) = (&s.sandbox, s.bus(), &s.instances[0]);
     let [side1, side2, v1, v2] = ["side1", "side2", "1.0", "2.0"].map(|key| s.url(key));
 
-    let run = run_job(&connection, &request(&v2, &[&rootful.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&rootful.id], false)).await;
     let result = run.instance(&rootful.id);
     assert_eq!(result["status"], "completed", "{result:#}");
     let warnings: Vec<&str> = result["warnings"]
@@ -1051,10 +1046,7 @@ async fn reload_failure_and_image_in_use_are_warnings() {
         "{warnings:?}"
     );
     let images = sandbox
-        .podman_as(
-            &rootful,
-            &["images", "--format", "{{.Repository}}:{{.Tag}}"],
-        )
+        .podman_as(rootful, &["images", "--format", "{{.Repository}}:{{.Tag}}"])
         .unwrap();
     let images = String::from_utf8_lossy(&images.stdout).into_owned();
     assert!(
@@ -1076,28 +1068,27 @@ async fn extra_images_pulled_beside_the_extraction_fail_at_their_own_step() {
     let s = Scenario::new()
         .blob("side1", "overlap-side", "1", 4096, 21)
         .blob("side2", "overlap-side", "2", 4096, 22)
-        .image_with("1.0", |sandbox, images| {
-            module_image(sandbox, "overlap", "1.0", &[images.url("side1")])
-                .file("bin/tool", "1\n", 0o755)
+        .image_with("1.0", |images| {
+            module_image("overlap", "1.0", &[images.url("side1")]).file("bin/tool", "1\n", 0o755)
         })
-        .image_with("missing-extra", |sandbox, _| {
+        .image_with("missing-extra", |images| {
             // Nothing was ever pushed under this name: its pull fails.
-            let never_pushed = format!("{}/never-pushed:1", sandbox.registry());
-            let mut spec = module_image(sandbox, "overlap", "2.0-missing", &[never_pushed])
+            let never_pushed = format!("{}/never-pushed:1", images.registry());
+            let mut spec = module_image("overlap", "2.0-missing", &[never_pushed])
                 .file("bin/tool", "2\n", 0o755);
             for i in 0..200 {
                 spec = spec.file(format!("share/f{i}"), format!("{i}\n"), 0o644);
             }
             spec
         })
-        .image_with("hostile", |sandbox, images| {
-            module_image(sandbox, "overlap", "2.0-hostile", &[images.url("side2")])
+        .image_with("hostile", |images| {
+            module_image("overlap", "2.0-hostile", &[images.url("side2")])
                 .symlink("bin/up", "../../../../../../etc")
         })
         // A file its owner may not read cannot be flushed on its own: the flush falls back to
         // the whole filesystem, without a warning.
-        .image_with("2.0", |sandbox, images| {
-            module_image(sandbox, "overlap", "2.0", &[images.url("side2")])
+        .image_with("2.0", |images| {
+            module_image("overlap", "2.0", &[images.url("side2")])
                 .file("bin/tool", "2\n", 0o755)
                 .file("bin/write-only", "w\n", 0o200)
         })
@@ -1120,11 +1111,7 @@ async fn extra_images_pulled_beside_the_extraction_fail_at_their_own_step() {
     let env_before = std::fs::read(instance.env_file()).unwrap();
     let marker = instance.state_dir.join(".module-updater.in-progress");
 
-    let run = run_job(
-        &connection,
-        &request(&missing_extra, &[&instance.id], false),
-    )
-    .await;
+    let run = run_job(connection, &request(&missing_extra, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
     assert_eq!(run.status, "aborted");
     assert_eq!(result["status"], "failed", "{result:#}");
@@ -1147,7 +1134,7 @@ async fn extra_images_pulled_beside_the_extraction_fail_at_their_own_step() {
         "nothing changed, so no re-run is owed: the marker is gone"
     );
 
-    let run = run_job(&connection, &request(&hostile, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&hostile, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
     assert_eq!(result["status"], "failed", "{result:#}");
     assert_eq!(result["error"]["step"], "extract", "{result:#}");
@@ -1160,20 +1147,20 @@ async fn extra_images_pulled_beside_the_extraction_fail_at_their_own_step() {
     assert!(!marker.exists());
     // The pull beside the refused extraction was let finish, not cut off.
     let images = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
     );
     assert!(images.lines().any(|l| l == side2), "{images}");
     // And no temporary container is left behind by either failure.
     let containers = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &["podman", "ps", "-a", "--format", "{{.Names}}"],
     );
     assert!(containers.trim().is_empty(), "{containers}");
 
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
     assert_eq!(result["status"], "completed", "{result:#}");
     assert_eq!(
@@ -1192,8 +1179,8 @@ async fn extra_images_pulled_beside_the_extraction_fail_at_their_own_step() {
     );
     assert!(!marker.exists());
     let containers = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &["podman", "ps", "-a", "--format", "{{.Names}}"],
     );
     assert!(containers.trim().is_empty(), "{containers}");
@@ -1207,11 +1194,11 @@ async fn stale_images_are_removed_together_with_per_image_outcomes() {
     let s = Scenario::new()
         .blob("side1", "batch-side", "1", 1024, 31)
         .blob("side2", "batch-side", "2", 1024, 32)
-        .image_with("1.0", |sandbox, images| {
-            module_image(sandbox, "batch", "1.0", &[images.url("side1")])
+        .image_with("1.0", |images| {
+            module_image("batch", "1.0", &[images.url("side1")])
         })
-        .image_with("2.0", |sandbox, images| {
-            module_image(sandbox, "batch", "2.0", &[images.url("side2")])
+        .image_with("2.0", |images| {
+            module_image("batch", "2.0", &[images.url("side2")])
         })
         .rootless("batch", 1, "1.0")
         .prepare(|sandbox, images, instances| {
@@ -1234,7 +1221,7 @@ async fn stale_images_are_removed_together_with_per_image_outcomes() {
     let ghost = format!("{registry}/ghost:1");
     let [side1, side2, v1, v2] = ["side1", "side2", "1.0", "2.0"].map(|key| s.url(key));
 
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     let result = run.instance(&instance.id);
     assert_eq!(result["status"], "completed", "{result:#}");
     let removed = result["images_removed"].as_array().unwrap();
@@ -1260,8 +1247,8 @@ async fn stale_images_are_removed_together_with_per_image_outcomes() {
         "{warnings:?}"
     );
     let images = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"],
     );
     assert!(!images.lines().any(|l| l == v1), "{images}");
@@ -1302,13 +1289,13 @@ async fn podmans_temporary_files_go_with_the_update() {
     // What a killed worker of each instance left: a directory with a blob in it.
     let left = |instance: &Instance| {
         let dir = format!("/var/tmp/module-updater-{}-tmp-Killed1", instance.id);
-        as_user(&sandbox, instance, &["mkdir", &dir]);
-        as_user(&sandbox, instance, &["touch", &format!("{dir}/blob")]);
+        as_user(sandbox, instance, &["mkdir", &dir]);
+        as_user(sandbox, instance, &["touch", &format!("{dir}/blob")]);
         std::path::PathBuf::from(dir)
     };
     let (left_by_updated, left_by_other) = (left(updated), left(other));
 
-    let run = run_job(&connection, &request(&v2, &[&updated.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&updated.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let tmpdirs = std::fs::read_to_string(&record).unwrap();
     let tmpdirs: std::collections::BTreeSet<&str> = tmpdirs.lines().collect();

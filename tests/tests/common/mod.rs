@@ -28,49 +28,14 @@ pub fn daemon_args(sandbox: &Sandbox) -> Vec<String> {
     args
 }
 
-/// Starts the daemon on the sandbox's bus with [`daemon_args`] and `extra`.
+/// Starts the daemon on the sandbox's bus with [`daemon_args`] and `extra`: for a test that
+/// holds a daemon of its own besides its [`Scenario`]'s (a restart while it borrows the scenario).
 pub fn start_daemon(sandbox: &Sandbox, extra: &[&str]) -> Daemon {
-    let mut args = daemon_args(sandbox);
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    sandbox.start_daemon(&args).expect("start module-updaterd")
-}
-
-/// Starts the daemon with [`daemon_args`] and, first in its PATH (hence its workers' and the
-/// scripts'), a directory `<sandbox>/trap` holding the executable `scripts` (name, content):
-/// stand-ins for tools we did not write, to record or steer how they are called.
-pub fn start_daemon_with_trap(sandbox: &Sandbox, scripts: &[(&str, String)]) -> Daemon {
-    start_daemon_with_trap_and_env(sandbox, scripts, &[])
-}
-
-/// [`start_daemon_with_trap`], with `env` added to the daemon's environment.
-pub fn start_daemon_with_trap_and_env(
-    sandbox: &Sandbox,
-    scripts: &[(&str, String)],
-    env: &[(&str, &str)],
-) -> Daemon {
-    use std::os::unix::fs::PermissionsExt;
-    let trap = sandbox.root().join("trap");
-    std::fs::create_dir_all(&trap).unwrap();
-    for (name, script) in scripts {
-        std::fs::write(trap.join(name), script).unwrap();
-        std::fs::set_permissions(trap.join(name), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    // Instance users run the workers' tools: they must reach the directory.
-    for dir in [trap.as_path(), sandbox.root()] {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let mut command = sandbox.daemon_command(&[]).unwrap();
-    command.args(daemon_args(sandbox));
-    command.env(
-        "PATH",
-        format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            trap.display()
-        ),
-    );
-    command.envs(env.iter().copied());
-    sandbox.start_daemon_with(command).unwrap()
+    let options = DaemonOptions::new().args(extra);
+    let command = scenario::daemon_command(sandbox, &Images::default(), &[], &options);
+    sandbox
+        .start_daemon_with(command)
+        .expect("start module-updaterd")
 }
 
 /// `busctl --address=<sandbox bus> ARGS`.
@@ -272,8 +237,7 @@ pub fn snapshot(root: &std::path::Path) -> BTreeMap<String, (u32, Vec<u8>)> {
 }
 
 /// A demo module image: an imageroot with a unit file and an update script, labels for extras.
-pub fn module_image(sandbox: &Sandbox, repo: &str, tag: &str, extras: &[String]) -> ImageSpec {
-    let _ = sandbox;
+pub fn module_image(repo: &str, tag: &str, extras: &[String]) -> ImageSpec {
     ImageSpec::module(repo, tag)
         .file(
             "systemd/user/demo.service",
@@ -284,52 +248,6 @@ pub fn module_image(sandbox: &Sandbox, repo: &str, tag: &str, extras: &[String])
         )
         .file("bin/version", format!("{tag}\n"), 0o755)
         .label("org.nethserver.images", extras.join(" "))
-}
-
-/// A module at 1.0 and 2.0 (`module_image`) whose one extra image changes between them:
-/// `<extra>:1` and `<extra>:2` of `size` incompressible bytes. Returns the four references:
-/// extra 1, extra 2, module 1.0, module 2.0.
-pub fn module_with_changing_extra(
-    sandbox: &Sandbox,
-    repo: &str,
-    extra: &str,
-    size: u64,
-) -> [String; 4] {
-    let extra1 = sandbox.build_blob_image(extra, "1", size, 11).unwrap();
-    let extra2 = sandbox.build_blob_image(extra, "2", size, 12).unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(
-            sandbox,
-            repo,
-            "1.0",
-            std::slice::from_ref(&extra1),
-        ))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(
-            sandbox,
-            repo,
-            "2.0",
-            std::slice::from_ref(&extra2),
-        ))
-        .unwrap();
-    [extra1, extra2, v1, v2]
-}
-
-/// Adds `n` rootless instances of `module`, each installed at `url`.
-pub fn installed_instances(
-    sandbox: &mut Sandbox,
-    module: &str,
-    n: usize,
-    url: &str,
-) -> Vec<Instance> {
-    (0..n)
-        .map(|_| {
-            let instance = sandbox.add_rootless_instance(module).unwrap();
-            sandbox.install(&instance, url).unwrap();
-            instance
-        })
-        .collect()
 }
 
 /// Runs a command as the instance user and returns its stdout (panics with stderr on failure).

@@ -21,16 +21,24 @@ use super::{JobRun, connect, daemon_args, module_image, request, run_job};
 /// The images a scenario built, by the key each was given (a module's tag, or the key of
 /// [`ScenarioBuilder::image`], [`ScenarioBuilder::blob`] and the like).
 #[derive(Debug, Default, Clone)]
-pub struct Images(BTreeMap<String, String>);
+pub struct Images {
+    urls: BTreeMap<String, String>,
+    registry: String,
+}
 
 impl Images {
+    /// The sandbox's registry (`127.0.0.1:<port>`), for the URL of an image never pushed.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
     /// The URL of the image built under `key`.
     pub fn url(&self, key: &str) -> String {
-        match self.0.get(key) {
+        match self.urls.get(key) {
             Some(url) => url.clone(),
             None => panic!(
                 "the scenario built no image {key:?}; it has {:?}",
-                self.0.keys()
+                self.urls.keys()
             ),
         }
     }
@@ -149,9 +157,7 @@ impl ScenarioBuilder {
     pub fn module(mut self, repo: &str, tags: &[&str]) -> Self {
         for tag in tags {
             let (repo, tag) = (repo.to_owned(), (*tag).to_owned());
-            self = self.image_with(&tag.clone(), move |sandbox, _| {
-                module_image(sandbox, &repo, &tag, &[])
-            });
+            self = self.image_with(&tag.clone(), move |_| module_image(&repo, &tag, &[]));
         }
         self
     }
@@ -162,29 +168,25 @@ impl ScenarioBuilder {
         let (repo1, repo2) = (repo.to_owned(), repo.to_owned());
         self.blob("extra1", extra, "1", size, 11)
             .blob("extra2", extra, "2", size, 12)
-            .image_with("1.0", move |sandbox, images| {
-                module_image(sandbox, &repo1, "1.0", &[images.url("extra1")])
+            .image_with("1.0", move |images| {
+                module_image(&repo1, "1.0", &[images.url("extra1")])
             })
-            .image_with("2.0", move |sandbox, images| {
-                module_image(sandbox, &repo2, "2.0", &[images.url("extra2")])
+            .image_with("2.0", move |images| {
+                module_image(&repo2, "2.0", &[images.url("extra2")])
             })
     }
 
     /// The image `spec`, keyed `key`.
     pub fn image(self, key: &str, spec: ImageSpec) -> Self {
-        self.image_with(key, move |_, _| spec)
+        self.image_with(key, move |_| spec)
     }
 
     /// An image whose description needs what was built before it (e.g. the URLs of its extra
     /// images for its `org.nethserver.images` label), keyed `key`.
-    pub fn image_with(
-        self,
-        key: &str,
-        spec: impl FnOnce(&Sandbox, &Images) -> ImageSpec + 'static,
-    ) -> Self {
+    pub fn image_with(self, key: &str, spec: impl FnOnce(&Images) -> ImageSpec + 'static) -> Self {
         let key_owned = key.to_owned();
         self.pushed(key, move |sandbox, images| {
-            let spec = spec(sandbox, images);
+            let spec = spec(images);
             sandbox
                 .build_image(&spec)
                 .unwrap_or_else(|e| panic!("build the image {key_owned:?}: {e}"))
@@ -207,13 +209,13 @@ impl ScenarioBuilder {
     pub fn image_for_instances(
         mut self,
         key: &str,
-        spec: impl FnOnce(&Sandbox, &Images, &[Instance]) -> ImageSpec + 'static,
+        spec: impl FnOnce(&Images, &[Instance]) -> ImageSpec + 'static,
     ) -> Self {
         let key_owned = key.to_owned();
         self.images.push((
             key.to_owned(),
             Box::new(move |sandbox, images, instances| {
-                let spec = spec(sandbox, images, instances);
+                let spec = spec(images, instances);
                 sandbox
                     .build_image(&spec)
                     .unwrap_or_else(|e| panic!("build the image {key_owned:?}: {e}"))
@@ -331,10 +333,13 @@ impl ScenarioBuilder {
         }
         let instances_added = started.elapsed();
         let started = Instant::now();
-        let mut images = Images::default();
+        let mut images = Images {
+            urls: BTreeMap::new(),
+            registry: sandbox.registry(),
+        };
         for (key, push) in self.images {
             let url = push(&sandbox, &images, &instances);
-            images.0.insert(key, url);
+            images.urls.insert(key, url);
         }
         let images_built = started.elapsed();
         let installs: Vec<(usize, String)> = installs
@@ -388,7 +393,7 @@ impl Scenario {
         self.daemon.insert(daemon)
     }
 
-    /// Stops the daemon (SIGTERM, waits for it) and starts one with `options` instead.
+    /// Stops the daemon if one runs (SIGTERM, waits for it) and starts one with `options`.
     pub fn restart_daemon_with(&mut self, options: DaemonOptions) -> &Daemon {
         if let Some(daemon) = self.daemon.take() {
             daemon.stop().expect("stop the daemon");
