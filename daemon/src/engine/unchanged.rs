@@ -93,6 +93,30 @@ impl InstalledTree {
 }
 
 impl InstalledTree {
+    /// The SHA-256 (lowercase hex) and permission bits of the installed regular file at `path`,
+    /// resolved as [`InstalledTree::holds`] resolves it; `None` when there is no such file.
+    pub fn content(&self, path: &str) -> Option<(String, u32)> {
+        use sha2::Digest;
+        let (mut file, meta) = self.regular_file(path)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match file.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buffer[..n]),
+                Err(_) => return None,
+            }
+        }
+        let hex = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some((hex, meta.mode() & 0o7777))
+    }
+}
+
+impl InstalledTree {
     /// Copies the installed file at `path` to a new staged file `to` with its permission bits
     /// and `mtime` (for a hard link whose target was kept). Only a file that could have been
     /// kept is copied, one of at most [`MAX_COMPARED`] bytes (read into memory); a larger one

@@ -21,6 +21,7 @@ use crate::engine::worker;
 use crate::history::{self, History};
 use crate::job_store::{Durability, JobStore};
 mod admission;
+mod plan;
 mod recovery;
 mod shared_download;
 
@@ -134,6 +135,8 @@ pub struct Jobs {
     permits: Arc<Semaphore>,
     shutting_down: AtomicBool,
     idle: tokio::sync::Notify,
+    /// Plans' downloads of new images, kept for the jobs that follow.
+    planned: plan::PlannedDownloads,
 }
 
 /// The log level of a journal priority (0–7) of the engine's messages.
@@ -211,6 +214,7 @@ impl Jobs {
             permits,
             shutting_down: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
+            planned: plan::PlannedDownloads::default(),
         });
         // Recovered jobs leave the bus when their linger time is over.
         for (id, remaining) in jobs.linger_times(now) {
