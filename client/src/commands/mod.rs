@@ -174,7 +174,17 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
             force,
             allow_downgrade,
             dry_run,
-        } => update(&ctx, &module_url, &instances, force, allow_downgrade, dry_run).await,
+        } => {
+            update(
+                &ctx,
+                &module_url,
+                &instances,
+                force,
+                allow_downgrade,
+                dry_run,
+            )
+            .await
+        }
         Command::List => list(&ctx).await,
         Command::Show { instance } => show(&ctx, &instance).await,
         Command::Jobs => jobs(&ctx).await,

@@ -25,7 +25,11 @@ pub async fn dry_run(ctx: &Ctx, request: &str) -> Result<u8, ClientError> {
         .as_ref()
         .and_then(|p| p["refused"].as_array())
         .is_some_and(|r| !r.is_empty());
-    Ok(if refused { exit::VALIDATION } else { exit::SUCCESS })
+    Ok(if refused {
+        exit::VALIDATION
+    } else {
+        exit::SUCCESS
+    })
 }
 
 /// Bytes for people: 1.5 MiB.
@@ -147,7 +151,10 @@ pub fn render(plan: &Value) -> String {
         }
         line(format!("  steps:   {}", listed(&instance["steps"])));
         line(format!("  scripts: {}", listed(&instance["scripts"])));
-        line(format!("  cleanup: {}", listed(&instance["images_removed"])));
+        line(format!(
+            "  cleanup: {}",
+            listed(&instance["images_removed"])
+        ));
         for space in instance["space"].as_array().into_iter().flatten() {
             let enough = space["enough"].as_bool().unwrap_or(false);
             line(format!(
@@ -190,7 +197,10 @@ mod tests {
             "refused": [{"error": "instances_insufficient_space"}]
         });
         let text = render(&plan);
-        assert!(text.contains("Download, once for the node: 2.0 KiB"), "{text}");
+        assert!(
+            text.contains("Download, once for the node: 2.0 KiB"),
+            "{text}"
+        );
         assert!(text.contains("demo1: refused"), "{text}");
         assert!(
             text.contains("refused: instances_insufficient_space: /srv needs 3.0 MiB"),
