@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use module_updater_dbus::ModuleUpdaterProxy;
+use module_updater_dbus::{ACTION_UPDATE_MODULE, ModuleUpdaterProxy};
 use module_updater_tests::{Instance, Sandbox};
 use serde_json::Value;
 
@@ -438,6 +438,90 @@ async fn a_small_filesystem_refuses_the_update_and_the_plan_says_why() {
     assert!(
         manager.list_jobs().await.unwrap().is_empty(),
         "a job was created"
+    );
+}
+
+/// PlanUpdate is gated as UpdateModule is, with the same polkit action and details: a user
+/// without a rule is refused, with the same message; a rule granting the update of one
+/// instance lets that user plan that update, and nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn polkit_gates_the_plan_as_the_update() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(&sandbox, "plangate", "1.0", &[]))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&module_image(&sandbox, "plangate", "2.0", &[]))
+        .unwrap();
+    let target = sandbox.add_rootless_instance("plangate").unwrap();
+    let other = sandbox.add_rootless_instance("plangate").unwrap();
+    sandbox.install(&target, &v1).unwrap();
+    sandbox.install(&other, &v1).unwrap();
+    let carol = sandbox.add_rootless_instance("carol").unwrap();
+    let mut polkit = sandbox.start_polkitd().unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let call = |method: &str, body: &str| {
+        let address = sandbox.bus_address();
+        let method = format!("org.nethserver.ModuleUpdater.{method}");
+        let argv = [
+            "gdbus",
+            "call",
+            "--address",
+            &address,
+            "--dest",
+            "org.nethserver.ModuleUpdater",
+            "--object-path",
+            "/org/nethserver/ModuleUpdater",
+            "--method",
+            &method,
+            body,
+        ];
+        sandbox.run_as(&carol, &argv).unwrap()
+    };
+    let body = request(&v2, &[&target.id], false);
+    let planned = call("PlanUpdate", &body);
+    let updated = call("UpdateModule", &body);
+    assert!(!planned.status.success() && !updated.status.success());
+    let denied = text(&planned.stderr);
+    assert!(
+        denied.contains("org.freedesktop.DBus.Error.AccessDenied")
+            && denied.contains(ACTION_UPDATE_MODULE),
+        "{denied}"
+    );
+    assert_eq!(denied, text(&updated.stderr));
+
+    let group = polkit.add_group("plangate").unwrap();
+    polkit.add_member(&group, &carol).unwrap();
+    let rule = format!(
+        r#"polkit.addRule(function(action, subject) {{
+    if (action.id == "{ACTION_UPDATE_MODULE}" && subject.isInGroup("{group}") &&
+        action.lookup("instances") == "{id}") {{
+        return polkit.Result.YES;
+    }}
+}});"#,
+        id = target.id
+    );
+    polkit.add_rule("plan-gate", &rule).unwrap();
+    let details = [
+        ("module_url", v2.as_str()),
+        ("instances", target.id.as_str()),
+    ];
+    let process = polkit.subject_process(&carol).unwrap();
+    polkit
+        .wait_for(ACTION_UPDATE_MODULE, &process, &details, true)
+        .unwrap();
+    let planned = call("PlanUpdate", &body);
+    assert!(planned.status.success(), "{}", text(&planned.stderr));
+    assert!(
+        text(&planned.stdout).contains("\"action\":\"update\""),
+        "{}",
+        text(&planned.stdout)
+    );
+    let elsewhere = call("PlanUpdate", &request(&v2, &[&other.id], false));
+    assert!(
+        text(&elsewhere.stderr).contains("org.freedesktop.DBus.Error.AccessDenied"),
+        "{}",
+        text(&elsewhere.stderr)
     );
 }
 

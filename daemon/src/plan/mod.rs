@@ -62,7 +62,6 @@ pub struct InstancePlan {
     pub instance: String,
     pub action: Action,
     /// Why it is refused, in NS8's validation-array form.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<ValidationError>,
     pub old_url: Option<String>,
     pub old_digest: Option<String>,

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 use sha2::Digest;
 
-use crate::engine::extract::LIST_FILE;
+use crate::engine::extract::{LIST_FILE, Limits};
 use crate::engine::unchanged::InstalledTree;
 
 /// One entry of the new imageroot, below the prefix.
@@ -42,6 +42,8 @@ pub enum TreeError {
     Read(#[from] std::io::Error),
     #[error("imageroot \"{0}\" not found in the image (check the org.nethserver.imageroot label)")]
     NoPrefix(String),
+    #[error("the imageroot has more than {0} entries (the update refuses it too)")]
+    TooManyEntries(u64),
 }
 
 impl NewTree {
@@ -107,6 +109,9 @@ impl NewTree {
                 continue;
             };
             tree.entries.insert(rel, node);
+            if tree.entries.len() as u64 > Limits::DEFAULT.max_entries {
+                return Err(TreeError::TooManyEntries(Limits::DEFAULT.max_entries));
+            }
         }
         if !seen_prefix {
             return Err(TreeError::NoPrefix(prefix.to_owned()));
