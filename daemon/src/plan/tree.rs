@@ -306,3 +306,107 @@ fn removed(new: &NewTree, install_dir: &Path) -> Vec<String> {
     }
     removed
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A tar stream of `(path, contents or None for a directory, mode)`.
+    fn tar_of(members: &[(&str, Option<&str>, u32)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, contents, mode) in members {
+            let mut header = tar::Header::new_gnu();
+            header.set_mode(*mode);
+            match contents {
+                Some(data) => {
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_size(data.len() as u64);
+                    builder
+                        .append_data(&mut header, path, data.as_bytes())
+                        .unwrap();
+                }
+                None => {
+                    header.set_entry_type(tar::EntryType::Directory);
+                    header.set_size(0);
+                    builder.append_data(&mut header, path, &[][..]).unwrap();
+                }
+            }
+        }
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn the_new_tree_against_the_installed_one() {
+        let stream = tar_of(&[
+            ("imageroot/", None, 0o755),
+            ("imageroot/same", Some("same\n"), 0o644),
+            ("imageroot/changed", Some("two\n"), 0o644),
+            ("imageroot/update-module.d/", None, 0o755),
+            (
+                "imageroot/update-module.d/10run",
+                Some("#!/bin/sh\n"),
+                0o755,
+            ),
+            (
+                "imageroot/update-module.d/20notexec",
+                Some("#!/bin/sh\n"),
+                0o644,
+            ),
+            (
+                "imageroot/update-module.d/.hidden",
+                Some("#!/bin/sh\n"),
+                0o755,
+            ),
+            ("imageroot/sub/.gitignore", Some("*\n"), 0o644),
+            ("elsewhere/file", Some("not ours\n"), 0o644),
+        ]);
+        let tree = NewTree::read(stream.as_slice(), "imageroot").unwrap();
+        assert_eq!(tree.executables_in("update-module.d"), ["10run"]);
+        assert_eq!(tree.bytes(), 5 + 4 + 10 * 3);
+        assert!(!tree.entries.contains_key("sub/.gitignore"));
+
+        let install = tempfile::tempdir().unwrap();
+        let dir = install.path();
+        std::fs::write(dir.join("same"), "same\n").unwrap();
+        std::fs::write(dir.join("changed"), "one\n").unwrap();
+        std::fs::write(dir.join("old"), "old\n").unwrap();
+        std::fs::create_dir(dir.join("olddir")).unwrap();
+        std::fs::write(dir.join("olddir/f"), "f\n").unwrap();
+        std::fs::create_dir(dir.join("keptdir")).unwrap();
+        std::fs::write(dir.join("keptdir/mine"), "not listed\n").unwrap();
+        std::fs::write(
+            dir.join(LIST_FILE),
+            "./same\n./changed\n./old\n./olddir/\n./olddir/f\n./keptdir/\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for file in ["same", "changed"] {
+            std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
+        }
+        let changes = compare(&tree, dir);
+        assert_eq!(changes.changed, ["changed"]);
+        assert_eq!(
+            changes.added,
+            [
+                "update-module.d/.hidden",
+                "update-module.d/10run",
+                "update-module.d/20notexec"
+            ]
+        );
+        assert_eq!(changes.unchanged, 1);
+        assert_eq!(changes.entries, tree.entries.len());
+        // A directory goes only when nothing else stays in it.
+        assert_eq!(changes.removed, ["./old", "./olddir/f", "./olddir/"]);
+        // Nothing was changed.
+        assert!(dir.join("old").exists() && dir.join("olddir/f").exists());
+    }
+
+    #[test]
+    fn an_image_without_the_imageroot_is_said_so() {
+        let stream = tar_of(&[("other/", None, 0o755)]);
+        let err = NewTree::read(stream.as_slice(), "imageroot").unwrap_err();
+        assert!(err.to_string().contains("imageroot"), "{err}");
+    }
+}
