@@ -41,6 +41,8 @@ pub enum SubmitError {
         "too many jobs: {0} are on the bus, running or lingering (the limit is {MAX_KNOWN_JOBS}); wait until finished ones leave (--job-linger)"
     )]
     TooManyKnown(usize),
+    #[error("the plan could not be made: {0}")]
+    Plan(String),
     #[error("cannot record the job in {path}: {source}")]
     Persist {
         path: PathBuf,

@@ -117,13 +117,7 @@ impl Jobs {
             )
         })
         .await
-        .map_err(|e| {
-            SubmitError::Invalid(vec![ValidationError::new(
-                "(root)",
-                e.to_string().into(),
-                "plan_failed",
-            )])
-        })?;
+        .map_err(|e| SubmitError::Plan(e.to_string()))?;
         Ok(planned)
     }
 

@@ -208,7 +208,7 @@ pub struct FileChanges {
 }
 
 /// Compares the new tree with the tree installed in `install_dir` (read only, never through a
-/// symbolic link of the installed tree).
+/// symbolic link of the installed tree: the daemon reads it as root, the instance's user owns it).
 pub fn compare(new: &NewTree, install_dir: &Path) -> FileChanges {
     let installed = InstalledTree::open(install_dir);
     let mut changes = FileChanges {
@@ -216,8 +216,7 @@ pub fn compare(new: &NewTree, install_dir: &Path) -> FileChanges {
         ..FileChanges::default()
     };
     for (path, node) in &new.entries {
-        let target = install_dir.join(path);
-        let Ok(meta) = std::fs::symlink_metadata(&target) else {
+        let Some((meta, link)) = installed.as_ref().and_then(|t| t.entry(path)) else {
             if !matches!(node, NewEntry::Dir) {
                 changes.added.push(path.clone());
             }
@@ -227,8 +226,7 @@ pub fn compare(new: &NewTree, install_dir: &Path) -> FileChanges {
             NewEntry::Dir => continue,
             NewEntry::Symlink { target: wanted } => {
                 meta.file_type().is_symlink()
-                    && std::fs::read_link(&target)
-                        .is_ok_and(|t| t.as_os_str().as_encoded_bytes() == wanted.as_bytes())
+                    && link.is_some_and(|t| t.as_encoded_bytes() == wanted.as_bytes())
             }
             NewEntry::File { .. } | NewEntry::Link { .. } => {
                 let wanted = new.file(path);
@@ -247,15 +245,19 @@ pub fn compare(new: &NewTree, install_dir: &Path) -> FileChanges {
             changes.changed.push(path.clone());
         }
     }
-    changes.removed = removed(new, install_dir);
+    changes.removed = installed
+        .as_ref()
+        .map(|t| removed(new, t))
+        .unwrap_or_default();
     changes
 }
 
 /// The previous list's lines the extractor removes: entries the new tree no longer has that
 /// are still there, directories only when nothing else stays in them; files first, then
 /// directories deepest first (the extractor's order).
-fn removed(new: &NewTree, install_dir: &Path) -> Vec<String> {
-    let Ok(raw) = std::fs::read(install_dir.join(LIST_FILE)) else {
+fn removed(new: &NewTree, installed: &InstalledTree) -> Vec<String> {
+    // As large as the list of the most entries an extraction accepts, with long paths.
+    let Some(raw) = installed.read(LIST_FILE, 64 << 20) else {
         return Vec::new();
     };
     let new_lines = new.list_lines();
@@ -278,7 +280,7 @@ fn removed(new: &NewTree, install_dir: &Path) -> Vec<String> {
         if path.is_empty() || new.entries.contains_key(path) {
             continue;
         }
-        let Ok(meta) = std::fs::symlink_metadata(install_dir.join(path)) else {
+        let Some((meta, _)) = installed.entry(path) else {
             continue;
         };
         if meta.file_type().is_dir() {
@@ -293,9 +295,9 @@ fn removed(new: &NewTree, install_dir: &Path) -> Vec<String> {
         .collect();
     let mut removed = files;
     for (line, path) in dirs.iter().rev() {
-        let empty_after = std::fs::read_dir(install_dir.join(path)).is_ok_and(|entries| {
-            entries.flatten().all(|e| {
-                let child = format!("{path}/{}", e.file_name().to_string_lossy());
+        let empty_after = installed.children(path).is_some_and(|names| {
+            names.iter().all(|name| {
+                let child = format!("{path}/{}", name.to_string_lossy());
                 gone.contains(&child)
             })
         });
@@ -401,6 +403,30 @@ mod tests {
         assert_eq!(changes.removed, ["./old", "./olddir/f", "./olddir/"]);
         // Nothing was changed.
         assert!(dir.join("old").exists() && dir.join("olddir/f").exists());
+    }
+
+    #[test]
+    fn nothing_is_read_through_a_symlink_of_the_installed_tree() {
+        let stream = tar_of(&[
+            ("imageroot/etc/", None, 0o755),
+            ("imageroot/etc/secret", Some("same\n"), 0o644),
+        ]);
+        let tree = NewTree::read(stream.as_slice(), "imageroot").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "same\n").unwrap();
+        std::fs::write(outside.path().join("listed"), "x\n").unwrap();
+        let install = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), install.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("listed"),
+            install.path().join(LIST_FILE),
+        )
+        .unwrap();
+        let changes = compare(&tree, install.path());
+        // Not "unchanged": the file behind the link was never read.
+        assert_eq!(changes.added, ["etc/secret"]);
+        assert_eq!(changes.unchanged, 0);
+        assert!(changes.removed.is_empty());
     }
 
     #[test]
