@@ -128,7 +128,9 @@ pub enum Command {
         /// image and digest change, the files added, changed and removed, the steps and scripts
         /// that would run, the images the cleanup would remove and the free space needed. The
         /// new image may be downloaded once into the node's download area, where the update
-        /// that follows finds it. Exit code 10 when the update would be refused.
+        /// that follows finds it; for a large image on a slow link, give --timeout the seconds
+        /// that download takes (a plan asked again finds it done). Exit code 10 when the update
+        /// would be refused.
         #[arg(long)]
         dry_run: bool,
     },
