@@ -47,7 +47,12 @@ impl Manager {
         // The free space a kept plan of this image measured, before any job exists.
         let no_room = self.jobs.space_refusals(&parsed).await;
         if !no_room.is_empty() {
+            // The node's checks and a busy instance are said first, as the plan orders them.
             self.jobs.admit(&parsed)?;
+            let busy = self.jobs.busy_instances(&parsed);
+            if !busy.is_empty() {
+                return Err(SubmitError::Busy(busy).into());
+            }
             return Err(SubmitError::Invalid(no_room).into());
         }
         let id = self.jobs.submit(parsed, caller.uid)?;

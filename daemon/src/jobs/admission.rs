@@ -1,6 +1,7 @@
 //! Admission: a parsed request becomes a job only when the node agrees (every instance exists,
 //! none is busy, none would get another module's image or an unwanted downgrade) and the
 //! daemon's limits allow it; otherwise nothing is created and the caller gets NS8's array.
+//! `PlanUpdate` (`jobs/plan.rs`) runs the same checks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
