@@ -211,6 +211,41 @@ async fn the_plan_is_what_the_update_does_and_changes_nothing() {
     );
 }
 
+/// A rootful instance too: the plan reads its root storage's place, and its update loads the
+/// plan's download instead of pulling (the registry serves no blob), ending as a pull would.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rootful_instance_updates_from_the_plans_download() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let (_, v1, v2) = changing_module(&sandbox);
+    let instance = sandbox.add_rootful_instance("planned").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let planned = plan(&connection, &request(&v2, &[&instance.id], false))
+        .await
+        .unwrap();
+    let item = &planned["instances"][0];
+    assert_eq!(item["action"], "update", "{planned:#}");
+    assert_eq!(strings(&item["scripts"]), ["10first", "30second"]);
+    let offset = sandbox.registry_log_offset().unwrap();
+    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let traffic = sandbox.registry_traffic_since(offset).unwrap();
+    assert!(
+        traffic.blob_downloads.is_empty(),
+        "the update downloaded again after the plan: {traffic:?}"
+    );
+    let result = run.instance(&instance.id);
+    assert_eq!(result["new_image_digest"], item["new_digest"]);
+    assert_eq!(result["files_removed"], item["files"]["removed"]);
+    let env = instance.read_env().unwrap();
+    assert_eq!(env["IMAGE_URL"], v2);
+    assert_eq!(
+        Some(env["IMAGE_DIGEST"].as_str()),
+        item["new_digest"].as_str()
+    );
+}
+
 /// Downgrade and another module's image are refused per instance in the plan, with the array
 /// UpdateModule refuses the request with; allow_downgrade plans the update.
 #[tokio::test(flavor = "multi_thread")]

@@ -77,6 +77,9 @@ pub struct SharedImages {
     /// The daemon's podman on the private storage the module image was loaded into (read by
     /// `PlanUpdate` for the image's filesystem and size).
     pub private: Option<Podman>,
+    /// Downloaded by a plan: every instance of the job loads it, rootful ones too (which
+    /// otherwise pull for themselves, the node's download being only for several users).
+    pub from_plan: bool,
 }
 
 impl SharedImages {

@@ -286,13 +286,17 @@ impl Jobs {
                 script_timeout_secs: self.settings.script_timeout.as_secs(),
                 nice: self.settings.worker_nice,
                 system_manager_address: self.settings.system_manager_address.clone(),
-                // Rootful instances pull as root into their own storage: no archive needed.
-                shared_images: if instance_rootless {
+                // Rootful instances pull as root into their own storage: no archive needed,
+                // unless a plan downloaded it already.
+                shared_images: if instance_rootless || shared.from_plan {
                     shared.archives.clone()
                 } else {
                     BTreeMap::new()
                 },
-                shared_module: shared.module.clone().filter(|_| instance_rootless),
+                shared_module: shared
+                    .module
+                    .clone()
+                    .filter(|_| instance_rootless || shared.from_plan),
             };
             tasks.spawn(async move { jobs.run_instance(id, job, cancel).await });
         }
