@@ -292,6 +292,51 @@ async fn the_plan_refuses_a_downgrade_and_another_module_as_update_module_does()
     );
 }
 
+/// An instance a running job holds: the plan refuses it with the array UpdateModule's `Busy`
+/// carries (the job that holds it), and still plans the instance that is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_instance_is_refused_in_the_plan_as_update_module_refuses_it() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&module_image(&sandbox, "planbusy", "1.0", &[]))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&module_image(&sandbox, "planbusy", "2.0", &[]).file(
+            "update-module.d/50sleep",
+            "#!/bin/sh\nsleep 300\n",
+            0o755,
+        ))
+        .unwrap();
+    let held = sandbox.add_rootless_instance("planbusy").unwrap();
+    let free = sandbox.add_rootless_instance("planbusy").unwrap();
+    sandbox.install(&held, &v1).unwrap();
+    sandbox.install(&free, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let job = submit(&connection, &request(&v2, &[&held.id], false))
+        .await
+        .unwrap();
+
+    let both = request(&v2, &[&held.id, &free.id], false);
+    let planned = plan(&connection, &both).await.unwrap();
+    let (name, message) = refusal(submit(&connection, &both).await);
+    assert_eq!(name, "org.nethserver.ModuleUpdater.Error.Busy");
+    let array: Value = serde_json::from_str(&message).unwrap();
+    assert_eq!(array, planned["refused"], "{planned:#}");
+    assert_eq!(array[0]["error"], "action_already_running");
+    assert_eq!(array[0]["job"], job.as_str());
+    assert_eq!(planned["instances"][0]["action"], "refused");
+    assert_eq!(planned["instances"][1]["action"], "update", "{planned:#}");
+    assert_eq!(strings(&planned["instances"][1]["scripts"]), ["50sleep"]);
+
+    let proxy = module_updater_dbus::JobProxy::builder(&connection)
+        .path(job)
+        .build()
+        .await
+        .unwrap();
+    proxy.cancel().await.unwrap();
+}
+
 /// Malformed and hostile requests: PlanUpdate answers each with the very error UpdateModule
 /// gives (name and validation array), through busctl as well.
 #[tokio::test(flavor = "multi_thread")]
