@@ -55,48 +55,45 @@ fn images_of(sandbox: &Sandbox, instance: &Instance) -> String {
     )
 }
 
-/// A 1.0 → 2.0 module whose files, scripts, steps and extra images all change.
-fn changing_module(sandbox: &Sandbox) -> (String, String, String) {
-    let db1 = sandbox.build_blob_image("plandb", "1", 4096, 31).unwrap();
-    let db2 = sandbox.build_blob_image("plandb", "2", 4096, 32).unwrap();
-    let v1 = sandbox
-        .build_image(
-            &module_image(sandbox, "planned", "1.0", std::slice::from_ref(&db1))
+/// A 1.0 → 2.0 module `planned` whose files, scripts, steps and extra images (`db1`, `db2`)
+/// all change.
+fn changing_module() -> ScenarioBuilder {
+    Scenario::new()
+        .blob("db1", "plandb", "1", 4096, 31)
+        .blob("db2", "plandb", "2", 4096, 32)
+        .image_with("1.0", |images| {
+            module_image("planned", "1.0", &[images.url("db1")])
                 .file("bin/only-in-1", "old\n", 0o755)
                 .file("etc/same.conf", "same\n", 0o644)
-                .file("etc/changed.conf", "one\n", 0o644),
-        )
-        .unwrap();
-    let v2 = sandbox
-        .build_image(
-            &module_image(sandbox, "planned", "2.0", std::slice::from_ref(&db2))
+                .file("etc/changed.conf", "one\n", 0o644)
+        })
+        .image_with("2.0", |images| {
+            module_image("planned", "2.0", &[images.url("db2")])
                 .file("etc/same.conf", "same\n", 0o644)
                 .file("etc/changed.conf", "two\n", 0o644)
                 .file("etc/added.conf", "new\n", 0o644)
                 .file("update-module.d/10first", "#!/bin/sh\ntrue\n", 0o755)
                 .file("update-module.d/20notexec", "#!/bin/sh\ntrue\n", 0o644)
                 .file("update-module.d/30second", "#!/bin/sh\ntrue\n", 0o755)
-                .file("actions/update-module/60after", "#!/bin/sh\ntrue\n", 0o755),
-        )
-        .unwrap();
-    (db1, v1, v2)
+                .file("actions/update-module/60after", "#!/bin/sh\ntrue\n", 0o755)
+        })
 }
 
 /// The plan's files, scripts, steps and removed images are what the update then does; the plan
 /// changes nothing of the instance; the update after it downloads nothing from the registry.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_plan_is_what_the_update_does_and_changes_nothing() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let (db1, v1, v2) = changing_module(&sandbox);
-    let instance = sandbox.add_rootless_instance("planned").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = changing_module()
+        .rootless("planned", 1, "1.0")
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [db1, v1, v2] = ["db1", "1.0", "2.0"].map(|key| s.url(key));
 
     let tree_before = snapshot(&instance.install_dir);
-    let images_before = images_of(&sandbox, &instance);
+    let images_before = images_of(sandbox, instance);
     let offset = sandbox.registry_log_offset().unwrap();
-    let planned = plan(&connection, &request(&v2, &[&instance.id], false))
+    let planned = plan(connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
@@ -108,8 +105,8 @@ async fn the_plan_is_what_the_update_does_and_changes_nothing() {
 
     // Nothing of the instance changed: its tree, its storage, and no job was made.
     assert_eq!(snapshot(&instance.install_dir), tree_before);
-    assert_eq!(images_of(&sandbox, &instance), images_before);
-    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    assert_eq!(images_of(sandbox, instance), images_before);
+    let manager = ModuleUpdaterProxy::new(connection).await.unwrap();
     assert!(manager.list_jobs().await.unwrap().is_empty());
 
     assert_eq!(planned["refused"], Value::Array(Vec::new()), "{planned:#}");
@@ -159,7 +156,7 @@ async fn the_plan_is_what_the_update_does_and_changes_nothing() {
 
     // The update after the plan: the registry serves no blob (the plan's download is loaded).
     let offset = sandbox.registry_log_offset().unwrap();
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
     assert!(
@@ -202,7 +199,7 @@ async fn the_plan_is_what_the_update_does_and_changes_nothing() {
     assert!(left.is_empty(), "left in {}: {left:?}", shared.display());
 
     // Planned again, the instance runs that image already.
-    let again = plan(&connection, &request(&v2, &[&instance.id], false))
+    let again = plan(connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
     assert_eq!(
@@ -215,20 +212,17 @@ async fn the_plan_is_what_the_update_does_and_changes_nothing() {
 /// plan's download instead of pulling (the registry serves no blob), ending as a pull would.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rootful_instance_updates_from_the_plans_download() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let (_, v1, v2) = changing_module(&sandbox);
-    let instance = sandbox.add_rootful_instance("planned").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
-    let planned = plan(&connection, &request(&v2, &[&instance.id], false))
+    let s = changing_module().rootful("planned", 1, "1.0").start().await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let v2 = s.url("2.0");
+    let planned = plan(connection, &request(&v2, &[&instance.id], false))
         .await
         .unwrap();
     let item = &planned["instances"][0];
     assert_eq!(item["action"], "update", "{planned:#}");
     assert_eq!(strings(&item["scripts"]), ["10first", "30second"]);
     let offset = sandbox.registry_log_offset().unwrap();
-    let run = run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    let run = run_job(connection, &request(&v2, &[&instance.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
     let traffic = sandbox.registry_traffic_since(offset).unwrap();
     assert!(
@@ -250,31 +244,25 @@ async fn a_rootful_instance_updates_from_the_plans_download() {
 /// UpdateModule refuses the request with; allow_downgrade plans the update.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_plan_refuses_a_downgrade_and_another_module_as_update_module_does() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "planver", "1.0", &[]))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(&sandbox, "planver", "2.0", &[]))
-        .unwrap();
-    let other = sandbox
-        .build_image(&module_image(&sandbox, "planother", "3.0", &[]))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("planver").unwrap();
-    sandbox.install(&instance, &v2).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .module("planver", &["1.0", "2.0"])
+        .image("other", module_image("planother", "3.0", &[]))
+        .rootless("planver", 1, "2.0")
+        .start()
+        .await;
+    let (connection, instance) = (s.bus(), &s.instances[0]);
+    let [v1, v2, other] = ["1.0", "2.0", "other"].map(|key| s.url(key));
     for (url, kind) in [
         (&v1, "module_url_downgrade"),
         (&other, "module_url_other_module"),
     ] {
         let body = request(url, &[&instance.id], false);
-        let planned = plan(&connection, &body).await.unwrap();
+        let planned = plan(connection, &body).await.unwrap();
         let item = &planned["instances"][0];
         assert_eq!(item["action"], "refused", "{planned:#}");
         assert_eq!(item["refused"][0]["error"], kind, "{planned:#}");
         assert_eq!(item["refused"][0]["current"], v2.as_str());
-        let (name, message) = refusal(submit(&connection, &body).await);
+        let (name, message) = refusal(submit(connection, &body).await);
         assert_eq!(name, "org.nethserver.ModuleUpdater.Error.ValidationFailed");
         let array: Value = serde_json::from_str(&message).unwrap();
         assert_eq!(array, planned["refused"], "{planned:#}");
@@ -282,10 +270,10 @@ async fn the_plan_refuses_a_downgrade_and_another_module_as_update_module_does()
     let allowed = serde_json::json!(
         {"module_url": v1, "instances": [instance.id], "allow_downgrade": true}
     );
-    let planned = plan(&connection, &allowed.to_string()).await.unwrap();
+    let planned = plan(connection, &allowed.to_string()).await.unwrap();
     assert_eq!(planned["instances"][0]["action"], "update", "{planned:#}");
     assert_eq!(planned["refused"], Value::Array(Vec::new()));
-    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let manager = ModuleUpdaterProxy::new(connection).await.unwrap();
     assert!(
         manager.list_jobs().await.unwrap().is_empty(),
         "a job was created"
@@ -296,30 +284,30 @@ async fn the_plan_refuses_a_downgrade_and_another_module_as_update_module_does()
 /// carries (the job that holds it), and still plans the instance that is free.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_instance_is_refused_in_the_plan_as_update_module_refuses_it() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "planbusy", "1.0", &[]))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(&sandbox, "planbusy", "2.0", &[]).file(
-            "update-module.d/50sleep",
-            "#!/bin/sh\nsleep 300\n",
-            0o755,
-        ))
-        .unwrap();
-    let held = sandbox.add_rootless_instance("planbusy").unwrap();
-    let free = sandbox.add_rootless_instance("planbusy").unwrap();
-    sandbox.install(&held, &v1).unwrap();
-    sandbox.install(&free, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
-    let job = submit(&connection, &request(&v2, &[&held.id], false))
+    let s = Scenario::new()
+        .module("planbusy", &["1.0"])
+        .image(
+            "2.0",
+            module_image("planbusy", "2.0", &[]).file(
+                "update-module.d/50sleep",
+                "#!/bin/sh\nsleep 300\n",
+                0o755,
+            ),
+        )
+        .rootless("planbusy", 2, "1.0")
+        .start()
+        .await;
+    let (connection, v2) = (s.bus(), s.url("2.0"));
+    let [held, free] = &s.instances[..] else {
+        unreachable!()
+    };
+    let job = submit(connection, &request(&v2, &[&held.id], false))
         .await
         .unwrap();
 
     let both = request(&v2, &[&held.id, &free.id], false);
-    let planned = plan(&connection, &both).await.unwrap();
-    let (name, message) = refusal(submit(&connection, &both).await);
+    let planned = plan(connection, &both).await.unwrap();
+    let (name, message) = refusal(submit(connection, &both).await);
     assert_eq!(name, "org.nethserver.ModuleUpdater.Error.Busy");
     let array: Value = serde_json::from_str(&message).unwrap();
     assert_eq!(array, planned["refused"], "{planned:#}");
@@ -329,7 +317,7 @@ async fn a_busy_instance_is_refused_in_the_plan_as_update_module_refuses_it() {
     assert_eq!(planned["instances"][1]["action"], "update", "{planned:#}");
     assert_eq!(strings(&planned["instances"][1]["scripts"]), ["50sleep"]);
 
-    let proxy = module_updater_dbus::JobProxy::builder(&connection)
+    let proxy = module_updater_dbus::JobProxy::builder(connection)
         .path(job)
         .build()
         .await
@@ -341,10 +329,8 @@ async fn a_busy_instance_is_refused_in_the_plan_as_update_module_refuses_it() {
 /// gives (name and validation array), through busctl as well.
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_the_same_errors_from_plan_and_update() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let instance = sandbox.add_rootless_instance("planbad").unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new().bare("planbad", 1).start().await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
     let id = instance.id.as_str();
     let huge = format!(
         r#"{{"module_url":"r/m:1","instances":["{id}"],"pad":"{}"}}"#,
@@ -374,8 +360,8 @@ async fn bad_requests_get_the_same_errors_from_plan_and_update() {
         deep,
     ];
     for body in &bad {
-        let planned = refusal(plan(&connection, body).await);
-        let updated = refusal(submit(&connection, body).await);
+        let planned = refusal(plan(connection, body).await);
+        let updated = refusal(submit(connection, body).await);
         assert_eq!(planned, updated, "{}", &body[..body.len().min(120)]);
         assert_eq!(
             planned.0, "org.nethserver.ModuleUpdater.Error.ValidationFailed",
@@ -384,7 +370,7 @@ async fn bad_requests_get_the_same_errors_from_plan_and_update() {
     }
     // busctl, a client we did not write: the same array for a bad request, a plan for a good one.
     let out = busctl(
-        &sandbox,
+        sandbox,
         &[
             "call",
             "org.nethserver.ModuleUpdater",
@@ -398,7 +384,7 @@ async fn bad_requests_get_the_same_errors_from_plan_and_update() {
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     assert!(stderr.contains("instances_instance_not_found"), "{stderr}");
-    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let manager = ModuleUpdaterProxy::new(connection).await.unwrap();
     assert!(
         manager.list_jobs().await.unwrap().is_empty(),
         "a job was created"
@@ -412,26 +398,30 @@ async fn bad_requests_get_the_same_errors_from_plan_and_update() {
 /// same way before any job exists. busctl and the client's --dry-run say it too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_small_filesystem_refuses_the_update_and_the_plan_says_why() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "planspace", "1.0", &[]))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(&sandbox, "planspace", "2.0", &[]).file(
-            "share/big.bin",
-            incompressible(6 << 20),
-            0o644,
-        ))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("planspace").unwrap();
+    // The instance is installed by the test, once its storage is on the small filesystem.
+    let mut s = Scenario::new()
+        .module("planspace", &["1.0"])
+        .image(
+            "2.0",
+            module_image("planspace", "2.0", &[]).file(
+                "share/big.bin",
+                incompressible(6 << 20),
+                0o644,
+            ),
+        )
+        .bare("planspace", 1)
+        .without_daemon()
+        .start()
+        .await;
+    let instance = s.instances[0].clone();
     let storage = instance.home.join(".local/share/containers/storage");
     let _mount = Tmpfs::mount(&storage, 4 << 20, &instance);
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    s.sandbox.install(&instance, &s.url("1.0")).unwrap();
+    s.start_daemon();
+    let (sandbox, connection, v2) = (&s.sandbox, s.bus(), s.url("2.0"));
     let body = request(&v2, &[&instance.id], false);
 
-    let planned = plan(&connection, &body).await.unwrap();
+    let planned = plan(connection, &body).await.unwrap();
     let item = &planned["instances"][0];
     assert_eq!(item["action"], "refused", "{planned:#}");
     let refused = &item["refused"][0];
@@ -448,11 +438,11 @@ async fn a_small_filesystem_refuses_the_update_and_the_plan_says_why() {
     );
     assert!(needed >= 6 << 20 && available < needed, "{refused}");
     assert!(available <= 4 << 20, "{refused}");
-    let (name, message) = refusal(submit(&connection, &body).await);
+    let (name, message) = refusal(submit(connection, &body).await);
     assert_eq!(name, "org.nethserver.ModuleUpdater.Error.ValidationFailed");
     let array: Value = serde_json::from_str(&message).unwrap();
     assert_eq!(array, planned["refused"]);
-    let manager = ModuleUpdaterProxy::new(&connection).await.unwrap();
+    let manager = ModuleUpdaterProxy::new(connection).await.unwrap();
     assert!(
         manager.list_jobs().await.unwrap().is_empty(),
         "a job was created"
@@ -460,7 +450,7 @@ async fn a_small_filesystem_refuses_the_update_and_the_plan_says_why() {
 
     // busctl gets the plan as a string.
     let out = busctl(
-        &sandbox,
+        sandbox,
         &[
             "--json=short",
             "call",
@@ -526,20 +516,18 @@ async fn a_small_filesystem_refuses_the_update_and_the_plan_says_why() {
 /// instance lets that user plan that update, and nothing else.
 #[tokio::test(flavor = "multi_thread")]
 async fn polkit_gates_the_plan_as_the_update() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&module_image(&sandbox, "plangate", "1.0", &[]))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&module_image(&sandbox, "plangate", "2.0", &[]))
-        .unwrap();
-    let target = sandbox.add_rootless_instance("plangate").unwrap();
-    let other = sandbox.add_rootless_instance("plangate").unwrap();
-    sandbox.install(&target, &v1).unwrap();
-    sandbox.install(&other, &v1).unwrap();
-    let carol = sandbox.add_rootless_instance("carol").unwrap();
-    let mut polkit = sandbox.start_polkitd().unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
+    let mut s = Scenario::new()
+        .module("plangate", &["1.0", "2.0"])
+        .rootless("plangate", 2, "1.0")
+        .bare("carol", 1)
+        .polkit()
+        .build();
+    let mut polkit = s.polkit.take().unwrap();
+    let sandbox = &s.sandbox;
+    let [target, other, carol] = &s.instances[..] else {
+        unreachable!()
+    };
+    let v2 = s.url("2.0");
     let call = |method: &str, body: &str| {
         let address = sandbox.bus_address();
         let method = format!("org.nethserver.ModuleUpdater.{method}");
@@ -556,7 +544,7 @@ async fn polkit_gates_the_plan_as_the_update() {
             &method,
             body,
         ];
-        sandbox.run_as(&carol, &argv).unwrap()
+        sandbox.run_as(carol, &argv).unwrap()
     };
     let body = request(&v2, &[&target.id], false);
     let planned = call("PlanUpdate", &body);
@@ -571,7 +559,7 @@ async fn polkit_gates_the_plan_as_the_update() {
     assert_eq!(denied, text(&updated.stderr));
 
     let group = polkit.add_group("plangate").unwrap();
-    polkit.add_member(&group, &carol).unwrap();
+    polkit.add_member(&group, carol).unwrap();
     let rule = format!(
         r#"polkit.addRule(function(action, subject) {{
     if (action.id == "{ACTION_UPDATE_MODULE}" && subject.isInGroup("{group}") &&
@@ -586,7 +574,7 @@ async fn polkit_gates_the_plan_as_the_update() {
         ("module_url", v2.as_str()),
         ("instances", target.id.as_str()),
     ];
-    let process = polkit.subject_process(&carol).unwrap();
+    let process = polkit.subject_process(carol).unwrap();
     polkit
         .wait_for(ACTION_UPDATE_MODULE, &process, &details, true)
         .unwrap();
