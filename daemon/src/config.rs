@@ -212,6 +212,17 @@ const REGISTRY_TIMEOUT: Key = Key {
     unset: "",
     help: "When checking for updates (ListUpdates), give up on a registry query that has no answer within this many seconds.",
 };
+const HEALTH_TIMEOUT: Key = Key {
+    name: "health_timeout",
+    rule: Rule::Number {
+        min: 1,
+        max: 3600,
+        unit: "seconds",
+    },
+    default: Some("120"),
+    unset: "",
+    help: "After an update's scripts, wait at most this many seconds for the instance to pass the health gate (its units active, no container on a replaced image, its health.d checks passing); a request's health_timeout overrides it.",
+};
 
 /// Every key the configuration file may hold, in the order the default file lists them.
 pub const KEYS: &[Key] = &[
@@ -227,6 +238,7 @@ pub const KEYS: &[Key] = &[
     NS8_AGENT_ENV,
     REGISTRY_CONNECT_TIMEOUT,
     REGISTRY_TIMEOUT,
+    HEALTH_TIMEOUT,
 ];
 
 /// Why the configuration cannot be used. Each message names the file, the key, the value and
@@ -299,6 +311,9 @@ pub struct Settings {
     /// Give up on a registry query with no answer within this many seconds when checking for updates [default: 30].
     #[arg(long, value_name = "SECS", value_parser = registry_timeout_flag)]
     pub registry_timeout: Option<u64>,
+    /// Wait at most this many seconds for an updated instance to pass the health gate [default: 120].
+    #[arg(long, value_name = "SECS", value_parser = health_timeout_flag)]
+    pub health_timeout: Option<u64>,
 }
 
 impl Settings {
@@ -319,6 +334,7 @@ impl Settings {
                 .registry_connect_timeout
                 .or(lower.registry_connect_timeout),
             registry_timeout: self.registry_timeout.or(lower.registry_timeout),
+            health_timeout: self.health_timeout.or(lower.health_timeout),
         }
     }
 }
@@ -368,6 +384,9 @@ fn registry_connect_timeout_flag(text: &str) -> Result<u64, String> {
 fn registry_timeout_flag(text: &str) -> Result<u64, String> {
     number_flag(&REGISTRY_TIMEOUT, text)
 }
+fn health_timeout_flag(text: &str) -> Result<u64, String> {
+    number_flag(&HEALTH_TIMEOUT, text)
+}
 fn max_parallel_flag(text: &str) -> Result<usize, String> {
     // At most MAX_PARALLEL, so it fits any usize.
     number_flag(&MAX_PARALLEL_KEY, text).map(|n| n as usize)
@@ -390,6 +409,7 @@ struct RawFile {
     ns8_agent_env: Option<PathBuf>,
     registry_connect_timeout: Option<i64>,
     registry_timeout: Option<i64>,
+    health_timeout: Option<i64>,
 }
 
 /// A value as the file writes it, for messages.
@@ -445,6 +465,7 @@ impl RawFile {
                 self.registry_connect_timeout,
             )?,
             registry_timeout: number(&REGISTRY_TIMEOUT, self.registry_timeout)?,
+            health_timeout: number(&HEALTH_TIMEOUT, self.health_timeout)?,
         })
     }
 }
@@ -606,6 +627,7 @@ pub struct Config {
     pub ns8_agent_env: PathBuf,
     pub registry_connect_timeout: u64,
     pub registry_timeout: u64,
+    pub health_timeout: u64,
     pub rootful_podman_args: Vec<String>,
     pub verbose: bool,
     /// The configuration file that was read, if any.
@@ -639,6 +661,7 @@ impl Config {
                 .unwrap_or_else(|| crate::cluster::DEFAULT_AGENT_ENV.into()),
             registry_connect_timeout: settings.registry_connect_timeout.unwrap_or(5),
             registry_timeout: settings.registry_timeout.unwrap_or(30),
+            health_timeout: settings.health_timeout.unwrap_or(120),
             rootful_podman_args: cli.rootful_podman_args,
             verbose: cli.verbose,
             config_file,

@@ -76,6 +76,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         },
         system_manager_address: config.system_manager_address.clone(),
         script_timeout: Duration::from_secs(config.script_timeout),
+        health_timeout: Duration::from_secs(config.health_timeout),
         max_parallel: config.parallelism(),
         worker_nice: config.worker_nice,
         job_linger: Duration::from_secs(config.job_linger),

@@ -35,6 +35,8 @@ pub const FEATURES: &[&str] = &[
     "job-messages",
     "history",
     "list-updates",
+    // Issue 21: the health gate after an update's scripts.
+    "health-gate",
 ];
 /// Prefix of every error name the service returns.
 pub const ERROR_PREFIX: &str = "org.nethserver.ModuleUpdater.Error";

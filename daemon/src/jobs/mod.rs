@@ -36,6 +36,8 @@ pub struct Settings {
     pub bases: Bases,
     pub system_manager_address: Option<String>,
     pub script_timeout: Duration,
+    /// How long the health gate may wait (`health_timeout`), unless a request says otherwise.
+    pub health_timeout: Duration,
     pub max_parallel: usize,
     /// The niceness of the workers (`worker_nice`).
     pub worker_nice: u8,
@@ -280,6 +282,9 @@ impl Jobs {
                 force: request.force,
                 request_json: request.raw.clone(),
                 script_timeout_secs: self.settings.script_timeout.as_secs(),
+                health_timeout_secs: request
+                    .health_timeout
+                    .unwrap_or(self.settings.health_timeout.as_secs()),
                 nice: self.settings.worker_nice,
                 system_manager_address: self.settings.system_manager_address.clone(),
                 // Rootful instances pull as root into their own storage: no archive needed.

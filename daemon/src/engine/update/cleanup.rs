@@ -40,11 +40,7 @@ pub async fn cleanup(ctx: &mut Ctx<'_>, podman: &Podman) -> Vec<String> {
 /// Previous images the environment no longer names: `PREV_X_IMAGE` ≠ `X_IMAGE`, and
 /// `PREV_IMAGE_URL` ≠ `IMAGE_URL`, never one that a current key still names.
 pub fn stale_images(env: &Environment) -> Vec<String> {
-    let current: Vec<&str> = env
-        .iter()
-        .filter(|(k, _)| !k.starts_with("PREV_") && (k.ends_with("_IMAGE") || *k == "IMAGE_URL"))
-        .map(|(_, v)| v)
-        .collect();
+    let current = current_images(env);
     let mut stale: Vec<String> = Vec::new();
     for (key, old) in env.iter() {
         let Some(name) = key.strip_prefix("PREV_") else {
@@ -53,12 +49,22 @@ pub fn stale_images(env: &Environment) -> Vec<String> {
         if !(name.ends_with("_IMAGE") || name == "IMAGE_URL") || old.is_empty() {
             continue;
         }
-        if env.get(name) != Some(old) && !current.contains(&old) && !stale.iter().any(|s| s == old)
+        if env.get(name) != Some(old)
+            && !current.iter().any(|c| c == old)
+            && !stale.iter().any(|s| s == old)
         {
             stale.push(old.to_owned());
         }
     }
     stale
+}
+
+/// The images the environment names now: `IMAGE_URL` and every `X_IMAGE`.
+pub fn current_images(env: &Environment) -> Vec<String> {
+    env.iter()
+        .filter(|(k, _)| !k.starts_with("PREV_") && (k.ends_with("_IMAGE") || *k == "IMAGE_URL"))
+        .map(|(_, v)| v.to_owned())
+        .collect()
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ pub struct UpdateJob {
     /// The request JSON as the caller sent it: the scripts' stdin.
     pub request_json: String,
     pub script_timeout_secs: u64,
+    /// How long the health gate may wait for the instance to be healthy (`health_timeout`).
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_secs: u64,
     /// The worker's niceness (0: the daemon's priority), which its children inherit.
     #[serde(default)]
     pub nice: u8,
@@ -35,6 +38,13 @@ pub struct UpdateJob {
     /// What the daemon knows of the module image it downloaded (with `shared_images`).
     #[serde(default)]
     pub shared_module: Option<SharedModule>,
+}
+
+/// `health_timeout`'s default, in seconds.
+pub const DEFAULT_HEALTH_TIMEOUT: u64 = 120;
+
+fn default_health_timeout() -> u64 {
+    DEFAULT_HEALTH_TIMEOUT
 }
 
 /// A step failed: where and why.
@@ -63,7 +73,8 @@ pub fn progress_window(step: Step) -> (u8, u8) {
         Step::Extract => (50, 60),
         Step::Reload => (60, 62),
         Step::UpdateEnvironment => (62, 65),
-        Step::RunScripts | Step::ModuleStep => (65, 90),
+        Step::RunScripts | Step::ModuleStep => (65, 85),
+        Step::HealthGate => (85, 90),
         Step::CleanupImages => (90, 100),
     }
 }
@@ -179,6 +190,7 @@ mod tests {
             Step::Reload,
             Step::UpdateEnvironment,
             Step::RunScripts,
+            Step::HealthGate,
             Step::CleanupImages,
         ];
         for pair in steps.windows(2) {

@@ -12,6 +12,7 @@ mod cleanup;
 mod context;
 mod environment;
 mod extract;
+mod health;
 mod prepare;
 mod pull;
 mod reload;
@@ -59,6 +60,7 @@ async fn steps(
         result.new_image_digest = result.old_image_digest.clone();
         return Ok(InstanceStatus::AlreadyInstalled);
     }
+    let before = health::before(ctx).await;
     ctx.end(Step::Prepare);
 
     // NS8 plans the steps once, before extraction; the steps that follow the pull are planned
@@ -66,6 +68,9 @@ async fn steps(
     let install_dir = &ctx.job.instance.install_dir;
     let mut plan = scripts::plan(install_dir, None);
     let mut index = 0;
+    // The stale-image cleanup waits for the health gate: an unhealthy instance keeps the
+    // images it ran before.
+    let mut cleanup_due = false;
     while index < plan.len() {
         ctx.check_cancel()?;
         let step = plan[index].clone();
@@ -89,11 +94,7 @@ async fn steps(
             PlannedStep::Builtin(name) if name == SCRIPTS_STEP => {
                 scripts::run_scripts(ctx, env, &mut result.scripts).await?;
             }
-            PlannedStep::Builtin(name) if name == CLEANUP_STEP => {
-                // The temporary container uses the image it was created from.
-                background.container_removed(ctx).await;
-                result.images_removed = cleanup::cleanup(ctx, podman).await;
-            }
+            PlannedStep::Builtin(name) if name == CLEANUP_STEP => cleanup_due = true,
             PlannedStep::Builtin(name) => {
                 return Err(failed(Step::Prepare)(format!(
                     "unknown built-in step {name}"
@@ -103,6 +104,20 @@ async fn steps(
                 scripts::module_step(ctx, env, &path, &mut result.scripts).await?;
             }
         }
+    }
+    let report = health::gate(ctx, &before, podman, env).await?;
+    let healthy = report.passed;
+    if !healthy {
+        result.error = Some(module_updater_dbus::types::Failure {
+            step: Step::HealthGate,
+            reason: health::summary(&report),
+        });
+    }
+    result.health = Some(report);
+    if healthy && cleanup_due {
+        // The temporary container uses the image it was created from.
+        background.container_removed(ctx).await;
+        result.images_removed = cleanup::cleanup(ctx, podman).await;
     }
     // The marker makes an update that a crash interrupted run again: it goes only once what the
     // extraction installed and what the scripts wrote in the state dir are on disk.
@@ -118,7 +133,11 @@ async fn steps(
         )),
     }
     drop(prepared.lock);
-    Ok(InstanceStatus::Completed)
+    Ok(if healthy {
+        InstanceStatus::Completed
+    } else {
+        InstanceStatus::Unhealthy
+    })
 }
 
 /// The result: the status, the failure and the warnings. A failure or cancel before anything
@@ -131,7 +150,15 @@ fn finish(
     // Every instance's progress ends at 100, whatever the outcome: a UI closes its bar.
     ctx.set_progress(ctx.step(), 100);
     match outcome {
-        Ok(status) => result.status = status,
+        Ok(status) => {
+            if status == InstanceStatus::Unhealthy {
+                ctx.message(
+                    priority::ERR,
+                    "the instance is unhealthy after the update".into(),
+                );
+            }
+            result.status = status;
+        }
         // Cancelled between steps, or a step that failed once a cancel was asked for: the cancel
         // stopped it (a podman or script process killed by the cancel's SIGTERM).
         Err(Failed { step, reason }) if reason == CANCELLED || ctx.cancelled() => {

@@ -1,0 +1,362 @@
+//! End-to-end tests of the health gate (and of what an unhealthy update keeps): real instance
+//! users with their `systemd --user` managers, rootless podman with a real running container,
+//! the loopback registry, the private bus; driven through zbus, busctl and the client.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use module_updater_tests::{ImageSpec, Instance, Sandbox};
+use serde_json::Value;
+
+/// Debian's statically linked busybox (package busybox-static): the one program of the tiny
+/// images whose containers really run.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// A unit that runs until stopped, as a module's service does.
+const LONG_RUNNING: &str = "[Unit]\nDescription=app\n[Service]\nExecStart=/bin/sleep 3600\n";
+/// A unit that fails as soon as it starts.
+const FAILING: &str = "[Unit]\nDescription=app\n[Service]\nExecStart=/bin/false\n";
+/// NS8 modules restart their services in an update script.
+const RESTART: &str = "#!/bin/sh\nsystemctl --user restart app.service\nexit 0\n";
+
+/// A module image with the unit `app.service` of `unit` text.
+fn app_module(repo: &str, tag: &str, unit: &str) -> ImageSpec {
+    ImageSpec::module(repo, tag)
+        .file("systemd/user/app.service", unit, 0o644)
+        .file("bin/version", format!("{tag}\n"), 0o755)
+}
+
+/// `request` with `health_timeout`.
+fn request_with_timeout(url: &str, instances: &[&str], secs: u64) -> String {
+    serde_json::json!({"module_url": url, "instances": instances, "health_timeout": secs})
+        .to_string()
+}
+
+/// Starts a unit of the instance's manager and checks it is active.
+fn start_unit(sandbox: &Sandbox, instance: &Instance, unit: &str) {
+    let output = sandbox.systemctl_as(instance, &["start", unit]).unwrap();
+    assert!(
+        output.status.success(),
+        "systemctl --user start {unit}: {}",
+        text(&output.stderr)
+    );
+    assert_eq!(
+        sandbox
+            .unit_property(instance, unit, "ActiveState")
+            .unwrap(),
+        "s \"active\""
+    );
+}
+
+/// Builds `<registry>/<repo>:<tag>` from scratch holding busybox and a marker file (so that two
+/// tags are two images), pushes it, and returns its URL.
+fn busybox_image(sandbox: &Sandbox, repo: &str, tag: &str) -> String {
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing: install Debian's busybox-static (apt-get install busybox-static, or cargo xtask test, which installs it)"
+    );
+    let context = sandbox.root().join(format!("busybox-{repo}-{tag}"));
+    std::fs::create_dir_all(&context).unwrap();
+    std::fs::copy(BUSYBOX, context.join("busybox")).unwrap();
+    std::fs::write(context.join("marker"), format!("{repo}:{tag}\n")).unwrap();
+    std::fs::write(
+        context.join("Containerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY marker /marker\nCMD [\"/bin/busybox\", \"sleep\", \"3600\"]\n",
+    )
+    .unwrap();
+    let url = format!("{}/{repo}:{tag}", sandbox.registry());
+    let mut build = sandbox.builder_podman();
+    build.args(["build", "--quiet", "--pull=never", "--tag", &url, "--file"]);
+    build.arg(context.join("Containerfile")).arg(&context);
+    let output = build.output().unwrap();
+    assert!(
+        output.status.success(),
+        "build {url}: {}",
+        text(&output.stderr)
+    );
+    let mut push = sandbox.builder_podman();
+    push.args(["push", "--quiet", "--tls-verify=false", &url]);
+    let output = push.output().unwrap();
+    assert!(
+        output.status.success(),
+        "push {url}: {}",
+        text(&output.stderr)
+    );
+    url
+}
+
+/// The units of a health report, by name.
+fn unit_report<'a>(result: &'a Value, unit: &str) -> &'a Value {
+    result["health"]["units"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no units in the health report: {result:#}"))
+        .iter()
+        .find(|u| u["unit"] == unit)
+        .unwrap_or_else(|| panic!("{unit} not in the health report: {result:#}"))
+}
+
+/// 2.0's unit fails to start after the module's restart script: the instance ends `unhealthy`
+/// at the health gate with the unit named, the job is not `completed`, and 1.0's image, which
+/// the stale-image cleanup would have removed, is still there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unit_that_fails_to_start_makes_the_instance_unhealthy() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&app_module("failing", "1.0", LONG_RUNNING))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&app_module("failing", "2.0", FAILING).file(
+            "update-module.d/80restart",
+            RESTART,
+            0o755,
+        ))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("failing").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    start_unit(&sandbox, &instance, "app.service");
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let run = run_job(&connection, &request_with_timeout(&v2, &[&instance.id], 20)).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(run.status, "aborted", "{:#}", run.result);
+    assert_eq!(run.exit_code, 1);
+    assert_eq!(result["status"], "unhealthy", "{result:#}");
+    assert_eq!(result["exit_code"], 1);
+    assert_eq!(result["error"]["step"], "health-gate", "{result:#}");
+    let reason = result["error"]["reason"].as_str().unwrap();
+    assert!(reason.contains("app.service"), "{reason}");
+    assert_eq!(result["health"]["passed"], false);
+    assert_eq!(result["health"]["timeout_secs"], 20);
+    let app = unit_report(result, "app.service");
+    assert_eq!(app["active_state"], "failed", "{app:#}");
+    assert_eq!(app["result"], "exit-code", "{app:#}");
+    assert_eq!(app["reason"], "was-active");
+    assert_eq!(app["healthy"], false);
+    // The failed unit is not waited for until the timeout.
+    assert!(
+        result["health"]["duration_ms"].as_u64().unwrap() < 15_000,
+        "{result:#}"
+    );
+    // The update itself went through; what it replaced is kept.
+    assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
+    assert_eq!(result["images_removed"], serde_json::json!([]));
+    assert!(
+        has_image(&sandbox, &instance, &v1),
+        "1.0's image was removed"
+    );
+    // The step is in the job's signals, and the instance's state says where it stopped.
+    assert!(
+        run.seen.iter().any(|s| matches!(
+            s,
+            Seen::Progress { step, .. } if step == "health-gate"
+        )),
+        "{:#?}",
+        run.seen
+    );
+    assert!(
+        run.seen.iter().any(|s| matches!(
+            s,
+            Seen::InstanceFinished { status, exit_code: 1, .. } if status == "unhealthy"
+        )),
+        "{:#?}",
+        run.seen
+    );
+}
+
+/// An update whose instance passes the gate ends `completed` as before, with the report: the
+/// unit it restarted is active again, the readiness check passed on its third try, and the
+/// stale-image cleanup ran once the gate passed. Submitted with busctl.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_readiness_check_that_passes_after_a_few_tries() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&app_module("ready", "1.0", LONG_RUNNING))
+        .unwrap();
+    // Fails twice, then passes: counts its tries in the state dir (its cwd).
+    let check = "#!/bin/sh\nn=$(cat ready.tries 2>/dev/null || echo 0)\nn=$((n + 1))\necho $n > ready.tries\necho \"try $n\"\n[ \"$n\" -ge 3 ]\n";
+    let v2 = sandbox
+        .build_image(
+            &app_module("ready", "2.0", LONG_RUNNING)
+                .file("update-module.d/80restart", RESTART, 0o755)
+                .file("health.d/10ready", check, 0o755),
+        )
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("ready").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    start_unit(&sandbox, &instance, "app.service");
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let mut stream = subscribe(&connection).await;
+    let submitted = busctl(
+        &sandbox,
+        &[
+            "call",
+            module_updater_dbus::BUS_NAME,
+            module_updater_dbus::OBJECT_PATH,
+            module_updater_dbus::MANAGER_INTERFACE,
+            "UpdateModule",
+            "s",
+            &request_with_timeout(&v2, &[&instance.id], 60),
+        ],
+    );
+    assert!(submitted.status.success(), "{}", text(&submitted.stderr));
+    let path = text(&submitted.stdout)
+        .trim()
+        .trim_start_matches("o ")
+        .trim_matches('"')
+        .to_owned();
+    let path = zbus::OwnedObjectPath::try_from(path).unwrap();
+    let run = follow(&connection, &mut stream, path).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert_eq!(result["status"], "completed", "{result:#}");
+    assert_eq!(result["error"], Value::Null);
+    let health = &result["health"];
+    assert_eq!(health["passed"], true, "{health:#}");
+    assert_eq!(health["readiness"]["passed"], true);
+    assert_eq!(health["readiness"]["tries"], 3, "{health:#}");
+    assert_eq!(health["readiness"]["checks"][0]["name"], "10ready");
+    assert_eq!(
+        std::fs::read_to_string(instance.state_dir.join("ready.tries"))
+            .unwrap()
+            .trim(),
+        "3"
+    );
+    let app = unit_report(result, "app.service");
+    assert_eq!(app["active_state"], "active", "{app:#}");
+    assert_eq!(app["healthy"], true);
+    assert_eq!(health["stale_containers"], serde_json::json!([]));
+    // The cleanup ran after the gate: 1.0's image is gone.
+    assert_eq!(result["images_removed"], serde_json::json!([v1.as_str()]));
+    assert!(!has_image(&sandbox, &instance, &v1));
+    // The check's output reached the job's messages.
+    assert!(
+        run.messages_of(&instance.id).iter().any(|m| m == "try 3"),
+        "{:?}",
+        run.messages_of(&instance.id)
+    );
+}
+
+/// A readiness check that never passes fails the gate once `health_timeout` is over, after
+/// several tries; the check's failure is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_readiness_check_that_never_passes() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&app_module("never", "1.0", LONG_RUNNING))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&app_module("never", "2.0", LONG_RUNNING).file(
+            "health.d/10never",
+            "#!/bin/sh\necho not yet\nexit 7\n",
+            0o755,
+        ))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("never").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+
+    let started = std::time::Instant::now();
+    let run = run_job(&connection, &request_with_timeout(&v2, &[&instance.id], 4)).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "unhealthy", "{result:#}");
+    assert_eq!(run.status, "aborted");
+    let readiness = &result["health"]["readiness"];
+    assert_eq!(readiness["passed"], false, "{result:#}");
+    assert!(readiness["tries"].as_u64().unwrap() >= 2, "{readiness:#}");
+    assert_eq!(readiness["checks"][0]["name"], "10never");
+    assert_eq!(readiness["checks"][0]["exit_code"], 7);
+    let reason = result["error"]["reason"].as_str().unwrap();
+    assert!(reason.contains("readiness"), "{reason}");
+    // Within the timeout (plus the update itself), not the default 120 s.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+/// 2.0 changes the module's extra image but ships no restart script while the instance's
+/// container runs the old one: the gate reports the container on the replaced image, through
+/// the client, which exits 1 and names it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_left_on_the_replaced_image_is_reported() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let busy1 = format!("{}/busy:1", sandbox.registry());
+    let busy2 = format!("{}/busy:2", sandbox.registry());
+    let v1 = sandbox
+        .build_image(
+            &app_module("stale", "1.0", LONG_RUNNING).label("org.nethserver.images", busy1.clone()),
+        )
+        .unwrap();
+    let v2 = sandbox
+        .build_image(
+            &app_module("stale", "2.0", LONG_RUNNING).label("org.nethserver.images", busy2.clone()),
+        )
+        .unwrap();
+    // After a module image: the image builder's directories exist then.
+    assert_eq!(busybox_image(&sandbox, "busy", "1"), busy1);
+    assert_eq!(busybox_image(&sandbox, "busy", "2"), busy2);
+    let instance = sandbox.add_rootless_instance("stale").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    // runc, because crun refuses a machine with hybrid cgroups; limits the user may set.
+    assert!(
+        Path::new("/usr/sbin/runc").exists() || Path::new("/usr/bin/runc").exists(),
+        "runc is missing: install Debian's runc (apt-get install runc, or cargo xtask test, which installs it)"
+    );
+    as_user(
+        &sandbox,
+        &instance,
+        &[
+            "podman",
+            "--runtime",
+            "runc",
+            "run",
+            "--detach",
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--name",
+            "busy",
+            &busy1,
+        ],
+    );
+    let running = as_user(
+        &sandbox,
+        &instance,
+        &["podman", "ps", "--format", "{{.Names}} {{.Image}}"],
+    );
+    assert!(running.contains(&format!("busy {busy1}")), "{running}");
+    let _daemon = start_daemon(&sandbox, &[]);
+
+    let data = request_with_timeout(&v2, &[&instance.id], 3);
+    let output = sandbox
+        .client()
+        .unwrap()
+        .args(["run", "update-module", "--data", &data])
+        .output()
+        .unwrap();
+    // The container goes before any assertion can fail.
+    let removed = sandbox
+        .podman_as(&instance, &["rm", "--force", "--time", "0", "busy"])
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = &result["instances"][instance.id.as_str()];
+    assert_eq!(result["status"], "unhealthy", "{result:#}");
+    let stale = &result["health"]["stale_containers"];
+    assert_eq!(stale[0]["name"], "busy", "{result:#}");
+    assert_eq!(stale[0]["replaced"], busy1.as_str());
+    assert_eq!(stale[0]["image"], busy1.as_str());
+    let reason = result["error"]["reason"].as_str().unwrap();
+    assert!(reason.contains("busy"), "{reason}");
+    // The old image is kept: the running container needs it.
+    assert!(has_image(&sandbox, &instance, &busy1));
+    assert!(removed.status.success(), "{}", text(&removed.stderr));
+}
