@@ -30,6 +30,8 @@ pub enum Rule {
     AbsolutePath,
     /// A D-Bus address such as `unix:path=/run/dbus/system_bus_socket`.
     Address,
+    /// `true` or `false`.
+    Boolean,
     /// A whole number from `min` to `max`; `unit` names what is counted ("seconds", "updates").
     Number {
         min: u64,
@@ -50,6 +52,7 @@ impl Rule {
             Rule::Number { min, max, unit } => {
                 format!("a whole number of {unit} from {min} to {max}")
             }
+            Rule::Boolean => "true or false (without quotes)".to_owned(),
         }
     }
 
@@ -223,6 +226,20 @@ const HEALTH_TIMEOUT: Key = Key {
     unset: "",
     help: "After an update's scripts, wait at most this many seconds for the instance to pass the health gate (its units active, no container on a replaced image, its health.d checks passing); a request's health_timeout overrides it.",
 };
+const KEEP_PREVIOUS: Key = Key {
+    name: "keep_previous",
+    rule: Rule::Boolean,
+    default: Some("true"),
+    unset: "",
+    help: "Keep each instance's previous version (the files and environment an update replaced, and its images) until the next update, for a rollback; false drops what is kept at each update, and the stale-image cleanup removes the previous images as NS8 does.",
+};
+const ROLLBACK_ON_FAILURE: Key = Key {
+    name: "rollback_on_failure",
+    rule: Rule::Boolean,
+    default: Some("false"),
+    unset: "",
+    help: "Roll an instance back to its kept previous version when its update fails at a module step or the health gate; a request's rollback_on_failure overrides it.",
+};
 
 /// Every key the configuration file may hold, in the order the default file lists them.
 pub const KEYS: &[Key] = &[
@@ -239,6 +256,8 @@ pub const KEYS: &[Key] = &[
     REGISTRY_CONNECT_TIMEOUT,
     REGISTRY_TIMEOUT,
     HEALTH_TIMEOUT,
+    KEEP_PREVIOUS,
+    ROLLBACK_ON_FAILURE,
 ];
 
 /// Why the configuration cannot be used. Each message names the file, the key, the value and
@@ -314,6 +333,12 @@ pub struct Settings {
     /// Wait at most this many seconds for an updated instance to pass the health gate [default: 120].
     #[arg(long, value_name = "SECS", value_parser = health_timeout_flag)]
     pub health_timeout: Option<u64>,
+    /// Keep each instance's previous version for a rollback [default: true].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub keep_previous: Option<bool>,
+    /// Roll an instance back when its update fails (module step or health gate) [default: false].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub rollback_on_failure: Option<bool>,
 }
 
 impl Settings {
@@ -335,6 +360,8 @@ impl Settings {
                 .or(lower.registry_connect_timeout),
             registry_timeout: self.registry_timeout.or(lower.registry_timeout),
             health_timeout: self.health_timeout.or(lower.health_timeout),
+            keep_previous: self.keep_previous.or(lower.keep_previous),
+            rollback_on_failure: self.rollback_on_failure.or(lower.rollback_on_failure),
         }
     }
 }
@@ -410,6 +437,8 @@ struct RawFile {
     registry_connect_timeout: Option<i64>,
     registry_timeout: Option<i64>,
     health_timeout: Option<i64>,
+    keep_previous: Option<bool>,
+    rollback_on_failure: Option<bool>,
 }
 
 /// A value as the file writes it, for messages.
@@ -466,6 +495,8 @@ impl RawFile {
             )?,
             registry_timeout: number(&REGISTRY_TIMEOUT, self.registry_timeout)?,
             health_timeout: number(&HEALTH_TIMEOUT, self.health_timeout)?,
+            keep_previous: self.keep_previous,
+            rollback_on_failure: self.rollback_on_failure,
         })
     }
 }
@@ -628,6 +659,8 @@ pub struct Config {
     pub registry_connect_timeout: u64,
     pub registry_timeout: u64,
     pub health_timeout: u64,
+    pub keep_previous: bool,
+    pub rollback_on_failure: bool,
     pub rootful_podman_args: Vec<String>,
     pub verbose: bool,
     /// The configuration file that was read, if any.
@@ -662,6 +695,8 @@ impl Config {
             registry_connect_timeout: settings.registry_connect_timeout.unwrap_or(5),
             registry_timeout: settings.registry_timeout.unwrap_or(30),
             health_timeout: settings.health_timeout.unwrap_or(120),
+            keep_previous: settings.keep_previous.unwrap_or(true),
+            rollback_on_failure: settings.rollback_on_failure.unwrap_or(false),
             rootful_podman_args: cli.rootful_podman_args,
             verbose: cli.verbose,
             config_file,

@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::engine::imagename;
+pub use crate::engine::update::Action;
 
 /// Requests larger than this are refused before parsing.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -63,8 +64,30 @@ pub struct UpdateRequest {
     /// `health_timeout`: how long the health gate may wait, in seconds (None: the daemon's
     /// setting).
     pub health_timeout: Option<u64>,
+    /// `rollback_on_failure` (None: the daemon's setting).
+    pub rollback_on_failure: Option<bool>,
+    /// What the job does: `update-module` for every request of `UpdateModule`; the service's
+    /// `Rollback` and `PruneKept` make requests of their own ([`UpdateRequest::for_instance`]).
+    pub action: Action,
     /// The JSON exactly as received (the scripts' stdin).
     pub raw: String,
+}
+
+impl UpdateRequest {
+    /// The request of a `Rollback` or `PruneKept` of one instance (no image, no registry).
+    pub fn for_instance(action: Action, instance: &str) -> UpdateRequest {
+        UpdateRequest {
+            module_url: String::new(),
+            instances: vec![instance.to_owned()],
+            force: false,
+            allow_downgrade: false,
+            health_timeout: None,
+            rollback_on_failure: None,
+            action,
+            raw: serde_json::json!({"action": action.as_str(), "instances": [instance]})
+                .to_string(),
+        }
+    }
 }
 
 /// Checks `raw` against the cluster schema of update-module (module_url: string, minLength 1,
@@ -185,6 +208,9 @@ pub fn parse(raw: &str) -> Result<UpdateRequest, Vec<ValidationError>> {
     };
     let force = flag("force");
     let allow_downgrade = flag("allow_downgrade");
+    let rollback_on_failure = object
+        .contains_key("rollback_on_failure")
+        .then(|| flag("rollback_on_failure"));
     let health_timeout = match object.get("health_timeout") {
         None => None,
         Some(value) => match value.as_u64() {
@@ -223,6 +249,8 @@ pub fn parse(raw: &str) -> Result<UpdateRequest, Vec<ValidationError>> {
             force,
             allow_downgrade,
             health_timeout,
+            rollback_on_failure,
+            action: Action::Update,
             raw: raw.to_owned(),
         }),
         _ => Err(errors),

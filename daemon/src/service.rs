@@ -77,6 +77,8 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         system_manager_address: config.system_manager_address.clone(),
         script_timeout: Duration::from_secs(config.script_timeout),
         health_timeout: Duration::from_secs(config.health_timeout),
+        keep_previous: config.keep_previous,
+        rollback_on_failure: config.rollback_on_failure,
         max_parallel: config.parallelism(),
         worker_nice: config.worker_nice,
         job_linger: Duration::from_secs(config.job_linger),

@@ -26,6 +26,10 @@ pub trait ModuleUpdater {
     fn list_updates(&self, instances: &[&str]) -> zbus::Result<String>;
     /// ListUpdates after asking the registries again.
     fn refresh_updates(&self, instances: &[&str]) -> zbus::Result<String>;
+    /// Rolls an instance back to its kept previous version in a job; returns its path.
+    fn rollback(&self, instance: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Drops what is kept of an instance's previous version in a job; returns its path.
+    fn prune_kept(&self, instance: &str) -> zbus::Result<OwnedObjectPath>;
 
     /// The daemon's version (`CARGO_PKG_VERSION` of `module-updaterd`).
     #[zbus(property)]

@@ -19,6 +19,8 @@ pub enum Step {
     ModuleStep,
     /// The health gate after the scripts and module steps (`HealthReport`).
     HealthGate,
+    /// A rollback puts the kept previous files and environment back.
+    Restore,
     CleanupImages,
 }
 
@@ -35,6 +37,7 @@ impl Step {
             Step::RunScripts => "run-scripts",
             Step::ModuleStep => "module-step",
             Step::HealthGate => "health-gate",
+            Step::Restore => "restore",
             Step::CleanupImages => "cleanup-images",
         }
     }
@@ -132,6 +135,12 @@ pub struct InstanceResult {
     /// the update failed before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthReport>,
+    /// The update failed and the instance was rolled back to the kept previous version
+    /// (`rollback_on_failure`); `rollback_reason` says why.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_reason: Option<String>,
 }
 
 /// What the health gate found, part by part.
@@ -151,6 +160,9 @@ pub struct HealthReport {
     pub stale_containers: Vec<StaleContainer>,
     /// Part 3: the readiness checks of `health.d/`, if the module ships any.
     pub readiness: Option<ReadinessReport>,
+    /// What failed, one sentence each (empty when the gate passed).
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 /// One unit the gate checked.
@@ -204,6 +216,8 @@ impl InstanceResult {
             warnings: Vec::new(),
             error: None,
             health: None,
+            rolled_back: false,
+            rollback_reason: None,
         }
     }
 

@@ -232,9 +232,10 @@ async fn a_readiness_check_that_passes_after_a_few_tries() {
     assert_eq!(app["active_state"], "active", "{app:#}");
     assert_eq!(app["healthy"], true);
     assert_eq!(health["stale_containers"], serde_json::json!([]));
-    // The cleanup ran after the gate: 1.0's image is gone.
-    assert_eq!(result["images_removed"], serde_json::json!([v1.as_str()]));
-    assert!(!has_image(&sandbox, &instance, &v1));
+    // The cleanup ran after the gate, and kept 1.0's image: the previous version, for a
+    // rollback (keep_previous, the default).
+    assert_eq!(result["images_removed"], serde_json::json!([]));
+    assert!(has_image(&sandbox, &instance, &v1));
     // The check's output reached the job's messages.
     assert!(
         run.messages_of(&instance.id).iter().any(|m| m == "try 3"),
@@ -359,4 +360,263 @@ async fn a_container_left_on_the_replaced_image_is_reported() {
     // The old image is kept: the running container needs it.
     assert!(has_image(&sandbox, &instance, &busy1));
     assert!(removed.status.success(), "{}", text(&removed.stderr));
+}
+
+/// Kills the sandbox's registry: what follows must not need it.
+fn stop_registry(sandbox: &Sandbox) {
+    let pid = sandbox.registry_pid().expect("the sandbox runs a registry");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stopped = module_updater_tests::cmd::poll(std::time::Duration::from_secs(10), || {
+        Ok((!Path::new(&format!("/proc/{pid}/status")).exists() || zombie(pid)).then_some(()))
+    })
+    .unwrap();
+    assert!(stopped.is_some(), "the registry (pid {pid}) did not stop");
+}
+
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
+}
+
+/// A 1.0 and a 2.0 whose unit fails to start after its restart script, each with an extra image
+/// of its own and a file of its own.
+fn failing_upgrade(sandbox: &Sandbox, repo: &str) -> [String; 4] {
+    let side1 = sandbox.build_blob_image("side", "1", 2048, 21).unwrap();
+    let side2 = sandbox.build_blob_image("side", "2", 2048, 22).unwrap();
+    let v1 = sandbox
+        .build_image(
+            &app_module(repo, "1.0", LONG_RUNNING)
+                .file("bin/only-in-1", "one\n", 0o755)
+                .label("org.nethserver.images", side1.clone()),
+        )
+        .unwrap();
+    let v2 = sandbox
+        .build_image(
+            &app_module(repo, "2.0", FAILING)
+                .file("bin/only-in-2", "two\n", 0o755)
+                .file("update-module.d/80restart", RESTART, 0o755)
+                .label("org.nethserver.images", side2.clone()),
+        )
+        .unwrap();
+    [side1, side2, v1, v2]
+}
+
+/// What a user checks after going back to 1.0: its files, its environment (the image keys and
+/// their PREV_ naming 2.0's), its images, its unit active again.
+fn assert_back_at_1(
+    sandbox: &Sandbox,
+    instance: &Instance,
+    env1: &std::collections::BTreeMap<String, String>,
+    [side1, side2, v1, v2]: &[String; 4],
+) {
+    let install = &instance.install_dir;
+    assert_eq!(
+        std::fs::read_to_string(install.join("bin/version")).unwrap(),
+        "1.0\n"
+    );
+    assert!(install.join("bin/only-in-1").exists());
+    assert!(!install.join("bin/only-in-2").exists());
+    assert!(!install.join("update-module.d/80restart").exists());
+    assert_eq!(
+        std::fs::read_to_string(install.join("systemd/user/app.service")).unwrap(),
+        LONG_RUNNING
+    );
+    let list = std::fs::read_to_string(install.join(".imageroot.lst")).unwrap();
+    assert!(list.lines().any(|l| l == "./bin/only-in-1"), "{list}");
+    assert!(!list.contains("only-in-2"), "{list}");
+    let env = instance.read_env().unwrap();
+    for key in [
+        "IMAGE_URL",
+        "IMAGE_ID",
+        "IMAGE_DIGEST",
+        "IMAGE_REOPODIGEST",
+        "SIDE_IMAGE",
+    ] {
+        assert_eq!(env.get(key), env1.get(key), "{key}: {env:?}");
+    }
+    assert_eq!(env["PREV_IMAGE_URL"], *v2);
+    assert_eq!(env["PREV_SIDE_IMAGE"], *side2);
+    assert!(has_image(sandbox, instance, v1));
+    assert!(has_image(sandbox, instance, side1));
+    assert_eq!(
+        sandbox
+            .unit_property(instance, "app.service", "ActiveState")
+            .unwrap(),
+        "s \"active\""
+    );
+}
+
+/// After an unhealthy 2.0, `Rollback` through busctl, with the registry stopped, brings back
+/// 1.0's files, environment and images and its unit active again; the history records it; a
+/// second rollback is refused: nothing is kept any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_brings_back_the_previous_version_without_a_registry() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let images = failing_upgrade(&sandbox, "back");
+    let [_, _, v1, v2] = &images;
+    let instance = sandbox.add_rootless_instance("back").unwrap();
+    sandbox.install(&instance, v1).unwrap();
+    start_unit(&sandbox, &instance, "app.service");
+    let env1 = instance.read_env().unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let run = run_job(&connection, &request_with_timeout(v2, &[&instance.id], 20)).await;
+    assert_eq!(run.instance(&instance.id)["status"], "unhealthy");
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/version")).unwrap(),
+        "2.0\n"
+    );
+
+    stop_registry(&sandbox);
+    let mut stream = subscribe(&connection).await;
+    let called = busctl(
+        &sandbox,
+        &[
+            "call",
+            module_updater_dbus::BUS_NAME,
+            module_updater_dbus::OBJECT_PATH,
+            module_updater_dbus::MANAGER_INTERFACE,
+            "Rollback",
+            "s",
+            &instance.id,
+        ],
+    );
+    assert!(called.status.success(), "{}", text(&called.stderr));
+    let path = text(&called.stdout)
+        .trim()
+        .trim_start_matches("o ")
+        .trim_matches('"')
+        .to_owned();
+    let run = follow(
+        &connection,
+        &mut stream,
+        zbus::OwnedObjectPath::try_from(path).unwrap(),
+    )
+    .await;
+    let result = run.instance(&instance.id);
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert_eq!(result["status"], "completed", "{result:#}");
+    assert_eq!(result["old_image_url"], v2.as_str());
+    assert_eq!(result["new_image_url"], v1.as_str());
+    assert_eq!(result["health"]["passed"], true, "{result:#}");
+    assert!(
+        result["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("migrations) is not undone")),
+        "{result:#}"
+    );
+    assert_back_at_1(&sandbox, &instance, &env1, &images);
+
+    let history: Value = serde_json::from_str(
+        &module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+            .await
+            .unwrap()
+            .get_history(&instance.id)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(history[0]["action"], "rollback", "{history:#}");
+    assert_eq!(history[0]["status"], "completed");
+    assert_eq!(history[1]["action"], "update-module");
+    assert_eq!(history[1]["status"], "unhealthy");
+
+    // Nothing is kept any more: a clear refusal, no job.
+    let again = busctl(
+        &sandbox,
+        &[
+            "call",
+            module_updater_dbus::BUS_NAME,
+            module_updater_dbus::OBJECT_PATH,
+            module_updater_dbus::MANAGER_INTERFACE,
+            "Rollback",
+            "s",
+            &instance.id,
+        ],
+    );
+    assert!(!again.status.success());
+    let stderr = text(&again.stderr);
+    assert!(stderr.contains("nothing is kept"), "{stderr}");
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+        .await
+        .unwrap();
+    let refused = manager.rollback(&instance.id).await.unwrap_err();
+    assert!(
+        matches!(
+            module_updater_dbus::Error::from(refused),
+            module_updater_dbus::Error::NothingKept(_)
+        ),
+        "a second rollback is refused with NothingKept"
+    );
+}
+
+/// `rollback_on_failure` through the client: the unhealthy 2.0 is rolled back at once, the
+/// result says so and why, and 1.0 runs again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unhealthy_update_is_rolled_back_automatically() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let images = failing_upgrade(&sandbox, "auto");
+    let [_, _, v1, v2] = &images;
+    let instance = sandbox.add_rootless_instance("auto").unwrap();
+    sandbox.install(&instance, v1).unwrap();
+    start_unit(&sandbox, &instance, "app.service");
+    let env1 = instance.read_env().unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+
+    let data = serde_json::json!({
+        "module_url": v2, "instances": [instance.id], "health_timeout": 20,
+        "rollback_on_failure": true,
+    })
+    .to_string();
+    let output = sandbox
+        .client()
+        .unwrap()
+        .args(["run", "update-module", "--data", &data])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = &result["instances"][instance.id.as_str()];
+    assert_eq!(result["status"], "unhealthy", "{result:#}");
+    assert_eq!(result["rolled_back"], true, "{result:#}");
+    let why = result["rollback_reason"].as_str().unwrap();
+    assert!(why.contains("app.service"), "{why}");
+    assert_back_at_1(&sandbox, &instance, &env1, &images);
+}
+
+/// Rollback of an instance that was never updated: refused with NothingKept, through the client
+/// too (exit code 1, the reason said).
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_with_nothing_kept_is_refused() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&app_module("fresh", "1.0", LONG_RUNNING))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("fresh").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+        .await
+        .unwrap();
+    let refused = manager.rollback(&instance.id).await.unwrap_err();
+    match module_updater_dbus::Error::from(refused) {
+        module_updater_dbus::Error::NothingKept(message) => {
+            assert!(message.contains(&instance.id), "{message}")
+        }
+        other => panic!("expected NothingKept, got {other:?}"),
+    }
+    let unknown = manager.rollback("nosuch9").await.unwrap_err();
+    assert!(matches!(
+        module_updater_dbus::Error::from(unknown),
+        module_updater_dbus::Error::NoSuchInstance(_)
+    ));
+    assert!(manager.list_jobs().await.unwrap().is_empty(), "no job made");
 }

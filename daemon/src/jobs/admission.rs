@@ -64,7 +64,9 @@ impl Jobs {
             match known.iter().find(|f| &f.instance.id == id) {
                 Some(found) => {
                     let current = found.environment.get("IMAGE_URL").unwrap_or_default();
-                    missing.extend(node_checks(&request, id, current));
+                    if request.action == request::Action::Update {
+                        missing.extend(node_checks(&request, id, current));
+                    }
                     targets.push(found.instance.clone());
                 }
                 None => missing.push(ValidationError::new(
@@ -121,7 +123,7 @@ impl Jobs {
             state.next_id = id + 1;
             let record = JobRecord {
                 id,
-                action: "update-module".into(),
+                action: request.action.as_str().into(),
                 request: request.raw.clone(),
                 instances: request.instances.clone(),
                 status: JobStatus::Pending,
@@ -155,7 +157,7 @@ impl Jobs {
             );
             (id, cancel_rx)
         };
-        log::info!(MODULE_UPDATER_JOB = id, MODULE_UPDATER_CALLER_UID = caller_uid; "job {id}: update-module {} on {}", request.module_url, request.instances.join(" "));
+        log::info!(MODULE_UPDATER_JOB = id, MODULE_UPDATER_CALLER_UID = caller_uid; "job {id}: {} {} on {}", request.action.as_str(), request.module_url, request.instances.join(" "));
         self.send(JobEvent::InstancesChanged);
         let jobs = Arc::clone(self);
         tokio::spawn(async move { jobs.run(id, request, targets, cancel_rx).await });

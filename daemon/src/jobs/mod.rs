@@ -38,6 +38,10 @@ pub struct Settings {
     pub script_timeout: Duration,
     /// How long the health gate may wait (`health_timeout`), unless a request says otherwise.
     pub health_timeout: Duration,
+    /// Keep each instance's previous version for a rollback (`keep_previous`).
+    pub keep_previous: bool,
+    /// Roll back an instance whose update fails, unless a request says otherwise.
+    pub rollback_on_failure: bool,
     pub max_parallel: usize,
     /// The niceness of the workers (`worker_nice`).
     pub worker_nice: u8,
@@ -262,9 +266,14 @@ impl Jobs {
         self.update(id, Durability::Lazy, |record| {
             record.status = JobStatus::Running;
         });
-        let shared = Arc::clone(&self)
-            .download_once(id, &request, &targets, &cancel)
-            .await;
+        // A rollback or a prune needs no image from anywhere.
+        let shared = if request.action == request::Action::Update {
+            Arc::clone(&self)
+                .download_once(id, &request, &targets, &cancel)
+                .await
+        } else {
+            shared_images::SharedImages::default()
+        };
         let mut tasks = tokio::task::JoinSet::new();
         for instance in targets {
             let jobs = Arc::clone(&self);
@@ -272,6 +281,11 @@ impl Jobs {
             let instance_rootless = instance.rootless;
             let job = UpdateJob {
                 job_id: id,
+                action: request.action,
+                keep_previous: self.settings.keep_previous,
+                rollback_on_failure: request
+                    .rollback_on_failure
+                    .unwrap_or(self.settings.rollback_on_failure),
                 podman_args: if instance.rootless {
                     Vec::new()
                 } else {

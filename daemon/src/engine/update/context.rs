@@ -11,10 +11,36 @@ use super::super::events::{Event, priority};
 use super::super::instance::Instance;
 use super::super::shared_images::SharedModule;
 
+/// What a worker does to its instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// NS8's update-module.
+    #[default]
+    Update,
+    /// Back to the kept previous version (`engine/kept.rs`).
+    Rollback,
+    /// Drop the kept previous version and its images.
+    Prune,
+}
+
+impl Action {
+    /// The job's action, as the history names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Update => "update-module",
+            Action::Rollback => "rollback",
+            Action::Prune => "prune",
+        }
+    }
+}
+
 /// Everything a worker needs to update one instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpdateJob {
     pub job_id: u64,
+    #[serde(default)]
+    pub action: Action,
     pub instance: Instance,
     pub module_url: String,
     pub force: bool,
@@ -24,6 +50,12 @@ pub struct UpdateJob {
     /// How long the health gate may wait for the instance to be healthy (`health_timeout`).
     #[serde(default = "default_health_timeout")]
     pub health_timeout_secs: u64,
+    /// Keep the previous version for a rollback (`keep_previous`).
+    #[serde(default)]
+    pub keep_previous: bool,
+    /// Roll back when the health gate or a module step fails (`rollback_on_failure`).
+    #[serde(default)]
+    pub rollback_on_failure: bool,
     /// The worker's niceness (0: the daemon's priority), which its children inherit.
     #[serde(default)]
     pub nice: u8,
@@ -75,6 +107,7 @@ pub fn progress_window(step: Step) -> (u8, u8) {
         Step::UpdateEnvironment => (62, 65),
         Step::RunScripts | Step::ModuleStep => (65, 85),
         Step::HealthGate => (85, 90),
+        Step::Restore => (50, 60),
         Step::CleanupImages => (90, 100),
     }
 }

@@ -14,18 +14,22 @@ mod environment;
 mod extract;
 mod health;
 mod prepare;
+mod prune;
 mod pull;
 mod reload;
+mod rollback;
 mod scripts;
 
 use module_updater_dbus::types::{InstanceResult, InstanceStatus, Step};
 use tokio::sync::watch;
 
+use super::environment::Environment;
 use super::events::{Event, priority};
+use super::kept;
 use super::lock;
 use super::scripts::{CLEANUP_STEP, PULL_STEP, PlannedStep, SCRIPTS_STEP};
 use background::Background;
-pub use context::UpdateJob;
+pub use context::{Action, UpdateJob};
 use context::{CANCELLED, Ctx, Failed, StepResult, failed};
 
 /// Runs the update and always returns a result (also for failures and cancellation).
@@ -36,10 +40,62 @@ pub async fn run(
 ) -> InstanceResult {
     let mut ctx = Ctx::new(job, cancel, emit);
     let mut result = InstanceResult::new(InstanceStatus::Completed);
-    let mut background = Background::default();
-    let outcome = steps(&mut ctx, &mut result, &mut background).await;
-    background.drain(&mut ctx).await;
+    let outcome = match job.action {
+        Action::Update => {
+            let mut background = Background::default();
+            let outcome = steps(&mut ctx, &mut result, &mut background).await;
+            background.drain(&mut ctx).await;
+            if job.rollback_on_failure {
+                roll_back_on_failure(&mut ctx, &mut result, &outcome).await;
+            }
+            outcome
+        }
+        Action::Rollback => rollback::rollback(&mut ctx, &mut result).await,
+        Action::Prune => prune::prune(&mut ctx, &mut result).await,
+    };
     finish(ctx, result, outcome)
+}
+
+/// `rollback_on_failure`: an update that failed at a module step, or whose instance failed the
+/// health gate, after it installed its tree, goes back to the kept previous version. The result
+/// keeps the update's status and says `rolled_back` and why.
+async fn roll_back_on_failure(
+    ctx: &mut Ctx<'_>,
+    result: &mut InstanceResult,
+    outcome: &StepResult<InstanceStatus>,
+) {
+    let why = match outcome {
+        Ok(InstanceStatus::Unhealthy) => result.error.as_ref().map(|f| f.reason.clone()),
+        Err(Failed { step, reason }) if *step == Step::ModuleStep && !ctx.cancelled() => {
+            Some(format!("{step} failed: {reason}"))
+        }
+        _ => None,
+    };
+    let Some(why) = why else {
+        return;
+    };
+    if !ctx.touched || !ctx.job.keep_previous {
+        return;
+    }
+    ctx.message(
+        priority::WARNING,
+        format!("rolling back to the previous version: {why}"),
+    );
+    let mut rolled = InstanceResult::new(InstanceStatus::Completed);
+    match rollback::rollback(ctx, &mut rolled).await {
+        Ok(InstanceStatus::Completed) => {
+            result.rolled_back = true;
+            result.rollback_reason = Some(why);
+            result.warnings.push(rollback::NOT_UNDONE.to_owned());
+        }
+        Ok(_) => ctx.warning(format!(
+            "the automatic rollback ran but the instance failed the health gate after it: {}",
+            rolled.error.map(|f| f.reason).unwrap_or_default()
+        )),
+        Err(Failed { step, reason }) => {
+            ctx.warning(format!("the automatic rollback failed at {step}: {reason}"))
+        }
+    }
 }
 
 /// The steps in order; what each returns goes into `result`. The final status, or where and
@@ -71,6 +127,9 @@ async fn steps(
     // The stale-image cleanup waits for the health gate: an unhealthy instance keeps the
     // images it ran before.
     let mut cleanup_due = false;
+    // The environment of the version the kept one replaced (`Some(None)`: none was kept),
+    // once this update kept the previous version.
+    let mut kept_older: Option<Option<Environment>> = None;
     while index < plan.len() {
         ctx.check_cancel()?;
         let step = plan[index].clone();
@@ -82,8 +141,24 @@ async fn steps(
                 result.new_image_url = Some(ctx.job.module_url.clone());
                 result.new_image_digest = Some(pulled.main.digest.clone());
                 let extras = pull::extra_images(&pulled.main)?;
+                let saved = ctx.job.keep_previous && keep_previous(ctx, &before);
                 let extracted =
-                    extract::extract(ctx, podman, &mut local, &pulled, &extras, background).await?;
+                    extract::extract(ctx, podman, &mut local, &pulled, &extras, background).await;
+                let instance = ctx.instance();
+                match (&extracted, saved) {
+                    (Ok(_), true) => match kept::promote(instance) {
+                        Ok(older) => kept_older = Some(older),
+                        Err(err) => ctx.warning(format!(
+                            "the previous version is not kept: cannot move it into {}: {err}",
+                            kept::dir(instance).display()
+                        )),
+                    },
+                    (Err(_), true) => {
+                        let _ = kept::discard_pending(instance);
+                    }
+                    _ => {}
+                }
+                let extracted = extracted?;
                 result.files_installed = extracted.installed.len();
                 result.files_removed = extracted.removed;
                 reload::reload(ctx).await;
@@ -117,7 +192,17 @@ async fn steps(
     if healthy && cleanup_due {
         // The temporary container uses the image it was created from.
         background.container_removed(ctx).await;
-        result.images_removed = cleanup::cleanup(ctx, podman).await;
+        let generations = kept_older.as_ref().map(|older| cleanup::Generations {
+            kept: env,
+            older: older.as_ref(),
+        });
+        result.images_removed = cleanup::cleanup(ctx, podman, generations).await;
+    }
+    if !ctx.job.keep_previous {
+        // keep_previous = false: nothing of an earlier version stays either.
+        if let Err(err) = kept::remove(ctx.instance()) {
+            ctx.warning(format!("cannot remove the kept previous version: {err}"));
+        }
     }
     // The marker makes an update that a crash interrupted run again: it goes only once what the
     // extraction installed and what the scripts wrote in the state dir are on disk.
@@ -138,6 +223,21 @@ async fn steps(
     } else {
         InstanceStatus::Unhealthy
     })
+}
+
+/// Saves the instance as it is before the install as the pending kept version; a failure is a
+/// warning (the update goes on without keeping it).
+fn keep_previous(ctx: &mut Ctx<'_>, before: &health::Before) -> bool {
+    match kept::save(ctx.instance(), &before.active_units) {
+        Ok(()) => true,
+        Err(err) => {
+            let _ = kept::discard_pending(ctx.instance());
+            ctx.warning(format!(
+                "the previous version is not kept (no rollback possible): {err}"
+            ));
+            false
+        }
+    }
 }
 
 /// The result: the status, the failure and the warnings. A failure or cancel before anything

@@ -70,6 +70,7 @@ pub async fn gate(
         units: Vec::new(),
         stale_containers: Vec::new(),
         readiness: None,
+        problems: Vec::new(),
     };
     let mut problems: Vec<String> = Vec::new();
 
@@ -160,6 +161,7 @@ pub async fn gate(
     }
 
     report.passed = problems.is_empty();
+    report.problems = problems.clone();
     report.duration_ms = started.elapsed().as_millis() as u64;
     if report.passed {
         ctx.end(Step::HealthGate);
@@ -173,39 +175,9 @@ pub async fn gate(
 
 /// One sentence of what failed, for the result's error.
 pub fn summary(report: &HealthReport) -> String {
-    let mut parts = Vec::new();
-    let units: Vec<String> = report
-        .units
-        .iter()
-        .filter(|u| !u.healthy)
-        .map(|u| format!("{} {}", u.unit, u.active_state))
-        .collect();
-    if !units.is_empty() {
-        parts.push(format!("units not active: {}", units.join(", ")));
-    }
-    let containers: Vec<String> = report
-        .stale_containers
-        .iter()
-        .map(|c| format!("{} on {}", c.name, c.replaced))
-        .collect();
-    if !containers.is_empty() {
-        parts.push(format!(
-            "containers still on a replaced image: {}",
-            containers.join(", ")
-        ));
-    }
-    if let Some(readiness) = report.readiness.as_ref().filter(|r| !r.passed) {
-        parts.push(format!(
-            "readiness checks failing after {} tries",
-            readiness.tries
-        ));
-    }
-    if parts.is_empty() {
-        parts.push("the instance's units or containers could not be checked".to_owned());
-    }
     format!(
         "the instance failed the health gate within {} s: {}",
         report.timeout_secs,
-        parts.join("; ")
+        report.problems.join("; ")
     )
 }
