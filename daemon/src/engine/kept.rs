@@ -103,9 +103,15 @@ pub fn promote(instance: &Instance) -> io::Result<Option<Environment>> {
     Ok(older)
 }
 
-/// Drops the pending version (the update installed nothing).
+/// Drops the pending version (the update installed nothing), and the directory made for it
+/// when nothing else is kept: a failed update leaves the home as it was.
 pub fn discard_pending(instance: &Instance) -> io::Result<()> {
-    remove_dir(&pending(instance))
+    remove_dir(&pending(instance))?;
+    let base = instance.home.join(BASE);
+    if fs::read_dir(&base).is_ok_and(|mut entries| entries.next().is_none()) {
+        fs::remove_dir(&base)?;
+    }
+    Ok(())
 }
 
 /// Drops everything kept; returns whether there was something.
