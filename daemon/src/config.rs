@@ -959,10 +959,26 @@ system_manager_address = "unix:path=/run/other/bus"
     }
 
     #[test]
+    fn switches_are_true_or_false() {
+        assert_eq!(
+            error("keep_previous = \"yes\"\n"),
+            "keep_previous = \"yes\" in /etc/module-updater/config.toml: must be true or false (without quotes)"
+        );
+        let file = parse_file(
+            "keep_previous = false\nrollback_on_failure = true\n",
+            Path::new("/etc/module-updater/config.toml"),
+        )
+        .unwrap();
+        assert_eq!(file.keep_previous, Some(false));
+        assert_eq!(file.rollback_on_failure, Some(true));
+    }
+
+    #[test]
     fn unknown_keys_and_sections_are_refused_with_the_list_of_keys() {
         let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, worker_nice, \
                    job_linger, idle_timeout, state_dir, system_manager_address, ns8_agent_env, \
-                   registry_connect_timeout, registry_timeout";
+                   registry_connect_timeout, registry_timeout, health_timeout, keep_previous, \
+                   rollback_on_failure";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),
             format!("unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}")

@@ -557,7 +557,7 @@ async fn rollback_brings_back_the_previous_version_without_a_registry() {
     );
 }
 
-/// `rollback_on_failure` through the client: the unhealthy 2.0 is rolled back at once, the
+/// `module-updater update --rollback-on-failure`: the unhealthy 2.0 is rolled back at once, the
 /// result says so and why, and 1.0 runs again.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unhealthy_update_is_rolled_back_automatically() {
@@ -570,15 +570,11 @@ async fn an_unhealthy_update_is_rolled_back_automatically() {
     let env1 = instance.read_env().unwrap();
     let _daemon = start_daemon(&sandbox, &[]);
 
-    let data = serde_json::json!({
-        "module_url": v2, "instances": [instance.id], "health_timeout": 20,
-        "rollback_on_failure": true,
-    })
-    .to_string();
+    // The failed unit is not waited for: the default health_timeout does not slow this down.
     let output = sandbox
         .client()
         .unwrap()
-        .args(["run", "update-module", "--data", &data])
+        .args(["update", "--rollback-on-failure", v2, &instance.id])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
@@ -619,4 +615,44 @@ async fn rollback_with_nothing_kept_is_refused() {
         module_updater_dbus::Error::NoSuchInstance(_)
     ));
     assert!(manager.list_jobs().await.unwrap().is_empty(), "no job made");
+}
+
+/// `module-updater prune` drops the kept version and its images; `module-updater rollback`
+/// then says nothing is kept (exit code 1) and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_drops_what_is_kept_through_the_client() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&app_module("pruned", "1.0", LONG_RUNNING))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&app_module("pruned", "2.0", LONG_RUNNING))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("pruned").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let client = |args: &[&str]| sandbox.client().unwrap().args(args).output().unwrap();
+
+    let updated = client(&["update", &v2, &instance.id]);
+    assert_eq!(updated.status.code(), Some(0), "{}", text(&updated.stderr));
+    assert!(has_image(&sandbox, &instance, &v1), "1.0 is kept");
+
+    let pruned = client(&["prune", &instance.id]);
+    assert_eq!(pruned.status.code(), Some(0), "{}", text(&pruned.stderr));
+    let result: Value = serde_json::from_slice(&pruned.stdout).unwrap();
+    let result = &result["instances"][instance.id.as_str()];
+    assert_eq!(result["status"], "completed", "{result:#}");
+    assert_eq!(result["images_removed"], serde_json::json!([v1.as_str()]));
+    assert!(!has_image(&sandbox, &instance, &v1));
+    assert!(has_image(&sandbox, &instance, &v2));
+
+    let refused = client(&["rollback", &instance.id]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = text(&refused.stderr);
+    assert!(stderr.contains("nothing is kept"), "{stderr}");
+    assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/version")).unwrap(),
+        "2.0\n"
+    );
 }
