@@ -154,6 +154,16 @@ pub fn instance_block(id: &str, result: &InstanceResult, width: usize) -> String
     for line in health_lines(result) {
         detail(line);
     }
+    if result.rolled_back {
+        detail(format!(
+            "rolled back to {}: {}",
+            result
+                .old_image_url
+                .as_deref()
+                .unwrap_or("the previous version"),
+            result.rollback_reason.as_deref().unwrap_or("")
+        ));
+    }
     out
 }
 

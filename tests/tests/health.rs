@@ -656,3 +656,106 @@ async fn prune_drops_what_is_kept_through_the_client() {
         "2.0\n"
     );
 }
+
+/// A daemon killed in the middle of a rollback (its files and environment already back, its
+/// health gate waiting for a readiness check), then the same rollback run again by a new daemon:
+/// it completes, and 1.0 is back as after an uninterrupted one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_interrupted_by_a_killed_daemon_runs_again() {
+    let mut sandbox = Sandbox::new().unwrap();
+    // 1.0's readiness check waits while the test holds it.
+    let hold = "#!/bin/sh\ntouch holding\nwhile [ -e hold ]; do sleep 0.2; done\nexit 0\n";
+    let v1 = sandbox
+        .build_image(&app_module("killed", "1.0", LONG_RUNNING).file(
+            "health.d/10hold",
+            hold,
+            0o755,
+        ))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&app_module("killed", "2.0", FAILING).file(
+            "update-module.d/80restart",
+            RESTART,
+            0o755,
+        ))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("killed").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    start_unit(&sandbox, &instance, "app.service");
+    let env1 = instance.read_env().unwrap();
+    let mut daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let run = run_job(&connection, &request_with_timeout(&v2, &[&instance.id], 20)).await;
+    assert_eq!(run.instance(&instance.id)["status"], "unhealthy");
+
+    let state = &instance.state_dir;
+    std::fs::write(state.join("hold"), "").unwrap();
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+        .await
+        .unwrap();
+    manager.rollback(&instance.id).await.unwrap();
+    let holding = module_updater_tests::cmd::poll(std::time::Duration::from_secs(90), || {
+        Ok(state.join("holding").exists().then_some(()))
+    })
+    .unwrap();
+    assert!(holding.is_some(), "the rollback never reached its gate");
+    daemon.kill();
+    std::fs::remove_file(state.join("hold")).unwrap();
+    std::fs::remove_file(state.join("holding")).unwrap();
+    // The killed daemon's worker ends its check and goes: the instance's lock is free then.
+    let lock = state.join(".update-module.lock");
+    let free = module_updater_tests::cmd::poll(std::time::Duration::from_secs(30), || {
+        let probe = std::process::Command::new("flock")
+            .args(["--nonblock", "--shared"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap();
+        Ok(probe.success().then_some(()))
+    })
+    .unwrap();
+    assert!(
+        free.is_some(),
+        "the killed daemon's worker still holds the lock"
+    );
+
+    let _daemon = start_daemon(&sandbox, &[]);
+    let connection = connect(&sandbox).await;
+    let mut stream = subscribe(&connection).await;
+    let path = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+        .await
+        .unwrap()
+        .rollback(&instance.id)
+        .await
+        .expect("what was kept is still there after the interrupted rollback");
+    let run = follow(&connection, &mut stream, path).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "completed", "{result:#}");
+    assert_eq!(result["health"]["readiness"]["passed"], true, "{result:#}");
+    let env = instance.read_env().unwrap();
+    for key in ["IMAGE_URL", "IMAGE_ID", "IMAGE_DIGEST"] {
+        assert_eq!(env.get(key), env1.get(key), "{key}");
+    }
+    assert_eq!(env["PREV_IMAGE_URL"], v2);
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/version")).unwrap(),
+        "1.0\n"
+    );
+    assert!(
+        !instance
+            .install_dir
+            .join("update-module.d/80restart")
+            .exists()
+    );
+    assert!(
+        !state.join(".module-updater.in-progress").exists(),
+        "the rollback run again ended what the interrupted one began"
+    );
+    assert_eq!(
+        sandbox
+            .unit_property(&instance, "app.service", "ActiveState")
+            .unwrap(),
+        "s \"active\""
+    );
+    assert!(has_image(&sandbox, &instance, &v1));
+}

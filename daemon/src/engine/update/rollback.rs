@@ -133,7 +133,8 @@ pub async fn rollback(
 }
 
 /// The environment file as the kept version had it; each image key's `PREV_` names the value
-/// being left (what a later update's cleanup removes), or goes when there was none.
+/// being left (what a later update's cleanup removes), or goes when there was none. Applied to
+/// an environment it already restored, it gives the same file.
 fn environment_patch(now: &Environment, kept: &Environment) -> Vec<(String, Option<String>)> {
     let mut patch: Vec<(String, Option<String>)> = Vec::new();
     for (key, _) in now.iter() {
@@ -146,11 +147,25 @@ fn environment_patch(now: &Environment, kept: &Environment) -> Vec<(String, Opti
     }
     let mut keys = image_keys(kept);
     keys.extend(image_keys(now));
+    // An image key a first run removed still has the PREV_ it wrote.
+    keys.extend(
+        now.iter()
+            .filter_map(|(k, _)| k.strip_prefix("PREV_"))
+            .filter(|k| k.starts_with("IMAGE_") || k.ends_with("_IMAGE"))
+            .map(str::to_owned),
+    );
     keys.sort();
     keys.dedup();
     for key in keys {
-        let left = now.get(&key).map(str::to_owned);
-        patch.push((format!("PREV_{key}"), left));
+        let prev = format!("PREV_{key}");
+        // A key that already has the kept value (a rollback run again after a crash) keeps the
+        // PREV_ the first run wrote.
+        let left = if now.get(&key) == kept.get(&key) {
+            now.get(&prev)
+        } else {
+            now.get(&key)
+        };
+        patch.push((prev, left.map(str::to_owned)));
     }
     patch
 }
@@ -201,6 +216,10 @@ mod tests {
         assert_eq!(env.get("PREV_NEW_IMAGE"), Some("r/n:1"));
         assert_eq!(env.get("MIGRATED"), None);
         assert_eq!(env.get("MODULE_ID"), Some("d1"));
+        // Run again on what it wrote: the same environment.
+        let mut again = env.clone();
+        again.apply(&environment_patch(&env, &kept)).unwrap();
+        assert_eq!(again, env);
         // The next update's cleanup removes what the rollback left.
         assert_eq!(
             cleanup::stale_images(&env),
