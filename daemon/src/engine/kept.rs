@@ -4,7 +4,8 @@
 //! Its images stay in the instance's storage (the stale-image cleanup keeps one generation).
 //!
 //! It lives outside the install and state dirs (no backup of the state dir carries it), in
-//! `<home>/.local/share/module-updater/previous/`; an update writes `previous.new/` first and
+//! `<home>/.local/share/module-updater/previous/` (a rootful instance:
+//! `<rootful base>/.module-updater-kept/<id>/previous/`); an update writes `previous.new/` first and
 //! renames it over `previous/` once it has installed its tree, so a failed update before the
 //! install leaves the kept version as it was.
 
@@ -18,7 +19,11 @@ use super::environment::Environment;
 use super::extract::LIST_FILE;
 use super::instance::Instance;
 
+/// Below a rootless instance's home.
 const BASE: &str = ".local/share/module-updater";
+/// Beside the rootful instances' directories, one directory per instance: not in the install
+/// dir, which is the rootful instance's directory itself.
+const ROOTFUL_BASE: &str = ".module-updater-kept";
 const CURRENT: &str = "previous";
 const PENDING: &str = "previous.new";
 /// Inside the kept dir: the tree, the environment file, the units active before.
@@ -26,13 +31,46 @@ const TREE: &str = "tree";
 const ENVIRONMENT: &str = "environment";
 const UNITS: &str = "active-units";
 
+/// The directory holding an instance's kept versions, and the directories above it that an
+/// update may have made (removed again when empty).
+fn base(instance: &Instance) -> (PathBuf, Vec<PathBuf>) {
+    if instance.rootless {
+        let base = instance.home.join(BASE);
+        let made = vec![
+            base.clone(),
+            instance.home.join(".local/share"),
+            instance.home.join(".local"),
+        ];
+        (base, made)
+    } else {
+        let parent = instance
+            .home
+            .parent()
+            .unwrap_or(&instance.home)
+            .join(ROOTFUL_BASE);
+        let base = parent.join(&instance.id);
+        (base.clone(), vec![base, parent])
+    }
+}
+
 /// Where an instance's previous version is kept.
 pub fn dir(instance: &Instance) -> PathBuf {
-    instance.home.join(BASE).join(CURRENT)
+    base(instance).0.join(CURRENT)
 }
 
 fn pending(instance: &Instance) -> PathBuf {
-    instance.home.join(BASE).join(PENDING)
+    base(instance).0.join(PENDING)
+}
+
+/// Removes the directories made for the kept versions that are empty.
+fn remove_empty_bases(instance: &Instance) {
+    for dir in base(instance).1 {
+        if fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_none()) {
+            let _ = fs::remove_dir(&dir);
+        } else {
+            break;
+        }
+    }
 }
 
 /// What is kept of the previous version.
@@ -107,10 +145,7 @@ pub fn promote(instance: &Instance) -> io::Result<Option<Environment>> {
 /// when nothing else is kept: a failed update leaves the home as it was.
 pub fn discard_pending(instance: &Instance) -> io::Result<()> {
     remove_dir(&pending(instance))?;
-    let base = instance.home.join(BASE);
-    if fs::read_dir(&base).is_ok_and(|mut entries| entries.next().is_none()) {
-        fs::remove_dir(&base)?;
-    }
+    remove_empty_bases(instance);
     Ok(())
 }
 
@@ -119,6 +154,7 @@ pub fn remove(instance: &Instance) -> io::Result<bool> {
     let existed = dir(instance).exists() || pending(instance).exists();
     remove_dir(&dir(instance))?;
     remove_dir(&pending(instance))?;
+    remove_empty_bases(instance);
     Ok(existed)
 }
 
