@@ -92,7 +92,7 @@ pub async fn gate(
                 }
                 Err(err) => problems.push(err),
             }
-            report.units = units::wait(&connection, &checked, deadline).await;
+            report.units = units::wait(&connection, &checked, deadline, &ctx.cancel).await;
         }
         Err(err) if !before.manager_answered => ctx.warning(format!(
             "the health gate did not check the instance's units: its systemd manager does not answer: {err}"
@@ -117,16 +117,20 @@ pub async fn gate(
         Ok(env) => {
             let replaced = cleanup::stale_images(&env);
             let current = cleanup::current_images(&env);
+            // A listing that fails is tried again until the deadline, as one that finds a
+            // container still on a replaced image.
             loop {
-                match containers::stale(podman, &replaced, &current).await {
+                let listed = containers::stale(podman, &replaced, &current).await;
+                let done = matches!(&listed, Ok(stale) if stale.is_empty());
+                let last = Instant::now() + CONTAINER_POLL >= deadline;
+                match listed {
                     Ok(stale) => report.stale_containers = stale,
-                    Err(err) => {
+                    Err(err) if last => {
                         problems.push(format!("cannot list the running containers: {err}"));
-                        break;
                     }
+                    Err(_) => {}
                 }
-                if report.stale_containers.is_empty() || Instant::now() + CONTAINER_POLL >= deadline
-                {
+                if done || last {
                     break;
                 }
                 ctx.check_cancel()?;

@@ -102,12 +102,13 @@ pub async fn enabled(
     Ok(enabled)
 }
 
-/// Reads the `checked` units (name, why) until each is settled (active, failed, removed) or
-/// `deadline` passes; the last reading of each.
+/// Reads the `checked` units (name, why) until each is settled (active, failed, removed),
+/// `deadline` passes or a cancel is asked for; the last reading of each.
 pub async fn wait(
     connection: &zbus::Connection,
     checked: &[(String, &'static str)],
     deadline: Instant,
+    cancel: &tokio::sync::watch::Receiver<bool>,
 ) -> Vec<UnitHealth> {
     loop {
         let mut report = Vec::with_capacity(checked.len());
@@ -117,7 +118,7 @@ pub async fn wait(
             settled &= done;
             report.push(health);
         }
-        if settled || Instant::now() + POLL > deadline {
+        if settled || *cancel.borrow() || Instant::now() + POLL > deadline {
             return report;
         }
         tokio::time::sleep(POLL).await;
