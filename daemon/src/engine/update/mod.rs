@@ -141,7 +141,13 @@ async fn steps(
                 result.new_image_url = Some(ctx.job.module_url.clone());
                 result.new_image_digest = Some(pulled.main.digest.clone());
                 let extras = pull::extra_images(&pulled.main)?;
-                let saved = ctx.job.keep_previous && keep_previous(ctx, &before);
+                // The re-run of an interrupted update finds a half-installed tree: the version
+                // kept before it is the one to go back to, and stays.
+                let rerun = ctx.touched;
+                if ctx.job.keep_previous && rerun && kept::exists(ctx.instance()) {
+                    kept_older = Some(None);
+                }
+                let saved = ctx.job.keep_previous && !rerun && keep_previous(ctx, &before);
                 let extracted =
                     extract::extract(ctx, podman, &mut local, &pulled, &extras, background).await;
                 let instance = ctx.instance();
