@@ -759,3 +759,55 @@ async fn a_rollback_interrupted_by_a_killed_daemon_runs_again() {
     );
     assert!(has_image(&sandbox, &instance, &v1));
 }
+
+/// A caller other than root needs the polkit action `org.nethserver.moduleupdater.rollback` for
+/// `Rollback` and `PruneKept`: the bus lets the call through to the daemon, which asks polkit
+/// (not running here) and refuses, naming the action; nothing is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_and_prune_need_the_rollback_action() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&app_module("guarded", "1.0", LONG_RUNNING))
+        .unwrap();
+    let target = sandbox.add_rootless_instance("guarded").unwrap();
+    sandbox.install(&target, &v1).unwrap();
+    let user = sandbox.add_rootless_instance("caller").unwrap();
+    let _daemon = start_daemon(&sandbox, &[]);
+    let bus = sandbox.bus_address();
+    for method in ["Rollback", "PruneKept"] {
+        let member = format!("{}.{method}", module_updater_dbus::MANAGER_INTERFACE);
+        let out = sandbox
+            .run_as(
+                &user,
+                &[
+                    "gdbus",
+                    "call",
+                    "--address",
+                    &bus,
+                    "--dest",
+                    module_updater_dbus::BUS_NAME,
+                    "--object-path",
+                    module_updater_dbus::OBJECT_PATH,
+                    "--method",
+                    &member,
+                    &target.id,
+                ],
+            )
+            .unwrap();
+        assert!(!out.status.success(), "{method} was allowed");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("org.freedesktop.DBus.Error.AccessDenied"),
+            "{method}: {stderr}"
+        );
+        assert!(
+            stderr.contains(module_updater_dbus::ACTION_ROLLBACK),
+            "{method}: {stderr}"
+        );
+    }
+    let connection = connect(&sandbox).await;
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+        .await
+        .unwrap();
+    assert!(manager.list_jobs().await.unwrap().is_empty(), "no job made");
+}
