@@ -133,6 +133,28 @@ pub enum Command {
         /// would be refused.
         #[arg(long)]
         dry_run: bool,
+        /// Roll an instance back to its previous version when its update fails at a module
+        /// step or at the health gate (the request's rollback_on_failure).
+        #[arg(long)]
+        rollback_on_failure: bool,
+    },
+    /// Roll an instance back to the previous version kept by its last update, and follow the
+    /// job.
+    ///
+    /// No registry is needed: the previous files, environment and images are on the node. The
+    /// instance's systemd manager is reloaded, the units that were active are restarted, and
+    /// the health gate runs. Data the update's scripts changed (migrations) is not undone.
+    /// Refused when nothing is kept (exit code 1). Ctrl-C cancels the job, a second one
+    /// detaches.
+    Rollback {
+        #[arg(value_name = "INSTANCE")]
+        instance: String,
+    },
+    /// Drop the previous version kept by an instance's last update (its files, environment and
+    /// images): no rollback is possible until its next update.
+    Prune {
+        #[arg(value_name = "INSTANCE")]
+        instance: String,
     },
     /// List the module instances: id, image, state and the job updating it.
     List,
@@ -211,6 +233,10 @@ pub enum RunAction {
         /// job, as text, or its JSON with --json. Exit code 10 when the request would be refused.
         #[arg(long)]
         dry_run: bool,
+        /// Add `"rollback_on_failure": true` to the request: an instance whose update fails at a
+        /// module step or at the health gate goes back to its previous version.
+        #[arg(long)]
+        rollback_on_failure: bool,
     },
 }
 
@@ -469,7 +495,8 @@ mod tests {
             Command::Run {
                 action: RunAction::UpdateModule {
                     data: Data::File(_),
-                    dry_run: false
+                    dry_run: false,
+                    rollback_on_failure: false,
                 }
             }
         ));

@@ -232,7 +232,7 @@ impl Call<'_> {
                 detail,
             },
             WireError::ShuttingDown(reason) => ClientError::ShuttingDown { reason },
-            WireError::Failed(reason) => ClientError::Service {
+            WireError::Failed(reason) | WireError::NothingKept(reason) => ClientError::Service {
                 what: self.what.to_owned(),
                 reason,
             },

@@ -131,8 +131,8 @@ mod tests {
         assert_eq!(
             names,
             [
-                "run", "update", "list", "show", "jobs", "check", "history", "status", "cancel",
-                "wait", "ns8", "monitor", "version"
+                "run", "update", "rollback", "prune", "list", "show", "jobs", "check", "history",
+                "status", "cancel", "wait", "ns8", "monitor", "version"
             ]
         );
         for name in &names {

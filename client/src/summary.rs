@@ -50,7 +50,7 @@ pub fn more_lines(job: u64) -> String {
 /// The order of the blocks: failures first, then updates with warnings, then the rest.
 fn rank(result: &InstanceResult) -> u8 {
     match result.status {
-        InstanceStatus::Failed => 0,
+        InstanceStatus::Failed | InstanceStatus::Unhealthy => 0,
         InstanceStatus::Cancelled => 1,
         _ if !result.warnings.is_empty() => 2,
         InstanceStatus::Completed => 3,
@@ -151,7 +151,59 @@ pub fn instance_block(id: &str, result: &InstanceResult, width: usize) -> String
     if let Some(removed) = removed_text(result) {
         detail(format!("removed: {removed}"));
     }
+    for line in health_lines(result) {
+        detail(line);
+    }
+    if result.rolled_back {
+        detail(format!(
+            "rolled back to {}: {}",
+            result
+                .old_image_url
+                .as_deref()
+                .unwrap_or("the previous version"),
+            result.rollback_reason.as_deref().unwrap_or("")
+        ));
+    }
     out
+}
+
+/// What failed the health gate, part by part (nothing when it passed or did not run).
+fn health_lines(result: &InstanceResult) -> Vec<String> {
+    let Some(health) = result.health.as_ref().filter(|h| !h.passed) else {
+        return Vec::new();
+    };
+    let mut lines = Vec::new();
+    for unit in health.units.iter().filter(|u| !u.healthy) {
+        let why = if unit.result.is_empty() {
+            String::new()
+        } else {
+            format!(", result {}", unit.result)
+        };
+        lines.push(format!(
+            "health: unit {} {} ({}{why})",
+            unit.unit, unit.active_state, unit.sub_state
+        ));
+    }
+    for container in &health.stale_containers {
+        lines.push(format!(
+            "health: container {} still runs {}",
+            container.name, container.replaced
+        ));
+    }
+    if let Some(readiness) = health.readiness.as_ref().filter(|r| !r.passed) {
+        let failing: Vec<String> = readiness
+            .checks
+            .iter()
+            .filter(|c| c.status != ScriptStatus::Ok)
+            .map(script_text)
+            .collect();
+        lines.push(format!(
+            "health: readiness checks failing after {} tries: {}",
+            readiness.tries,
+            failing.join(", ")
+        ));
+    }
+    lines
 }
 
 /// `completed`, `completed with 2 warnings`, `failed at extract`.

@@ -30,6 +30,8 @@ pub enum Rule {
     AbsolutePath,
     /// A D-Bus address such as `unix:path=/run/dbus/system_bus_socket`.
     Address,
+    /// `true` or `false`.
+    Boolean,
     /// A whole number from `min` to `max`; `unit` names what is counted ("seconds", "updates").
     Number {
         min: u64,
@@ -50,6 +52,7 @@ impl Rule {
             Rule::Number { min, max, unit } => {
                 format!("a whole number of {unit} from {min} to {max}")
             }
+            Rule::Boolean => "true or false (without quotes)".to_owned(),
         }
     }
 
@@ -212,6 +215,31 @@ const REGISTRY_TIMEOUT: Key = Key {
     unset: "",
     help: "When checking for updates (ListUpdates), give up on a registry query that has no answer within this many seconds.",
 };
+const HEALTH_TIMEOUT: Key = Key {
+    name: "health_timeout",
+    rule: Rule::Number {
+        min: 1,
+        max: 3600,
+        unit: "seconds",
+    },
+    default: Some("120"),
+    unset: "",
+    help: "After an update's scripts, wait at most this many seconds for the instance to pass the health gate (its units active, no container on a replaced image, its health.d checks passing); a request's health_timeout overrides it.",
+};
+const KEEP_PREVIOUS: Key = Key {
+    name: "keep_previous",
+    rule: Rule::Boolean,
+    default: Some("true"),
+    unset: "",
+    help: "Keep each instance's previous version (the files and environment an update replaced, and its images) until the next update, for a rollback; false drops what is kept at each update, and the stale-image cleanup removes the previous images as NS8 does.",
+};
+const ROLLBACK_ON_FAILURE: Key = Key {
+    name: "rollback_on_failure",
+    rule: Rule::Boolean,
+    default: Some("false"),
+    unset: "",
+    help: "Roll an instance back to its kept previous version when its update fails at a module step or the health gate; a request's rollback_on_failure overrides it.",
+};
 
 /// Every key the configuration file may hold, in the order the default file lists them.
 pub const KEYS: &[Key] = &[
@@ -227,6 +255,9 @@ pub const KEYS: &[Key] = &[
     NS8_AGENT_ENV,
     REGISTRY_CONNECT_TIMEOUT,
     REGISTRY_TIMEOUT,
+    HEALTH_TIMEOUT,
+    KEEP_PREVIOUS,
+    ROLLBACK_ON_FAILURE,
 ];
 
 /// Why the configuration cannot be used. Each message names the file, the key, the value and
@@ -299,6 +330,15 @@ pub struct Settings {
     /// Give up on a registry query with no answer within this many seconds when checking for updates [default: 30].
     #[arg(long, value_name = "SECS", value_parser = registry_timeout_flag)]
     pub registry_timeout: Option<u64>,
+    /// Wait at most this many seconds for an updated instance to pass the health gate [default: 120].
+    #[arg(long, value_name = "SECS", value_parser = health_timeout_flag)]
+    pub health_timeout: Option<u64>,
+    /// Keep each instance's previous version for a rollback [default: true].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub keep_previous: Option<bool>,
+    /// Roll an instance back when its update fails (module step or health gate) [default: false].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub rollback_on_failure: Option<bool>,
 }
 
 impl Settings {
@@ -319,6 +359,9 @@ impl Settings {
                 .registry_connect_timeout
                 .or(lower.registry_connect_timeout),
             registry_timeout: self.registry_timeout.or(lower.registry_timeout),
+            health_timeout: self.health_timeout.or(lower.health_timeout),
+            keep_previous: self.keep_previous.or(lower.keep_previous),
+            rollback_on_failure: self.rollback_on_failure.or(lower.rollback_on_failure),
         }
     }
 }
@@ -368,6 +411,9 @@ fn registry_connect_timeout_flag(text: &str) -> Result<u64, String> {
 fn registry_timeout_flag(text: &str) -> Result<u64, String> {
     number_flag(&REGISTRY_TIMEOUT, text)
 }
+fn health_timeout_flag(text: &str) -> Result<u64, String> {
+    number_flag(&HEALTH_TIMEOUT, text)
+}
 fn max_parallel_flag(text: &str) -> Result<usize, String> {
     // At most MAX_PARALLEL, so it fits any usize.
     number_flag(&MAX_PARALLEL_KEY, text).map(|n| n as usize)
@@ -390,6 +436,9 @@ struct RawFile {
     ns8_agent_env: Option<PathBuf>,
     registry_connect_timeout: Option<i64>,
     registry_timeout: Option<i64>,
+    health_timeout: Option<i64>,
+    keep_previous: Option<bool>,
+    rollback_on_failure: Option<bool>,
 }
 
 /// A value as the file writes it, for messages.
@@ -445,6 +494,9 @@ impl RawFile {
                 self.registry_connect_timeout,
             )?,
             registry_timeout: number(&REGISTRY_TIMEOUT, self.registry_timeout)?,
+            health_timeout: number(&HEALTH_TIMEOUT, self.health_timeout)?,
+            keep_previous: self.keep_previous,
+            rollback_on_failure: self.rollback_on_failure,
         })
     }
 }
@@ -606,6 +658,9 @@ pub struct Config {
     pub ns8_agent_env: PathBuf,
     pub registry_connect_timeout: u64,
     pub registry_timeout: u64,
+    pub health_timeout: u64,
+    pub keep_previous: bool,
+    pub rollback_on_failure: bool,
     pub rootful_podman_args: Vec<String>,
     pub verbose: bool,
     /// The configuration file that was read, if any.
@@ -639,6 +694,9 @@ impl Config {
                 .unwrap_or_else(|| crate::cluster::DEFAULT_AGENT_ENV.into()),
             registry_connect_timeout: settings.registry_connect_timeout.unwrap_or(5),
             registry_timeout: settings.registry_timeout.unwrap_or(30),
+            health_timeout: settings.health_timeout.unwrap_or(120),
+            keep_previous: settings.keep_previous.unwrap_or(true),
+            rollback_on_failure: settings.rollback_on_failure.unwrap_or(false),
             rootful_podman_args: cli.rootful_podman_args,
             verbose: cli.verbose,
             config_file,
@@ -901,10 +959,26 @@ system_manager_address = "unix:path=/run/other/bus"
     }
 
     #[test]
+    fn switches_are_true_or_false() {
+        assert_eq!(
+            error("keep_previous = \"yes\"\n"),
+            "keep_previous = \"yes\" in /etc/module-updater/config.toml: must be true or false (without quotes)"
+        );
+        let file = parse_file(
+            "keep_previous = false\nrollback_on_failure = true\n",
+            Path::new("/etc/module-updater/config.toml"),
+        )
+        .unwrap();
+        assert_eq!(file.keep_previous, Some(false));
+        assert_eq!(file.rollback_on_failure, Some(true));
+    }
+
+    #[test]
     fn unknown_keys_and_sections_are_refused_with_the_list_of_keys() {
         let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, worker_nice, \
                    job_linger, idle_timeout, state_dir, system_manager_address, ns8_agent_env, \
-                   registry_connect_timeout, registry_timeout";
+                   registry_connect_timeout, registry_timeout, health_timeout, keep_previous, \
+                   rollback_on_failure";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),
             format!("unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}")

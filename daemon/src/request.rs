@@ -5,9 +5,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::engine::imagename;
+pub use crate::engine::update::Action;
 
 /// Requests larger than this are refused before parsing.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The longest `health_timeout` a request may ask for: one hour.
+pub const MAX_HEALTH_TIMEOUT: u64 = 3600;
 /// More instances than this in one request are refused.
 pub const MAX_INSTANCES: usize = 1000;
 
@@ -69,8 +72,33 @@ pub struct UpdateRequest {
     pub force: bool,
     /// Whether an older version than the installed one may be put on an instance.
     pub allow_downgrade: bool,
+    /// `health_timeout`: how long the health gate may wait, in seconds (None: the daemon's
+    /// setting).
+    pub health_timeout: Option<u64>,
+    /// `rollback_on_failure` (None: the daemon's setting).
+    pub rollback_on_failure: Option<bool>,
+    /// What the job does: `update-module` for every request of `UpdateModule`; the service's
+    /// `Rollback` and `PruneKept` make requests of their own ([`UpdateRequest::for_instance`]).
+    pub action: Action,
     /// The JSON exactly as received (the scripts' stdin).
     pub raw: String,
+}
+
+impl UpdateRequest {
+    /// The request of a `Rollback` or `PruneKept` of one instance (no image, no registry).
+    pub fn for_instance(action: Action, instance: &str) -> UpdateRequest {
+        UpdateRequest {
+            module_url: String::new(),
+            instances: vec![instance.to_owned()],
+            force: false,
+            allow_downgrade: false,
+            health_timeout: None,
+            rollback_on_failure: None,
+            action,
+            raw: serde_json::json!({"action": action.as_str(), "instances": [instance]})
+                .to_string(),
+        }
+    }
 }
 
 /// Checks `raw` against the cluster schema of update-module (module_url: string, minLength 1,
@@ -191,6 +219,39 @@ pub fn parse(raw: &str) -> Result<UpdateRequest, Vec<ValidationError>> {
     };
     let force = flag("force");
     let allow_downgrade = flag("allow_downgrade");
+    let rollback_on_failure = object
+        .contains_key("rollback_on_failure")
+        .then(|| flag("rollback_on_failure"));
+    let health_timeout = match object.get("health_timeout") {
+        None => None,
+        Some(value) => match value.as_u64() {
+            Some(secs) if (1..=MAX_HEALTH_TIMEOUT).contains(&secs) => Some(secs),
+            Some(_) => {
+                errors.push(ValidationError::new(
+                    "health_timeout",
+                    value.clone(),
+                    "out_of_range",
+                ));
+                None
+            }
+            None if value.is_number() => {
+                errors.push(ValidationError::new(
+                    "health_timeout",
+                    value.clone(),
+                    "out_of_range",
+                ));
+                None
+            }
+            None => {
+                errors.push(ValidationError::new(
+                    "health_timeout",
+                    value.clone(),
+                    "invalid_type",
+                ));
+                None
+            }
+        },
+    };
 
     match (module_url, errors.is_empty()) {
         (Some(module_url), true) => Ok(UpdateRequest {
@@ -198,6 +259,9 @@ pub fn parse(raw: &str) -> Result<UpdateRequest, Vec<ValidationError>> {
             instances,
             force,
             allow_downgrade,
+            health_timeout,
+            rollback_on_failure,
+            action: Action::Update,
             raw: raw.to_owned(),
         }),
         _ => Err(errors),
@@ -283,6 +347,25 @@ mod tests {
             errors(r#"{"module_url":"-x","instances":["a1"]}"#),
             ["module_url_pattern"]
         );
+    }
+
+    #[test]
+    fn health_timeout_is_a_number_of_seconds_within_an_hour() {
+        let with = |value: &str| {
+            format!(r#"{{"module_url":"a/b:1","instances":["a1"],"health_timeout":{value}}}"#)
+        };
+        assert_eq!(parse(&with("30")).unwrap().health_timeout, Some(30));
+        assert_eq!(
+            parse(r#"{"module_url":"a/b:1","instances":["a1"]}"#)
+                .unwrap()
+                .health_timeout,
+            None
+        );
+        assert_eq!(errors(&with("0")), ["health_timeout_out_of_range"]);
+        assert_eq!(errors(&with("3601")), ["health_timeout_out_of_range"]);
+        assert_eq!(errors(&with("-5")), ["health_timeout_out_of_range"]);
+        assert_eq!(errors(&with("1.5")), ["health_timeout_out_of_range"]);
+        assert_eq!(errors(&with("\"60\"")), ["health_timeout_invalid_type"]);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub enum Error {
     NoSuchInstance(String),
     /// No job with that id or path.
     NoSuchJob(String),
+    /// `Rollback` of an instance of which nothing is kept.
+    NothingKept(String),
     /// The daemon is shutting down and takes no new jobs.
     ShuttingDown(String),
     /// Anything else; the message names what failed.

@@ -38,6 +38,9 @@ pub const FEATURES: &[&str] = &[
     "history",
     "list-updates",
     "plan",
+    // Issue 21: the health gate after an update's scripts; Rollback and PruneKept.
+    "health-gate",
+    "rollback",
 ];
 /// Prefix of every error name the service returns.
 pub const ERROR_PREFIX: &str = "org.nethserver.ModuleUpdater.Error";
@@ -52,6 +55,9 @@ pub const POLKIT_ACTIONS_FILE: &str = "org.nethserver.moduleupdater.policy";
 /// polkit action checked for `UpdateModule` by a non-root caller. Its details `module_url` and
 /// `instances` (ids separated by single spaces) are readable by polkit rules.
 pub const ACTION_UPDATE_MODULE: &str = "org.nethserver.moduleupdater.update-module";
+/// polkit action checked for `Rollback` and `PruneKept` by a non-root caller (detail
+/// `instance`).
+pub const ACTION_ROLLBACK: &str = "org.nethserver.moduleupdater.rollback";
 /// polkit action checked for a job's `Cancel` by a non-root caller who did not start the job
 /// (details `job` and `instances`).
 pub const ACTION_CANCEL: &str = "org.nethserver.moduleupdater.cancel";

@@ -28,6 +28,10 @@ pub trait ModuleUpdater {
     fn refresh_updates(&self, instances: &[&str]) -> zbus::Result<String>;
     /// What UpdateModule with the same request would do, as JSON, without changing anything.
     fn plan_update(&self, request: &str) -> zbus::Result<String>;
+    /// Rolls an instance back to its kept previous version in a job; returns its path.
+    fn rollback(&self, instance: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Drops what is kept of an instance's previous version in a job; returns its path.
+    fn prune_kept(&self, instance: &str) -> zbus::Result<OwnedObjectPath>;
 
     /// The daemon's version (`CARGO_PKG_VERSION` of `module-updaterd`).
     #[zbus(property)]

@@ -17,6 +17,10 @@ pub enum Step {
     RunScripts,
     /// An executable the module ships in `actions/update-module/`.
     ModuleStep,
+    /// The health gate after the scripts and module steps (`HealthReport`).
+    HealthGate,
+    /// A rollback puts the kept previous files and environment back.
+    Restore,
     CleanupImages,
 }
 
@@ -32,6 +36,8 @@ impl Step {
             Step::UpdateEnvironment => "update-environment",
             Step::RunScripts => "run-scripts",
             Step::ModuleStep => "module-step",
+            Step::HealthGate => "health-gate",
+            Step::Restore => "restore",
             Step::CleanupImages => "cleanup-images",
         }
     }
@@ -51,6 +57,8 @@ pub enum InstanceStatus {
     AlreadyInstalled,
     Failed,
     Cancelled,
+    /// The update ran to its end but the instance failed the health gate (`health` says why).
+    Unhealthy,
 }
 
 impl InstanceStatus {
@@ -60,6 +68,7 @@ impl InstanceStatus {
             InstanceStatus::AlreadyInstalled => "already-installed",
             InstanceStatus::Failed => "failed",
             InstanceStatus::Cancelled => "cancelled",
+            InstanceStatus::Unhealthy => "unhealthy",
         }
     }
 
@@ -67,7 +76,7 @@ impl InstanceStatus {
     pub fn exit_code(self) -> i32 {
         match self {
             InstanceStatus::Completed | InstanceStatus::AlreadyInstalled => 0,
-            InstanceStatus::Failed => 1,
+            InstanceStatus::Failed | InstanceStatus::Unhealthy => 1,
             InstanceStatus::Cancelled => -1,
         }
     }
@@ -122,6 +131,72 @@ pub struct InstanceResult {
     pub images_removed: Vec<String>,
     pub warnings: Vec<String>,
     pub error: Option<Failure>,
+    /// The health gate's report; `None` when the gate did not run (nothing was installed, or
+    /// the update failed before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthReport>,
+    /// The update failed and the instance was rolled back to the kept previous version
+    /// (`rollback_on_failure`); `rollback_reason` says why.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_reason: Option<String>,
+}
+
+/// What the health gate found, part by part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// Whether every part passed.
+    pub passed: bool,
+    /// The `health_timeout` the gate ran within, in seconds.
+    pub timeout_secs: u64,
+    /// How long the gate took.
+    pub duration_ms: u64,
+    /// Part 1: each unit that was active before the update or that the instance has enabled,
+    /// as the instance's systemd manager last reported it.
+    pub units: Vec<UnitHealth>,
+    /// Part 2: the running containers of the instance that still use an image the update
+    /// replaced (empty when the part passed).
+    pub stale_containers: Vec<StaleContainer>,
+    /// Part 3: the readiness checks of `health.d/`, if the module ships any.
+    pub readiness: Option<ReadinessReport>,
+    /// What failed, one sentence each (empty when the gate passed).
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+/// One unit the gate checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitHealth {
+    pub unit: String,
+    /// `ActiveState`, `SubState` and `Result` (empty for a unit type without one).
+    pub active_state: String,
+    pub sub_state: String,
+    pub result: String,
+    /// Why it was checked: `was-active` (active before the update) or `enabled`.
+    pub reason: String,
+    pub healthy: bool,
+}
+
+/// A running container whose image the update replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleContainer {
+    /// The container's name and id.
+    pub name: String,
+    pub id: String,
+    /// The image it runs, as podman names it, and the replaced reference it matched.
+    pub image: String,
+    pub replaced: String,
+}
+
+/// The readiness checks: every executable of `health.d/`, run until all exit 0 in one try.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadinessReport {
+    pub passed: bool,
+    /// How many times the checks ran.
+    pub tries: u32,
+    /// The outcomes of the last try.
+    pub checks: Vec<ScriptOutcome>,
 }
 
 impl InstanceResult {
@@ -140,6 +215,9 @@ impl InstanceResult {
             images_removed: Vec::new(),
             warnings: Vec::new(),
             error: None,
+            health: None,
+            rolled_back: false,
+            rollback_reason: None,
         }
     }
 

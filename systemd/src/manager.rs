@@ -22,6 +22,19 @@ pub trait Manager {
     fn reload(&self) -> zbus::Result<()>;
     /// Loads a unit (if needed) and returns its object path.
     fn load_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    /// The loaded units: name, description, load, active and sub state, followed unit, object
+    /// path, job id, job type, job path.
+    #[allow(clippy::type_complexity)]
+    fn list_units(&self) -> zbus::Result<Vec<ListedUnit>>;
+    /// The unit files in the given states (e.g. `enabled`) and matching the patterns (all when
+    /// empty): path and state.
+    fn list_unit_files_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<Vec<(String, String)>>;
+    /// `systemctl restart`: queues the job and returns its path.
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
 }
@@ -37,7 +50,26 @@ pub trait Unit {
     fn active_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn need_daemon_reload(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+    /// Whether the unit was made at run time (`systemd-run`, podman's health check timers).
+    #[zbus(property)]
+    fn transient(&self) -> zbus::Result<bool>;
 }
+
+/// One entry of `ListUnits`.
+pub type ListedUnit = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    zbus::OwnedObjectPath,
+    u32,
+    String,
+    zbus::OwnedObjectPath,
+);
 
 /// The address of a user's bus for its runtime directory.
 pub fn user_bus_address(runtime_dir: &Path) -> String {
@@ -80,4 +112,27 @@ pub async fn reload(connection: &zbus::Connection) -> Result<(), SystemdError> {
         method: "Reload",
         source,
     })
+}
+
+/// A property of a unit's type-specific interface (`org.freedesktop.systemd1.Service` for
+/// `x.service`, ...), e.g. `Result` or `Type`; `None` when the unit type has no such property.
+pub async fn unit_type_property(
+    connection: &zbus::Connection,
+    path: &zbus::ObjectPath<'_>,
+    unit: &str,
+    property: &str,
+) -> Option<String> {
+    let kind = unit.rsplit_once('.')?.1;
+    let mut chars = kind.chars();
+    let first = chars.next()?.to_ascii_uppercase();
+    let interface = format!("org.freedesktop.systemd1.{first}{}", chars.as_str());
+    let interface = zbus::names::InterfaceName::try_from(interface).ok()?;
+    let properties = zbus::fdo::PropertiesProxy::builder(connection)
+        .destination("org.freedesktop.systemd1")
+        .path(path.to_owned())
+        .build()
+        .await
+        .ok()?;
+    let value = properties.get(interface, property).await.ok()?;
+    String::try_from(value).ok()
 }

@@ -911,6 +911,7 @@ fn progress_bars_and_summary_on_a_terminal() {
         "update-environment",
         "run-scripts",
         "module-step",
+        "health-gate",
         "cleanup-images",
     ];
     assert!(

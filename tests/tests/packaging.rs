@@ -114,9 +114,9 @@ fn built_deb(dir: &Path) -> PathBuf {
 
 /// Every file the install tree has, with its mode, for `prefix`.
 /// The client's subcommands, each with its page module-updater-NAME(1).
-const CLIENT_SUBCOMMANDS: [&str; 13] = [
-    "run", "update", "list", "show", "jobs", "check", "history", "status", "cancel", "wait", "ns8",
-    "monitor", "version",
+const CLIENT_SUBCOMMANDS: [&str; 15] = [
+    "run", "update", "rollback", "prune", "list", "show", "jobs", "check", "history", "status",
+    "cancel", "wait", "ns8", "monitor", "version",
 ];
 
 fn expected_tree(prefix: &str) -> BTreeMap<String, u32> {

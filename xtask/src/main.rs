@@ -54,6 +54,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "dpkg-dev",
         "dpkg-shlibdeps, with which cargo-deb computes the package's library dependencies",
     ),
+    (
+        "busybox-static",
+        "a static busybox for tiny test images whose rootless containers really run (the health gate's stale-container check)",
+    ),
+    (
+        "runc",
+        "the OCI runtime of those test containers: crun refuses a machine with hybrid cgroups",
+    ),
 ];
 
 fn main() -> ExitCode {

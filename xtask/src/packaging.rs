@@ -36,6 +36,16 @@ const CLIENT_SUBCOMMAND_PAGES: &[(&str, &str, &str)] = &[
         "{prefix}/share/man/man1/module-updater-update.1.gz",
     ),
     (
+        "rollback",
+        "module-updater-rollback.1.gz",
+        "{prefix}/share/man/man1/module-updater-rollback.1.gz",
+    ),
+    (
+        "prune",
+        "module-updater-prune.1.gz",
+        "{prefix}/share/man/man1/module-updater-prune.1.gz",
+    ),
+    (
         "list",
         "module-updater-list.1.gz",
         "{prefix}/share/man/man1/module-updater-list.1.gz",

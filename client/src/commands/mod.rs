@@ -159,14 +159,22 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
     };
     match command {
         Command::Run {
-            action: RunAction::UpdateModule { data, dry_run },
+            action:
+                RunAction::UpdateModule {
+                    data,
+                    dry_run,
+                    rollback_on_failure,
+                },
         } => {
-            let request = data.read(std::io::stdin().lock())?;
+            let mut request = data.read(std::io::stdin().lock())?;
+            if rollback_on_failure {
+                request = with_rollback_on_failure(request);
+            }
             if dry_run {
                 return plan::dry_run(&ctx, &request).await;
             }
             // api-cli compatibility: stdout is the result JSON, whatever it is connected to.
-            start_and_follow(&ctx, &request, Ending::Json).await
+            start_and_follow(&ctx, "UpdateModule", &request, Ending::Json).await
         }
         Command::Update {
             module_url,
@@ -174,16 +182,21 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
             force,
             allow_downgrade,
             dry_run,
+            rollback_on_failure,
         } => {
-            update(
-                &ctx,
-                &module_url,
-                &instances,
+            let flags = UpdateFlags {
                 force,
                 allow_downgrade,
                 dry_run,
-            )
-            .await
+                rollback_on_failure,
+            };
+            update(&ctx, &module_url, &instances, flags).await
+        }
+        Command::Rollback { instance } => {
+            start_and_follow(&ctx, "Rollback", &instance, ctx.ending()).await
+        }
+        Command::Prune { instance } => {
+            start_and_follow(&ctx, "PruneKept", &instance, ctx.ending()).await
         }
         Command::List => list(&ctx).await,
         Command::Show { instance } => show(&ctx, &instance).await,
@@ -261,7 +274,26 @@ fn finish(ctx: &Ctx, job: &JobRef, outcome: Outcome, ending: Ending) -> Result<u
 }
 
 /// Subscribes, calls `UpdateModule`, follows the job it returns.
-async fn start_and_follow(ctx: &Ctx, request: &str, ending: Ending) -> Result<u8, ClientError> {
+/// The request with `"rollback_on_failure": true` (a request that is not a JSON object is left
+/// for the service to refuse).
+fn with_rollback_on_failure(request: String) -> String {
+    match serde_json::from_str::<serde_json::Value>(&request) {
+        Ok(serde_json::Value::Object(mut object)) => {
+            object.insert("rollback_on_failure".into(), json!(true));
+            serde_json::Value::Object(object).to_string()
+        }
+        _ => request,
+    }
+}
+
+/// Calls `method` (`UpdateModule` with the request, `Rollback` or `PruneKept` with an instance)
+/// and follows the job it starts.
+async fn start_and_follow(
+    ctx: &Ctx,
+    method: &'static str,
+    argument: &str,
+    ending: Ending,
+) -> Result<u8, ClientError> {
     let mut interrupt = Interrupt::install();
     let rules = follow_rules().map_err(|e| ctx.call("building the match rules").error(e))?;
     // Before the call: the job's first signals (even its end) may come before the reply.
@@ -269,10 +301,10 @@ async fn start_and_follow(ctx: &Ctx, request: &str, ending: Ending) -> Result<u8
         .await
         .map_err(|e| ctx.call("subscribing to the job signals").error(e))?;
     let manager = ctx.manager().await?;
-    let body = (request,);
-    let call =
-        ctx.bus
-            .call_gated::<_, zbus::OwnedObjectPath>(manager.inner(), "UpdateModule", &body);
+    let body = (argument,);
+    let call = ctx
+        .bus
+        .call_gated::<_, zbus::OwnedObjectPath>(manager.inner(), method, &body);
     tokio::pin!(call);
     let reply = loop {
         tokio::select! {
@@ -282,9 +314,15 @@ async fn start_and_follow(ctx: &Ctx, request: &str, ending: Ending) -> Result<u8
             },
         }
     };
-    let path = reply.map_err(|e| ctx.call("UpdateModule").error(e))?;
+    let path = reply.map_err(|e| {
+        let mut call = ctx.call(method);
+        if method != "UpdateModule" {
+            call.instance = Some(argument);
+        }
+        call.error(e)
+    })?;
     let job = JobRef::from_path(path.as_str()).ok_or_else(|| ClientError::Service {
-        what: "UpdateModule".to_owned(),
+        what: method.to_owned(),
         reason: format!("it returned {path}, which is not a job path"),
     })?;
     let outcome = Follower::new(&ctx.bus, job.clone())
@@ -294,14 +332,26 @@ async fn start_and_follow(ctx: &Ctx, request: &str, ending: Ending) -> Result<u8
     finish(ctx, &job, outcome, ending)
 }
 
+/// The flags of `update`.
+struct UpdateFlags {
+    force: bool,
+    allow_downgrade: bool,
+    dry_run: bool,
+    rollback_on_failure: bool,
+}
+
 async fn update(
     ctx: &Ctx,
     module_url: &str,
     instances: &[String],
-    force: bool,
-    allow_downgrade: bool,
-    dry_run: bool,
+    flags: UpdateFlags,
 ) -> Result<u8, ClientError> {
+    let UpdateFlags {
+        force,
+        allow_downgrade,
+        dry_run,
+        rollback_on_failure,
+    } = flags;
     let manager = ctx.manager().await?;
     // NS8's update-module command refuses to put an image of another type on an instance. A
     // dry run leaves it to the service, whose plan says it per instance.
@@ -337,10 +387,13 @@ async fn update(
     if allow_downgrade {
         request["allow_downgrade"] = json!(true);
     }
+    if rollback_on_failure {
+        request["rollback_on_failure"] = json!(true);
+    }
     if dry_run {
         return plan::dry_run(ctx, &request.to_string()).await;
     }
-    start_and_follow(ctx, &request.to_string(), ctx.ending()).await
+    start_and_follow(ctx, "UpdateModule", &request.to_string(), ctx.ending()).await
 }
 
 /// The properties of a job, read one by one from the service.

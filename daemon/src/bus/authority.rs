@@ -45,6 +45,8 @@ pub enum Action {
     UpdateModule,
     /// `Cancel` of a job someone else started; details `job` and `instances`.
     Cancel,
+    /// `Rollback` and `PruneKept`; detail `instance`.
+    Rollback,
 }
 
 impl Action {
@@ -53,6 +55,7 @@ impl Action {
         match self {
             Action::UpdateModule => module_updater_dbus::ACTION_UPDATE_MODULE,
             Action::Cancel => module_updater_dbus::ACTION_CANCEL,
+            Action::Rollback => module_updater_dbus::ACTION_ROLLBACK,
         }
     }
 
@@ -61,6 +64,7 @@ impl Action {
         match self {
             Action::UpdateModule => "update module instances",
             Action::Cancel => "cancel a job someone else started",
+            Action::Rollback => "roll back a module instance or drop its previous version",
         }
     }
 }
@@ -403,7 +407,7 @@ mod tests {
             module_updater_dbus::data_dir().join(module_updater_dbus::POLKIT_ACTIONS_FILE),
         )
         .unwrap();
-        for action in [Action::UpdateModule, Action::Cancel] {
+        for action in [Action::UpdateModule, Action::Cancel, Action::Rollback] {
             assert!(
                 policy.contains(&format!("<action id=\"{}\">", action.id())),
                 "{} is not in the shipped policy",

@@ -11,6 +11,7 @@ use zbus::{Connection, ObjectServer, OwnedObjectPath};
 use super::CallError;
 use super::authority::{self, Action};
 use super::job::JobObject;
+use crate::engine::kept;
 use crate::jobs::{Jobs, SubmitError, job_path};
 use crate::request;
 use crate::updates::{Installed, UpdateCache};
@@ -83,6 +84,38 @@ impl Manager {
         let plan = self.jobs.plan(parsed).await?;
         serde_json::to_string(&plan)
             .map_err(|e| Error::Failed(format!("cannot encode the plan: {e}")).into())
+    }
+
+    /// Rolls an instance back to its kept previous version (no registry needed) in a job.
+    #[zbus(out_args("job"))]
+    async fn rollback(
+        &self,
+        instance: &str,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, CallError> {
+        self.kept_job(
+            request::Action::Rollback,
+            instance,
+            header,
+            connection,
+            server,
+        )
+        .await
+    }
+
+    /// Drops what is kept of an instance's previous version, and its images, in a job.
+    #[zbus(out_args("job"))]
+    async fn prune_kept(
+        &self,
+        instance: &str,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, CallError> {
+        self.kept_job(request::Action::Prune, instance, header, connection, server)
+            .await
     }
 
     /// Every instance: (id, image URL, `idle` or `updating`, the job holding it or `/`).
@@ -241,6 +274,52 @@ impl Manager {
         )
         .await?;
         Ok((parsed, caller))
+    }
+
+    /// A rollback or prune job of one instance: authorised, refused for an unknown instance,
+    /// for a rollback of which nothing is kept, and for a busy instance.
+    async fn kept_job(
+        &self,
+        action: request::Action,
+        instance: &str,
+        header: zbus::message::Header<'_>,
+        connection: &Connection,
+        server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, CallError> {
+        let caller = super::caller(connection, &header).await?;
+        authority::authorize(
+            connection,
+            &header,
+            caller,
+            Action::Rollback,
+            &[("instance", instance)],
+            None,
+        )
+        .await?;
+        let jobs = Arc::clone(&self.jobs);
+        let owned = instance.to_owned();
+        let found = tokio::task::spawn_blocking(move || jobs.instances().find(&owned))
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| no_such_instance(instance))?;
+        if action == request::Action::Rollback && !kept::exists(&found.instance) {
+            return Err(Error::NothingKept(format!(
+                "nothing is kept of a previous version of {instance}: it was not updated since keep_previous was on, or its previous version was pruned or rolled back to already"
+            ))
+            .into());
+        }
+        let request = request::UpdateRequest::for_instance(action, instance);
+        let id = self.jobs.submit(request, caller.uid)?;
+        let path = object_path(job_path(id));
+        if let Err(err) = server
+            .at(&path, JobObject::new(id, Arc::clone(&self.jobs)))
+            .await
+        {
+            log::warn!(MODULE_UPDATER_JOB = id; "cannot announce job {id} on the bus: {err}");
+        }
+        self.jobs.announce(id);
+        Ok(path)
     }
 
     async fn updates_of(&self, wanted: Vec<String>, refresh: bool) -> Result<String, CallError> {

@@ -12,6 +12,7 @@ pub mod image_stream;
 pub mod imagename;
 pub mod instance;
 pub mod instance_cache;
+pub mod kept;
 pub mod lock;
 pub mod oci_archive;
 pub mod podman;

@@ -82,9 +82,35 @@ struct RawRootFs {
 #[serde(rename_all = "PascalCase")]
 struct RawListed {
     #[serde(default)]
+    id: String,
+    #[serde(default)]
     names: Option<Vec<String>>,
     #[serde(default)]
     repo_digests: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawContainer {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    names: Option<Vec<String>>,
+    #[serde(default)]
+    image: String,
+    #[serde(default, rename = "ImageID")]
+    image_id: String,
+}
+
+/// A running container, as `podman ps` tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningContainer {
+    pub id: String,
+    pub name: String,
+    /// The image as the container was created from it (a reference or an id).
+    pub image: String,
+    /// The image's id, 64 hex digits.
+    pub image_id: String,
 }
 
 /// The podman CLI of the current user. Its global options come first (none on a real node;
@@ -121,6 +147,38 @@ impl Podman {
         let args = ["image", "list", "--format", "json"];
         let stdout = self.output(&args).await?;
         parse_list(&args, &stdout)
+    }
+
+    /// Every local image's names and repository digests, by image id (64 hex digits), in one
+    /// `podman image list`.
+    pub async fn images_by_id(&self) -> Result<BTreeMap<String, Vec<String>>, PodmanError> {
+        let args = ["image", "list", "--format", "json"];
+        let stdout = self.output(&args).await?;
+        let listed: Vec<RawListed> = parse_json(&args, &stdout)?;
+        Ok(listed
+            .into_iter()
+            .map(|image| {
+                let names = image.names.into_iter().flatten();
+                let names = names.chain(image.repo_digests.into_iter().flatten());
+                (image.id, names.collect())
+            })
+            .collect())
+    }
+
+    /// The running containers, in one `podman ps`.
+    pub async fn running_containers(&self) -> Result<Vec<RunningContainer>, PodmanError> {
+        let args = ["ps", "--format", "json"];
+        let stdout = self.output(&args).await?;
+        let listed: Vec<RawContainer> = parse_json(&args, &stdout)?;
+        Ok(listed
+            .into_iter()
+            .map(|c| RunningContainer {
+                id: c.id,
+                name: c.names.into_iter().flatten().next().unwrap_or_default(),
+                image: c.image,
+                image_id: c.image_id,
+            })
+            .collect())
     }
 
     /// Pulls every reference in one podman process; the ids of the pulled images, one per line

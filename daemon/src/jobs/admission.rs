@@ -100,7 +100,7 @@ impl Jobs {
             state.next_id = id + 1;
             let record = JobRecord {
                 id,
-                action: "update-module".into(),
+                action: request.action.as_str().into(),
                 request: request.raw.clone(),
                 instances: request.instances.clone(),
                 status: JobStatus::Pending,
@@ -134,7 +134,7 @@ impl Jobs {
             );
             (id, cancel_rx)
         };
-        log::info!(MODULE_UPDATER_JOB = id, MODULE_UPDATER_CALLER_UID = caller_uid; "job {id}: update-module {} on {}", request.module_url, request.instances.join(" "));
+        log::info!(MODULE_UPDATER_JOB = id, MODULE_UPDATER_CALLER_UID = caller_uid; "job {id}: {} {} on {}", request.action.as_str(), request.module_url, request.instances.join(" "));
         self.send(JobEvent::InstancesChanged);
         let jobs = Arc::clone(self);
         tokio::spawn(async move { jobs.run(id, request, targets, cancel_rx).await });
@@ -212,6 +212,10 @@ fn busy(index: usize, id: &str, job: u64) -> ValidationError {
 
 /// [`node_checks`] of a found instance.
 pub fn node_refusals(request: &request::UpdateRequest, found: &Found) -> Vec<ValidationError> {
+    // A rollback or a prune names no image: nothing of the node to check.
+    if request.action != request::Action::Update {
+        return Vec::new();
+    }
     let current = found.environment.get("IMAGE_URL").unwrap_or_default();
     node_checks(request, &found.instance.id, current)
 }

@@ -37,6 +37,12 @@ pub struct Settings {
     pub bases: Bases,
     pub system_manager_address: Option<String>,
     pub script_timeout: Duration,
+    /// How long the health gate may wait (`health_timeout`), unless a request says otherwise.
+    pub health_timeout: Duration,
+    /// Keep each instance's previous version for a rollback (`keep_previous`).
+    pub keep_previous: bool,
+    /// Roll back an instance whose update fails, unless a request says otherwise.
+    pub rollback_on_failure: bool,
     pub max_parallel: usize,
     /// The niceness of the workers (`worker_nice`).
     pub worker_nice: u8,
@@ -264,9 +270,14 @@ impl Jobs {
         self.update(id, Durability::Lazy, |record| {
             record.status = JobStatus::Running;
         });
-        let shared = Arc::clone(&self)
-            .download_once(id, &request, &targets, &cancel)
-            .await;
+        // A rollback or a prune needs no image from anywhere.
+        let shared = if request.action == request::Action::Update {
+            Arc::clone(&self)
+                .download_once(id, &request, &targets, &cancel)
+                .await
+        } else {
+            shared_images::SharedImages::default()
+        };
         let mut tasks = tokio::task::JoinSet::new();
         for instance in targets {
             let jobs = Arc::clone(&self);
@@ -274,6 +285,11 @@ impl Jobs {
             let instance_rootless = instance.rootless;
             let job = UpdateJob {
                 job_id: id,
+                action: request.action,
+                keep_previous: self.settings.keep_previous,
+                rollback_on_failure: request
+                    .rollback_on_failure
+                    .unwrap_or(self.settings.rollback_on_failure),
                 podman_args: if instance.rootless {
                     Vec::new()
                 } else {
@@ -284,6 +300,9 @@ impl Jobs {
                 force: request.force,
                 request_json: request.raw.clone(),
                 script_timeout_secs: self.settings.script_timeout.as_secs(),
+                health_timeout_secs: request
+                    .health_timeout
+                    .unwrap_or(self.settings.health_timeout.as_secs()),
                 nice: self.settings.worker_nice,
                 system_manager_address: self.settings.system_manager_address.clone(),
                 // Rootful instances pull as root into their own storage: no archive needed,

@@ -11,16 +11,51 @@ use super::super::events::{Event, priority};
 use super::super::instance::Instance;
 use super::super::shared_images::SharedModule;
 
+/// What a worker does to its instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// NS8's update-module.
+    #[default]
+    Update,
+    /// Back to the kept previous version (`engine/kept.rs`).
+    Rollback,
+    /// Drop the kept previous version and its images.
+    Prune,
+}
+
+impl Action {
+    /// The job's action, as the history names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Update => "update-module",
+            Action::Rollback => "rollback",
+            Action::Prune => "prune",
+        }
+    }
+}
+
 /// Everything a worker needs to update one instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpdateJob {
     pub job_id: u64,
+    #[serde(default)]
+    pub action: Action,
     pub instance: Instance,
     pub module_url: String,
     pub force: bool,
     /// The request JSON as the caller sent it: the scripts' stdin.
     pub request_json: String,
     pub script_timeout_secs: u64,
+    /// How long the health gate may wait for the instance to be healthy (`health_timeout`).
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_secs: u64,
+    /// Keep the previous version for a rollback (`keep_previous`).
+    #[serde(default)]
+    pub keep_previous: bool,
+    /// Roll back when the health gate or a module step fails (`rollback_on_failure`).
+    #[serde(default)]
+    pub rollback_on_failure: bool,
     /// The worker's niceness (0: the daemon's priority), which its children inherit.
     #[serde(default)]
     pub nice: u8,
@@ -35,6 +70,13 @@ pub struct UpdateJob {
     /// What the daemon knows of the module image it downloaded (with `shared_images`).
     #[serde(default)]
     pub shared_module: Option<SharedModule>,
+}
+
+/// `health_timeout`'s default, in seconds.
+pub const DEFAULT_HEALTH_TIMEOUT: u64 = 120;
+
+fn default_health_timeout() -> u64 {
+    DEFAULT_HEALTH_TIMEOUT
 }
 
 /// A step failed: where and why.
@@ -63,7 +105,9 @@ pub fn progress_window(step: Step) -> (u8, u8) {
         Step::Extract => (50, 60),
         Step::Reload => (60, 62),
         Step::UpdateEnvironment => (62, 65),
-        Step::RunScripts | Step::ModuleStep => (65, 90),
+        Step::RunScripts | Step::ModuleStep => (65, 85),
+        Step::HealthGate => (85, 90),
+        Step::Restore => (50, 60),
         Step::CleanupImages => (90, 100),
     }
 }
@@ -179,6 +223,7 @@ mod tests {
             Step::Reload,
             Step::UpdateEnvironment,
             Step::RunScripts,
+            Step::HealthGate,
             Step::CleanupImages,
         ];
         for pair in steps.windows(2) {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use module_updater_dbus::types::Step;
 
-use super::context::Ctx;
+use super::context::{Ctx, UpdateJob};
 
 /// How long the manager may take to answer `Reload`.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(90);
@@ -13,7 +13,28 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(90);
 /// Reloads the manager. A failure is a warning, as in NS8.
 pub async fn reload(ctx: &mut Ctx<'_>) {
     ctx.begin(Step::Reload);
-    let job = ctx.job;
+    let reloaded = match connect(ctx.job).await {
+        Ok(connection) => {
+            let reload = module_updater_systemd::manager::reload(&connection);
+            match tokio::time::timeout(RELOAD_TIMEOUT, reload).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "the systemd manager did not answer Reload within {} s",
+                    RELOAD_TIMEOUT.as_secs()
+                )),
+            }
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(err) = reloaded {
+        ctx.warning(format!("systemd daemon-reload failed: {err}"));
+    }
+    ctx.end(Step::Reload);
+}
+
+/// Connects to the instance's systemd manager: the user's for a rootless instance, the system's
+/// (or `system_manager_address`) for a rootful one.
+pub async fn connect(job: &UpdateJob) -> Result<zbus::Connection, String> {
     let instance = &job.instance;
     let connection = match (&instance.runtime_dir, instance.rootless) {
         (Some(runtime_dir), true) => {
@@ -25,21 +46,5 @@ pub async fn reload(ctx: &mut Ctx<'_>) {
                 .await
         }
     };
-    let reloaded = match connection {
-        Ok(connection) => {
-            let reload = module_updater_systemd::manager::reload(&connection);
-            match tokio::time::timeout(RELOAD_TIMEOUT, reload).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(_) => Err(format!(
-                    "the systemd manager did not answer Reload within {} s",
-                    RELOAD_TIMEOUT.as_secs()
-                )),
-            }
-        }
-        Err(err) => Err(err.to_string()),
-    };
-    if let Err(err) = reloaded {
-        ctx.warning(format!("systemd daemon-reload failed: {err}"));
-    }
-    ctx.end(Step::Reload);
+    connection.map_err(|e| e.to_string())
 }

@@ -48,7 +48,16 @@ pub async fn run_scripts(
     let count = listing.runnable.len();
     for (index, path) in listing.runnable.iter().enumerate() {
         ctx.check_cancel()?;
-        let outcome = run_one(ctx, initial_env, Step::RunScripts, path, (index, count)).await?;
+        let timeout = Duration::from_secs(job.script_timeout_secs);
+        let outcome = run_one(
+            ctx,
+            initial_env,
+            Step::RunScripts,
+            path,
+            (index, count),
+            timeout,
+        )
+        .await?;
         if outcome.status != ScriptStatus::Ok {
             let how = match (outcome.status, outcome.exit_code) {
                 (ScriptStatus::Timeout, _) => {
@@ -75,8 +84,16 @@ pub async fn module_step(
     outcomes: &mut Vec<ScriptOutcome>,
 ) -> StepResult<()> {
     ctx.begin(Step::ModuleStep);
-    let outcome = run_one(ctx, initial_env, Step::ModuleStep, path, (0, 1)).await?;
     let timeout = ctx.job.script_timeout_secs;
+    let outcome = run_one(
+        ctx,
+        initial_env,
+        Step::ModuleStep,
+        path,
+        (0, 1),
+        Duration::from_secs(timeout),
+    )
+    .await?;
     let (name, status) = (outcome.name.clone(), (outcome.status, outcome.exit_code));
     outcomes.push(outcome);
     ctx.check_cancel()?;
@@ -97,13 +114,15 @@ pub async fn module_step(
 
 /// Runs one executable with NS8's contract: cwd = state dir, stdin = the request, the
 /// environment file on top of the worker's clean environment, fd 3 = AGENT_COMFD. It is the
-/// `index`-th of `count` of the step, for the progress.
-async fn run_one(
+/// `index`-th of `count` of the step, for the progress. It is killed after `timeout` (the
+/// script timeout, unless the caller has less time).
+pub async fn run_one(
     ctx: &mut Ctx<'_>,
     initial_env: &Environment,
     step: Step,
     path: &Path,
     (index, count): (usize, usize),
+    timeout: Duration,
 ) -> StepResult<ScriptOutcome> {
     let job = ctx.job;
     let state_dir = &job.instance.state_dir;
@@ -124,7 +143,7 @@ async fn run_one(
         env: &env,
         cwd: state_dir,
         stdin: job.request_json.as_bytes(),
-        timeout: Duration::from_secs(job.script_timeout_secs),
+        timeout,
     };
     // The script's share of the step's progress window.
     let (low, high) = progress_window(step);
