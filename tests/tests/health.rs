@@ -52,6 +52,13 @@ fn start_unit(sandbox: &Sandbox, instance: &Instance, unit: &str) {
     );
 }
 
+/// Starts `app.service` of every instance before the daemon does anything.
+fn start_apps(sandbox: &Sandbox, _: &Images, instances: &[Instance]) {
+    for instance in instances {
+        start_unit(sandbox, instance, "app.service");
+    }
+}
+
 /// Builds `<registry>/<repo>:<tag>` from scratch holding busybox and a marker file (so that two
 /// tags are two images), pushes it, and returns its URL.
 fn busybox_image(sandbox: &Sandbox, repo: &str, tag: &str) -> String {
@@ -104,24 +111,20 @@ fn unit_report<'a>(result: &'a Value, unit: &str) -> &'a Value {
 /// the stale-image cleanup would have removed, is still there.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_unit_that_fails_to_start_makes_the_instance_unhealthy() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&app_module("failing", "1.0", LONG_RUNNING))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&app_module("failing", "2.0", FAILING).file(
-            "update-module.d/80restart",
-            RESTART,
-            0o755,
-        ))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("failing").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    start_unit(&sandbox, &instance, "app.service");
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .image("1.0", app_module("failing", "1.0", LONG_RUNNING))
+        .image(
+            "2.0",
+            app_module("failing", "2.0", FAILING).file("update-module.d/80restart", RESTART, 0o755),
+        )
+        .rootless("failing", 1, "1.0")
+        .prepare(start_apps)
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
 
-    let run = run_job(&connection, &request_with_timeout(&v2, &[&instance.id], 20)).await;
+    let run = run_job(connection, &request_with_timeout(&v2, &[&instance.id], 20)).await;
     let result = run.instance(&instance.id);
     assert_eq!(run.status, "aborted", "{:#}", run.result);
     assert_eq!(run.exit_code, 1);
@@ -145,10 +148,7 @@ async fn a_unit_that_fails_to_start_makes_the_instance_unhealthy() {
     // The update itself went through; what it replaced is kept.
     assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], v2);
     assert_eq!(result["images_removed"], serde_json::json!([]));
-    assert!(
-        has_image(&sandbox, &instance, &v1),
-        "1.0's image was removed"
-    );
+    assert!(has_image(sandbox, instance, &v1), "1.0's image was removed");
     // The step is in the job's signals, and the instance's state says where it stopped.
     assert!(
         run.seen.iter().any(|s| matches!(
@@ -173,28 +173,26 @@ async fn a_unit_that_fails_to_start_makes_the_instance_unhealthy() {
 /// stale-image cleanup ran once the gate passed. Submitted with busctl.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_readiness_check_that_passes_after_a_few_tries() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&app_module("ready", "1.0", LONG_RUNNING))
-        .unwrap();
     // Fails twice, then passes: counts its tries in the state dir (its cwd).
     let check = "#!/bin/sh\nn=$(cat ready.tries 2>/dev/null || echo 0)\nn=$((n + 1))\necho $n > ready.tries\necho \"try $n\"\n[ \"$n\" -ge 3 ]\n";
-    let v2 = sandbox
-        .build_image(
-            &app_module("ready", "2.0", LONG_RUNNING)
+    let s = Scenario::new()
+        .image("1.0", app_module("ready", "1.0", LONG_RUNNING))
+        .image(
+            "2.0",
+            app_module("ready", "2.0", LONG_RUNNING)
                 .file("update-module.d/80restart", RESTART, 0o755)
                 .file("health.d/10ready", check, 0o755),
         )
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("ready").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    start_unit(&sandbox, &instance, "app.service");
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+        .rootless("ready", 1, "1.0")
+        .prepare(start_apps)
+        .start()
+        .await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
 
-    let mut stream = subscribe(&connection).await;
+    let mut stream = subscribe(connection).await;
     let submitted = busctl(
-        &sandbox,
+        sandbox,
         &[
             "call",
             module_updater_dbus::BUS_NAME,
@@ -212,7 +210,7 @@ async fn a_readiness_check_that_passes_after_a_few_tries() {
         .trim_matches('"')
         .to_owned();
     let path = zbus::OwnedObjectPath::try_from(path).unwrap();
-    let run = follow(&connection, &mut stream, path).await;
+    let run = follow(connection, &mut stream, path).await;
     let result = run.instance(&instance.id);
     assert_eq!(run.status, "completed", "{:#}", run.result);
     assert_eq!(result["status"], "completed", "{result:#}");
@@ -235,7 +233,7 @@ async fn a_readiness_check_that_passes_after_a_few_tries() {
     // The cleanup ran after the gate, and kept 1.0's image: the previous version, for a
     // rollback (keep_previous, the default).
     assert_eq!(result["images_removed"], serde_json::json!([]));
-    assert!(has_image(&sandbox, &instance, &v1));
+    assert!(has_image(sandbox, instance, &v1));
     // The check's output reached the job's messages.
     assert!(
         run.messages_of(&instance.id).iter().any(|m| m == "try 3"),
@@ -248,24 +246,24 @@ async fn a_readiness_check_that_passes_after_a_few_tries() {
 /// several tries; the check's failure is named.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_readiness_check_that_never_passes() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&app_module("never", "1.0", LONG_RUNNING))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&app_module("never", "2.0", LONG_RUNNING).file(
-            "health.d/10never",
-            "#!/bin/sh\necho not yet\nexit 7\n",
-            0o755,
-        ))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("never").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let s = Scenario::new()
+        .image("1.0", app_module("never", "1.0", LONG_RUNNING))
+        .image(
+            "2.0",
+            app_module("never", "2.0", LONG_RUNNING).file(
+                "health.d/10never",
+                "#!/bin/sh\necho not yet\nexit 7\n",
+                0o755,
+            ),
+        )
+        .rootless("never", 1, "1.0")
+        .start()
+        .await;
+    let (connection, instance) = (s.bus(), &s.instances[0]);
+    let v2 = s.url("2.0");
 
     let started = std::time::Instant::now();
-    let run = run_job(&connection, &request_with_timeout(&v2, &[&instance.id], 4)).await;
+    let run = run_job(connection, &request_with_timeout(&v2, &[&instance.id], 4)).await;
     let result = run.instance(&instance.id);
     assert_eq!(result["status"], "unhealthy", "{result:#}");
     assert_eq!(run.status, "aborted");
@@ -285,32 +283,31 @@ async fn a_readiness_check_that_never_passes() {
 /// the client, which exits 1 and names it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_left_on_the_replaced_image_is_reported() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let busy1 = format!("{}/busy:1", sandbox.registry());
-    let busy2 = format!("{}/busy:2", sandbox.registry());
-    let v1 = sandbox
-        .build_image(
-            &app_module("stale", "1.0", LONG_RUNNING).label("org.nethserver.images", busy1.clone()),
-        )
-        .unwrap();
-    let v2 = sandbox
-        .build_image(
-            &app_module("stale", "2.0", LONG_RUNNING).label("org.nethserver.images", busy2.clone()),
-        )
-        .unwrap();
-    // After a module image: the image builder's directories exist then.
-    assert_eq!(busybox_image(&sandbox, "busy", "1"), busy1);
-    assert_eq!(busybox_image(&sandbox, "busy", "2"), busy2);
-    let instance = sandbox.add_rootless_instance("stale").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
+    let s = Scenario::new()
+        .image_with("1.0", |images| {
+            let busy1 = format!("{}/busy:1", images.registry());
+            app_module("stale", "1.0", LONG_RUNNING).label("org.nethserver.images", busy1)
+        })
+        .image_with("2.0", |images| {
+            let busy2 = format!("{}/busy:2", images.registry());
+            app_module("stale", "2.0", LONG_RUNNING).label("org.nethserver.images", busy2)
+        })
+        // After a module image: the image builder's directories exist then.
+        .pushed("busy1", |sandbox, _| busybox_image(sandbox, "busy", "1"))
+        .pushed("busy2", |sandbox, _| busybox_image(sandbox, "busy", "2"))
+        .rootless("stale", 1, "1.0")
+        .without_daemon()
+        .build();
+    let (sandbox, instance) = (&s.sandbox, &s.instances[0]);
+    let [busy1, v2] = ["busy1", "2.0"].map(|key| s.url(key));
     // runc, because crun refuses a machine with hybrid cgroups; limits the user may set.
     assert!(
         Path::new("/usr/sbin/runc").exists() || Path::new("/usr/bin/runc").exists(),
         "runc is missing: install Debian's runc (apt-get install runc, or cargo xtask test, which installs it)"
     );
     as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &[
             "podman",
             "--runtime",
@@ -329,12 +326,12 @@ async fn a_container_left_on_the_replaced_image_is_reported() {
         ],
     );
     let running = as_user(
-        &sandbox,
-        &instance,
+        sandbox,
+        instance,
         &["podman", "ps", "--format", "{{.Names}} {{.Image}}"],
     );
     assert!(running.contains(&format!("busy {busy1}")), "{running}");
-    let _daemon = start_daemon(&sandbox, &[]);
+    let _daemon = start_daemon(sandbox, &[]);
 
     let data = request_with_timeout(&v2, &[&instance.id], 3);
     let output = sandbox
@@ -345,7 +342,7 @@ async fn a_container_left_on_the_replaced_image_is_reported() {
         .unwrap();
     // The container goes before any assertion can fail.
     let removed = sandbox
-        .podman_as(&instance, &["rm", "--force", "--time", "0", "busy"])
+        .podman_as(instance, &["rm", "--force", "--time", "0", "busy"])
         .unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
     let result: Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -358,7 +355,7 @@ async fn a_container_left_on_the_replaced_image_is_reported() {
     let reason = result["error"]["reason"].as_str().unwrap();
     assert!(reason.contains("busy"), "{reason}");
     // The old image is kept: the running container needs it.
-    assert!(has_image(&sandbox, &instance, &busy1));
+    assert!(has_image(sandbox, instance, &busy1));
     assert!(removed.status.success(), "{}", text(&removed.stderr));
 }
 
@@ -384,26 +381,30 @@ fn zombie(pid: u32) -> bool {
 }
 
 /// A 1.0 and a 2.0 whose unit fails to start after its restart script, each with an extra image
-/// of its own and a file of its own.
-fn failing_upgrade(sandbox: &Sandbox, repo: &str) -> [String; 4] {
-    let side1 = sandbox.build_blob_image("side", "1", 2048, 21).unwrap();
-    let side2 = sandbox.build_blob_image("side", "2", 2048, 22).unwrap();
-    let v1 = sandbox
-        .build_image(
-            &app_module(repo, "1.0", LONG_RUNNING)
+/// of its own (`side1`, `side2`) and a file of its own; one instance at 1.0 with its unit active.
+fn failing_upgrade(repo: &str) -> ScenarioBuilder {
+    let (repo1, repo2) = (repo.to_owned(), repo.to_owned());
+    Scenario::new()
+        .blob("side1", "side", "1", 2048, 21)
+        .blob("side2", "side", "2", 2048, 22)
+        .image_with("1.0", move |images| {
+            app_module(&repo1, "1.0", LONG_RUNNING)
                 .file("bin/only-in-1", "one\n", 0o755)
-                .label("org.nethserver.images", side1.clone()),
-        )
-        .unwrap();
-    let v2 = sandbox
-        .build_image(
-            &app_module(repo, "2.0", FAILING)
+                .label("org.nethserver.images", images.url("side1"))
+        })
+        .image_with("2.0", move |images| {
+            app_module(&repo2, "2.0", FAILING)
                 .file("bin/only-in-2", "two\n", 0o755)
                 .file("update-module.d/80restart", RESTART, 0o755)
-                .label("org.nethserver.images", side2.clone()),
-        )
-        .unwrap();
-    [side1, side2, v1, v2]
+                .label("org.nethserver.images", images.url("side2"))
+        })
+        .rootless(repo, 1, "1.0")
+        .prepare(start_apps)
+}
+
+/// The four URLs [`assert_back_at_1`] checks.
+fn failing_upgrade_urls(s: &Scenario) -> [String; 4] {
+    ["side1", "side2", "1.0", "2.0"].map(|key| s.url(key))
 }
 
 /// What a user checks after going back to 1.0: its files, its environment (the image keys and
@@ -456,26 +457,22 @@ fn assert_back_at_1(
 /// second rollback is refused: nothing is kept any more.
 #[tokio::test(flavor = "multi_thread")]
 async fn rollback_brings_back_the_previous_version_without_a_registry() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let images = failing_upgrade(&sandbox, "back");
+    let s = failing_upgrade("back").start().await;
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let images = failing_upgrade_urls(&s);
     let [_, _, v1, v2] = &images;
-    let instance = sandbox.add_rootless_instance("back").unwrap();
-    sandbox.install(&instance, v1).unwrap();
-    start_unit(&sandbox, &instance, "app.service");
     let env1 = instance.read_env().unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
-    let run = run_job(&connection, &request_with_timeout(v2, &[&instance.id], 20)).await;
+    let run = run_job(connection, &request_with_timeout(v2, &[&instance.id], 20)).await;
     assert_eq!(run.instance(&instance.id)["status"], "unhealthy");
     assert_eq!(
         std::fs::read_to_string(instance.install_dir.join("bin/version")).unwrap(),
         "2.0\n"
     );
 
-    stop_registry(&sandbox);
-    let mut stream = subscribe(&connection).await;
+    stop_registry(sandbox);
+    let mut stream = subscribe(connection).await;
     let called = busctl(
-        &sandbox,
+        sandbox,
         &[
             "call",
             module_updater_dbus::BUS_NAME,
@@ -493,7 +490,7 @@ async fn rollback_brings_back_the_previous_version_without_a_registry() {
         .trim_matches('"')
         .to_owned();
     let run = follow(
-        &connection,
+        connection,
         &mut stream,
         zbus::OwnedObjectPath::try_from(path).unwrap(),
     )
@@ -512,10 +509,10 @@ async fn rollback_brings_back_the_previous_version_without_a_registry() {
             .any(|w| w.as_str().unwrap().contains("migrations) is not undone")),
         "{result:#}"
     );
-    assert_back_at_1(&sandbox, &instance, &env1, &images);
+    assert_back_at_1(sandbox, instance, &env1, &images);
 
     let history: Value = serde_json::from_str(
-        &module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+        &module_updater_dbus::ModuleUpdaterProxy::new(connection)
             .await
             .unwrap()
             .get_history(&instance.id)
@@ -530,7 +527,7 @@ async fn rollback_brings_back_the_previous_version_without_a_registry() {
 
     // Nothing is kept any more: a clear refusal, no job.
     let again = busctl(
-        &sandbox,
+        sandbox,
         &[
             "call",
             module_updater_dbus::BUS_NAME,
@@ -544,7 +541,7 @@ async fn rollback_brings_back_the_previous_version_without_a_registry() {
     assert!(!again.status.success());
     let stderr = text(&again.stderr);
     assert!(stderr.contains("nothing is kept"), "{stderr}");
-    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(connection)
         .await
         .unwrap();
     let refused = manager.rollback(&instance.id).await.unwrap_err();
@@ -561,14 +558,11 @@ async fn rollback_brings_back_the_previous_version_without_a_registry() {
 /// result says so and why, and 1.0 runs again.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unhealthy_update_is_rolled_back_automatically() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let images = failing_upgrade(&sandbox, "auto");
-    let [_, _, v1, v2] = &images;
-    let instance = sandbox.add_rootless_instance("auto").unwrap();
-    sandbox.install(&instance, v1).unwrap();
-    start_unit(&sandbox, &instance, "app.service");
+    let s = failing_upgrade("auto").build();
+    let (sandbox, instance) = (&s.sandbox, &s.instances[0]);
+    let images = failing_upgrade_urls(&s);
+    let [_, _, _, v2] = &images;
     let env1 = instance.read_env().unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
 
     // The failed unit is not waited for: the default health_timeout does not slow this down.
     let output = sandbox
@@ -584,22 +578,20 @@ async fn an_unhealthy_update_is_rolled_back_automatically() {
     assert_eq!(result["rolled_back"], true, "{result:#}");
     let why = result["rollback_reason"].as_str().unwrap();
     assert!(why.contains("app.service"), "{why}");
-    assert_back_at_1(&sandbox, &instance, &env1, &images);
+    assert_back_at_1(sandbox, instance, &env1, &images);
 }
 
 /// Rollback of an instance that was never updated: refused with NothingKept, through the client
 /// too (exit code 1, the reason said).
 #[tokio::test(flavor = "multi_thread")]
 async fn rollback_with_nothing_kept_is_refused() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&app_module("fresh", "1.0", LONG_RUNNING))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("fresh").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
-    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+    let s = Scenario::new()
+        .image("1.0", app_module("fresh", "1.0", LONG_RUNNING))
+        .rootless("fresh", 1, "1.0")
+        .start()
+        .await;
+    let (connection, instance) = (s.bus(), &s.instances[0]);
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(connection)
         .await
         .unwrap();
     let refused = manager.rollback(&instance.id).await.unwrap_err();
@@ -621,21 +613,18 @@ async fn rollback_with_nothing_kept_is_refused() {
 /// then says nothing is kept (exit code 1) and changes nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn prune_drops_what_is_kept_through_the_client() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&app_module("pruned", "1.0", LONG_RUNNING))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&app_module("pruned", "2.0", LONG_RUNNING))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("pruned").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
+    let s = Scenario::new()
+        .image("1.0", app_module("pruned", "1.0", LONG_RUNNING))
+        .image("2.0", app_module("pruned", "2.0", LONG_RUNNING))
+        .rootless("pruned", 1, "1.0")
+        .build();
+    let (sandbox, instance) = (&s.sandbox, &s.instances[0]);
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
     let client = |args: &[&str]| sandbox.client().unwrap().args(args).output().unwrap();
 
     let updated = client(&["update", &v2, &instance.id]);
     assert_eq!(updated.status.code(), Some(0), "{}", text(&updated.stderr));
-    assert!(has_image(&sandbox, &instance, &v1), "1.0 is kept");
+    assert!(has_image(sandbox, instance, &v1), "1.0 is kept");
 
     let pruned = client(&["prune", &instance.id]);
     assert_eq!(pruned.status.code(), Some(0), "{}", text(&pruned.stderr));
@@ -643,8 +632,8 @@ async fn prune_drops_what_is_kept_through_the_client() {
     let result = &result["instances"][instance.id.as_str()];
     assert_eq!(result["status"], "completed", "{result:#}");
     assert_eq!(result["images_removed"], serde_json::json!([v1.as_str()]));
-    assert!(!has_image(&sandbox, &instance, &v1));
-    assert!(has_image(&sandbox, &instance, &v2));
+    assert!(!has_image(sandbox, instance, &v1));
+    assert!(has_image(sandbox, instance, &v2));
 
     let refused = client(&["rollback", &instance.id]);
     assert_eq!(refused.status.code(), Some(1));
@@ -662,35 +651,32 @@ async fn prune_drops_what_is_kept_through_the_client() {
 /// it completes, and 1.0 is back as after an uninterrupted one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_interrupted_by_a_killed_daemon_runs_again() {
-    let mut sandbox = Sandbox::new().unwrap();
     // 1.0's readiness check waits while the test holds it.
     let hold = "#!/bin/sh\ntouch holding\nwhile [ -e hold ]; do sleep 0.2; done\nexit 0\n";
-    let v1 = sandbox
-        .build_image(&app_module("killed", "1.0", LONG_RUNNING).file(
-            "health.d/10hold",
-            hold,
-            0o755,
-        ))
-        .unwrap();
-    let v2 = sandbox
-        .build_image(&app_module("killed", "2.0", FAILING).file(
-            "update-module.d/80restart",
-            RESTART,
-            0o755,
-        ))
-        .unwrap();
-    let instance = sandbox.add_rootless_instance("killed").unwrap();
-    sandbox.install(&instance, &v1).unwrap();
-    start_unit(&sandbox, &instance, "app.service");
+    let mut s = Scenario::new()
+        .image(
+            "1.0",
+            app_module("killed", "1.0", LONG_RUNNING).file("health.d/10hold", hold, 0o755),
+        )
+        .image(
+            "2.0",
+            app_module("killed", "2.0", FAILING).file("update-module.d/80restart", RESTART, 0o755),
+        )
+        .rootless("killed", 1, "1.0")
+        .prepare(start_apps)
+        .start()
+        .await;
+    // The test kills the daemon: it holds it.
+    let mut daemon = s.daemon.take().unwrap();
+    let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
+    let [v1, v2] = ["1.0", "2.0"].map(|key| s.url(key));
     let env1 = instance.read_env().unwrap();
-    let mut daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
-    let run = run_job(&connection, &request_with_timeout(&v2, &[&instance.id], 20)).await;
+    let run = run_job(connection, &request_with_timeout(&v2, &[&instance.id], 20)).await;
     assert_eq!(run.instance(&instance.id)["status"], "unhealthy");
 
     let state = &instance.state_dir;
     std::fs::write(state.join("hold"), "").unwrap();
-    let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
+    let manager = module_updater_dbus::ModuleUpdaterProxy::new(connection)
         .await
         .unwrap();
     manager.rollback(&instance.id).await.unwrap();
@@ -719,8 +705,8 @@ async fn a_rollback_interrupted_by_a_killed_daemon_runs_again() {
         "the killed daemon's worker still holds the lock"
     );
 
-    let _daemon = start_daemon(&sandbox, &[]);
-    let connection = connect(&sandbox).await;
+    let _daemon = start_daemon(sandbox, &[]);
+    let connection = connect(sandbox).await;
     let mut stream = subscribe(&connection).await;
     let path = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
         .await
@@ -753,11 +739,11 @@ async fn a_rollback_interrupted_by_a_killed_daemon_runs_again() {
     );
     assert_eq!(
         sandbox
-            .unit_property(&instance, "app.service", "ActiveState")
+            .unit_property(instance, "app.service", "ActiveState")
             .unwrap(),
         "s \"active\""
     );
-    assert!(has_image(&sandbox, &instance, &v1));
+    assert!(has_image(sandbox, instance, &v1));
 }
 
 /// A caller other than root needs the polkit action `org.nethserver.moduleupdater.rollback` for
@@ -765,20 +751,21 @@ async fn a_rollback_interrupted_by_a_killed_daemon_runs_again() {
 /// (not running here) and refuses, naming the action; nothing is done.
 #[tokio::test(flavor = "multi_thread")]
 async fn rollback_and_prune_need_the_rollback_action() {
-    let mut sandbox = Sandbox::new().unwrap();
-    let v1 = sandbox
-        .build_image(&app_module("guarded", "1.0", LONG_RUNNING))
-        .unwrap();
-    let target = sandbox.add_rootless_instance("guarded").unwrap();
-    sandbox.install(&target, &v1).unwrap();
-    let user = sandbox.add_rootless_instance("caller").unwrap();
-    let _daemon = start_daemon(&sandbox, &[]);
+    let s = Scenario::new()
+        .image("1.0", app_module("guarded", "1.0", LONG_RUNNING))
+        .rootless("guarded", 1, "1.0")
+        .bare("caller", 1)
+        .build();
+    let sandbox = &s.sandbox;
+    let [target, user] = &s.instances[..] else {
+        unreachable!()
+    };
     let bus = sandbox.bus_address();
     for method in ["Rollback", "PruneKept"] {
         let member = format!("{}.{method}", module_updater_dbus::MANAGER_INTERFACE);
         let out = sandbox
             .run_as(
-                &user,
+                user,
                 &[
                     "gdbus",
                     "call",
@@ -805,7 +792,7 @@ async fn rollback_and_prune_need_the_rollback_action() {
             "{method}: {stderr}"
         );
     }
-    let connection = connect(&sandbox).await;
+    let connection = connect(sandbox).await;
     let manager = module_updater_dbus::ModuleUpdaterProxy::new(&connection)
         .await
         .unwrap();
