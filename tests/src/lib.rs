@@ -20,6 +20,7 @@ use std::time::Duration;
 
 mod bus;
 mod cgroup;
+pub mod cockpit;
 pub mod cmd;
 mod daemon;
 mod footprint;
@@ -31,6 +32,7 @@ pub mod process;
 mod redis;
 mod registry;
 
+pub use cockpit::{Browser, Cockpit};
 pub use daemon::{Daemon, NotifySocket, client_binary, daemon_binary, find_binary};
 pub use footprint::{Footprint, Leftovers, UserRecord, reap_stale};
 pub use image::{FileKind, FileSpec, ImageSpec, image_env_var};
