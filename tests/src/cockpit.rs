@@ -66,8 +66,7 @@ impl Sandbox {
         let cockpit_root = self.root().join("cockpit");
         let data = cockpit_root.join("share");
         let packages = data.join("cockpit");
-        std::fs::create_dir_all(&packages)
-            .map_err(|e| SandboxError::io("create", &packages, e))?;
+        std::fs::create_dir_all(&packages).map_err(|e| SandboxError::io("create", &packages, e))?;
         let link = packages.join(PACKAGE);
         if !link.exists() {
             std::os::unix::fs::symlink(package_dir, &link)

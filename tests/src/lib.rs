@@ -20,8 +20,8 @@ use std::time::Duration;
 
 mod bus;
 mod cgroup;
-pub mod cockpit;
 pub mod cmd;
+pub mod cockpit;
 mod daemon;
 mod footprint;
 pub mod image;

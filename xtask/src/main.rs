@@ -54,6 +54,18 @@ const PACKAGES: &[(&str, &str)] = &[
         "dpkg-dev",
         "dpkg-shlibdeps, with which cargo-deb computes the package's library dependencies",
     ),
+    (
+        "cockpit-ws",
+        "serves the Cockpit page (cockpit/) on loopback for its browser tests (tests/tests/cockpit.rs)",
+    ),
+    (
+        "cockpit-bridge",
+        "the Cockpit bridge that carries the page's D-Bus calls to the sandbox's bus",
+    ),
+    (
+        "chromium",
+        "the headless browser the Cockpit page's tests drive through the DevTools protocol",
+    ),
 ];
 
 fn main() -> ExitCode {
