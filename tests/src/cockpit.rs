@@ -31,11 +31,16 @@ pub const PACKAGE: &str = "module-updater";
 /// How long a page or one of its answers may take on a busy machine.
 const DEVTOOLS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// cockpit-ws serving the page and a headless Chromium with a tab on it.
+/// cockpit-ws serving the page and a headless Chromium with a tab on it (closed first).
 pub struct Cockpit {
-    ws: Child,
-    port: u16,
     browser: Browser,
+    ws: CockpitWs,
+}
+
+/// cockpit-ws on a loopback port, serving the page with a bridge on the sandbox's bus.
+pub struct CockpitWs {
+    child: Child,
+    port: u16,
 }
 
 /// A headless Chromium with one tab, driven through the DevTools protocol.
@@ -48,11 +53,23 @@ pub struct Browser {
 }
 
 impl Sandbox {
-    /// Starts cockpit-ws on a free loopback port with the package in `package_dir` (the
-    /// repository's `cockpit/`), and a browser. Needs the Debian packages `cockpit-ws`,
+    /// [`Sandbox::start_cockpit_ws`] and a browser. Needs the Debian packages `cockpit-ws`,
     /// `cockpit-bridge` and `chromium`.
     pub fn start_cockpit(&mut self, package_dir: &Path) -> Result<Cockpit> {
         let chromium = chromium_binary()?;
+        let ws = self.start_cockpit_ws(package_dir, None)?;
+        let profile = self.root().join("cockpit").join("chromium");
+        let browser = Browser::start(&chromium, &profile, &self.log_dir())?;
+        self.footprint
+            .processes
+            .push(ProcessRecord::new("chromium", browser.child.id()));
+        self.footprint.save()?;
+        Ok(Cockpit { browser, ws })
+    }
+
+    /// Starts cockpit-ws on `port` (a free loopback port when `None`) with the package in
+    /// `package_dir` (the repository's `cockpit/`) and the sandbox's bus as the system bus.
+    pub fn start_cockpit_ws(&mut self, package_dir: &Path, port: Option<u16>) -> Result<CockpitWs> {
         let missing: Vec<&str> = [COCKPIT_WS, "/usr/bin/cockpit-bridge"]
             .into_iter()
             .filter(|path| !Path::new(path).exists())
@@ -75,7 +92,10 @@ impl Sandbox {
         let home = cockpit_root.join("home");
         std::fs::create_dir_all(&home).map_err(|e| SandboxError::io("create", &home, e))?;
 
-        let port = free_port()?;
+        let port = match port {
+            Some(port) => port,
+            None => free_port()?,
+        };
         let log = self.log_dir().join("cockpit-ws.log");
         let log_file =
             std::fs::File::create(&log).map_err(|e| SandboxError::io("create", &log, e))?;
@@ -111,24 +131,11 @@ impl Sandbox {
             stop_group(&mut ws);
             return Err(error);
         }
-
-        let profile = cockpit_root.join("chromium");
-        let browser = match Browser::start(&chromium, &profile, &self.log_dir()) {
-            Ok(browser) => browser,
-            Err(error) => {
-                stop_group(&mut ws);
-                return Err(error);
-            }
-        };
-        self.footprint
-            .processes
-            .push(ProcessRecord::new("chromium", browser.child.id()));
-        self.footprint.save()?;
-        Ok(Cockpit { ws, port, browser })
+        Ok(CockpitWs { child: ws, port })
     }
 }
 
-impl Cockpit {
+impl CockpitWs {
     /// The page's URL (outside Cockpit's shell frame, as a package page can be opened).
     pub fn page_url(&self) -> String {
         format!(
@@ -136,16 +143,27 @@ impl Cockpit {
             self.port
         )
     }
+}
+
+impl Drop for CockpitWs {
+    fn drop(&mut self) {
+        stop_group(&mut self.child);
+    }
+}
+
+impl Cockpit {
+    pub fn page_url(&self) -> String {
+        self.ws.page_url()
+    }
 
     pub fn browser(&mut self) -> &mut Browser {
         &mut self.browser
     }
 }
 
-impl Drop for Cockpit {
+impl Drop for Browser {
     fn drop(&mut self) {
-        stop_group(&mut self.browser.child);
-        stop_group(&mut self.ws);
+        stop_group(&mut self.child);
     }
 }
 
@@ -213,7 +231,7 @@ impl Browser {
         };
         let attached = browser.attach();
         if let Err(error) = attached {
-            stop_group(&mut browser.child);
+            drop(browser);
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(SandboxError::Exited {
                 what: format!("chromium ({error})"),

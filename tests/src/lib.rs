@@ -32,7 +32,7 @@ pub mod process;
 mod redis;
 mod registry;
 
-pub use cockpit::{Browser, Cockpit};
+pub use cockpit::{Browser, Cockpit, CockpitWs};
 pub use daemon::{Daemon, NotifySocket, client_binary, daemon_binary, find_binary};
 pub use footprint::{Footprint, Leftovers, UserRecord, reap_stale};
 pub use image::{FileKind, FileSpec, ImageSpec, image_env_var};
