@@ -5,6 +5,8 @@
 //! A new scenario is a [`Page::open`] on a [`Scenario`] builder, then `wait`/`click`/`fill`
 //! on what a user sees, then [`Page::shot`].
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
