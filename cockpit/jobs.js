@@ -16,6 +16,8 @@ export class Jobs {
         // path → { logs: {instance: [[usec, priority, text]]}, loading: Set, early: [], result, error }
         this.state = new Map();
         this.followed = null;
+        // "path instance" → whether the user opened or closed that log (kept across redraws).
+        this.logOpen = new Map();
         this.proxies = client.proxies(JOB, MANAGER_PATH);
         this.proxies.addEventListener("added", (event, proxy) => this.track(proxy));
         this.proxies.addEventListener("changed", (event, proxy) => this.changed(proxy));
@@ -133,6 +135,9 @@ export class Jobs {
                 .sort((a, b) => Number(b.Id) - Number(a.Id));
         const cards = proxies.map(proxy => this.card(proxy));
         this.container.replaceChildren(...cards);
+        // A log shows its newest lines, as a terminal does.
+        for (const log of this.container.querySelectorAll(".mu-log"))
+            log.scrollTop = log.scrollHeight;
     }
 
     card(proxy) {
@@ -150,14 +155,16 @@ export class Jobs {
                             : null);
         const states = proxy.InstanceStates || {};
         const rows = (proxy.Instances || []).map(instance =>
-            this.instanceBlock(instance, states[instance], state, running));
+            this.instanceBlock(proxy.path, instance, states[instance], state, running));
         return el("article", {
             class: "mu-card mu-job" + (this.followed === proxy.path ? " mu-followed" : ""),
             dataset: { job: number, status: proxy.Status },
         }, head, rows, state.error ? el("p", { class: "mu-alert" }, state.error) : null);
     }
 
-    instanceBlock(instance, [status, step, percent] = ["pending", "", 0], state, running) {
+    instanceBlock(path, instance, [status, step, percent] = ["pending", "", 0], state, running) {
+        const key = path + " " + instance;
+        const open = this.logOpen.has(key) ? this.logOpen.get(key) : running;
         const ended = !["pending", "running"].includes(status);
         // An instance's progress ends at 100 whatever its status (docs/dbus-api.md).
         const shown = ended ? 100 : percent;
@@ -171,7 +178,11 @@ export class Jobs {
                      el("span", { class: "mu-step" }, step ? word(step) : ""),
                      el("span", { class: "mu-status mu-status-" + status }, word(status))),
                   result ? this.result(result) : null,
-                  el("details", { class: "mu-log-box", open: running || undefined },
+                  el("details", {
+                      class: "mu-log-box",
+                      open: open || undefined,
+                      ontoggle: event => this.logOpen.set(key, event.target.open),
+                  },
                      el("summary", {}, _("Log")),
                      el("pre", { class: "mu-log" },
                         log === undefined
