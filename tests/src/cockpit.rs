@@ -11,7 +11,8 @@
 //! footprint for the cleanup after a killed test.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -56,8 +57,18 @@ impl Sandbox {
     /// [`Sandbox::start_cockpit_ws`] and a browser. Needs the Debian packages `cockpit-ws`,
     /// `cockpit-bridge` and `chromium`.
     pub fn start_cockpit(&mut self, package_dir: &Path) -> Result<Cockpit> {
+        self.start_cockpit_as(package_dir, None)
+    }
+
+    /// [`Sandbox::start_cockpit`] with cockpit-ws and its bridge running as `user` (uid, gid)
+    /// instead of root: a session without administrative access.
+    pub fn start_cockpit_as(
+        &mut self,
+        package_dir: &Path,
+        user: Option<(u32, u32)>,
+    ) -> Result<Cockpit> {
         let chromium = chromium_binary()?;
-        let ws = self.start_cockpit_ws(package_dir, None)?;
+        let ws = self.cockpit_ws(package_dir, None, user)?;
         let profile = self.root().join("cockpit").join("chromium");
         let browser = Browser::start(&chromium, &profile, &self.log_dir())?;
         self.footprint
@@ -70,6 +81,15 @@ impl Sandbox {
     /// Starts cockpit-ws on `port` (a free loopback port when `None`) with the package in
     /// `package_dir` (the repository's `cockpit/`) and the sandbox's bus as the system bus.
     pub fn start_cockpit_ws(&mut self, package_dir: &Path, port: Option<u16>) -> Result<CockpitWs> {
+        self.cockpit_ws(package_dir, port, None)
+    }
+
+    fn cockpit_ws(
+        &mut self,
+        package_dir: &Path,
+        port: Option<u16>,
+        user: Option<(u32, u32)>,
+    ) -> Result<CockpitWs> {
         let missing: Vec<&str> = [COCKPIT_WS, "/usr/bin/cockpit-bridge"]
             .into_iter()
             .filter(|path| !Path::new(path).exists())
@@ -91,6 +111,20 @@ impl Sandbox {
         }
         let home = cockpit_root.join("home");
         std::fs::create_dir_all(&home).map_err(|e| SandboxError::io("create", &home, e))?;
+        if let Some((uid, gid)) = user {
+            // The user's bridge must reach the package and the bus, and own its home.
+            for dir in [
+                self.root(),
+                cockpit_root.as_path(),
+                data.as_path(),
+                packages.as_path(),
+            ] {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                    .map_err(|e| SandboxError::io("open up", dir, e))?;
+            }
+            std::os::unix::fs::chown(&home, Some(uid), Some(gid))
+                .map_err(|e| SandboxError::io("chown", &home, e))?;
+        }
 
         let port = match port {
             Some(port) => port,
@@ -103,7 +137,20 @@ impl Sandbox {
             .try_clone()
             .map_err(|e| SandboxError::io("reopen", &log, e))?;
         let bus = self.bus_address();
-        let mut ws = Command::new(COCKPIT_WS)
+        // setpriv (util-linux) execs cockpit-ws as the user with no supplementary group of ours.
+        let mut command = match user {
+            Some((uid, gid)) => {
+                let mut command = Command::new("setpriv");
+                command
+                    .arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg(COCKPIT_WS);
+                command
+            }
+            None => Command::new(COCKPIT_WS),
+        };
+        let mut ws = command
             .args(["--local-session=cockpit-bridge", "--no-tls"])
             .args(["--address", "127.0.0.1", "--port", &port.to_string()])
             // The bridge inherits these: the page's `bus: "system"` is the sandbox's bus, and

@@ -31,11 +31,18 @@ impl Page {
     /// Builds the scenario, starts cockpit-ws and Chromium on its bus and opens the page, once
     /// it has listed the instances and their updates.
     fn open(builder: ScenarioBuilder, name: &str) -> Page {
+        Page::open_as(builder, name, false)
+    }
+
+    /// [`Page::open`]; with `unprivileged`, Cockpit's session is the first instance's user's
+    /// (no administrative access) instead of root's.
+    fn open_as(builder: ScenarioBuilder, name: &str, unprivileged: bool) -> Page {
         let mut s = builder.build();
         let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cockpit");
+        let user = unprivileged.then(|| (s.instances[0].uid, s.instances[0].gid));
         let cockpit = s
             .sandbox
-            .start_cockpit(&package)
+            .start_cockpit_as(&package, user)
             .expect("start cockpit-ws and chromium");
         let mut page = Page {
             cockpit,
@@ -427,4 +434,33 @@ fn a_job_started_by_the_cli_appears_live_and_a_reload_shows_its_progress_and_log
         "[...document.querySelectorAll('#instances tbody .mu-version')].every(c => c.textContent === '2.0')",
     );
     page.shot_as("cli-job-done");
+}
+
+#[test]
+fn a_user_without_administrative_access_gets_a_read_only_view() {
+    let mut page = Page::open_as(demo(2, "1.0"), "read-only", true);
+    page.wait(
+        "the limited-access notice",
+        "!document.querySelector('#notice').hidden",
+    );
+    assert!(page.texts("#notice")[0].contains("administrative access"));
+    // Everything is shown; nothing can be changed.
+    let ids: Vec<String> = page.s.ids().iter().map(|s| (*s).to_owned()).collect();
+    for id in &ids {
+        assert_eq!(page.cell(id, "mu-version"), "1.0");
+        assert_eq!(page.cell(id, "mu-available"), "2.0");
+    }
+    let disabled = page.eval(
+        "[...document.querySelectorAll('.mu-select, #update, #target')].every(e => e.disabled)",
+    );
+    assert_eq!(disabled, Value::Bool(true));
+    page.click(&format!(
+        "#instances tr[data-instance='{}'] .mu-history-button",
+        ids[0]
+    ));
+    page.wait(
+        "the history, readable by everyone",
+        "document.querySelector('#history').textContent.includes('No update yet.')",
+    );
+    page.shot();
 }
