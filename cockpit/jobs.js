@@ -147,6 +147,7 @@ export class Jobs {
         const title = format(_("Job $0"), number);
         const head = el("div", { class: "mu-card-head" },
                         el("h2", {}, title),
+                        el("span", { class: "mu-muted mu-action" }, proxy.Action),
                         el("span", { class: "mu-job-status mu-status-" + proxy.Status }, word(proxy.Status)),
                         el("span", { class: "mu-muted" }, format(_("$0 %"), proxy.Progress)),
                         el("span", { class: "mu-muted" }, time(proxy.StartedUsec)),
@@ -199,6 +200,16 @@ export class Jobs {
                           format(_("Error in step $0: $1"), word(result.error.step || ""), result.error.reason || "")));
         for (const warning of result.warnings || [])
             parts.push(el("p", { class: "mu-warning" }, format(_("Warning: $0"), warning)));
+        // The health gate's report (a service with the `health-gate` feature): what failed it.
+        const health = result.health;
+        if (health && !health.passed) {
+            for (const unit of (health.units || []).filter(u => !u.healthy))
+                parts.push(el("p", { class: "mu-error" }, format(_("Unit $0 is $1 ($2)"), unit.unit, unit.active_state, unit.result)));
+            for (const container of health.stale_containers || [])
+                parts.push(el("p", { class: "mu-error" }, format(_("Container $0 still runs $1"), container.name, container.image)));
+            if (health.readiness && !health.readiness.passed)
+                parts.push(el("p", { class: "mu-error" }, _("The module's readiness checks did not pass.")));
+        }
         if (result.rolled_back)
             parts.push(el("p", { class: "mu-warning" }, _("Rolled back.")));
         return el("div", { class: "mu-result" }, parts);
