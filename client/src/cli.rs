@@ -124,6 +124,15 @@ pub enum Command {
         /// refuses a downgrade otherwise (module_url_downgrade).
         #[arg(long)]
         allow_downgrade: bool,
+        /// Change nothing: print what the update would do (PlanUpdate): each instance's action,
+        /// image and digest change, the files added, changed and removed, the steps and scripts
+        /// that would run, the images the cleanup would remove and the free space needed. The
+        /// new image may be downloaded once into the node's download area, where the update
+        /// that follows finds it; for a large image on a slow link, give --timeout the seconds
+        /// that download takes (a plan asked again finds it done). Exit code 10 when the update
+        /// would be refused.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List the module instances: id, image, state and the job updating it.
     List,
@@ -198,6 +207,10 @@ pub enum RunAction {
         /// The request JSON, forwarded unchanged; `-` reads it from stdin, `@FILE` from FILE.
         #[arg(long, value_name = "JSON|-|@FILE")]
         data: Data,
+        /// Change nothing: print the plan of the request (PlanUpdate) instead of starting a
+        /// job, as text, or its JSON with --json. Exit code 10 when the request would be refused.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -455,7 +468,8 @@ mod tests {
             cli.command,
             Command::Run {
                 action: RunAction::UpdateModule {
-                    data: Data::File(_)
+                    data: Data::File(_),
+                    dry_run: false
                 }
             }
         ));

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod history;
 pub mod job_store;
 pub mod jobs;
+pub mod plan;
 pub mod request;
 pub mod service;
 pub mod updates;

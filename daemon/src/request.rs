@@ -27,6 +27,14 @@ pub struct ValidationError {
     pub instance: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current: Option<String>,
+    /// With `instances_insufficient_space`: the filesystem (its mount point), and the bytes the
+    /// update needs there against those available.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub needed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available: Option<u64>,
 }
 
 impl ValidationError {
@@ -41,6 +49,9 @@ impl ValidationError {
             job: None,
             instance: None,
             current: None,
+            filesystem: None,
+            needed: None,
+            available: None,
         }
     }
 }

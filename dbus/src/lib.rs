@@ -37,6 +37,7 @@ pub const FEATURES: &[&str] = &[
     "job-messages",
     "history",
     "list-updates",
+    "plan",
 ];
 /// Prefix of every error name the service returns.
 pub const ERROR_PREFIX: &str = "org.nethserver.ModuleUpdater.Error";

@@ -26,6 +26,8 @@ pub trait ModuleUpdater {
     fn list_updates(&self, instances: &[&str]) -> zbus::Result<String>;
     /// ListUpdates after asking the registries again.
     fn refresh_updates(&self, instances: &[&str]) -> zbus::Result<String>;
+    /// What UpdateModule with the same request would do, as JSON, without changing anything.
+    fn plan_update(&self, request: &str) -> zbus::Result<String>;
 
     /// The daemon's version (`CARGO_PKG_VERSION` of `module-updaterd`).
     #[zbus(property)]

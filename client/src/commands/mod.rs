@@ -16,6 +16,7 @@ use crate::follow::{
     Follower, Interrupt, OnInterrupt, Outcome, Subscription, follow_rules, owner_rule, service_rule,
 };
 mod instances;
+mod plan;
 
 use crate::render::{self, Mode, ViewOptions};
 use crate::summary::{self, JobResult};
@@ -158,9 +159,12 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
     };
     match command {
         Command::Run {
-            action: RunAction::UpdateModule { data },
+            action: RunAction::UpdateModule { data, dry_run },
         } => {
             let request = data.read(std::io::stdin().lock())?;
+            if dry_run {
+                return plan::dry_run(&ctx, &request).await;
+            }
             // api-cli compatibility: stdout is the result JSON, whatever it is connected to.
             start_and_follow(&ctx, &request, Ending::Json).await
         }
@@ -169,7 +173,18 @@ pub async fn run(cli: Cli) -> Result<u8, ClientError> {
             instances,
             force,
             allow_downgrade,
-        } => update(&ctx, &module_url, &instances, force, allow_downgrade).await,
+            dry_run,
+        } => {
+            update(
+                &ctx,
+                &module_url,
+                &instances,
+                force,
+                allow_downgrade,
+                dry_run,
+            )
+            .await
+        }
         Command::List => list(&ctx).await,
         Command::Show { instance } => show(&ctx, &instance).await,
         Command::Jobs => jobs(&ctx).await,
@@ -285,10 +300,12 @@ async fn update(
     instances: &[String],
     force: bool,
     allow_downgrade: bool,
+    dry_run: bool,
 ) -> Result<u8, ClientError> {
     let manager = ctx.manager().await?;
-    // NS8's update-module command refuses to put an image of another type on an instance.
-    for id in instances {
+    // NS8's update-module command refuses to put an image of another type on an instance. A
+    // dry run leaves it to the service, whose plan says it per instance.
+    for id in instances.iter().filter(|_| !dry_run) {
         let call = Call {
             bus: &ctx.bus_name,
             what: "GetInstance",
@@ -319,6 +336,9 @@ async fn update(
     let mut request = json!({ "module_url": module_url, "instances": instances, "force": force });
     if allow_downgrade {
         request["allow_downgrade"] = json!(true);
+    }
+    if dry_run {
+        return plan::dry_run(ctx, &request.to_string()).await;
     }
     start_and_follow(ctx, &request.to_string(), ctx.ending()).await
 }

@@ -43,24 +43,18 @@ impl Manager {
         #[zbus(connection)] connection: &Connection,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, CallError> {
-        let caller = super::caller(connection, &header).await?;
-        // The request's shape is checked first (a pure function, nothing of the node is read):
-        // polkit rules get its module URL and instances as details.
-        let parsed = request::parse(request).map_err(SubmitError::Invalid)?;
-        let instances = parsed.instances.join(" ");
-        let details = [
-            ("module_url", parsed.module_url.as_str()),
-            ("instances", instances.as_str()),
-        ];
-        authority::authorize(
-            connection,
-            &header,
-            caller,
-            Action::UpdateModule,
-            &details,
-            None,
-        )
-        .await?;
+        let (parsed, caller) = self.authorized(request, &header, connection).await?;
+        // The free space a kept plan of this image measured, before any job exists.
+        let no_room = self.jobs.space_refusals(&parsed).await;
+        if !no_room.is_empty() {
+            // The node's checks and a busy instance are said first, as the plan orders them.
+            self.jobs.admit(&parsed)?;
+            let busy = self.jobs.busy_instances(&parsed);
+            if !busy.is_empty() {
+                return Err(SubmitError::Busy(busy).into());
+            }
+            return Err(SubmitError::Invalid(no_room).into());
+        }
         let id = self.jobs.submit(parsed, caller.uid)?;
         // The job exists and runs: from here on nothing may turn the call into an error. A job
         // object that cannot be announced (InterfacesAdded) is still served.
@@ -73,6 +67,22 @@ impl Manager {
         }
         self.jobs.announce(id);
         Ok(path)
+    }
+
+    /// What `UpdateModule` with the same request would do to each instance, as JSON, without
+    /// changing any: the same checks and refusals, the download (kept in the node's download
+    /// area for the update that follows), files, scripts, steps, images removed, free space.
+    #[zbus(out_args("plan"))]
+    async fn plan_update(
+        &self,
+        request: &str,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<String, CallError> {
+        let (parsed, _) = self.authorized(request, &header, connection).await?;
+        let plan = self.jobs.plan(parsed).await?;
+        serde_json::to_string(&plan)
+            .map_err(|e| Error::Failed(format!("cannot encode the plan: {e}")).into())
     }
 
     /// Every instance: (id, image URL, `idle` or `updating`, the job holding it or `/`).
@@ -205,6 +215,34 @@ impl Manager {
 }
 
 impl Manager {
+    /// The request of `UpdateModule` and `PlanUpdate`, parsed and authorised alike. Its shape is
+    /// checked first (a pure function, nothing of the node is read): polkit rules get its module
+    /// URL and instances as details.
+    async fn authorized(
+        &self,
+        request: &str,
+        header: &zbus::message::Header<'_>,
+        connection: &Connection,
+    ) -> Result<(request::UpdateRequest, super::Caller), CallError> {
+        let caller = super::caller(connection, header).await?;
+        let parsed = request::parse(request).map_err(SubmitError::Invalid)?;
+        let instances = parsed.instances.join(" ");
+        let details = [
+            ("module_url", parsed.module_url.as_str()),
+            ("instances", instances.as_str()),
+        ];
+        authority::authorize(
+            connection,
+            header,
+            caller,
+            Action::UpdateModule,
+            &details,
+            None,
+        )
+        .await?;
+        Ok((parsed, caller))
+    }
+
     async fn updates_of(&self, wanted: Vec<String>, refresh: bool) -> Result<String, CallError> {
         let jobs = Arc::clone(&self.jobs);
         let found = tokio::task::spawn_blocking(move || jobs.instances().list())

@@ -115,6 +115,7 @@ impl From<SubmitError> for Error {
             SubmitError::Busy(_) => Error::Busy(err.to_string()),
             SubmitError::ShuttingDown => Error::ShuttingDown(err.to_string()),
             SubmitError::Persist { .. }
+            | SubmitError::Plan(_)
             | SubmitError::TooManyRunning(_)
             | SubmitError::TooManyKnown(_) => Error::Failed(err.to_string()),
         }

@@ -74,6 +74,12 @@ pub struct SharedImages {
     pub module: Option<SharedModule>,
     /// References left for the instances to pull, and why.
     pub skipped: Vec<(String, String)>,
+    /// The daemon's podman on the private storage the module image was loaded into (read by
+    /// `PlanUpdate` for the image's filesystem and size).
+    pub private: Option<Podman>,
+    /// Downloaded by a plan: every instance of the job loads it, rootful ones too (which
+    /// otherwise pull for themselves, the node's download being only for several users).
+    pub from_plan: bool,
 }
 
 impl SharedImages {
@@ -124,8 +130,29 @@ pub async fn download(
     module_url: &str,
     present: &HashSet<String>,
 ) -> Result<SharedImages, SharedImagesError> {
-    let dir = make_job_dir(state_dir, job_id)?;
-    let runroot = make_runroot(job_id);
+    download_as(state_dir, &job_id.to_string(), module_url, present).await
+}
+
+/// [`download`] for `PlanUpdate`, before any job exists: `<state dir>/shared-images/plan-<random>/`,
+/// kept for the job that follows (and removed with the others when the daemon starts).
+pub async fn download_for_plan(
+    state_dir: &Path,
+    module_url: &str,
+) -> Result<SharedImages, SharedImagesError> {
+    download_as(state_dir, PLAN_PREFIX, module_url, &HashSet::new()).await
+}
+
+/// The name prefix of a plan's download directory.
+const PLAN_PREFIX: &str = "plan";
+
+async fn download_as(
+    state_dir: &Path,
+    owner: &str,
+    module_url: &str,
+    present: &HashSet<String>,
+) -> Result<SharedImages, SharedImagesError> {
+    let dir = make_job_dir(state_dir, owner)?;
+    let runroot = make_runroot(owner);
     let mut shared = SharedImages {
         dir: Some(dir.clone()),
         runroot: runroot.as_ref().ok().cloned(),
@@ -142,6 +169,7 @@ pub async fn download(
                 archives: BTreeMap::new(),
                 skipped: Vec::new(),
                 module: None,
+                private: None,
                 ..shared
             };
             let _ = tokio::task::spawn_blocking(move || cleanup.remove()).await;
@@ -172,6 +200,7 @@ async fn fill(
         "vfs".into(),
     ];
     let podman = Podman::new(global).with_tmpdir(tmp.clone());
+    shared.private = Some(podman.clone());
     let mut archives = Archives {
         shared,
         dir,
@@ -529,7 +558,7 @@ async fn write_layer(
 
 /// `<state dir>/shared-images/<job>-<random>/`, root-owned, 0711 all the way down from the
 /// state dir (so that instance users can reach the archives but list nothing).
-fn make_job_dir(state_dir: &Path, job_id: u64) -> Result<PathBuf, SharedImagesError> {
+fn make_job_dir(state_dir: &Path, job_id: &str) -> Result<PathBuf, SharedImagesError> {
     let root = state_dir.join(DIR_NAME);
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -548,7 +577,7 @@ fn make_job_dir(state_dir: &Path, job_id: u64) -> Result<PathBuf, SharedImagesEr
 }
 
 /// `/run/module-updater/<job>-<random>`, 0700: podman's run root for the private storage.
-fn make_runroot(job_id: u64) -> Result<PathBuf, SharedImagesError> {
+fn make_runroot(job_id: &str) -> Result<PathBuf, SharedImagesError> {
     let parent = Path::new(RUNROOT_PARENT);
     let io = |source| SharedImagesError::Io {
         path: parent.to_owned(),

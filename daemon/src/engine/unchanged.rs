@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -89,6 +90,82 @@ impl InstalledTree {
             .regular_file(path)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no longer a regular file"))?;
         file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime))
+    }
+}
+
+impl InstalledTree {
+    /// The entry at `path` itself (a symbolic link is not followed, nor any on the way to it):
+    /// its metadata, and a link's target. `None` when there is no such entry below the dir.
+    pub fn entry(&self, path: &str) -> Option<(std::fs::Metadata, Option<std::ffi::OsString>)> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+        let fd = nix::fcntl::openat2(&self.dir, path, how).ok()?;
+        let file = File::from(fd);
+        let meta = file.metadata().ok()?;
+        let target = meta
+            .file_type()
+            .is_symlink()
+            .then(|| nix::fcntl::readlinkat(&file, "").ok())
+            .flatten();
+        Some((meta, target))
+    }
+
+    /// The bytes of the installed regular file at `path`, at most `max` of them (`None` when
+    /// it is larger, or no such file).
+    pub fn read(&self, path: &str, max: u64) -> Option<Vec<u8>> {
+        let (file, _) = self.regular_file(path)?;
+        let mut data = Vec::new();
+        (&file).take(max + 1).read_to_end(&mut data).ok()?;
+        (data.len() as u64 <= max).then_some(data)
+    }
+
+    /// The names in the directory at `path` (reached as [`InstalledTree::entry`] reaches it).
+    pub fn children(&self, path: &str) -> Option<Vec<std::ffi::OsString>> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+        let fd = nix::fcntl::openat2(&self.dir, path, how).ok()?;
+        let mut dir = nix::dir::Dir::from_fd(fd).ok()?;
+        Some(
+            dir.iter()
+                .flatten()
+                .map(|e| std::ffi::OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
+                .filter(|name| name != "." && name != "..")
+                .collect(),
+        )
+    }
+}
+
+impl InstalledTree {
+    /// The SHA-256 (lowercase hex) and permission bits of the installed regular file at `path`,
+    /// resolved as [`InstalledTree::holds`] resolves it; `None` when there is no such file.
+    pub fn content(&self, path: &str) -> Option<(String, u32)> {
+        use sha2::Digest;
+        let (mut file, meta) = self.regular_file(path)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match file.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buffer[..n]),
+                Err(_) => return None,
+            }
+        }
+        let hex = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some((hex, meta.mode() & 0o7777))
     }
 }
 

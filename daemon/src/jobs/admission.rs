@@ -1,6 +1,7 @@
 //! Admission: a parsed request becomes a job only when the node agrees (every instance exists,
 //! none is busy, none would get another module's image or an unwanted downgrade) and the
 //! daemon's limits allow it; otherwise nothing is created and the caller gets NS8's array.
+//! `PlanUpdate` (`jobs/plan.rs`) runs the same checks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use tokio::sync::watch;
 use super::{Entry, JobEvent, JobRecord, JobStatus, Jobs, job_path, now_usec};
 use crate::engine::imagename;
 use crate::engine::instance::Instance;
+use crate::engine::instance_cache::Found;
 use crate::request::{self, ValidationError};
 use crate::version;
 
@@ -40,6 +42,8 @@ pub enum SubmitError {
         "too many jobs: {0} are on the bus, running or lingering (the limit is {MAX_KNOWN_JOBS}); wait until finished ones leave (--job-linger)"
     )]
     TooManyKnown(usize),
+    #[error("the plan could not be made: {0}")]
+    Plan(String),
     #[error("cannot record the job in {path}: {source}")]
     Persist {
         path: PathBuf,
@@ -57,26 +61,11 @@ impl Jobs {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let known = self.instances.list();
-        let mut targets: Vec<Instance> = Vec::new();
-        let mut missing = Vec::new();
-        for (index, id) in request.instances.iter().enumerate() {
-            match known.iter().find(|f| &f.instance.id == id) {
-                Some(found) => {
-                    let current = found.environment.get("IMAGE_URL").unwrap_or_default();
-                    missing.extend(node_checks(&request, id, current));
-                    targets.push(found.instance.clone());
-                }
-                None => missing.push(ValidationError::new(
-                    &format!("instances.{index}"),
-                    serde_json::Value::from(id.as_str()),
-                    "instance_not_found",
-                )),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(SubmitError::Invalid(missing));
-        }
+        let targets: Vec<Instance> = self
+            .admit(&request)?
+            .into_iter()
+            .map(|found| found.instance.clone())
+            .collect();
 
         let (id, cancel_rx) = {
             let mut state = self.lock();
@@ -84,17 +73,7 @@ impl Jobs {
                 .instances
                 .iter()
                 .enumerate()
-                .filter_map(|(index, id)| {
-                    state.busy.get(id).map(|job| ValidationError {
-                        field: format!("instances.{index}"),
-                        parameter: "instances".into(),
-                        value: serde_json::Value::from(id.as_str()),
-                        error: "action_already_running".into(),
-                        job: Some(job_path(*job)),
-                        instance: None,
-                        current: None,
-                    })
-                })
+                .filter_map(|(index, id)| state.busy.get(id).map(|job| busy(index, id, *job)))
                 .collect();
             if !busy.is_empty() {
                 return Err(SubmitError::Busy(busy));
@@ -161,6 +140,80 @@ impl Jobs {
         tokio::spawn(async move { jobs.run(id, request, targets, cancel_rx).await });
         Ok(id)
     }
+}
+
+impl Jobs {
+    /// The node's checks of a parsed request, shared by `UpdateModule` and `PlanUpdate`: every
+    /// instance exists, and none would get another module's image or an unwanted downgrade.
+    /// The instances found, in the request's order.
+    pub fn admit(&self, request: &request::UpdateRequest) -> Result<Vec<Arc<Found>>, SubmitError> {
+        let targets = self.find_targets(request)?;
+        let refused: Vec<ValidationError> = targets
+            .iter()
+            .flat_map(|found| node_refusals(request, found))
+            .collect();
+        if refused.is_empty() {
+            Ok(targets)
+        } else {
+            Err(SubmitError::Invalid(refused))
+        }
+    }
+
+    /// The request's instances as found on the node, in its order; `instance_not_found` for
+    /// those that are not.
+    pub fn find_targets(
+        &self,
+        request: &request::UpdateRequest,
+    ) -> Result<Vec<Arc<Found>>, SubmitError> {
+        let known = self.instances.list();
+        let mut targets = Vec::new();
+        let mut missing = Vec::new();
+        for (index, id) in request.instances.iter().enumerate() {
+            match known.iter().find(|f| &f.instance.id == id) {
+                Some(found) => targets.push(Arc::clone(found)),
+                None => missing.push(ValidationError::new(
+                    &format!("instances.{index}"),
+                    serde_json::Value::from(id.as_str()),
+                    "instance_not_found",
+                )),
+            }
+        }
+        if missing.is_empty() {
+            Ok(targets)
+        } else {
+            Err(SubmitError::Invalid(missing))
+        }
+    }
+
+    /// The request's instances that a running job holds, as `action_already_running` items.
+    pub fn busy_instances(&self, request: &request::UpdateRequest) -> Vec<ValidationError> {
+        let state = self.lock();
+        request
+            .instances
+            .iter()
+            .enumerate()
+            .filter_map(|(index, id)| state.busy.get(id).map(|job| busy(index, id, *job)))
+            .collect()
+    }
+}
+
+/// `action_already_running` for the instance at `index`, held by `job`.
+fn busy(index: usize, id: &str, job: u64) -> ValidationError {
+    ValidationError {
+        error: "action_already_running".into(),
+        job: Some(job_path(job)),
+        ..ValidationError::new(
+            &format!("instances.{index}"),
+            serde_json::Value::from(id),
+            "",
+        )
+    }
+}
+
+/// [`node_checks`] of a found instance.
+pub fn node_refusals(request: &request::UpdateRequest, found: &Found) -> Vec<ValidationError> {
+    let current = found.environment.get("IMAGE_URL").unwrap_or_default();
+    node_checks(request, &found.instance.id, current)
 }
 
 /// What the node's state refuses for one instance of a request, as NS8's validation items: an

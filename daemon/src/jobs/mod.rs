@@ -21,6 +21,7 @@ use crate::engine::worker;
 use crate::history::{self, History};
 use crate::job_store::{Durability, JobStore};
 mod admission;
+mod plan;
 mod recovery;
 mod shared_download;
 
@@ -134,6 +135,8 @@ pub struct Jobs {
     permits: Arc<Semaphore>,
     shutting_down: AtomicBool,
     idle: tokio::sync::Notify,
+    /// Plans' downloads of new images, kept for the jobs that follow.
+    planned: plan::PlannedDownloads,
 }
 
 /// The log level of a journal priority (0–7) of the engine's messages.
@@ -211,6 +214,7 @@ impl Jobs {
             permits,
             shutting_down: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
+            planned: plan::PlannedDownloads::default(),
         });
         // Recovered jobs leave the bus when their linger time is over.
         for (id, remaining) in jobs.linger_times(now) {
@@ -282,13 +286,17 @@ impl Jobs {
                 script_timeout_secs: self.settings.script_timeout.as_secs(),
                 nice: self.settings.worker_nice,
                 system_manager_address: self.settings.system_manager_address.clone(),
-                // Rootful instances pull as root into their own storage: no archive needed.
-                shared_images: if instance_rootless {
+                // Rootful instances pull as root into their own storage: no archive needed,
+                // unless a plan downloaded it already.
+                shared_images: if instance_rootless || shared.from_plan {
                     shared.archives.clone()
                 } else {
                     BTreeMap::new()
                 },
-                shared_module: shared.module.clone().filter(|_| instance_rootless),
+                shared_module: shared
+                    .module
+                    .clone()
+                    .filter(|_| instance_rootless || shared.from_plan),
             };
             tasks.spawn(async move { jobs.run_instance(id, job, cancel).await });
         }

@@ -25,6 +25,15 @@ impl Jobs {
         targets: &[Instance],
         cancel: &watch::Receiver<bool>,
     ) -> SharedImages {
+        // A plan of this URL downloaded it already: every instance loads it, even a lone one.
+        if !request.force
+            && !*cancel.borrow()
+            && let Some(mut planned) = self.planned.take(&request.module_url)
+        {
+            log::info!(MODULE_UPDATER_JOB = id; "job {id}: the instances load {} as a plan downloaded it", request.module_url);
+            planned.from_plan = true;
+            return planned;
+        }
         let candidates: HashSet<String> = targets
             .iter()
             .filter(|i| i.rootless)

@@ -9,6 +9,7 @@
 
 mod background;
 mod cleanup;
+pub use cleanup::stale_images;
 mod context;
 mod environment;
 mod extract;
