@@ -33,7 +33,7 @@ function instancePlan(item) {
 export function renderPlan(box, plan, close) {
     const download = plan.download || {};
     const refused = plan.refused || [];
-    box.replaceChildren(
+    box.replaceChildren(...[
         el("div", { class: "mu-card-head" },
            el("h2", {}, format(_("Review: $0"), plan.module_url)),
            el("button", { type: "button", class: "mu-button", onclick: close }, _("Close"))),
@@ -45,6 +45,7 @@ export function renderPlan(box, plan, close) {
             ? el("p", { class: "mu-error" }, format(_("The image could not be read: $0"), download.error))
             : el("p", {}, format(_("Download: $0"), bytes(download.bytes))),
         list(_("Images downloaded"), (download.images || []).map(image => format("$0 ($1)", image.reference, bytes(image.bytes))), "mu-download"),
-        (plan.instances || []).map(instancePlan));
+        (plan.instances || []).map(instancePlan),
+    ].flat().filter(Boolean));
     box.hidden = false;
 }

@@ -464,3 +464,41 @@ fn a_user_without_administrative_access_gets_a_read_only_view() {
     );
     page.shot();
 }
+
+#[test]
+fn review_shows_what_the_update_would_do_and_changes_nothing() {
+    let mut page = Page::open(demo(2, "1.0"), "review");
+    page.wait(
+        "the Review button (the service has PlanUpdate)",
+        "!document.querySelector('#review').hidden",
+    );
+    let ids: Vec<String> = page.s.ids().iter().map(|s| (*s).to_owned()).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    page.select(&refs);
+    page.fill("#target", "2.0");
+    page.click("#review");
+    page.wait(
+        "the plan of both instances",
+        "document.querySelectorAll('#plan .mu-plan-instance[data-action=\"update\"]').length === 2",
+    );
+    assert_eq!(
+        page.texts("#plan .mu-plan-ok"),
+        vec!["This update can start."]
+    );
+    let plan = page.texts("#plan .mu-plan-instance");
+    for (id, text) in ids.iter().zip(&plan) {
+        assert!(text.starts_with(id.as_str()), "{plan:?}");
+        assert!(text.contains(&page.s.url("2.0")), "{text}");
+        assert!(
+            text.contains("bin/version"),
+            "the changed file listed: {text}"
+        );
+    }
+    assert!(page.texts("#plan .mu-download")[0].contains(&page.s.url("2.0")));
+    // A review starts nothing.
+    assert!(page.texts("#jobs [data-job]").is_empty());
+    for id in &ids {
+        assert_eq!(page.cell(id, "mu-version"), "1.0");
+    }
+    page.shot();
+}
