@@ -182,7 +182,11 @@ export class Jobs {
                   el("details", {
                       class: "mu-log-box",
                       open: open || undefined,
-                      ontoggle: event => this.logOpen.set(key, event.target.open),
+                      // Only the user's choice is kept: the toggle a new element fires is not one.
+                      ontoggle: event => {
+                          if (event.target.open !== open)
+                              this.logOpen.set(key, event.target.open);
+                      },
                   },
                      el("summary", {}, _("Log")),
                      el("pre", { class: "mu-log" },
