@@ -21,6 +21,7 @@ use std::time::Duration;
 mod bus;
 mod cgroup;
 pub mod cmd;
+pub mod cockpit;
 mod daemon;
 mod footprint;
 pub mod image;
@@ -31,6 +32,7 @@ pub mod process;
 mod redis;
 mod registry;
 
+pub use cockpit::{Browser, Cockpit, CockpitWs};
 pub use daemon::{Daemon, NotifySocket, client_binary, daemon_binary, find_binary};
 pub use footprint::{Footprint, Leftovers, UserRecord, reap_stale};
 pub use image::{FileKind, FileSpec, ImageSpec, image_env_var};

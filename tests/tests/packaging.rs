@@ -119,6 +119,18 @@ const CLIENT_SUBCOMMANDS: [&str; 15] = [
     "cancel", "wait", "ns8", "monitor", "version",
 ];
 
+/// The Cockpit page's files (`cockpit/`).
+const COCKPIT_FILES: &[&str] = &[
+    "manifest.json",
+    "index.html",
+    "app.js",
+    "dom.js",
+    "jobs.js",
+    "plan.js",
+    "service.js",
+    "module-updater.css",
+];
+
 fn expected_tree(prefix: &str) -> BTreeMap<String, u32> {
     let mut tree: BTreeMap<String, u32> = [
         ("libexec/module-updaterd", 0o755),
@@ -157,6 +169,12 @@ fn expected_tree(prefix: &str) -> BTreeMap<String, u32> {
     .map(|(path, mode)| (format!("{prefix}/{path}"), *mode))
     .collect();
     tree.insert("/etc/module-updater/config.toml".to_owned(), 0o644);
+    for name in COCKPIT_FILES {
+        tree.insert(
+            format!("{prefix}/share/cockpit/module-updater/{name}"),
+            0o644,
+        );
+    }
     for name in CLIENT_SUBCOMMANDS {
         tree.insert(
             format!("{prefix}/share/man/man1/module-updater-{name}.1.gz"),

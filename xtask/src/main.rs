@@ -62,6 +62,18 @@ const PACKAGES: &[(&str, &str)] = &[
         "runc",
         "the OCI runtime of those test containers: crun refuses a machine with hybrid cgroups",
     ),
+    (
+        "cockpit-ws",
+        "serves the Cockpit page (cockpit/) on loopback for its browser tests (tests/tests/cockpit.rs)",
+    ),
+    (
+        "cockpit-bridge",
+        "the Cockpit bridge that carries the page's D-Bus calls to the sandbox's bus",
+    ),
+    (
+        "chromium",
+        "the headless browser the Cockpit page's tests drive through the DevTools protocol",
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -69,15 +81,19 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("cockpit") => cockpit(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("install") => packaging::install(&args[1..]),
         Some("deb") => packaging::deb(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test|demo|bench|install|deb> [ARGS...]");
+            eprintln!("usage: cargo xtask <test|demo|cockpit|bench|install|deb> [ARGS...]");
             eprintln!(
                 "  test   install what is missing, check fmt and clippy, run the whole suite"
             );
             eprintln!("  demo   install what is missing, build, and run the sandbox demo");
+            eprintln!(
+                "  cockpit  the Cockpit page on a sandbox node, served on loopback [--port 9091] (docs/cockpit.md)"
+            );
             eprintln!(
                 "  bench  install what is missing, build --release, and compare the daemon with \
                  NS8's pipeline (--quick: N=1 and 10, one run; --json FILE; --help for more)"
@@ -220,6 +236,23 @@ fn demo(extra: &[String]) -> Result<(), String> {
         "module-updater-tests",
         "--bin",
         "demo",
+        "--",
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    run("cargo", &args)
+}
+
+/// The Cockpit page against a sandbox node, for working on it by hand (docs/cockpit.md).
+fn cockpit(extra: &[String]) -> Result<(), String> {
+    ensure_packages()?;
+    run("cargo", &["build", "--workspace", "--bins"])?;
+    let mut args = vec![
+        "run",
+        "--quiet",
+        "-p",
+        "module-updater-tests",
+        "--bin",
+        "cockpit-demo",
         "--",
     ];
     args.extend(extra.iter().map(String::as_str));

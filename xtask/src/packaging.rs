@@ -24,6 +24,43 @@ const GENERATED_DIR: &str = "packaging";
 /// The client's subcommand pages `module-updater-NAME(1)`: (generated file, installed path).
 /// `module-updater generate man --list` names the subcommands; [`generate`] refuses to package
 /// when the two lists differ, so a new subcommand cannot ship without its page.
+/// The Cockpit page (`cockpit/`, docs/cockpit.md), installed as Cockpit's package
+/// `module-updater`: plain files, no build step. (source in the repository, destination)
+const COCKPIT_FILES: &[(&str, &str)] = &[
+    (
+        "cockpit/manifest.json",
+        "{prefix}/share/cockpit/module-updater/manifest.json",
+    ),
+    (
+        "cockpit/index.html",
+        "{prefix}/share/cockpit/module-updater/index.html",
+    ),
+    (
+        "cockpit/app.js",
+        "{prefix}/share/cockpit/module-updater/app.js",
+    ),
+    (
+        "cockpit/dom.js",
+        "{prefix}/share/cockpit/module-updater/dom.js",
+    ),
+    (
+        "cockpit/jobs.js",
+        "{prefix}/share/cockpit/module-updater/jobs.js",
+    ),
+    (
+        "cockpit/plan.js",
+        "{prefix}/share/cockpit/module-updater/plan.js",
+    ),
+    (
+        "cockpit/service.js",
+        "{prefix}/share/cockpit/module-updater/service.js",
+    ),
+    (
+        "cockpit/module-updater.css",
+        "{prefix}/share/cockpit/module-updater/module-updater.css",
+    ),
+];
+
 const CLIENT_SUBCOMMAND_PAGES: &[(&str, &str, &str)] = &[
     (
         "run",
@@ -219,6 +256,11 @@ fn entries() -> Vec<Entry> {
         CLIENT_SUBCOMMAND_PAGES
             .iter()
             .map(|(_, generated, dest)| file(Generated(generated), dest, 0o644)),
+    )
+    .chain(
+        COCKPIT_FILES
+            .iter()
+            .map(|(source, dest)| file(Repo(source), dest, 0o644)),
     )
     .chain([Entry {
         config: true,
