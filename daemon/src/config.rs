@@ -213,6 +213,30 @@ const REGISTRY_TIMEOUT: Key = Key {
     help: "When checking for updates (ListUpdates), give up on a registry query that has no answer within this many seconds.",
 };
 
+// module-updater scopes (issue 19): limits of each update's systemd scope.
+const UPDATE_MEMORY_MAX: Key = Key {
+    name: "update_memory_max",
+    rule: Rule::Number {
+        min: 1048576,
+        max: 1 << 50,
+        unit: "bytes",
+    },
+    default: None,
+    unset: "no limit",
+    help: "MemoryMax= of each instance update's systemd scope: the update (podman, scripts and their children) is killed by the kernel when it uses more memory than this.",
+};
+const UPDATE_TASKS_MAX: Key = Key {
+    name: "update_tasks_max",
+    rule: Rule::Number {
+        min: 16,
+        max: 1048576,
+        unit: "processes and threads",
+    },
+    default: None,
+    unset: "systemd's default",
+    help: "TasksMax= of each instance update's systemd scope: at most this many processes and threads at once.",
+};
+
 /// Every key the configuration file may hold, in the order the default file lists them.
 pub const KEYS: &[Key] = &[
     HOME_BASE,
@@ -227,6 +251,8 @@ pub const KEYS: &[Key] = &[
     NS8_AGENT_ENV,
     REGISTRY_CONNECT_TIMEOUT,
     REGISTRY_TIMEOUT,
+    UPDATE_MEMORY_MAX,
+    UPDATE_TASKS_MAX,
 ];
 
 /// Why the configuration cannot be used. Each message names the file, the key, the value and
@@ -299,6 +325,12 @@ pub struct Settings {
     /// Give up on a registry query with no answer within this many seconds when checking for updates [default: 30].
     #[arg(long, value_name = "SECS", value_parser = registry_timeout_flag)]
     pub registry_timeout: Option<u64>,
+    /// MemoryMax= of each update's systemd scope, in bytes [default: no limit].
+    #[arg(long, value_name = "BYTES", value_parser = update_memory_max_flag)]
+    pub update_memory_max: Option<u64>,
+    /// TasksMax= of each update's systemd scope [default: systemd's].
+    #[arg(long, value_name = "N", value_parser = update_tasks_max_flag)]
+    pub update_tasks_max: Option<u64>,
 }
 
 impl Settings {
@@ -319,6 +351,8 @@ impl Settings {
                 .registry_connect_timeout
                 .or(lower.registry_connect_timeout),
             registry_timeout: self.registry_timeout.or(lower.registry_timeout),
+            update_memory_max: self.update_memory_max.or(lower.update_memory_max),
+            update_tasks_max: self.update_tasks_max.or(lower.update_tasks_max),
         }
     }
 }
@@ -368,6 +402,12 @@ fn registry_connect_timeout_flag(text: &str) -> Result<u64, String> {
 fn registry_timeout_flag(text: &str) -> Result<u64, String> {
     number_flag(&REGISTRY_TIMEOUT, text)
 }
+fn update_memory_max_flag(text: &str) -> Result<u64, String> {
+    number_flag(&UPDATE_MEMORY_MAX, text)
+}
+fn update_tasks_max_flag(text: &str) -> Result<u64, String> {
+    number_flag(&UPDATE_TASKS_MAX, text)
+}
 fn max_parallel_flag(text: &str) -> Result<usize, String> {
     // At most MAX_PARALLEL, so it fits any usize.
     number_flag(&MAX_PARALLEL_KEY, text).map(|n| n as usize)
@@ -390,6 +430,8 @@ struct RawFile {
     ns8_agent_env: Option<PathBuf>,
     registry_connect_timeout: Option<i64>,
     registry_timeout: Option<i64>,
+    update_memory_max: Option<i64>,
+    update_tasks_max: Option<i64>,
 }
 
 /// A value as the file writes it, for messages.
@@ -445,6 +487,8 @@ impl RawFile {
                 self.registry_connect_timeout,
             )?,
             registry_timeout: number(&REGISTRY_TIMEOUT, self.registry_timeout)?,
+            update_memory_max: number(&UPDATE_MEMORY_MAX, self.update_memory_max)?,
+            update_tasks_max: number(&UPDATE_TASKS_MAX, self.update_tasks_max)?,
         })
     }
 }
@@ -607,6 +651,8 @@ pub struct Config {
     pub registry_connect_timeout: u64,
     pub registry_timeout: u64,
     pub rootful_podman_args: Vec<String>,
+    /// MemoryMax=/TasksMax= of each update's scope.
+    pub scope_limits: crate::engine::scope::Limits,
     pub verbose: bool,
     /// The configuration file that was read, if any.
     pub config_file: Option<PathBuf>,
@@ -640,6 +686,10 @@ impl Config {
             registry_connect_timeout: settings.registry_connect_timeout.unwrap_or(5),
             registry_timeout: settings.registry_timeout.unwrap_or(30),
             rootful_podman_args: cli.rootful_podman_args,
+            scope_limits: crate::engine::scope::Limits {
+                memory_max: settings.update_memory_max,
+                tasks_max: settings.update_tasks_max,
+            },
             verbose: cli.verbose,
             config_file,
         }

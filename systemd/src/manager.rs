@@ -22,9 +22,55 @@ pub trait Manager {
     fn reload(&self) -> zbus::Result<()>;
     /// Loads a unit (if needed) and returns its object path.
     fn load_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    /// Asks the manager to emit job and unit signals to this client (the API bus only sends
+    /// them while a client is subscribed).
+    fn subscribe(&self) -> zbus::Result<()>;
+    /// Creates and starts a transient unit (a scope here); returns the start job's path.
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, zbus::Variant<'_>)],
+        aux: &[(&str, &[(&str, zbus::Variant<'_>)])],
+    ) -> zbus::Result<zbus::OwnedObjectPath>;
+    /// Stops a unit; returns the stop job's path.
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    /// The loaded units whose names match one of `patterns` (and whose state is one of
+    /// `states`, or any state when empty).
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<Vec<ListedUnit>>;
+    /// A job left the manager's queue: `result` is `done`, `canceled`, `timeout`, `failed`,
+    /// `dependency` or `skipped`.
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: zbus::ObjectPath<'_>,
+        unit: &str,
+        result: &str,
+    ) -> zbus::Result<()>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
 }
+
+/// One entry of `ListUnits`/`ListUnitsByPatterns`: name, description, load state, active state,
+/// sub-state, followed unit, object path, job id, job type, job path.
+pub type ListedUnit = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    zbus::OwnedObjectPath,
+    u32,
+    String,
+    zbus::OwnedObjectPath,
+);
 
 #[proxy(
     interface = "org.freedesktop.systemd1.Unit",

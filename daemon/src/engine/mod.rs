@@ -15,6 +15,7 @@ pub mod instance_cache;
 pub mod lock;
 pub mod oci_archive;
 pub mod podman;
+pub mod scope;
 pub mod scratch;
 pub mod scripts;
 pub mod shared_images;

@@ -1,0 +1,463 @@
+//! Faults during an update, on real components (docs/reliability.md names each test here): every
+//! instance update runs in a transient scope of the system manager (the sandbox's root-run
+//! manager), nothing it started outlives it, and the same request then completes. Processes are
+//! killed at named failpoints (the `failpoints` build of the daemon), never after a sleep.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{connect, follow, request, start_daemon_with_trap_and_env, submit, subscribe};
+use module_updater_dbus::ModuleUpdaterProxy;
+use module_updater_tests::{Daemon, ImageSpec, Instance, Sandbox};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// An update script that records its start and end with its pid in `<faults>/scripts.log`, waits
+/// on the fifo `<faults>/gate` while `<faults>/hold` exists, and leaves a daemonised child that
+/// ignores SIGTERM while `<faults>/fork` exists.
+fn recording_script(faults: &Path) -> String {
+    format!(
+        r#"#!/bin/sh
+d={dir}
+echo "start $$" >> $d/scripts.log
+if [ -e $d/fork ]; then
+  setsid sh -c 'trap "" TERM; exec sleep 100000' </dev/null >/dev/null 2>&1 &
+  echo "child $!" >> $d/scripts.log
+fi
+if [ -e $d/hold ]; then read line < $d/gate; fi
+echo "end $$" >> $d/scripts.log
+"#,
+        dir = faults.display()
+    )
+}
+
+/// One rootless instance at 1.0 and a 2.0 with the recording script and a module step, in a
+/// sandbox whose system manager is running (so the daemon has one).
+struct Scenario {
+    sandbox: Sandbox,
+    instance: Instance,
+    v2: String,
+    faults: PathBuf,
+}
+
+impl Scenario {
+    fn new(repo: &str) -> Scenario {
+        let mut sandbox = Sandbox::new().unwrap();
+        sandbox.start_root_manager().unwrap();
+        let faults = sandbox.root().join("faults");
+        std::fs::create_dir_all(&faults).unwrap();
+        std::fs::set_permissions(&faults, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        nix::unistd::mkfifo(
+            &faults.join("gate"),
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+        )
+        .unwrap();
+        std::fs::set_permissions(faults.join("gate"), std::fs::Permissions::from_mode(0o666))
+            .unwrap();
+        let v1 = sandbox
+            .build_image(&common::module_image(&sandbox, repo, "1.0", &[]))
+            .unwrap();
+        let v2 = sandbox
+            .build_image(
+                &ImageSpec::module(repo, "2.0")
+                    .file("bin/version", "2.0\n", 0o755)
+                    .file("update-module.d/50record", recording_script(&faults), 0o755)
+                    .file("actions/update-module/60step", "#!/bin/sh\nexit 0\n", 0o755),
+            )
+            .unwrap();
+        let instance = sandbox.add_rootless_instance(repo).unwrap();
+        sandbox.install(&instance, &v1).unwrap();
+        Scenario {
+            sandbox,
+            instance,
+            v2,
+            faults,
+        }
+    }
+
+    /// The daemon, with the failpoints `points` (each fires once) and `strace -f` of every exec
+    /// when `trace` is given.
+    fn daemon(&self, points: &str) -> Daemon {
+        let marks = self.faults.join("fired");
+        std::fs::create_dir_all(&marks).unwrap();
+        std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let marks = marks.display().to_string();
+        start_daemon_with_trap_and_env(
+            &self.sandbox,
+            &[],
+            &[
+                ("MODULE_UPDATER_FAILPOINTS", points),
+                ("MODULE_UPDATER_FAILPOINT_DIR", marks.as_str()),
+            ],
+        )
+    }
+
+    fn request(&self) -> String {
+        request(&self.v2, &[&self.instance.id], false)
+    }
+
+    fn set(&self, flag: &str, on: bool) {
+        let path = self.faults.join(flag);
+        if on {
+            std::fs::write(&path, "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    fn script_log(&self) -> Vec<(String, i32)> {
+        std::fs::read_to_string(self.faults.join("scripts.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let (what, pid) = line.split_once(' ')?;
+                Some((what.to_owned(), pid.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Waits until the script logged `what` (`start`) `count` times.
+    fn wait_script(&self, what: &str, count: usize) -> Vec<(String, i32)> {
+        let deadline = Instant::now() + common::JOB_TIMEOUT;
+        loop {
+            let log = self.script_log();
+            if log.iter().filter(|(w, _)| w == what).count() >= count {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the script never logged {what} {count} times: {log:?}"
+            );
+            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Lets a held script go on.
+    fn open_gate(&self) {
+        std::fs::write(self.faults.join("gate"), "go\n").unwrap();
+    }
+
+    /// `systemctl --user ARGS` against the system manager stand-in (a client we did not write).
+    fn systemctl(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("systemctl")
+            .env(
+                "XDG_RUNTIME_DIR",
+                self.sandbox.root().join("rootmgr").display().to_string(),
+            )
+            .arg("--user")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The update scopes the manager lists (name and description), any state.
+    fn scopes(&self) -> Vec<String> {
+        self.systemctl(&[
+            "list-units",
+            "--all",
+            "--plain",
+            "--no-legend",
+            "--no-pager",
+            "module-updater-job*",
+        ])
+        .lines()
+        .filter(|line| line.contains(".scope"))
+        .map(str::to_owned)
+        .collect()
+    }
+
+    /// Whether the NS8 lock of the instance is free (`flock -n` of the file NS8's agent locks).
+    fn lock_free(&self) -> bool {
+        let lock = self.instance.state_dir.join(".update-module.lock");
+        std::process::Command::new("flock")
+            .args(["-n", "-E", "75"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for us: it runs nothing (its parent has not reaped it yet).
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// The daemon's worker processes (its children started with `--worker`).
+fn workers(daemon: &Daemon) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(daemon.pid()) && cmdline.windows(8).any(|w| w == b"--worker") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_runs_in_a_scope_the_manager_lists_and_the_daemon_never_runs_systemctl() {
+    let scenario = Scenario::new("relscope");
+    let sandbox = &scenario.sandbox;
+    // Every exec of the daemon and of all its descendants is traced.
+    let trace = sandbox.root().join("exec.trace");
+    let command = sandbox.daemon_command(&[]).unwrap();
+    let daemon_args: Vec<std::ffi::OsString> = std::iter::once(command.get_program().to_owned())
+        .chain(command.get_args().map(ToOwned::to_owned))
+        .collect();
+    let mut traced = std::process::Command::new("strace");
+    traced
+        .args(["-f", "-qq", "-e", "trace=execve", "-o"])
+        .arg(&trace)
+        .args(&daemon_args)
+        .args(common::daemon_args(sandbox))
+        .env_clear()
+        .envs(command.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    let _daemon = sandbox.start_daemon_with(traced).unwrap();
+    scenario.set("hold", true);
+    let connection = connect(sandbox).await;
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &scenario.request()).await.unwrap();
+    let log = scenario.wait_script("start", 1);
+    let script_pid = log[0].1;
+
+    // The manager lists the scope, named after the job and the instance, described with both.
+    let job = path.as_str().rsplit('/').next().unwrap().to_owned();
+    let unit = format!("module-updater-job{job}-{}.scope", scenario.instance.id);
+    let listed = scenario.scopes();
+    assert!(
+        listed.iter().any(|line| line.starts_with(&unit)
+            && line.contains(&format!("job {job}"))
+            && line.contains(&scenario.instance.id)),
+        "{unit} not listed with its job and instance: {listed:?}"
+    );
+    let shown = scenario.systemctl(&["show", "-p", "Slice,CPUWeight,IOWeight,ActiveState", &unit]);
+    for expected in [
+        "Slice=module-updater.slice",
+        "CPUWeight=20",
+        "IOWeight=20",
+        "ActiveState=active",
+    ] {
+        assert!(shown.lines().any(|l| l == expected), "{expected}: {shown}");
+    }
+    // The running script is in it.
+    let cgroup = std::fs::read_to_string(format!("/proc/{script_pid}/cgroup")).unwrap();
+    assert!(
+        cgroup.contains(&format!("/module-updater.slice/{unit}")),
+        "{cgroup}"
+    );
+
+    scenario.open_gate();
+    let run = follow(&connection, &mut stream, path).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert!(
+        scenario.scopes().is_empty(),
+        "scope left: {:?}",
+        scenario.scopes()
+    );
+
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let execs: Vec<&str> = trace.lines().filter(|l| l.contains("execve(")).collect();
+    assert!(
+        execs.iter().any(|l| l.contains("podman")),
+        "the trace saw no podman: the trace is broken\n{trace}"
+    );
+    let forbidden: Vec<&&str> = execs
+        .iter()
+        .filter(|l| l.contains("systemctl") || l.contains("systemd-run"))
+        .collect();
+    assert!(forbidden.is_empty(), "the daemon ran {forbidden:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_worker_during_a_script_leaves_nothing_and_the_rerun_completes() {
+    let scenario = Scenario::new("relkill");
+    let daemon = scenario.daemon("");
+    scenario.set("hold", true);
+    let connection = connect(&scenario.sandbox).await;
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &scenario.request()).await.unwrap();
+    let first = scenario.wait_script("start", 1)[0].1;
+    let worker = workers(&daemon);
+    assert_eq!(worker.len(), 1, "one worker expected: {worker:?}");
+    assert!(!scenario.lock_free(), "the worker holds the NS8 lock");
+
+    kill(Pid::from_raw(worker[0]), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    let run = follow(&connection, &mut stream, path).await;
+    // When the job says the instance is finished, nothing of it runs and the lock is free.
+    assert!(!alive(first), "the script {first} outlived its worker");
+    assert!(scenario.lock_free(), "the NS8 lock is still held");
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    assert!(
+        killed.elapsed() <= Duration::from_secs(2),
+        "took {:?}",
+        killed.elapsed()
+    );
+    let result = run.instance(&scenario.instance.id);
+    assert_eq!(result["status"], "failed", "{:#}", run.result);
+    assert_eq!(result["error"]["step"], "run-scripts", "{:#}", run.result);
+
+    // The same request completes, its script alone.
+    scenario.set("hold", false);
+    let rerun = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(rerun.status, "completed", "{:#}", rerun.result);
+    let log = scenario.script_log();
+    let second = log.iter().filter(|(w, _)| w == "start").nth(1).unwrap().1;
+    assert_eq!(
+        log,
+        vec![
+            ("start".to_owned(), first),
+            ("start".to_owned(), second),
+            ("end".to_owned(), second)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemonised_child_that_ignores_sigterm_is_gone_when_the_instance_is_finished() {
+    let scenario = Scenario::new("relfork");
+    let _daemon = scenario.daemon("");
+    scenario.set("fork", true);
+    let connection = connect(&scenario.sandbox).await;
+    let run = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let log = scenario.script_log();
+    let child = log.iter().find(|(w, _)| w == "child").unwrap().1;
+    assert!(
+        !alive(child),
+        "the script's daemonised child {child} outlived the update"
+    );
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    assert!(scenario.lock_free());
+}
+
+/// SIGKILL of the worker at the start of `step`: the job says where, nothing is left, the lock
+/// is free, and the same request (the failpoint fired once) completes.
+async fn worker_killed_at(repo: &str, step: &str) {
+    let scenario = Scenario::new(repo);
+    let _daemon = scenario.daemon(&format!("worker:kill@{step}"));
+    let connection = connect(&scenario.sandbox).await;
+    let run = common::run_job(&connection, &scenario.request()).await;
+    let result = run.instance(&scenario.instance.id);
+    assert_eq!(result["status"], "failed", "{:#}", run.result);
+    assert_eq!(result["error"]["step"], step, "{:#}", run.result);
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    assert!(scenario.lock_free(), "the NS8 lock is held after the job");
+    let rerun = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(rerun.status, "completed", "{:#}", rerun.result);
+    let log = scenario.script_log();
+    let starts = log.iter().filter(|(w, _)| w == "start").count();
+    let ends = log.iter().filter(|(w, _)| w == "end").count();
+    assert_eq!(starts, ends, "a script was cut short: {log:?}");
+    assert!(
+        common::as_user(
+            &scenario.sandbox,
+            &scenario.instance,
+            &[&format!(
+                "{}/bin/version",
+                scenario.instance.install_dir.display()
+            )]
+        )
+        .contains("2.0")
+    );
+}
+
+macro_rules! worker_kill_tests {
+    ($($name:ident: $step:literal,)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            worker_killed_at(&format!("wk{}", $step.replace('-', "")), $step).await;
+        }
+    )*};
+}
+
+worker_kill_tests! {
+    sigkill_of_the_worker_at_prepare: "prepare",
+    sigkill_of_the_worker_at_pull_image: "pull-image",
+    sigkill_of_the_worker_at_extract: "extract",
+    sigkill_of_the_worker_at_reload: "reload",
+    sigkill_of_the_worker_at_update_environment: "update-environment",
+    sigkill_of_the_worker_at_run_scripts: "run-scripts",
+    sigkill_of_the_worker_at_module_step: "module-step",
+    sigkill_of_the_worker_at_cleanup_images: "cleanup-images",
+}
+
+/// SIGKILL of the daemon at the start of `step`: a new daemon takes the same request sent as
+/// soon as it owns its name, waits for what the old one left, and completes it.
+async fn daemon_killed_at(repo: &str, step: &str) {
+    let scenario = Scenario::new(repo);
+    let mut daemon = scenario.daemon(&format!("daemon:kill@{step}"));
+    // The old update's script, if it gets there, waits for the gate: the new daemon must stop it.
+    scenario.set("hold", true);
+    let connection = connect(&scenario.sandbox).await;
+    submit(&connection, &scenario.request()).await.unwrap();
+    let ended = daemon.wait(common::JOB_TIMEOUT).unwrap();
+    assert!(ended.is_some(), "the daemon did not stop at {step}");
+    scenario.set("hold", false);
+
+    let _daemon = scenario.daemon("");
+    let connection = connect(&scenario.sandbox).await;
+    let run = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    for (what, pid) in scenario.script_log() {
+        assert!(!alive(pid), "{what} {pid} of the old update still runs");
+    }
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    let instances = ModuleUpdaterProxy::new(&connection)
+        .await
+        .unwrap()
+        .list_instances()
+        .await
+        .unwrap();
+    let state = instances
+        .iter()
+        .find(|i| i.0 == scenario.instance.id)
+        .map(|i| i.2.clone());
+    assert_eq!(state.as_deref(), Some("idle"));
+}
+
+macro_rules! daemon_kill_tests {
+    ($($name:ident: $step:literal,)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            daemon_killed_at(&format!("dk{}", $step.replace('-', "")), $step).await;
+        }
+    )*};
+}
+
+daemon_kill_tests! {
+    sigkill_of_the_daemon_at_prepare: "prepare",
+    sigkill_of_the_daemon_at_pull_image: "pull-image",
+    sigkill_of_the_daemon_at_extract: "extract",
+    sigkill_of_the_daemon_at_reload: "reload",
+    sigkill_of_the_daemon_at_update_environment: "update-environment",
+    sigkill_of_the_daemon_at_run_scripts: "run-scripts",
+    sigkill_of_the_daemon_at_module_step: "module-step",
+    sigkill_of_the_daemon_at_cleanup_images: "cleanup-images",
+}
