@@ -457,3 +457,54 @@ daemon_kill_tests! {
     sigkill_of_the_daemon_at_module_step: "module-step",
     sigkill_of_the_daemon_at_cleanup_images: "cleanup-images",
 }
+
+/// The pid in the instance user's podman pause file, if that process runs.
+fn pause_process(instance: &Instance) -> Option<i32> {
+    let file = instance.runtime_dir.join("libpod/tmp/pause.pid");
+    let pid = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+    alive(pid).then_some(pid)
+}
+
+/// The decision on rootless podman's pause process: one the user already had is left alone; one
+/// the update's podman had to start is part of the update and stops with its scope (where podman
+/// cannot move it to a scope of the user's own manager, as here); the user's next podman command
+/// starts a new one and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_pause_process_is_kept_and_one_the_update_started_stops_with_it() {
+    let scenario = Scenario::new("relpause");
+    let _daemon = scenario.daemon("");
+    let connection = connect(&scenario.sandbox).await;
+    let instance = &scenario.instance;
+
+    // Installing ran podman as the user: a pause process of the user's is there already.
+    let before = pause_process(instance).expect("the install left the user a pause process");
+    let run = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert!(
+        alive(before),
+        "the user's own pause process {before} was stopped"
+    );
+
+    // Without one, the update's podman starts it inside the update's scope.
+    kill(Pid::from_raw(before), Signal::SIGKILL).unwrap();
+    let forced = request(&scenario.v2, &[&instance.id], true);
+    scenario.set("hold", true);
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &forced).await.unwrap();
+    scenario.wait_script("start", 2);
+    let started = pause_process(instance).expect("the update's podman started a pause process");
+    let cgroup = std::fs::read_to_string(format!("/proc/{started}/cgroup")).unwrap();
+    assert!(cgroup.contains("/module-updater.slice/"), "{cgroup}");
+    scenario.open_gate();
+    let run = follow(&connection, &mut stream, path).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert!(
+        !alive(started),
+        "the pause process {started} the update started outlived it"
+    );
+    assert!(common::has_image(&scenario.sandbox, instance, &scenario.v2));
+    assert!(
+        pause_process(instance).is_some(),
+        "the user's next podman command started no pause process"
+    );
+}
