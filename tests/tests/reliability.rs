@@ -508,3 +508,100 @@ async fn the_users_pause_process_is_kept_and_one_the_update_started_stops_with_i
         "the user's next podman command started no pause process"
     );
 }
+
+/// The processes in a unit's cgroup (unified hierarchy), as the manager names the cgroup.
+fn unit_processes(scenario: &Scenario, unit: &str) -> Vec<i32> {
+    let shown = scenario.systemctl(&["show", "-p", "ControlGroup", "--value", unit]);
+    let group = shown.trim();
+    assert!(!group.is_empty(), "{unit} has no cgroup");
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    let root = if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        Path::new("/sys/fs/cgroup")
+    };
+    let procs = root
+        .join(group.trim_start_matches('/'))
+        .join("cgroup.procs");
+    std::fs::read_to_string(&procs)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+/// The daemon dies at the module step, after a script left a daemonised child that ignores
+/// SIGTERM: the scope outlives the daemon and its worker. The next daemon serves the instance as
+/// `recovering` while it stops that scope, and the same request sent as soon as it owns its name
+/// waits for that and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_daemon_stops_the_scope_a_dead_one_left_and_the_same_request_completes() {
+    let scenario = Scenario::new("relrecover");
+    let mut daemon = scenario.daemon("daemon:kill@module-step");
+    scenario.set("fork", true);
+    let connection = connect(&scenario.sandbox).await;
+    let path = submit(&connection, &scenario.request()).await.unwrap();
+    assert!(daemon.wait(common::JOB_TIMEOUT).unwrap().is_some());
+    scenario.set("fork", false);
+    let job = path.as_str().rsplit('/').next().unwrap().to_owned();
+    let unit = format!("module-updater-job{job}-{}.scope", scenario.instance.id);
+    let listed = scenario.scopes();
+    assert!(
+        listed.iter().any(|l| l.starts_with(&unit)),
+        "{unit} did not outlive the daemon: {listed:?}\n{}",
+        daemon.log()
+    );
+    let left = unit_processes(&scenario, &unit);
+    let child = scenario
+        .script_log()
+        .iter()
+        .find(|(w, _)| w == "child")
+        .unwrap()
+        .1;
+    assert!(left.contains(&child), "{child} not in {unit}: {left:?}");
+
+    let new_daemon = scenario.daemon("");
+    // The child ignores SIGTERM: the scope takes its stop timeout (1 s) to empty.
+    let listed = common::busctl(
+        &scenario.sandbox,
+        &[
+            "call",
+            module_updater_dbus::BUS_NAME,
+            module_updater_dbus::OBJECT_PATH,
+            module_updater_dbus::MANAGER_INTERFACE,
+            "ListInstances",
+        ],
+    );
+    let listed = common::text(&listed.stdout);
+    assert!(
+        listed.contains(&format!("\"{}\"", scenario.instance.id))
+            && listed.contains("\"recovering\""),
+        "{listed}"
+    );
+    let connection = connect(&scenario.sandbox).await;
+    let run = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    for pid in left {
+        assert!(!alive(pid), "{pid} of the old update still runs");
+    }
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    assert!(
+        new_daemon
+            .log()
+            .contains(&format!("stopping {unit}, left by a previous daemon")),
+        "{}",
+        new_daemon.log()
+    );
+    // The interrupted job says so.
+    let old = common::busctl(
+        &scenario.sandbox,
+        &[
+            "get-property",
+            module_updater_dbus::BUS_NAME,
+            path.as_str(),
+            module_updater_dbus::JOB_INTERFACE,
+            "Status",
+        ],
+    );
+    assert_eq!(common::text(&old.stdout).trim(), "s \"aborted\"");
+}
