@@ -181,7 +181,7 @@ const SYSTEM_MANAGER_ADDRESS: Key = Key {
     rule: Rule::Address,
     default: None,
     unset: "the system bus",
-    help: "The D-Bus address where the systemd manager of rootful instances answers.",
+    help: "The D-Bus address where the systemd manager of rootful instances answers; each instance update also runs in a transient scope of this manager.",
 };
 const NS8_AGENT_ENV: Key = Key {
     name: "ns8_agent_env",

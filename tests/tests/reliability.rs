@@ -373,6 +373,37 @@ async fn worker_killed_at(repo: &str, step: &str) {
     assert_eq!(result["error"]["step"], step, "{:#}", run.result);
     assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
     assert!(scenario.lock_free(), "the NS8 lock is held after the job");
+    // What the instance looks like (docs/reliability.md): the marker from the lock on, the new
+    // tree from the install on, the new environment from its rewrite on.
+    let order = [
+        "prepare",
+        "pull-image",
+        "extract",
+        "reload",
+        "update-environment",
+        "run-scripts",
+        "module-step",
+        "cleanup-images",
+    ];
+    let at = order.iter().position(|s| *s == step).unwrap();
+    let state = &scenario.instance.state_dir;
+    assert_eq!(
+        state.join(".module-updater.in-progress").exists(),
+        at >= 1,
+        "in-progress marker"
+    );
+    let version = std::fs::read_to_string(scenario.instance.install_dir.join("bin/version"))
+        .unwrap_or_default();
+    assert_eq!(
+        version,
+        if at >= 3 { "2.0\n" } else { "1.0\n" },
+        "install tree"
+    );
+    let env = module_updater_tests::parse_env(
+        &std::fs::read_to_string(state.join("environment")).unwrap(),
+    );
+    let url = env.get("IMAGE_URL").cloned().unwrap_or_default();
+    assert_eq!(url.ends_with(":2.0"), at >= 5, "environment: {url}");
     let rerun = common::run_job(&connection, &scenario.request()).await;
     assert_eq!(rerun.status, "completed", "{:#}", rerun.result);
     let log = scenario.script_log();
