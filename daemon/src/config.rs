@@ -954,7 +954,7 @@ system_manager_address = "unix:path=/run/other/bus"
     fn unknown_keys_and_sections_are_refused_with_the_list_of_keys() {
         let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, worker_nice, \
                    job_linger, idle_timeout, state_dir, system_manager_address, ns8_agent_env, \
-                   registry_connect_timeout, registry_timeout";
+                   registry_connect_timeout, registry_timeout, update_memory_max, update_tasks_max";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),
             format!("unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}")
