@@ -443,7 +443,7 @@ async fn daemon_killed_at(repo: &str, step: &str) {
     // must stop it. (Held at an earlier step, the daemon would never reach a later one.)
     scenario.set("hold", step == "run-scripts");
     let connection = connect(&scenario.sandbox).await;
-    submit(&connection, &scenario.request()).await.unwrap();
+    let old_job = submit(&connection, &scenario.request()).await.unwrap();
     let ended = daemon.wait(common::JOB_TIMEOUT).unwrap();
     assert!(ended.is_some(), "the daemon did not stop at {step}");
     scenario.set("hold", false);
@@ -467,6 +467,33 @@ async fn daemon_killed_at(repo: &str, step: &str) {
         .find(|i| i.0 == scenario.instance.id)
         .map(|i| i.2.clone());
     assert_eq!(state.as_deref(), Some("idle"));
+    // The old job, served again, says it was interrupted at that step.
+    let old = module_updater_dbus::JobProxy::builder(&connection)
+        .path(old_job)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(old.status().await.unwrap(), "aborted");
+    let result: serde_json::Value = serde_json::from_str(&old.get_result().await.unwrap()).unwrap();
+    assert_eq!(result["error"], "interrupted", "{result:#}");
+    // A step change is queued for the disk, not waited for: a daemon killed the moment a step
+    // starts may have recorded only the step before.
+    let steps = [
+        "prepare",
+        "pull-image",
+        "extract",
+        "reload",
+        "update-environment",
+        "run-scripts",
+        "module-step",
+        "cleanup-images",
+    ];
+    let at = steps.iter().position(|s| *s == step).unwrap();
+    let recorded = result["instances"][&scenario.instance.id]["error"]["step"].clone();
+    assert!(
+        recorded == step || (at > 0 && recorded == steps[at - 1]),
+        "recorded at {recorded}, killed at {step}: {result:#}"
+    );
 }
 
 macro_rules! daemon_kill_tests {
