@@ -663,3 +663,98 @@ async fn a_new_daemon_stops_the_scope_a_dead_one_left_and_the_same_request_compl
     );
     assert_eq!(common::text(&old.stdout).trim(), "s \"aborted\"");
 }
+
+/// A loopback port where nothing listens.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The registry cannot be reached: the update fails at the pull, nothing changed, nothing is
+/// left; the request with a reachable registry then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_registry_fails_the_pull_and_changes_nothing() {
+    let scenario = Scenario::new("relunreach");
+    let _daemon = scenario.daemon("");
+    let connection = connect(&scenario.sandbox).await;
+    let instance = &scenario.instance;
+    let env_before = std::fs::read(instance.env_file()).unwrap();
+    // The lock file NS8's agent also uses is created by the first update; the rest must not change.
+    let tree = || {
+        let mut tree = common::snapshot(&instance.install_dir);
+        tree.retain(|k, _| !k.ends_with(".update-module.lock"));
+        tree
+    };
+    let tree_before = tree();
+    let unreachable = format!("127.0.0.1:{}/relunreach:2.0", closed_port());
+    let run = common::run_job(&connection, &request(&unreachable, &[&instance.id], false)).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "failed", "{:#}", run.result);
+    assert_eq!(result["error"]["step"], "pull-image", "{:#}", run.result);
+    let reason = result["error"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(&unreachable), "{reason}");
+    assert_eq!(std::fs::read(instance.env_file()).unwrap(), env_before);
+    assert!(tree() == tree_before, "the install dir changed");
+    assert!(
+        !instance
+            .state_dir
+            .join(".module-updater.in-progress")
+            .exists()
+    );
+    assert!(scenario.lock_free());
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    let run = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+}
+
+/// A registry that accepts connections and never answers: a cancel ends the update promptly
+/// (well within the 10 s the worker gets between SIGTERM and SIGKILL), nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_never_answers_is_cancelled_promptly() {
+    let scenario = Scenario::new("relsilent");
+    let _daemon = scenario.daemon("");
+    let connection = connect(&scenario.sandbox).await;
+    let instance = &scenario.instance;
+    // Accepts every connection and keeps it open without a byte.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let url = format!("127.0.0.1:{port}/relsilent:2.0");
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &request(&url, &[&instance.id], false))
+        .await
+        .unwrap();
+    // The pull has reached the registry.
+    let deadline = Instant::now() + common::JOB_TIMEOUT;
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "podman never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let job = module_updater_dbus::JobProxy::builder(&connection)
+        .path(path.clone())
+        .build()
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    job.cancel().await.unwrap();
+    let run = follow(&connection, &mut stream, path).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the cancel took {:?}",
+        asked.elapsed()
+    );
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "cancelled", "{:#}", run.result);
+    assert!(scenario.lock_free());
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    let run = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+}
