@@ -758,3 +758,67 @@ async fn a_registry_that_never_answers_is_cancelled_promptly() {
     let run = common::run_job(&connection, &scenario.request()).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
 }
+
+/// The bus of the system manager restarts between two updates (`systemctl --user restart
+/// dbus.service` on the sandbox's system manager): the daemon's connection to it is gone, and the
+/// next update connects again and runs in a scope, as the first did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_update_after_the_system_bus_restarted_is_contained_again() {
+    let scenario = Scenario::new("relbus");
+    let daemon = scenario.daemon("");
+    let connection = connect(&scenario.sandbox).await;
+    let instance = &scenario.instance;
+    let run = common::run_job(&connection, &scenario.request()).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+
+    scenario.systemctl(&["restart", "dbus.service"]);
+    let bus = format!(
+        "--address=unix:path={}",
+        scenario.sandbox.root().join("rootmgr/bus").display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let owned = std::process::Command::new("busctl")
+            .args([
+                bus.as_str(),
+                "call",
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "NameHasOwner",
+                "s",
+                "org.freedesktop.systemd1",
+            ])
+            .output()
+            .unwrap();
+        if common::text(&owned.stdout).trim() == "b true" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the manager never came back on its bus"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    scenario.set("hold", true);
+    let forced = request(&scenario.v2, &[&instance.id], true);
+    let mut stream = subscribe(&connection).await;
+    let path = submit(&connection, &forced).await.unwrap();
+    let script = scenario.wait_script("start", 2).last().unwrap().1;
+    let cgroup = std::fs::read_to_string(format!("/proc/{script}/cgroup")).unwrap();
+    assert!(
+        cgroup.contains("/module-updater.slice/module-updater-job"),
+        "the update after the bus restart is not in a scope: {cgroup}\n{}",
+        daemon.log()
+    );
+    scenario.open_gate();
+    let run = follow(&connection, &mut stream, path).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    assert!(
+        !daemon.log().contains("without a systemd scope"),
+        "{}",
+        daemon.log()
+    );
+}
