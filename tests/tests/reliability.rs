@@ -822,3 +822,98 @@ async fn the_next_update_after_the_system_bus_restarted_is_contained_again() {
         daemon.log()
     );
 }
+
+/// Unmounts a mount point when dropped (also when the test fails).
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The install filesystem fills up during the extraction: the update fails at `extract` and the
+/// tree stays as it was; with room again, the same request completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_install_filesystem_fails_the_extraction_and_keeps_the_tree() {
+    let scenario = Scenario::new("relfull");
+    let instance = &scenario.instance;
+    let big = scenario
+        .sandbox
+        .build_image(
+            &ImageSpec::module("relfull", "3.0")
+                .file("bin/version", "3.0\n", 0o755)
+                .file("data/big", vec![7u8; 4 * 1024 * 1024], 0o644),
+        )
+        .unwrap();
+    // The install dir on a 1 MiB tmpfs of its own, with what it held.
+    let dir = &instance.install_dir;
+    let saved = scenario.sandbox.root().join("install-copy");
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(dir)
+        .arg(&saved)
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let options = format!(
+        "size=1m,mode=0755,uid={},gid={}",
+        instance.uid, instance.gid
+    );
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &options, "relfull"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs on {}", dir.display());
+    let _mount = Mounted(dir.clone());
+    let restore = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", saved.display()))
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(restore.success());
+    let tree = || {
+        let mut tree = common::snapshot(dir);
+        // Lock files (NS8's, the extraction's) are created by the first update that takes them.
+        tree.retain(|k, _| !k.ends_with(".lock"));
+        tree
+    };
+    let before = tree();
+
+    let _daemon = scenario.daemon("");
+    let connection = connect(&scenario.sandbox).await;
+    let full = request(&big, &[&instance.id], false);
+    let run = common::run_job(&connection, &full).await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "failed", "{:#}", run.result);
+    assert_eq!(result["error"]["step"], "extract", "{:#}", run.result);
+    let reason = result["error"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("No space left on device"), "{reason}");
+    let after = tree();
+    let changed: Vec<&String> = after
+        .keys()
+        .chain(before.keys())
+        .filter(|k| after.get(*k) != before.get(*k))
+        .collect();
+    assert!(changed.is_empty(), "the install tree changed: {changed:?}");
+    assert!(scenario.lock_free());
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let run = common::run_job(&connection, &full).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("bin/version")).unwrap(),
+        "3.0\n"
+    );
+}
