@@ -917,3 +917,106 @@ async fn a_full_install_filesystem_fails_the_extraction_and_keeps_the_tree() {
         "3.0\n"
     );
 }
+
+/// The instance user's podman storage fills up during the pull: the update fails at
+/// `pull-image` and the tree stays as it was; with room again, the same request completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_storage_filesystem_fails_the_pull_and_keeps_the_tree() {
+    let scenario = Scenario::new("relstore");
+    let instance = &scenario.instance;
+    let big = scenario
+        .sandbox
+        .build_image(
+            &ImageSpec::module("relstore", "3.0")
+                .file("bin/version", "3.0\n", 0o755)
+                .file("data/big", vec![7u8; 8 * 1024 * 1024], 0o644),
+        )
+        .unwrap();
+    // The user's storage on a tmpfs of its own, with what it held; the user's pause process
+    // goes, so that its next podman sees the mount.
+    let storage = instance.home.join(".local/share/containers");
+    let saved = scenario.sandbox.root().join("storage-copy");
+    let run = |argv: &[&std::ffi::OsStr]| {
+        let status = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{argv:?}");
+    };
+    run(&[
+        "cp".as_ref(),
+        "-a".as_ref(),
+        storage.as_os_str(),
+        saved.as_os_str(),
+    ]);
+    let used: u64 = String::from_utf8_lossy(
+        &std::process::Command::new("du")
+            .args(["-sk"])
+            .arg(&saved)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .split_whitespace()
+    .next()
+    .and_then(|k| k.parse().ok())
+    .unwrap();
+    // Room for what is there and 2 MiB more: not for the 8 MiB layer.
+    let options = format!(
+        "size={}k,mode=0755,uid={},gid={}",
+        used + 2048,
+        instance.uid,
+        instance.gid
+    );
+    run(&[
+        "mount".as_ref(),
+        "-t".as_ref(),
+        "tmpfs".as_ref(),
+        "-o".as_ref(),
+        options.as_ref(),
+        "relstore".as_ref(),
+        storage.as_os_str(),
+    ]);
+    let _mount = Mounted(storage.clone());
+    run(&[
+        "cp".as_ref(),
+        "-a".as_ref(),
+        format!("{}/.", saved.display()).as_ref(),
+        storage.as_os_str(),
+    ]);
+    if let Some(pause) = pause_process(instance) {
+        kill(Pid::from_raw(pause), Signal::SIGKILL).unwrap();
+    }
+    let tree = || {
+        let mut tree = common::snapshot(&instance.install_dir);
+        tree.retain(|k, _| !k.ends_with(".lock"));
+        tree
+    };
+    let before = tree();
+
+    let _daemon = scenario.daemon("");
+    let connection = connect(&scenario.sandbox).await;
+    let full = request(&big, &[&instance.id], false);
+    let job = common::run_job(&connection, &full).await;
+    let result = job.instance(&instance.id);
+    assert_eq!(result["status"], "failed", "{:#}", job.result);
+    assert_eq!(result["error"]["step"], "pull-image", "{:#}", job.result);
+    let reason = result["error"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no space left on device"), "{reason}");
+    assert!(tree() == before, "the install tree changed");
+    assert!(scenario.lock_free());
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+
+    run(&[
+        "mount".as_ref(),
+        "-o".as_ref(),
+        "remount,size=512m".as_ref(),
+        storage.as_os_str(),
+    ]);
+    let job = common::run_job(&connection, &full).await;
+    assert_eq!(job.status, "completed", "{:#}", job.result);
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/version")).unwrap(),
+        "3.0\n"
+    );
+}
