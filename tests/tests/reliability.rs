@@ -1020,3 +1020,142 @@ async fn a_full_storage_filesystem_fails_the_pull_and_keeps_the_tree() {
         "3.0\n"
     );
 }
+
+/// A TCP proxy in front of the sandbox registry that closes every connection, and stops
+/// listening, once `cut_after` bytes went down (`None`: never), declared plain-HTTP to podman
+/// for as long as it lives.
+struct Proxy {
+    port: u16,
+    conf: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepting: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    fn start(registry: &str, port: u16, cut_after: Option<usize>) -> Proxy {
+        use std::io::{Read, Write};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conf = Path::new(module_updater_tests::REGISTRIES_CONF_D)
+            .join(format!("module-updater-test-proxy-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!("[[registry]]\nlocation = \"127.0.0.1:{port}\"\ninsecure = true\n"),
+        )
+        .unwrap();
+        let registry = registry.to_owned();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let accepting = std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let cut = cut_after.is_some_and(|cut| sent.load(Ordering::SeqCst) >= cut);
+                if cut || stopping.load(Ordering::SeqCst) {
+                    // Gone: this connection is dropped, later ones are refused.
+                    break;
+                }
+                let Ok(upstream) = std::net::TcpStream::connect(&registry) else {
+                    continue;
+                };
+                let (mut up_read, mut client_write) =
+                    (upstream.try_clone().unwrap(), client.try_clone().unwrap());
+                let (mut client_read, mut up_write) = (client, upstream);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_read, &mut up_write);
+                });
+                let counter = Arc::clone(&sent);
+                std::thread::spawn(move || {
+                    let mut buffer = [0u8; 16384];
+                    while let Ok(n) = up_read.read(&mut buffer) {
+                        if n == 0 || client_write.write_all(&buffer[..n]).is_err() {
+                            break;
+                        }
+                        let total = counter.fetch_add(n, Ordering::SeqCst) + n;
+                        if cut_after.is_some_and(|cut| total >= cut) {
+                            break;
+                        }
+                    }
+                    let _ = client_write.shutdown(std::net::Shutdown::Both);
+                    let _ = up_read.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Proxy {
+            port,
+            conf,
+            stop,
+            accepting: Some(accepting),
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.conf);
+        // Wakes the accept loop, which then closes the listener.
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(accepting) = self.accepting.take() {
+            let _ = accepting.join();
+        }
+    }
+}
+
+/// Bytes no compressor shrinks (a simple generator: the test needs volume, not quality).
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u8
+        })
+        .collect()
+}
+
+/// The registry goes away in the middle of the download: the update fails at `pull-image` and
+/// the tree stays as it was; with the registry back at the same address, the same request
+/// completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_gone_mid_download_fails_the_pull_and_the_same_request_completes_later() {
+    let scenario = Scenario::new("relcut");
+    let instance = &scenario.instance;
+    scenario
+        .sandbox
+        .build_image(
+            &ImageSpec::module("relcut", "3.0")
+                .file("bin/version", "3.0\n", 0o755)
+                .file("data/noise", noise(8 * 1024 * 1024, 3), 0o644),
+        )
+        .unwrap();
+    let registry = scenario.sandbox.registry();
+    let proxy = Proxy::start(&registry, 0, Some(1024 * 1024));
+    let port = proxy.port;
+    let url = format!("127.0.0.1:{port}/relcut:3.0");
+    let tree = || {
+        let mut tree = common::snapshot(&instance.install_dir);
+        tree.retain(|k, _| !k.ends_with(".lock"));
+        tree
+    };
+    let before = tree();
+    let _daemon = scenario.daemon("");
+    let connection = connect(&scenario.sandbox).await;
+    let job = common::run_job(&connection, &request(&url, &[&instance.id], false)).await;
+    let result = job.instance(&instance.id);
+    assert_eq!(result["status"], "failed", "{:#}", job.result);
+    assert_eq!(result["error"]["step"], "pull-image", "{:#}", job.result);
+    assert!(tree() == before, "the install tree changed");
+    assert!(scenario.lock_free());
+    assert!(scenario.scopes().is_empty(), "{:?}", scenario.scopes());
+    drop(proxy);
+
+    let _back = Proxy::start(&registry, port, None);
+    let job = common::run_job(&connection, &request(&url, &[&instance.id], false)).await;
+    assert_eq!(job.status, "completed", "{:#}", job.result);
+    assert_eq!(
+        std::fs::read_to_string(instance.install_dir.join("bin/version")).unwrap(),
+        "3.0\n"
+    );
+}
