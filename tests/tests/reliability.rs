@@ -1159,3 +1159,33 @@ async fn a_registry_gone_mid_download_fails_the_pull_and_the_same_request_comple
         "3.0\n"
     );
 }
+
+/// No systemd manager at the daemon's system manager address: the update still runs, without a
+/// scope, and the daemon's log says so for the instance (the documented degradation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_reachable_manager_an_update_runs_uncontained_with_a_warning() {
+    let mut sandbox = Sandbox::new().unwrap();
+    let v1 = sandbox
+        .build_image(&common::module_image(&sandbox, "relnomgr", "1.0", &[]))
+        .unwrap();
+    let v2 = sandbox
+        .build_image(&common::module_image(&sandbox, "relnomgr", "2.0", &[]))
+        .unwrap();
+    let instance = sandbox.add_rootless_instance("relnomgr").unwrap();
+    sandbox.install(&instance, &v1).unwrap();
+    let nowhere = format!(
+        "--system-manager-address=unix:path={}",
+        sandbox.root().join("no-manager-here").display()
+    );
+    let daemon = common::start_daemon(&sandbox, &[&nowhere]);
+    let connection = connect(&sandbox).await;
+    let run = common::run_job(&connection, &request(&v2, &[&instance.id], false)).await;
+    assert_eq!(run.status, "completed", "{:#}", run.result);
+    let log = daemon.log();
+    assert!(
+        log.lines().any(|l| l.contains(&instance.id)
+            && l.contains("runs without a systemd scope")
+            && l.contains("no-manager-here")),
+        "{log}"
+    );
+}
