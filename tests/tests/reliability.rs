@@ -225,6 +225,10 @@ async fn an_update_runs_in_a_scope_the_manager_lists_and_the_daemon_never_runs_s
     let scenario = Scenario::new("relscope");
     let sandbox = &scenario.sandbox;
     // Every exec of the daemon and of all its descendants is traced.
+    assert!(
+        module_updater_tests::cmd::find_tool("strace").is_some(),
+        "strace not found: apt-get install strace (`cargo xtask test` installs it)"
+    );
     let trace = sandbox.root().join("exec.trace");
     let command = sandbox.daemon_command(&[]).unwrap();
     let daemon_args: Vec<std::ffi::OsString> = std::iter::once(command.get_program().to_owned())

@@ -54,6 +54,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "dpkg-dev",
         "dpkg-shlibdeps, with which cargo-deb computes the package's library dependencies",
     ),
+    (
+        "strace",
+        "traces every exec of the daemon and its workers, to show it never runs systemctl or systemd-run (tests/reliability.rs)",
+    ),
 ];
 
 fn main() -> ExitCode {
