@@ -74,7 +74,7 @@ impl Manager {
         Ok(path)
     }
 
-    /// Every instance: (id, image URL, `idle` or `updating`, the job holding it or `/`).
+    /// Every instance: (id, image URL, `idle`, `updating` or `recovering`, the job holding it or `/`).
     #[zbus(out_args("instances"))]
     async fn list_instances(&self) -> Vec<(String, String, String, OwnedObjectPath)> {
         let jobs = Arc::clone(&self.jobs);
