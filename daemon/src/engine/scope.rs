@@ -59,18 +59,29 @@ pub struct Scopes {
     connection: tokio::sync::Mutex<Option<zbus::Connection>>,
 }
 
-/// Whether an error says that no manager is there at all (rather than that it refused).
+/// Whether an error says that no manager is there at all (rather than that it refused): no bus,
+/// nobody owns systemd's name, or the bus failed to activate it (a system bus without systemd
+/// as PID 1, whose activation file runs /bin/false).
 fn unreachable(error: &SystemdError) -> bool {
     match error {
         SystemdError::Connect { .. } => true,
-        SystemdError::Call { source, .. } | SystemdError::Unit { source, .. } => matches!(
-            source,
-            zbus::Error::MethodError(name, _, _)
-                if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown"
-                    || name.as_str() == "org.freedesktop.DBus.Error.NameHasNoOwner"
-        ),
+        SystemdError::Call { source, .. } | SystemdError::Unit { source, .. } => {
+            let name = match source {
+                zbus::Error::MethodError(name, _, _) => name.to_string(),
+                zbus::Error::FDO(error) => zbus::DBusError::name(error.as_ref()).to_string(),
+                _ => return false,
+            };
+            no_manager(&name)
+        }
         _ => false,
     }
+}
+
+/// Whether a D-Bus error name says that nobody serves systemd's name on the bus.
+fn no_manager(error_name: &str) -> bool {
+    error_name == "org.freedesktop.DBus.Error.ServiceUnknown"
+        || error_name == "org.freedesktop.DBus.Error.NameHasNoOwner"
+        || error_name.starts_with("org.freedesktop.DBus.Error.Spawn.")
 }
 
 /// Whether the connection itself failed (the bus restarted): worth one new connection.
@@ -223,5 +234,23 @@ mod tests {
         );
         assert_eq!(parse_unit_name("module-updater-jobx-a.scope"), None);
         assert_eq!(parse_unit_name("other.scope"), None);
+    }
+
+    #[test]
+    fn only_a_missing_manager_degrades_to_an_uncontained_update() {
+        for name in [
+            "org.freedesktop.DBus.Error.ServiceUnknown",
+            "org.freedesktop.DBus.Error.NameHasNoOwner",
+            "org.freedesktop.DBus.Error.Spawn.ChildExited",
+        ] {
+            assert!(no_manager(name), "{name}");
+        }
+        for name in [
+            "org.freedesktop.DBus.Error.AccessDenied",
+            "org.freedesktop.systemd1.UnitExists",
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ] {
+            assert!(!no_manager(name), "{name}");
+        }
     }
 }
