@@ -320,9 +320,11 @@ impl Jobs {
         let result = if *cancel.borrow() {
             InstanceResult::new(InstanceStatus::Cancelled)
         } else {
+            // What a previous daemon left on the instance goes first (without taking a permit
+            // from other instances meanwhile).
+            let recovered = self.wait_recovered(&instance).await;
             // Bounded parallelism across all jobs; a closed semaphore cannot happen (never closed).
             let _permit = self.permits.acquire().await;
-            let recovered = self.wait_recovered(&instance).await;
             if *cancel.borrow() {
                 InstanceResult::new(InstanceStatus::Cancelled)
             } else if let Err(reason) = recovered {
