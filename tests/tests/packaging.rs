@@ -865,15 +865,32 @@ async fn the_installed_package_activates_updates_and_purges_cleanly() {
 
     // What the unit must not say, verified on this update. With no pause process left for the
     // instance user, a worker's podman starts one inside the unit's mount namespace, and every
-    // later podman command of that user joins it (docs/install.md: why no PrivateTmp=).
+    // podman command of that user joins it while it lives (docs/install.md: why no
+    // PrivateTmp=). Where podman cannot move it to a scope of the user's manager (here), it is
+    // in the update's scope and stops with it: a script of the update records it.
     kill_pause_process(&rootless);
     let v3 = sandbox
-        .build_image(&ImageSpec::module("hardened", "3.0"))
+        .build_image(&ImageSpec::module("hardened", "3.0").file(
+            "update-module.d/50pause",
+            "#!/bin/sh\np=$(cat \"$XDG_RUNTIME_DIR/libpod/tmp/pause.pid\")\n\
+             echo $p > \"$AGENT_STATE_DIR/pause.pid\"\n\
+             cat /proc/$p/mountinfo > \"$AGENT_STATE_DIR/pause.mountinfo\"\n\
+             cat /proc/$p/cgroup > \"$AGENT_STATE_DIR/pause.cgroup\"\n",
+            0o755,
+        ))
         .unwrap();
     let run = common::run_job(&connection, &common::request(&v3, &[&rootless.id], false)).await;
     assert_eq!(run.status, "completed", "{:#}", run.result);
-    let pause = pause_pid(&rootless).expect("the worker's podman left a pause process");
-    let pause_mounts = read(format!("/proc/{pause}/mountinfo"));
+    let pause: i32 = read(rootless.state_dir.join("pause.pid"))
+        .trim()
+        .parse()
+        .expect("the worker's podman started a pause process");
+    assert_eq!(
+        pause_pid(&rootless),
+        None,
+        "the pause process {pause} the update started outlived its scope"
+    );
+    let pause_mounts = read(rootless.state_dir.join("pause.mountinfo"));
     let pause_usr: Vec<&str> = pause_mounts
         .lines()
         .filter(|l| l.split_whitespace().nth(4) == Some("/usr"))
@@ -889,12 +906,13 @@ async fn the_installed_package_activates_updates_and_purges_cleanly() {
             .is_some_and(|o| o.split(',').any(|o| o == "ro")),
         "the pause process has the unit's read-only /usr: {pause_usr:?}"
     );
-    let pause_cgroup = read(format!("/proc/{pause}/cgroup"));
+    let pause_cgroup = read(rootless.state_dir.join("pause.cgroup"));
+    let scope = "/module-updater.slice/module-updater-job";
     assert!(
-        pause_cgroup
-            .lines()
-            .any(|l| l.starts_with("0::") && l.ends_with("/module-updaterd.service")),
-        "the pause process is in the unit's cgroup: {pause_cgroup}"
+        pause_cgroup.lines().any(|l| l.starts_with("0::")
+            && l.contains(scope)
+            && l.ends_with(&format!("-{}.scope", rootless.id))),
+        "the pause process is in the update's scope: {pause_cgroup}"
     );
     // NoNewPrivileges=yes: the setuid newuidmap cannot map the user's ids, so rootless podman
     // fails when it has to start a pause process.
