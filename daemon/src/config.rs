@@ -184,7 +184,7 @@ const SYSTEM_MANAGER_ADDRESS: Key = Key {
     rule: Rule::Address,
     default: None,
     unset: "the system bus",
-    help: "The D-Bus address where the systemd manager of rootful instances answers.",
+    help: "The D-Bus address where the systemd manager of rootful instances answers; each instance update also runs in a transient scope of this manager.",
 };
 const NS8_AGENT_ENV: Key = Key {
     name: "ns8_agent_env",
@@ -241,6 +241,30 @@ const ROLLBACK_ON_FAILURE: Key = Key {
     help: "Roll an instance back to its kept previous version when its update fails at a module step or the health gate; a request's rollback_on_failure overrides it.",
 };
 
+// module-updater scopes (issue 19): limits of each update's systemd scope.
+const UPDATE_MEMORY_MAX: Key = Key {
+    name: "update_memory_max",
+    rule: Rule::Number {
+        min: 1048576,
+        max: 1 << 50,
+        unit: "bytes",
+    },
+    default: None,
+    unset: "no limit",
+    help: "MemoryMax= of each instance update's systemd scope: the update (podman, scripts and their children) is killed by the kernel when it uses more memory than this.",
+};
+const UPDATE_TASKS_MAX: Key = Key {
+    name: "update_tasks_max",
+    rule: Rule::Number {
+        min: 16,
+        max: 1048576,
+        unit: "processes and threads",
+    },
+    default: None,
+    unset: "systemd's default",
+    help: "TasksMax= of each instance update's systemd scope: at most this many processes and threads at once.",
+};
+
 /// Every key the configuration file may hold, in the order the default file lists them.
 pub const KEYS: &[Key] = &[
     HOME_BASE,
@@ -258,6 +282,8 @@ pub const KEYS: &[Key] = &[
     HEALTH_TIMEOUT,
     KEEP_PREVIOUS,
     ROLLBACK_ON_FAILURE,
+    UPDATE_MEMORY_MAX,
+    UPDATE_TASKS_MAX,
 ];
 
 /// Why the configuration cannot be used. Each message names the file, the key, the value and
@@ -339,6 +365,12 @@ pub struct Settings {
     /// Roll an instance back when its update fails (module step or health gate) [default: false].
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub rollback_on_failure: Option<bool>,
+    /// MemoryMax= of each update's systemd scope, in bytes [default: no limit].
+    #[arg(long, value_name = "BYTES", value_parser = update_memory_max_flag)]
+    pub update_memory_max: Option<u64>,
+    /// TasksMax= of each update's systemd scope [default: systemd's].
+    #[arg(long, value_name = "N", value_parser = update_tasks_max_flag)]
+    pub update_tasks_max: Option<u64>,
 }
 
 impl Settings {
@@ -362,6 +394,8 @@ impl Settings {
             health_timeout: self.health_timeout.or(lower.health_timeout),
             keep_previous: self.keep_previous.or(lower.keep_previous),
             rollback_on_failure: self.rollback_on_failure.or(lower.rollback_on_failure),
+            update_memory_max: self.update_memory_max.or(lower.update_memory_max),
+            update_tasks_max: self.update_tasks_max.or(lower.update_tasks_max),
         }
     }
 }
@@ -414,6 +448,12 @@ fn registry_timeout_flag(text: &str) -> Result<u64, String> {
 fn health_timeout_flag(text: &str) -> Result<u64, String> {
     number_flag(&HEALTH_TIMEOUT, text)
 }
+fn update_memory_max_flag(text: &str) -> Result<u64, String> {
+    number_flag(&UPDATE_MEMORY_MAX, text)
+}
+fn update_tasks_max_flag(text: &str) -> Result<u64, String> {
+    number_flag(&UPDATE_TASKS_MAX, text)
+}
 fn max_parallel_flag(text: &str) -> Result<usize, String> {
     // At most MAX_PARALLEL, so it fits any usize.
     number_flag(&MAX_PARALLEL_KEY, text).map(|n| n as usize)
@@ -439,6 +479,8 @@ struct RawFile {
     health_timeout: Option<i64>,
     keep_previous: Option<bool>,
     rollback_on_failure: Option<bool>,
+    update_memory_max: Option<i64>,
+    update_tasks_max: Option<i64>,
 }
 
 /// A value as the file writes it, for messages.
@@ -497,6 +539,8 @@ impl RawFile {
             health_timeout: number(&HEALTH_TIMEOUT, self.health_timeout)?,
             keep_previous: self.keep_previous,
             rollback_on_failure: self.rollback_on_failure,
+            update_memory_max: number(&UPDATE_MEMORY_MAX, self.update_memory_max)?,
+            update_tasks_max: number(&UPDATE_TASKS_MAX, self.update_tasks_max)?,
         })
     }
 }
@@ -662,6 +706,8 @@ pub struct Config {
     pub keep_previous: bool,
     pub rollback_on_failure: bool,
     pub rootful_podman_args: Vec<String>,
+    /// MemoryMax=/TasksMax= of each update's scope.
+    pub scope_limits: crate::engine::scope::Limits,
     pub verbose: bool,
     /// The configuration file that was read, if any.
     pub config_file: Option<PathBuf>,
@@ -698,6 +744,10 @@ impl Config {
             keep_previous: settings.keep_previous.unwrap_or(true),
             rollback_on_failure: settings.rollback_on_failure.unwrap_or(false),
             rootful_podman_args: cli.rootful_podman_args,
+            scope_limits: crate::engine::scope::Limits {
+                memory_max: settings.update_memory_max,
+                tasks_max: settings.update_tasks_max,
+            },
             verbose: cli.verbose,
             config_file,
         }
@@ -978,7 +1028,7 @@ system_manager_address = "unix:path=/run/other/bus"
         let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, worker_nice, \
                    job_linger, idle_timeout, state_dir, system_manager_address, ns8_agent_env, \
                    registry_connect_timeout, registry_timeout, health_timeout, keep_previous, \
-                   rollback_on_failure";
+                   rollback_on_failure, update_memory_max, update_tasks_max";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),
             format!("unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}")

@@ -5,6 +5,7 @@ pub mod bus;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod failpoint;
 pub mod history;
 pub mod job_store;
 pub mod jobs;

@@ -85,6 +85,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         state_dir: config.state_dir.clone(),
         rootful_podman_args: config.rootful_podman_args.clone(),
         ns8_agent_env: config.ns8_agent_env.clone(),
+        scope_limits: config.scope_limits,
     };
     let state_error = |source| ServiceError::StateDir {
         path: config.state_dir.display().to_string(),
@@ -149,6 +150,9 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         instances,
     ));
 
+    // What a previous daemon's updates left running is found before the first request (the
+    // state dir's lock says no other daemon runs) and stopped; their instances wait meanwhile.
+    jobs.recover_scopes().await;
     request_name(&connection, &bus).await?;
     log::info!("serving {} on {bus}", contract::BUS_NAME);
     notify::ready();

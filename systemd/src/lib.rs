@@ -4,6 +4,7 @@
 pub mod logging;
 pub mod manager;
 pub mod notify;
+pub mod scope;
 
 pub use manager::{ManagerProxy, UnitProxy};
 
@@ -21,6 +22,19 @@ pub enum SystemdError {
         method: &'static str,
         #[source]
         source: zbus::Error,
+    },
+    #[error("systemd manager call {method} for {unit} failed: {source}")]
+    Unit {
+        unit: String,
+        method: &'static str,
+        #[source]
+        source: zbus::Error,
+    },
+    #[error("the systemd manager's {action} job of {unit} ended with result {result:?}")]
+    Job {
+        unit: String,
+        action: &'static str,
+        result: String,
     },
     #[error("cannot install the logger: {0}")]
     Logger(String),

@@ -35,9 +35,55 @@ pub trait Manager {
     ) -> zbus::Result<Vec<(String, String)>>;
     /// `systemctl restart`: queues the job and returns its path.
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    /// Asks the manager to emit job and unit signals to this client (the API bus only sends
+    /// them while a client is subscribed).
+    fn subscribe(&self) -> zbus::Result<()>;
+    /// Creates and starts a transient unit (a scope here); returns the start job's path.
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, zbus::Variant<'_>)],
+        aux: &[(&str, &[(&str, zbus::Variant<'_>)])],
+    ) -> zbus::Result<zbus::OwnedObjectPath>;
+    /// Stops a unit; returns the stop job's path.
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    /// The loaded units whose names match one of `patterns` (and whose state is one of
+    /// `states`, or any state when empty).
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<Vec<ListedUnit>>;
+    /// A job left the manager's queue: `result` is `done`, `canceled`, `timeout`, `failed`,
+    /// `dependency` or `skipped`.
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: zbus::ObjectPath<'_>,
+        unit: &str,
+        result: &str,
+    ) -> zbus::Result<()>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
 }
+
+/// One entry of `ListUnits`/`ListUnitsByPatterns`: name, description, load state, active state,
+/// sub-state, followed unit, object path, job id, job type, job path.
+pub type ListedUnit = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    zbus::OwnedObjectPath,
+    u32,
+    String,
+    zbus::OwnedObjectPath,
+);
 
 #[proxy(
     interface = "org.freedesktop.systemd1.Unit",
@@ -56,20 +102,6 @@ pub trait Unit {
     #[zbus(property)]
     fn transient(&self) -> zbus::Result<bool>;
 }
-
-/// One entry of `ListUnits`.
-pub type ListedUnit = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    zbus::OwnedObjectPath,
-    u32,
-    String,
-    zbus::OwnedObjectPath,
-);
 
 /// The address of a user's bus for its runtime directory.
 pub fn user_bus_address(runtime_dir: &Path) -> String {

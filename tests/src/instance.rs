@@ -439,6 +439,13 @@ impl Sandbox {
         Ok(instance)
     }
 
+    /// Starts the root-run `systemd --user` that stands in for the system manager, if it is not
+    /// running yet: daemons started afterwards get it as `--system-manager-address` and put each
+    /// update in a scope there. Without it (no rootful instance), a daemon runs updates uncontained.
+    pub fn start_root_manager(&mut self) -> Result<()> {
+        self.ensure_root_manager()
+    }
+
     /// Starts the root-run `systemd --user` that stands in for the system manager.
     fn ensure_root_manager(&mut self) -> Result<()> {
         if self.root_manager.is_some() {

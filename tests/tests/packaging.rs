@@ -925,10 +925,10 @@ async fn the_installed_package_activates_updates_and_purges_cleanly() {
         "the pause process has the unit's read-only /usr: {pause_usr:?}"
     );
     let pause_cgroup = read(rootless.state_dir.join("pause.cgroup"));
-    let scope = "/module-updater.slice/module-updater-job".to_string();
+    let scope = "/module-updater.slice/module-updater-job";
     assert!(
         pause_cgroup.lines().any(|l| l.starts_with("0::")
-            && l.contains(&scope)
+            && l.contains(scope)
             && l.ends_with(&format!("-{}.scope", rootless.id))),
         "the pause process is in the update's scope: {pause_cgroup}"
     );

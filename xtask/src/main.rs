@@ -74,6 +74,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "chromium",
         "the headless browser the Cockpit page's tests drive through the DevTools protocol",
     ),
+    (
+        "strace",
+        "traces every exec of the daemon and its workers, to show it never runs systemctl or systemd-run (tests/reliability.rs)",
+    ),
 ];
 
 fn main() -> ExitCode {

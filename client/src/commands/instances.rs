@@ -113,7 +113,12 @@ pub(super) async fn show(ctx: &Ctx, instance: &str) -> Result<u8, ClientError> {
             ));
         }
         text.push('\n');
-        let rows: Vec<Vec<String>> = environment.into_iter().map(|(k, v)| vec![k, v]).collect();
+        // `state` is GetInstance's, not the environment's: it is in the header above.
+        let rows: Vec<Vec<String>> = environment
+            .into_iter()
+            .filter(|(k, _)| k != "state")
+            .map(|(k, v)| vec![k, v])
+            .collect();
         text.push_str(&render::table(&["KEY", "VALUE"], &rows));
         out(&text);
     }

@@ -60,10 +60,8 @@ fn views(jobs: &Jobs) -> BTreeMap<String, InstanceView> {
             let instance = &found.instance;
             let url = found.environment.get("IMAGE_URL").unwrap_or_default();
             let (repository, tag) = repository_and_tag(url);
-            let (state, job) = match jobs.busy_with(&instance.id) {
-                Some(job) => (InstanceState::Updating, path(job_path(job))),
-                None => (InstanceState::Idle, path("/".to_owned())),
-            };
+            let (state, job) = jobs.instance_state(&instance.id);
+            let job = path(job.map_or_else(|| "/".to_owned(), job_path));
             let last_update = jobs
                 .history()
                 .latest(&instance.id)

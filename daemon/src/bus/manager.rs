@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use module_updater_dbus::types::InstanceState;
 use module_updater_dbus::{Error, FEATURES};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectServer, OwnedObjectPath};
@@ -118,7 +117,7 @@ impl Manager {
             .await
     }
 
-    /// Every instance: (id, image URL, `idle` or `updating`, the job holding it or `/`).
+    /// Every instance: (id, image URL, `idle`, `updating` or `recovering`, the job holding it or `/`).
     #[zbus(out_args("instances"))]
     async fn list_instances(&self) -> Vec<(String, String, String, OwnedObjectPath)> {
         let jobs = Arc::clone(&self.jobs);
@@ -132,10 +131,8 @@ impl Manager {
             .map(|f| {
                 let id = &f.instance.id;
                 let url = f.environment.get("IMAGE_URL").unwrap_or_default();
-                let (state, job) = match self.jobs.busy_with(id) {
-                    Some(job) => (InstanceState::Updating, object_path(job_path(job))),
-                    None => (InstanceState::Idle, object_path("/".to_owned())),
-                };
+                let (state, job) = self.jobs.instance_state(id);
+                let job = object_path(job.map_or_else(|| "/".to_owned(), job_path));
                 (id.clone(), url.to_owned(), state.as_str().to_owned(), job)
             })
             .collect()
@@ -166,6 +163,8 @@ impl Manager {
         info.insert("MODULE_ID".into(), instance.id.clone());
         info.insert("rootless".into(), instance.rootless.to_string());
         info.insert("uid".into(), instance.uid.to_string());
+        let (state, _) = self.jobs.instance_state(&instance.id);
+        info.insert("state".into(), state.as_str().to_owned());
         Ok(info)
     }
 

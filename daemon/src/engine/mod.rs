@@ -16,6 +16,7 @@ pub mod kept;
 pub mod lock;
 pub mod oci_archive;
 pub mod podman;
+pub mod scope;
 pub mod scratch;
 pub mod scripts;
 pub mod shared_images;

@@ -21,6 +21,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::events::{Event, priority};
+use super::scope::Scopes;
 use super::scratch;
 use super::update::{self, UpdateJob};
 
@@ -72,6 +73,7 @@ pub fn worker_environment(job: &UpdateJob) -> BTreeMap<String, String> {
     }
     // An admin's choice for podman's garbage collector (`engine/go_runtime.rs`).
     pass_through(&mut env, &super::go_runtime::VARIABLES);
+    pass_through(&mut env, crate::failpoint::passed_to_workers());
     if !instance.rootless {
         pass_through(&mut env, &PODMAN_PASSTHROUGH);
     }
@@ -88,11 +90,14 @@ fn pass_through(env: &mut BTreeMap<String, String>, keys: &[&str]) {
 }
 
 /// Daemon side: updates one instance in a worker process and returns its result. `on_event` gets
-/// every event as it arrives; the final `Finished` event's result is returned instead.
+/// every event as it arrives; the final `Finished` event's result is returned instead. The worker
+/// runs in a systemd scope of its own ([`Scopes`]), created before it reads its job and stopped
+/// (empty) before this returns.
 pub async fn update_instance(
     worker_exe: &Path,
+    scopes: &Scopes,
     job: &UpdateJob,
-    mut cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
     on_event: &mut (dyn FnMut(Event) + Send),
 ) -> InstanceResult {
     let spawned = Command::new(worker_exe)
@@ -117,7 +122,48 @@ pub async fn update_instance(
             );
         }
     };
-    let pid = child.id().map(|id| Pid::from_raw(id as i32));
+    let Some(raw_pid) = child.id() else {
+        return InstanceResult::failed(Step::Prepare, "the worker ended at once".to_owned());
+    };
+    let pid = Some(Pid::from_raw(raw_pid as i32));
+    // The worker waits for its job on stdin: it is in its scope before it does anything.
+    let scope = match scopes.contain(job.job_id, &job.instance.id, raw_pid).await {
+        Ok(scope) => scope,
+        Err(err) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return InstanceResult::failed(Step::Prepare, err.to_string());
+        }
+    };
+    let result = run_contained(child, pid, job, cancel, on_event).await;
+    finish_scope(scopes, scope.as_deref(), &job.instance.id, result).await
+}
+
+/// Stops the update's scope (if it has one) and returns once nothing of the update runs any
+/// more; a scope the manager could not stop is a warning of the result.
+async fn finish_scope(
+    scopes: &Scopes,
+    scope: Option<&str>,
+    instance: &str,
+    mut result: InstanceResult,
+) -> InstanceResult {
+    if let Some(unit) = scope
+        && let Err(err) = scopes.stop(unit).await
+    {
+        log::error!(MODULE_ID = instance; "{err}");
+        result.warnings.push(err.to_string());
+    }
+    result
+}
+
+/// Feeds the job to the started worker, follows its events until it ends, and cleans up after it.
+async fn run_contained(
+    mut child: tokio::process::Child,
+    pid: Option<Pid>,
+    job: &UpdateJob,
+    mut cancel: watch::Receiver<bool>,
+    on_event: &mut (dyn FnMut(Event) + Send),
+) -> InstanceResult {
     let job_json = match serde_json::to_vec(job) {
         Ok(json) => json,
         Err(err) => {
@@ -289,7 +335,12 @@ pub fn worker_main() -> i32 {
                 let _ = cancel_tx.send(true);
             });
         }
-        let mut emit = |event: Event| emit_line(&event);
+        let mut emit = |event: Event| {
+            emit_line(&event);
+            if let Event::StepStarted { step } = &event {
+                crate::failpoint::step_started(crate::failpoint::Process::Worker, *step);
+            }
+        };
         update::run(&job, cancel_rx, &mut emit).await
     });
     finished(result)

@@ -8,13 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use module_updater_dbus::types::{InstanceResult, InstanceStatus, JobInstanceStatus, Step};
+use module_updater_dbus::types::{
+    InstanceResult, InstanceState, InstanceStatus, JobInstanceStatus, Step,
+};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::cluster;
 use crate::engine::events::{Event, priority};
 use crate::engine::instance::{Bases, Instance};
 use crate::engine::instance_cache::InstanceCache;
+use crate::engine::scope::{self, Scopes};
 use crate::engine::shared_images;
 use crate::engine::update::UpdateJob;
 use crate::engine::worker;
@@ -52,6 +55,8 @@ pub struct Settings {
     pub rootful_podman_args: Vec<String>,
     /// NS8's agent settings file (`ns8_agent_env`): on an NS8 node, the cluster's Redis.
     pub ns8_agent_env: PathBuf,
+    /// Limits of each update's systemd scope.
+    pub scope_limits: scope::Limits,
 }
 
 /// What happened to jobs, for the D-Bus layer.
@@ -126,6 +131,8 @@ struct State {
     jobs: BTreeMap<u64, Entry>,
     /// Instances in a running job, and that job.
     busy: HashMap<String, u64>,
+    /// Instances whose update scope a previous daemon left, and that scope, until it is stopped.
+    recovering: HashMap<String, String>,
     next_id: u64,
 }
 
@@ -143,6 +150,10 @@ pub struct Jobs {
     idle: tokio::sync::Notify,
     /// Plans' downloads of new images, kept for the jobs that follow.
     planned: plan::PlannedDownloads,
+    /// The system manager, where each instance update gets its scope.
+    scopes: Scopes,
+    /// Woken whenever a scope left by a previous daemon is gone.
+    recovered: tokio::sync::Notify,
 }
 
 /// The log level of a journal priority (0–7) of the engine's messages.
@@ -206,6 +217,10 @@ impl Jobs {
             );
         }
         let permits = Arc::new(Semaphore::new(settings.max_parallel.max(1)));
+        let (settings_address, scope_limits) = (
+            settings.system_manager_address.clone(),
+            settings.scope_limits,
+        );
         let jobs = Arc::new(Jobs {
             instances: InstanceCache::new(settings.bases.clone()),
             settings,
@@ -214,6 +229,7 @@ impl Jobs {
             state: Mutex::new(State {
                 jobs: recovered,
                 busy: HashMap::new(),
+                recovering: HashMap::new(),
                 next_id: next_id.max(1),
             }),
             events,
@@ -221,6 +237,8 @@ impl Jobs {
             shutting_down: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
             planned: plan::PlannedDownloads::default(),
+            scopes: Scopes::new(settings_address, scope_limits),
+            recovered: tokio::sync::Notify::new(),
         });
         // Recovered jobs leave the bus when their linger time is over.
         for (id, remaining) in jobs.linger_times(now) {
@@ -329,14 +347,20 @@ impl Jobs {
         let result = if *cancel.borrow() {
             InstanceResult::new(InstanceStatus::Cancelled)
         } else {
+            // What a previous daemon left on the instance goes first (without taking a permit
+            // from other instances meanwhile).
+            let recovered = self.wait_recovered(&instance).await;
             // Bounded parallelism across all jobs; a closed semaphore cannot happen (never closed).
             let _permit = self.permits.acquire().await;
             if *cancel.borrow() {
                 InstanceResult::new(InstanceStatus::Cancelled)
+            } else if let Err(reason) = recovered {
+                InstanceResult::failed(Step::Prepare, reason)
             } else {
                 let mut on_event = |event: Event| self.instance_event(id, &instance, event);
                 let mut result = worker::update_instance(
                     &self.settings.worker_exe,
+                    &self.scopes,
                     &job,
                     cancel.clone(),
                     &mut on_event,
@@ -411,6 +435,7 @@ impl Jobs {
                 self.update(id, Durability::Lazy, |record| {
                     record.steps.insert(instance.to_owned(), step);
                 });
+                crate::failpoint::step_started(crate::failpoint::Process::Daemon, step);
             }
             Event::Progress { step, percent } => {
                 if let Some(entry) = self.lock().jobs.get_mut(&id) {
@@ -619,6 +644,17 @@ impl Jobs {
     /// The job that holds an instance, if any.
     pub fn busy_with(&self, instance: &str) -> Option<u64> {
         self.lock().busy.get(instance).copied()
+    }
+
+    /// What holds an instance: a job of ours (`updating`, with the job), what a previous daemon
+    /// started and that is still stopping (`recovering`), or nothing (`idle`).
+    pub fn instance_state(&self, instance: &str) -> (InstanceState, Option<u64>) {
+        let state = self.lock();
+        match state.busy.get(instance) {
+            Some(job) => (InstanceState::Updating, Some(*job)),
+            None if state.recovering.contains_key(instance) => (InstanceState::Recovering, None),
+            None => (InstanceState::Idle, None),
+        }
     }
 
     /// Running jobs and how many instances they update.

@@ -1,9 +1,78 @@
-//! Recovery of a job a dead daemon left running, and the history entries of its instances.
+//! Recovery of a job a dead daemon left running, the history entries of its instances, and the
+//! update scopes it left in the system manager.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use module_updater_dbus::types::{InstanceResult, Step};
 
-use super::{JobRecord, JobStatus};
+use super::{JobEvent, JobRecord, JobStatus, Jobs};
 use crate::history::{self, History};
+
+/// How long an update waits for what a previous daemon left on its instance to stop.
+pub const RECOVERY_WAIT: Duration = Duration::from_secs(60);
+
+impl Jobs {
+    /// Finds the update scopes a previous daemon left, serves their instances as `recovering`,
+    /// and starts stopping them; each instance is free again once its scope is empty. Call while
+    /// holding the state dir's lock (a second daemon must not stop the first one's updates).
+    pub async fn recover_scopes(self: &Arc<Self>) {
+        let leftovers = match self.scopes.leftovers().await {
+            Ok(leftovers) => leftovers,
+            Err(err) => {
+                log::error!("cannot list the update scopes a previous daemon may have left: {err}");
+                return;
+            }
+        };
+        if leftovers.is_empty() {
+            return;
+        }
+        {
+            let mut state = self.lock();
+            for (unit, _, instance) in &leftovers {
+                state.recovering.insert(instance.clone(), unit.clone());
+            }
+        }
+        self.send(JobEvent::InstancesChanged);
+        for (unit, job, instance) in leftovers {
+            log::warn!(
+                MODULE_UPDATER_JOB = job, MODULE_UPDATER_INSTANCE = instance.as_str();
+                "job {job}: {instance}: stopping {unit}, left by a previous daemon"
+            );
+            let jobs = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(err) = jobs.scopes.stop(&unit).await {
+                    log::error!(MODULE_UPDATER_INSTANCE = instance.as_str(); "{err}");
+                }
+                let mut state = jobs.lock();
+                if state.recovering.get(&instance) == Some(&unit) {
+                    state.recovering.remove(&instance);
+                }
+                drop(state);
+                jobs.recovered.notify_waiters();
+                jobs.send(JobEvent::InstancesChanged);
+            });
+        }
+    }
+
+    /// Waits (at most [`RECOVERY_WAIT`]) until nothing a previous daemon started runs on
+    /// `instance`; the error says what is still there.
+    pub(super) async fn wait_recovered(&self, instance: &str) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + RECOVERY_WAIT;
+        loop {
+            let notified = self.recovered.notified();
+            let Some(unit) = self.lock().recovering.get(instance).cloned() else {
+                return Ok(());
+            };
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(format!(
+                    "the update a previous daemon left on {instance} ({unit}) did not stop within {} s",
+                    RECOVERY_WAIT.as_secs()
+                ));
+            }
+        }
+    }
+}
 
 /// Finishes a job a dead daemon left running: aborted, `interrupted`, its unfinished instances
 /// failed at the step they were in. Returns those instances.

@@ -31,7 +31,11 @@ pub fn daemon_args(sandbox: &Sandbox) -> Vec<String> {
 /// Starts the daemon on the sandbox's bus with [`daemon_args`] and `extra`: for a test that
 /// holds a daemon of its own besides its [`Scenario`]'s (a restart while it borrows the scenario).
 pub fn start_daemon(sandbox: &Sandbox, extra: &[&str]) -> Daemon {
-    let options = DaemonOptions::new().args(extra);
+    start_daemon_with_options(sandbox, DaemonOptions::new().args(extra))
+}
+
+/// [`start_daemon`] with everything [`DaemonOptions`] says.
+pub fn start_daemon_with_options(sandbox: &Sandbox, options: DaemonOptions) -> Daemon {
     let command = scenario::daemon_command(sandbox, &Images::default(), &[], &options);
     sandbox
         .start_daemon_with(command)

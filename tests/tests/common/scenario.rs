@@ -104,6 +104,7 @@ pub struct ScenarioBuilder {
     daemon: DaemonOptions,
     start_daemon: bool,
     polkit: bool,
+    system_manager: bool,
 }
 
 /// A started scenario.
@@ -147,6 +148,7 @@ impl Scenario {
             daemon: DaemonOptions::default(),
             start_daemon: true,
             polkit: false,
+            system_manager: false,
         }
     }
 }
@@ -297,6 +299,13 @@ impl ScenarioBuilder {
         self
     }
 
+    /// The sandbox's stand-in for the system manager from the start (a rootful instance starts
+    /// it too), so that the daemon contains every update in a scope of its own.
+    pub fn system_manager(mut self) -> Self {
+        self.system_manager = true;
+        self
+    }
+
     /// Leaves the daemon stopped: the test starts it ([`Scenario::start_daemon`]).
     pub fn without_daemon(mut self) -> Self {
         self.start_daemon = false;
@@ -315,6 +324,11 @@ impl ScenarioBuilder {
     pub fn build(self) -> Scenario {
         let started = Instant::now();
         let mut sandbox = Sandbox::new().expect("create the sandbox");
+        if self.system_manager {
+            sandbox
+                .start_root_manager()
+                .expect("start the system manager's stand-in");
+        }
         let mut instances = Vec::new();
         let mut installs = Vec::new();
         for set in self.instances {
