@@ -83,8 +83,10 @@ fn changing_module() -> ScenarioBuilder {
 /// changes nothing of the instance; the update after it downloads nothing from the registry.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_plan_is_what_the_update_does_and_changes_nothing() {
+    // NS8's cleanup (nothing kept): the plan names the previous images the update removes.
     let s = changing_module()
         .rootless("planned", 1, "1.0")
+        .daemon(&["--keep-previous=false"])
         .start()
         .await;
     let (sandbox, connection, instance) = (&s.sandbox, s.bus(), &s.instances[0]);
@@ -180,6 +182,11 @@ async fn the_plan_is_what_the_update_does_and_changes_nothing() {
     removed.sort();
     planned_removed.sort();
     assert_eq!(removed, planned_removed);
+    assert_eq!(
+        removed.len(),
+        2,
+        "1.0's module and extra images: {removed:?}"
+    );
     // The install tree after the update: added files there, the changed one changed.
     let after = snapshot(&instance.install_dir);
     for path in &added {
@@ -232,6 +239,9 @@ async fn a_rootful_instance_updates_from_the_plans_download() {
     let result = run.instance(&instance.id);
     assert_eq!(result["new_image_digest"], item["new_digest"]);
     assert_eq!(result["files_removed"], item["files"]["removed"]);
+    // The previous version is kept (the default): its images stay, as the plan said.
+    assert_eq!(strings(&item["images_removed"]), Vec::<String>::new());
+    assert_eq!(result["images_removed"], item["images_removed"]);
     let env = instance.read_env().unwrap();
     assert_eq!(env["IMAGE_URL"], v2);
     assert_eq!(

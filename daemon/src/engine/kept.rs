@@ -105,6 +105,12 @@ pub fn load(instance: &Instance) -> Option<KeptVersion> {
     })
 }
 
+/// The kept version's environment as root reads it for a plan: the file only when it is the
+/// instance user's own regular file (never one a link points at).
+pub fn environment_for_plan(instance: &Instance) -> Option<Environment> {
+    super::environment::read_owned(&dir(instance).join(ENVIRONMENT), instance.uid)?.environment
+}
+
 /// Saves the instance as it is now (its listed tree, its environment file, `active_units`) as
 /// the pending kept version.
 pub fn save(instance: &Instance, active_units: &[String]) -> io::Result<()> {

@@ -82,6 +82,18 @@ fn needs_image(request: &request::UpdateRequest, found: &Found) -> bool {
 }
 
 impl Jobs {
+    /// What the update's cleanup will keep of `instance`, as the settings and its kept version
+    /// say.
+    fn cleanup_of(&self, instance: &crate::engine::instance::Instance) -> plan::Cleanup {
+        if self.settings.keep_previous {
+            plan::Cleanup::KeepPrevious {
+                older: crate::engine::kept::environment_for_plan(instance),
+            }
+        } else {
+            plan::Cleanup::Ns8
+        }
+    }
+
     /// What the request would do, with no change to any instance. A request `UpdateModule`
     /// refuses outright (malformed, an instance that does not exist) is refused the same way;
     /// what the node's state refuses is said per instance, and in `refused` as `UpdateModule`
@@ -144,6 +156,7 @@ impl Jobs {
                     &request.module_url,
                     facts.filter(|_| refused.is_empty()),
                     &storage,
+                    &self.cleanup_of(instance),
                 )
             } else {
                 already_installed(found, &request.module_url)
@@ -207,6 +220,7 @@ impl Jobs {
                         &request.module_url,
                         Some(&facts),
                         &storage,
+                        &jobs.cleanup_of(instance),
                     );
                     plan::space::refusals(index, &instance.id, &item.space)
                 })

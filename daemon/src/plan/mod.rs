@@ -12,7 +12,7 @@ use crate::engine::environment::Environment;
 use crate::engine::imagename;
 use crate::engine::instance::Instance;
 use crate::engine::scripts::{BUILTIN_STEPS, PULL_STEP, SCRIPTS_STEP, merge_module_steps};
-use crate::engine::update::stale_images;
+use crate::engine::update::{Generations, older_images, stale_images};
 use crate::request::ValidationError;
 use space::SpaceNeed;
 use tree::{FileChanges, NewTree};
@@ -109,6 +109,16 @@ pub fn storage_dir(instance: &Instance, rootful_podman_args: &[String]) -> PathB
         )
 }
 
+/// What the update's stale-image cleanup will keep, which decides the plan's `images_removed`.
+pub enum Cleanup {
+    /// `keep_previous = false`: NS8's cleanup, every previous image the new environment no
+    /// longer names.
+    Ns8,
+    /// The previous version is kept: only the images of the version kept before it go
+    /// (`older`, none when nothing is kept yet).
+    KeepPrevious { older: Option<Environment> },
+}
+
 /// Plans the update of one instance that needs the image (not already installed).
 pub fn plan_instance(
     instance: &Instance,
@@ -116,6 +126,7 @@ pub fn plan_instance(
     module_url: &str,
     facts: Option<&ImageFacts>,
     storage: &Path,
+    cleanup: &Cleanup,
 ) -> InstancePlan {
     let mut plan = InstancePlan {
         instance: instance.id.clone(),
@@ -172,7 +183,17 @@ pub fn plan_instance(
             }
         })
         .collect();
-    plan.images_removed = stale_images(&environment_after(env, module_url, facts));
+    let after = environment_after(env, module_url, facts);
+    plan.images_removed = match cleanup {
+        Cleanup::Ns8 => stale_images(&after),
+        Cleanup::KeepPrevious { older } => older_images(
+            &after,
+            &Generations {
+                kept: env,
+                older: older.as_ref(),
+            },
+        ),
+    };
     plan.storage_bytes = if plan.old_digest.as_deref() == Some(facts.digest.as_str()) {
         0
     } else {

@@ -9,7 +9,7 @@
 
 mod background;
 mod cleanup;
-pub use cleanup::stale_images;
+pub use cleanup::{Generations, older_images, stale_images};
 mod context;
 mod environment;
 mod extract;
