@@ -30,6 +30,8 @@ pub mod polkit;
 pub mod process;
 mod redis;
 mod registry;
+mod storage;
+mod uplink;
 
 pub use daemon::{Daemon, NotifySocket, client_binary, daemon_binary, find_binary};
 pub use footprint::{Footprint, Leftovers, UserRecord, reap_stale};
@@ -39,6 +41,8 @@ pub use manager::{ExtraManager, ensure_inaccessible_nodes};
 pub use polkit::{Decision, Polkit, SubjectProcess, reap_stale_polkit};
 pub use redis::Redis;
 pub use registry::{REGISTRIES_CONF_D, RegistryTraffic, parse_access_log};
+pub use storage::RootlessStorage;
+pub use uplink::{Uplink, UplinkSettings};
 
 use crate::process::ProcessRecord;
 
@@ -137,6 +141,10 @@ pub struct Sandbox {
     /// Daemons started from this sandbox and not yet stopped (a [`Daemon`] removes itself).
     daemons: Arc<Mutex<Vec<ProcessRecord>>>,
     instances: usize,
+    /// The storage driver of rootless instances added from now on.
+    rootless_storage: RootlessStorage,
+    /// The shaped link in front of the registry, once started ([`Sandbox::start_uplink`]).
+    uplink: Option<Uplink>,
 }
 
 impl Sandbox {
@@ -156,6 +164,8 @@ impl Sandbox {
                 SandboxError::io("create a temporary directory in", Path::new("/tmp"), e)
             })?;
         let root = root_dir.path().to_path_buf();
+        let rootless_storage = RootlessStorage::from_env()?;
+        rootless_storage.check_installed()?;
         // Instance users and polkitd must traverse it to reach the bus socket and their homes.
         set_mode(&root, 0o755)?;
         let logs = root.join("logs");
@@ -178,6 +188,8 @@ impl Sandbox {
             footprint,
             daemons: Arc::new(Mutex::new(Vec::new())),
             instances: 0,
+            rootless_storage,
+            uplink: None,
         };
         let bus = bus::BusDaemon::start(&root, &logs)?;
         sandbox.footprint.processes.push(bus.record.clone());
@@ -201,6 +213,20 @@ impl Sandbox {
         self.footprint.processes.push(redis.record.clone());
         self.footprint.save()?;
         Ok(redis)
+    }
+
+    /// The storage driver of the rootless instances added from now on (the default is
+    /// overlay, or what [`RootlessStorage::ENV_VAR`] says).
+    pub fn rootless_storage(&self) -> RootlessStorage {
+        self.rootless_storage
+    }
+
+    /// Chooses the storage driver of the rootless instances added from now on, e.g. vfs for a
+    /// test that needs nothing mounted. Fails when the driver's program is not installed.
+    pub fn set_rootless_storage(&mut self, storage: RootlessStorage) -> Result<()> {
+        storage.check_installed()?;
+        self.rootless_storage = storage;
+        Ok(())
     }
 
     /// The sandbox's temporary directory.
@@ -503,6 +529,9 @@ impl Drop for Sandbox {
                     .into_iter()
                     .map(|d| format!("cgroup {}", d.display())),
             );
+        }
+        if let Some(uplink) = self.uplink.take() {
+            problems.extend(uplink.stop());
         }
         if let Some(mut registry) = self.registry.take() {
             registry.stop();
