@@ -20,10 +20,13 @@
 //!
 //! Usage: `bench [--profile loopback|node] [--mbit 50] [--connect-ms 20] [--storage DRIVER]
 //! [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...
-//! [--keep-logs DIR] [--no-list-probe]`
+//! [--keep-logs DIR] [--no-list-probe]`; `bench --compare-report DIR` prints the results of
+//! `cargo xtask bench-compare`.
 
 #[path = "bench/baseline.rs"]
 mod baseline;
+#[path = "bench/compare.rs"]
+mod compare;
 #[path = "bench/daemon_job.rs"]
 mod daemon_job;
 #[path = "bench/measure.rs"]
@@ -616,6 +619,20 @@ fn bench(options: &Options) -> Result<report::Report, BenchError> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, dir] = args.as_slice()
+        && flag == "--compare-report"
+    {
+        return match compare::report(Path::new(dir)) {
+            Ok(table) => {
+                println!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("bench: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let options = match parse_args(&args) {
         Ok(options) => options,
         Err(err) => {
