@@ -76,7 +76,8 @@ fn main() -> ExitCode {
             eprintln!("  demo   install what is missing, build, and run the sandbox demo");
             eprintln!(
                 "  bench  install what is missing, build --release, and compare the daemon with \
-                 NS8's pipeline (--quick: N=1 and 10, one run; --json FILE; --help for more)"
+                 NS8's pipeline (--quick: N=1 and 10, one run; --profile node: behind a shaped \
+                 uplink, overlay storage; --json FILE; --help for more)"
             );
             eprintln!(
                 "  bench-compare REV [--rounds K] [BENCH ARGS]  the bench with REV's daemon and \
