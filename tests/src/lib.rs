@@ -5,6 +5,8 @@
 //! podman storage of its own, NS8-style module instances (rootless: a real Unix user with a real
 //! `systemd --user` manager and rootless podman; rootful: directories under a temporary base,
 //! served by a `systemd --user` manager running as root), the daemon, and clients pointed at it.
+//! Rootless instances keep their images on overlay as NS8 nodes do ([`RootlessStorage`]); a
+//! shaped uplink can be put in front of the registry ([`Sandbox::start_uplink`]).
 //! Everything is torn down when the sandbox is dropped, also when a test panics; a sandbox whose
 //! test process died without unwinding is cleaned up by the next sandbox created on the machine.
 //!
