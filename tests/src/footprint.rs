@@ -35,6 +35,9 @@ pub struct Footprint {
     pub root: PathBuf,
     /// The `registries.conf.d` file.
     pub registry_conf: Option<PathBuf>,
+    /// The `registries.conf.d` file of the uplink in front of the registry, if any.
+    #[serde(default)]
+    pub uplink_conf: Option<PathBuf>,
     pub processes: Vec<ProcessRecord>,
     pub users: Vec<UserRecord>,
     pub cgroups: Vec<PathBuf>,
@@ -94,6 +97,7 @@ impl Footprint {
             owner: ProcessRecord::new("test process", std::process::id()),
             root: root.to_path_buf(),
             registry_conf: None,
+            uplink_conf: None,
             processes: Vec::new(),
             users: Vec::new(),
             cgroups: Vec::new(),
@@ -130,11 +134,12 @@ impl Footprint {
         for user in self.users.iter().rev() {
             problems.extend(remove_user(user, false));
         }
-        if let Some(conf) = &self.registry_conf
-            && let Err(err) = std::fs::remove_file(conf)
-            && err.kind() != std::io::ErrorKind::NotFound
-        {
-            problems.push(format!("{}: {err}", conf.display()));
+        for conf in self.registry_conf.iter().chain(&self.uplink_conf) {
+            if let Err(err) = std::fs::remove_file(conf)
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                problems.push(format!("{}: {err}", conf.display()));
+            }
         }
         problems.extend(
             cgroup::remove(&self.cgroups)
@@ -158,10 +163,10 @@ impl Footprint {
         if self.root.exists() {
             items.push(format!("temporary directory {}", self.root.display()));
         }
-        if let Some(conf) = &self.registry_conf
-            && conf.exists()
-        {
-            items.push(format!("registry configuration {}", conf.display()));
+        for conf in self.registry_conf.iter().chain(&self.uplink_conf) {
+            if conf.exists() {
+                items.push(format!("registry configuration {}", conf.display()));
+            }
         }
         if self.record_file.exists() {
             items.push(format!("sandbox record {}", self.record_file.display()));

@@ -370,6 +370,8 @@ impl Sandbox {
         let state_dir = install_dir.join("state");
         owned_dir(&install_dir, 0o755, uid, gid)?;
         owned_dir(&state_dir, 0o700, uid, gid)?;
+        // Before the user's first podman command, which would settle on vfs otherwise.
+        crate::storage::configure(&install_dir, self.rootless_storage, uid, gid)?;
         std::fs::create_dir_all("/run/user")
             .map_err(|e| SandboxError::io("create", Path::new("/run/user"), e))?;
         owned_dir(&runtime_dir, 0o700, uid, gid)?;

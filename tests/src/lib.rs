@@ -5,6 +5,8 @@
 //! podman storage of its own, NS8-style module instances (rootless: a real Unix user with a real
 //! `systemd --user` manager and rootless podman; rootful: directories under a temporary base,
 //! served by a `systemd --user` manager running as root), the daemon, and clients pointed at it.
+//! Rootless instances keep their images on overlay as NS8 nodes do ([`RootlessStorage`]); a
+//! shaped uplink can be put in front of the registry ([`Sandbox::start_uplink`]).
 //! Everything is torn down when the sandbox is dropped, also when a test panics; a sandbox whose
 //! test process died without unwinding is cleaned up by the next sandbox created on the machine.
 //!
@@ -31,6 +33,8 @@ pub mod polkit;
 pub mod process;
 mod redis;
 mod registry;
+mod storage;
+mod uplink;
 
 pub use cockpit::{Browser, Cockpit, CockpitWs};
 pub use daemon::{Daemon, NotifySocket, client_binary, daemon_binary, find_binary};
@@ -41,6 +45,8 @@ pub use manager::{ExtraManager, ensure_inaccessible_nodes};
 pub use polkit::{Decision, Polkit, SubjectProcess, reap_stale_polkit};
 pub use redis::Redis;
 pub use registry::{REGISTRIES_CONF_D, RegistryTraffic, parse_access_log};
+pub use storage::RootlessStorage;
+pub use uplink::{Uplink, UplinkSettings};
 
 use crate::process::ProcessRecord;
 
@@ -139,6 +145,10 @@ pub struct Sandbox {
     /// Daemons started from this sandbox and not yet stopped (a [`Daemon`] removes itself).
     daemons: Arc<Mutex<Vec<ProcessRecord>>>,
     instances: usize,
+    /// The storage driver of rootless instances added from now on.
+    rootless_storage: RootlessStorage,
+    /// The shaped link in front of the registry, once started ([`Sandbox::start_uplink`]).
+    uplink: Option<Uplink>,
 }
 
 impl Sandbox {
@@ -158,6 +168,8 @@ impl Sandbox {
                 SandboxError::io("create a temporary directory in", Path::new("/tmp"), e)
             })?;
         let root = root_dir.path().to_path_buf();
+        let rootless_storage = RootlessStorage::from_env()?;
+        rootless_storage.check_installed()?;
         // Instance users and polkitd must traverse it to reach the bus socket and their homes.
         set_mode(&root, 0o755)?;
         let logs = root.join("logs");
@@ -180,6 +192,8 @@ impl Sandbox {
             footprint,
             daemons: Arc::new(Mutex::new(Vec::new())),
             instances: 0,
+            rootless_storage,
+            uplink: None,
         };
         let bus = bus::BusDaemon::start(&root, &logs)?;
         sandbox.footprint.processes.push(bus.record.clone());
@@ -203,6 +217,20 @@ impl Sandbox {
         self.footprint.processes.push(redis.record.clone());
         self.footprint.save()?;
         Ok(redis)
+    }
+
+    /// The storage driver of the rootless instances added from now on (the default is
+    /// overlay, or what [`RootlessStorage::ENV_VAR`] says).
+    pub fn rootless_storage(&self) -> RootlessStorage {
+        self.rootless_storage
+    }
+
+    /// Chooses the storage driver of the rootless instances added from now on, e.g. vfs for a
+    /// test that needs nothing mounted. Fails when the driver's program is not installed.
+    pub fn set_rootless_storage(&mut self, storage: RootlessStorage) -> Result<()> {
+        storage.check_installed()?;
+        self.rootless_storage = storage;
+        Ok(())
     }
 
     /// The sandbox's temporary directory.
@@ -505,6 +533,9 @@ impl Drop for Sandbox {
                     .into_iter()
                     .map(|d| format!("cgroup {}", d.display())),
             );
+        }
+        if let Some(uplink) = self.uplink.take() {
+            problems.extend(uplink.stop());
         }
         if let Some(mut registry) = self.registry.take() {
             registry.stop();

@@ -5,7 +5,10 @@
 //!   completions and default configuration (`--prefix`, `--destdir`);
 //! - `deb`: the same tree as a Debian package, built with cargo-deb;
 //! - `bench`: install what is missing, build release binaries, and run the benchmark against
-//!   NS8's pipeline (`--quick` for the short regression check).
+//!   NS8's pipeline (`--quick` for the short regression check, `--profile node` for what a node
+//!   sees);
+//! - `bench-compare REV`: the same bench run in turn with the daemon of git revision REV and this
+//!   one, alternating, and a table of both side by side.
 //!
 //! Everything the tests need is installed here, so a fresh Debian 12 machine with only the Rust
 //! toolchain runs the suite with this one command (CI calls exactly `cargo xtask test`).
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(&args[1..]),
         Some("cockpit") => cockpit(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("bench-compare") => bench_compare(&args[1..]),
         Some("install") => packaging::install(&args[1..]),
         Some("deb") => packaging::deb(&args[1..]),
         _ => {
@@ -100,7 +104,12 @@ fn main() -> ExitCode {
             );
             eprintln!(
                 "  bench  install what is missing, build --release, and compare the daemon with \
-                 NS8's pipeline (--quick: N=1 and 10, one run; --json FILE; --help for more)"
+                 NS8's pipeline (--quick: N=1 and 10, one run; --profile node: behind a shaped \
+                 uplink, overlay storage; --json FILE; --help for more)"
+            );
+            eprintln!(
+                "  bench-compare REV [--rounds K] [BENCH ARGS]  the bench with REV's daemon and \
+                 this one in turn, K rounds (default 3), side by side"
             );
             eprintln!(
                 "  install  build --release and install [--prefix /usr] [--destdir DIR] (docs/install.md)"
@@ -264,6 +273,101 @@ fn cockpit(extra: &[String]) -> Result<(), String> {
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {
+    let program = build_bench()?;
+    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    run(&program, &args)
+}
+
+/// Builds REV's daemon in a worktree under target/compare (with a target dir of its own, so that
+/// neither build overwrites the other's artefacts), then runs the bench with each daemon in turn,
+/// the order swapped every round, and has the bench print both side by side.
+fn bench_compare(extra: &[String]) -> Result<(), String> {
+    let Some(rev) = extra.first().filter(|r| !r.starts_with('-')) else {
+        return Err("usage: cargo xtask bench-compare REV [--rounds K] [BENCH ARGS]".into());
+    };
+    let mut rounds = 3_usize;
+    let mut bench_args: Vec<String> = Vec::new();
+    let mut rest = extra[1..].iter();
+    while let Some(arg) = rest.next() {
+        if arg == "--rounds" {
+            rounds = rest
+                .next()
+                .and_then(|k| k.parse().ok())
+                .filter(|k| *k > 0)
+                .ok_or("--rounds needs a positive number")?;
+        } else {
+            bench_args.push(arg.clone());
+        }
+    }
+    let program = build_bench()?;
+    let dir = target_dir().join("compare");
+    let source = dir.join(format!("src-{rev}"));
+    let source_text = source.display().to_string();
+    if !source.exists() {
+        run("git", &["worktree", "add", "--detach", &source_text, rev])?;
+    }
+    let other_target = dir.join("target").display().to_string();
+    let manifest = source.join("Cargo.toml").display().to_string();
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "module-updaterd",
+            "--manifest-path",
+            &manifest,
+            "--target-dir",
+            &other_target,
+        ],
+    )?;
+    let theirs = dir.join("target/release/module-updaterd");
+    let ours = target_dir().join("release/module-updaterd");
+    let results = dir.join("results");
+    let _ = std::fs::remove_dir_all(&results);
+    std::fs::create_dir_all(&results)
+        .map_err(|e| format!("cannot create {}: {e}", results.display()))?;
+    for round in 1..=rounds {
+        let pair = [(rev.as_str(), &theirs), ("this", &ours)];
+        let order: Vec<_> = if round % 2 == 1 {
+            pair.iter().collect()
+        } else {
+            pair.iter().rev().collect()
+        };
+        for (label, daemon) in order {
+            let json = results.join(format!("{label}-{round}.json"));
+            let mut args: Vec<String> = bench_args.clone();
+            args.extend(["--json".to_owned(), json.display().to_string()]);
+            eprintln!(
+                "xtask: round {round}/{rounds}, daemon {label} ({})",
+                daemon.display()
+            );
+            let status = Command::new(&program)
+                .args(&args)
+                .env("MODULE_UPDATERD_BIN", daemon)
+                .current_dir(root())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map_err(|e| format!("cannot run {program}: {e}"))?;
+            if !status.success() {
+                return Err(format!("the bench with daemon {label} failed ({status})"));
+            }
+        }
+    }
+    run(
+        &program,
+        &["--compare-report", &results.display().to_string()],
+    )
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Builds the release binaries the bench measures; returns the bench's path.
+fn build_bench() -> Result<String, String> {
     ensure_packages()?;
     // Release binaries: the daemon and client are measured, the bench itself samples and
     // follows signals while they run. The bench finds the daemon next to itself.
@@ -281,11 +385,6 @@ fn bench(extra: &[String]) -> Result<(), String> {
             "--bins",
         ],
     )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let binary = root().join(target).join("release/bench");
-    let program = binary.display().to_string();
-    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
-    run(&program, &args)
+    let binary = root().join(target_dir()).join("release/bench");
+    Ok(binary.display().to_string())
 }

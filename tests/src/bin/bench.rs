@@ -1,9 +1,16 @@
 //! `cargo xtask bench`: the daemon side by side with NS8's pipeline (`ns8-baseline`) on the same
 //! work, for N = 1, 10 and 50 rootless instances, each point repeated and the median reported.
 //!
+//! Two profiles. `loopback` (the default, the CPU view): the registry on loopback, where bytes
+//! are free, and rootless storage on vfs as in the earlier rounds. `node` (what an NS8 node
+//! sees): the registry behind a shaped uplink the bench puts in front of it (50 Mbit/s shared by
+//! every download, 20 ms to open a connection) and rootless storage on overlay; each point also
+//! reports the bytes that went down the uplink and the download floor (one copy of what changed
+//! ÷ bandwidth).
+//!
 //! For every point and repeat a fresh sandbox is stood up (bus, registry, the demo module's
 //! images, 2N + 1 instances installed at 1.0, the release daemon); then, with provisioning
-//! done and excluded from the timings:
+//! done and excluded from the timings (the uplink is shaped only during (a) and (b)):
 //! - the floor: the podman commands of one instance's update, timed alone on the extra instance;
 //! - (a) the daemon updates N instances to 2.0 in one `UpdateModule` job, followed over D-Bus,
 //!   with a second connection calling `ListInstances` in a loop;
@@ -11,11 +18,15 @@
 //!
 //! The order of (a) and (b) alternates between repeats. Everything is torn down after each point.
 //!
-//! Usage: `bench [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...
-//! [--keep-logs DIR] [--no-list-probe]`
+//! Usage: `bench [--profile loopback|node] [--mbit 50] [--connect-ms 20] [--storage DRIVER]
+//! [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...
+//! [--keep-logs DIR] [--no-list-probe]`; `bench --compare-report DIR` prints the results of
+//! `cargo xtask bench-compare`.
 
 #[path = "bench/baseline.rs"]
 mod baseline;
+#[path = "bench/compare.rs"]
+mod compare;
 #[path = "bench/daemon_job.rs"]
 mod daemon_job;
 #[path = "bench/measure.rs"]
@@ -30,7 +41,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use module_updater_tests::{Instance, Sandbox, SandboxError};
+use module_updater_tests::{Instance, RootlessStorage, Sandbox, SandboxError, UplinkSettings};
 use serde::Serialize;
 
 /// Threads installing instances at 1.0 (each install is a podman pull and an export).
@@ -90,9 +101,23 @@ impl BenchError {
     }
 }
 
+/// What the bench models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Profile {
+    /// The registry on loopback, storage on vfs: what the machine's CPU does.
+    Loopback,
+    /// The registry behind a shaped uplink, storage on overlay: what an NS8 node sees.
+    Node,
+}
+
 /// Command-line options.
 #[derive(Debug, Clone, Serialize)]
 pub struct Options {
+    pub profile: Profile,
+    /// The node profile's uplink.
+    pub uplink: UplinkSettings,
+    /// Rootless instances' storage (by default vfs for loopback, overlay for node).
+    pub storage: RootlessStorage,
     pub sizes: Vec<usize>,
     pub repeats: usize,
     pub quick: bool,
@@ -104,8 +129,13 @@ pub struct Options {
     pub list_probe: bool,
 }
 
-const USAGE: &str =
-    "usage: bench [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...
+const USAGE: &str = "usage: bench [--profile loopback|node] [--mbit M] [--connect-ms D] [--storage S]
+       [--quick] [--json FILE] [--sizes 1,10,50] [--repeats 3] [--daemon-arg ARG]...
+  --profile P    loopback (default): registry on loopback, vfs storage (the CPU view);
+                 node: registry behind a shaped uplink, overlay storage (what a node sees)
+  --mbit M       the node profile's uplink bandwidth, Mbit/s, shared by all downloads (default 50)
+  --connect-ms D the node profile's time to open a connection, ms (default 20)
+  --storage S    rootless instances' storage: overlay, fuse-overlayfs or vfs (default: the profile's)
   --quick        N = 1 and 10, one repeat (the regression check before touching the hot path)
   --json FILE    where to write the results (default: target/bench.json of the workspace)
   --sizes LIST   the numbers of instances, comma-separated
@@ -125,6 +155,9 @@ fn workspace_root() -> PathBuf {
 
 fn parse_args(args: &[String]) -> Result<Options, BenchError> {
     let mut options = Options {
+        profile: Profile::Loopback,
+        uplink: UplinkSettings::default(),
+        storage: RootlessStorage::Vfs,
         sizes: vec![1, 10, 50],
         repeats: 3,
         quick: false,
@@ -135,6 +168,7 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
     };
     let mut sizes = None;
     let mut repeats = None;
+    let mut storage = None;
     let mut iter = args.iter();
     let usage = |message: String| BenchError::Usage(format!("{message}\n{USAGE}"));
     while let Some(arg) = iter.next() {
@@ -154,6 +188,41 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
             "--json" => options.json = PathBuf::from(value(name)?),
             "--daemon-arg" => options.daemon_args.push(value(name)?),
             "--keep-logs" => options.keep_logs = Some(PathBuf::from(value(name)?)),
+            "--profile" => {
+                options.profile = match value(name)?.as_str() {
+                    "loopback" => Profile::Loopback,
+                    "node" => Profile::Node,
+                    other => {
+                        return Err(usage(format!("--profile {other:?}: loopback or node")));
+                    }
+                }
+            }
+            "--mbit" => {
+                let text = value(name)?;
+                match text.parse::<f64>() {
+                    Ok(m) if m.is_finite() && m > 0.0 => options.uplink.mbit_per_s = m,
+                    _ => return Err(usage(format!("--mbit {text:?}: a positive number"))),
+                }
+            }
+            "--connect-ms" => {
+                let text = value(name)?;
+                match text.parse::<u64>() {
+                    Ok(ms) => options.uplink.connect_delay = Duration::from_millis(ms),
+                    _ => return Err(usage(format!("--connect-ms {text:?}: milliseconds"))),
+                }
+            }
+            "--storage" => {
+                let text = value(name)?;
+                match RootlessStorage::parse(&text) {
+                    Some(driver) => storage = Some(driver),
+                    None => {
+                        return Err(usage(format!(
+                            "--storage {text:?}: one of {}",
+                            RootlessStorage::NAMES
+                        )));
+                    }
+                }
+            }
             "--sizes" => {
                 let text = value(name)?;
                 let parsed: Result<Vec<usize>, _> =
@@ -190,6 +259,10 @@ fn parse_args(args: &[String]) -> Result<Options, BenchError> {
     if let Some(k) = repeats {
         options.repeats = k;
     }
+    options.storage = storage.unwrap_or(match options.profile {
+        Profile::Loopback => RootlessStorage::Vfs,
+        Profile::Node => RootlessStorage::Overlay,
+    });
     Ok(options)
 }
 
@@ -259,6 +332,21 @@ pub struct Run {
     pub baseline: baseline::BaselineRun,
     pub baseline_registry: Traffic,
     pub baseline_registry_cpu_s: f64,
+    /// The node profile's uplink during (a) and (b).
+    pub uplink: Option<UplinkRun>,
+}
+
+/// What went down the uplink (node profile).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UplinkRun {
+    /// One copy of what changed from 1.0 to 2.0 (manifests, configs and layers 1.0 lacks).
+    pub changed_bytes: u64,
+    /// `changed_bytes` ÷ the bandwidth.
+    pub download_floor_s: f64,
+    pub daemon_bytes_down: u64,
+    pub daemon_connections: u64,
+    pub baseline_bytes_down: u64,
+    pub baseline_connections: u64,
 }
 
 fn pid_of(sandbox: &Sandbox, what_prefix: &str) -> Option<u32> {
@@ -338,11 +426,24 @@ fn run_point(
     };
     let started = Instant::now();
     let mut sandbox = Sandbox::new()?;
+    // As a node's podman is configured, before any instance exists.
+    sandbox.set_rootless_storage(options.storage)?;
+    if options.profile == Profile::Node {
+        sandbox.start_uplink(options.uplink)?;
+    }
     run.setup.sandbox_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let images = module::build(&sandbox)?;
+    let images = module::build(&sandbox, options.profile)?;
     run.setup.images_s = started.elapsed().as_secs_f64();
+    if sandbox.uplink().is_some() {
+        let changed_bytes = module::changed_bytes(&images)?;
+        run.uplink = Some(UplinkRun {
+            changed_bytes,
+            download_floor_s: changed_bytes as f64 / options.uplink.bytes_per_s(),
+            ..UplinkRun::default()
+        });
+    }
     // The script may sit below a directory instance users cannot traverse.
     let script = sandbox.user_executable(script)?;
 
@@ -387,6 +488,13 @@ fn run_point(
     for part in if daemon_first { [0, 1] } else { [1, 0] } {
         let offset = sandbox.registry_log_offset()?;
         let registry_cpu = cpu_secs(registry_pid);
+        let link_before = sandbox
+            .uplink()
+            .map(|u| {
+                u.set_shaped(true);
+                (u.bytes_down(), u.connections())
+            })
+            .unwrap_or_default();
         if part == 0 {
             progress(&format!("N={n} #{}: (a) module-updaterd", repeat + 1));
             let bus_cpu = cpu_secs(bus_pid);
@@ -412,6 +520,16 @@ fn run_point(
             run.baseline_registry = sandbox.registry_traffic_since(offset)?.into();
             run.baseline_registry_cpu_s = cpu_secs(registry_pid) - registry_cpu;
         }
+        if let (Some(uplink), Some(link)) = (sandbox.uplink(), run.uplink.as_mut()) {
+            uplink.set_shaped(false);
+            let bytes = uplink.bytes_down().saturating_sub(link_before.0);
+            let connections = uplink.connections().saturating_sub(link_before.1);
+            if part == 0 {
+                (link.daemon_bytes_down, link.daemon_connections) = (bytes, connections);
+            } else {
+                (link.baseline_bytes_down, link.baseline_connections) = (bytes, connections);
+            }
+        }
     }
 
     if let Some(dir) = &options.keep_logs {
@@ -432,6 +550,17 @@ fn run_point(
         return Err(BenchError::Check(format!(
             "teardown left something behind: {leftovers}"
         )));
+    }
+    if let Some(link) = &run.uplink {
+        progress(&format!(
+            "N={n} #{}: uplink: a {:.1} MB, b {:.1} MB down; one copy of what changed {:.1} MB, \
+             download floor {:.2} s",
+            repeat + 1,
+            link.daemon_bytes_down as f64 / 1e6,
+            link.baseline_bytes_down as f64 / 1e6,
+            link.changed_bytes as f64 / 1e6,
+            link.download_floor_s
+        ));
     }
     progress(&format!(
         "N={n} #{}: a {:.2} s, b {:.2} s (point took {:.0} s: users {:.0} s, installs {:.0} s, \
@@ -490,6 +619,20 @@ fn bench(options: &Options) -> Result<report::Report, BenchError> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, dir] = args.as_slice()
+        && flag == "--compare-report"
+    {
+        return match compare::report(Path::new(dir)) {
+            Ok(table) => {
+                println!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("bench: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let options = match parse_args(&args) {
         Ok(options) => options,
         Err(err) => {
@@ -545,5 +688,29 @@ mod tests {
         assert!(parse_args(&args(&["--sizes", "0"])).is_err());
         assert!(parse_args(&args(&["--nope"])).is_err());
         assert!(parse_args(&args(&["--json"])).is_err());
+        assert_eq!(
+            (full.profile, full.storage),
+            (Profile::Loopback, RootlessStorage::Vfs)
+        );
+        let node = parse_args(&args(&[
+            "--profile",
+            "node",
+            "--mbit=100",
+            "--connect-ms",
+            "5",
+        ]))
+        .expect("node");
+        assert_eq!(
+            (node.profile, node.storage),
+            (Profile::Node, RootlessStorage::Overlay)
+        );
+        assert_eq!(node.uplink.mbit_per_s, 100.0);
+        assert_eq!(node.uplink.connect_delay, Duration::from_millis(5));
+        let fuse =
+            parse_args(&args(&["--profile=node", "--storage=fuse-overlayfs"])).expect("fuse");
+        assert_eq!(fuse.storage, RootlessStorage::FuseOverlayfs);
+        assert!(parse_args(&args(&["--profile", "wan"])).is_err());
+        assert!(parse_args(&args(&["--mbit", "0"])).is_err());
+        assert!(parse_args(&args(&["--storage", "zfs"])).is_err());
     }
 }

@@ -1,8 +1,14 @@
 //! The benchmark's demo module: an imageroot of about 300 files / 2 MiB (unit files, action
 //! steps, helpers, templates, a Python package, translations, data), generated deterministically,
-//! and two extra images of incompressible data, one of which changes between 1.0 and 2.0.
+//! and two extra images of incompressible data, one of which changes between 1.0 and 2.0. The
+//! node profile adds the web UI bundle NS8 modules ship (`ui/`, 3 MiB, new in each version), so
+//! that the imageroot is a few MiB as on a node.
 
-use module_updater_tests::{ImageSpec, Result, Sandbox};
+use std::collections::BTreeMap;
+
+use module_updater_tests::{ImageSpec, Result, Sandbox, cmd};
+
+use crate::{BenchError, Profile};
 
 /// Size of each extra image's payload.
 pub const EXTRA_IMAGE_BYTES: u64 = 30 * 1024 * 1024;
@@ -22,13 +28,20 @@ pub struct Images {
     pub imageroot_bytes: u64,
 }
 
+/// Bytes of the node profile's UI bundle.
+pub const UI_BYTES: usize = 3 * 1024 * 1024;
+
 /// Builds and pushes the module's two versions and its extra images.
-pub fn build(sandbox: &Sandbox) -> Result<Images> {
+pub fn build(sandbox: &Sandbox, profile: Profile) -> Result<Images> {
     let db1 = sandbox.build_blob_image("demo-db", "1.0", EXTRA_IMAGE_BYTES, 11)?;
     let db2 = sandbox.build_blob_image("demo-db", "2.0", EXTRA_IMAGE_BYTES, 12)?;
     let cache = sandbox.build_blob_image("demo-cache", "1.0", EXTRA_IMAGE_BYTES, 21)?;
-    let spec1 = module_spec("1.0", &[db1.clone(), cache.clone()]);
-    let spec2 = module_spec("2.0", &[db2.clone(), cache.clone()]);
+    let spec = |tag: &str, extras: &[String]| match profile {
+        Profile::Loopback => module_spec(tag, extras),
+        Profile::Node => with_ui(module_spec(tag, extras), tag),
+    };
+    let spec1 = spec("1.0", &[db1.clone(), cache.clone()]);
+    let spec2 = spec("2.0", &[db2.clone(), cache.clone()]);
     let files = spec2.files.len();
     let imageroot_bytes = spec2
         .files
@@ -49,6 +62,77 @@ pub fn build(sandbox: &Sandbox) -> Result<Images> {
         files,
         imageroot_bytes,
     })
+}
+
+/// `spec` with a web UI bundle of [`UI_BYTES`] that differs in each version (minified code:
+/// it compresses about three times, as the word text here does).
+pub fn with_ui(spec: ImageSpec, tag: &str) -> ImageSpec {
+    let third = UI_BYTES / 3;
+    spec.file(
+        "ui/index.html",
+        words(&format!("ui@{tag}"), 2000, ""),
+        0o644,
+    )
+    .file(
+        "ui/js/app.js",
+        words(&format!("app@{tag}"), third, ""),
+        0o644,
+    )
+    .file(
+        "ui/js/vendor.js",
+        words(&format!("vendor@{tag}"), 2 * third, ""),
+        0o644,
+    )
+}
+
+/// The digests and sizes of what pulling `url` downloads: its manifest, config and layers.
+fn blobs_of(url: &str) -> Result<BTreeMap<String, u64>, BenchError> {
+    let mut inspect = cmd::clean("skopeo");
+    inspect.args(["inspect", "--raw", "--tls-verify=false"]);
+    inspect.arg(format!("docker://{url}"));
+    let output = cmd::run(&mut inspect)?;
+    let manifest: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| BenchError::Check(format!("manifest of {url}: {e}")))?;
+    let mut blobs = BTreeMap::from([(format!("manifest of {url}"), output.stdout.len() as u64)]);
+    let config = manifest.get("config").into_iter();
+    let layers = manifest
+        .get("layers")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten();
+    for blob in config.chain(layers) {
+        let digest = blob.get("digest").and_then(|d| d.as_str());
+        let size = blob.get("size").and_then(|s| s.as_u64());
+        match (digest, size) {
+            (Some(digest), Some(size)) => {
+                blobs.insert(digest.to_owned(), size);
+            }
+            _ => {
+                return Err(BenchError::Check(format!(
+                    "manifest of {url}: a blob without digest or size"
+                )));
+            }
+        }
+    }
+    Ok(blobs)
+}
+
+/// Bytes of one copy of what an instance at 1.0 downloads to reach 2.0: the manifests, configs
+/// and layers of 2.0's images that 1.0's images do not have.
+pub fn changed_bytes(images: &Images) -> Result<u64, BenchError> {
+    let mut old = BTreeMap::new();
+    for url in [&images.v1, &images.db1, &images.cache] {
+        old.extend(blobs_of(url)?);
+    }
+    let mut new = BTreeMap::new();
+    for url in [&images.v2, &images.db2, &images.cache] {
+        new.extend(blobs_of(url)?);
+    }
+    Ok(new
+        .iter()
+        .filter(|(digest, _)| !old.contains_key(*digest))
+        .map(|(_, size)| size)
+        .sum())
 }
 
 /// The update scripts both versions ship (only the version comment differs): cheap, as most

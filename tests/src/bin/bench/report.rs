@@ -67,6 +67,52 @@ pub struct Summary {
     pub setup_point_total_s: f64,
     /// Every repeat of this N, setup included.
     pub all_repeats_s: f64,
+    /// Node profile: what went down the uplink.
+    pub uplink: Option<UplinkSummary>,
+}
+
+/// The node profile's medians of one N.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UplinkSummary {
+    /// One copy of what changed, and that ÷ the bandwidth.
+    pub changed_mb: f64,
+    pub download_floor_s: f64,
+    pub daemon_down_mb: f64,
+    pub baseline_down_mb: f64,
+    /// (a)'s bytes down ÷ one copy.
+    pub daemon_copies: f64,
+    pub baseline_copies: f64,
+    /// (a)'s and (b)'s wall time minus the download floor, and ÷ it.
+    pub daemon_above_floor_s: f64,
+    pub daemon_over_floor: f64,
+    pub baseline_above_floor_s: f64,
+    pub daemon_connections: f64,
+    pub baseline_connections: f64,
+}
+
+fn summarise_uplink(runs: &[&Run]) -> Option<UplinkSummary> {
+    if runs.iter().any(|r| r.uplink.is_none()) || runs.is_empty() {
+        return None;
+    }
+    let m = |f: &dyn Fn(&crate::UplinkRun, &Run) -> f64| {
+        med(runs, |r| {
+            r.uplink.as_ref().map(|u| f(u, r)).unwrap_or(f64::NAN)
+        })
+    };
+    const MB: f64 = 1e6;
+    Some(UplinkSummary {
+        changed_mb: m(&|u, _| u.changed_bytes as f64 / MB),
+        download_floor_s: m(&|u, _| u.download_floor_s),
+        daemon_down_mb: m(&|u, _| u.daemon_bytes_down as f64 / MB),
+        baseline_down_mb: m(&|u, _| u.baseline_bytes_down as f64 / MB),
+        daemon_copies: m(&|u, _| u.daemon_bytes_down as f64 / u.changed_bytes as f64),
+        baseline_copies: m(&|u, _| u.baseline_bytes_down as f64 / u.changed_bytes as f64),
+        daemon_above_floor_s: m(&|u, r| r.daemon.wall_s - u.download_floor_s),
+        daemon_over_floor: m(&|u, r| r.daemon.wall_s / u.download_floor_s),
+        baseline_above_floor_s: m(&|u, r| r.baseline.wall_s - u.download_floor_s),
+        daemon_connections: m(&|u, _| u.daemon_connections as f64),
+        baseline_connections: m(&|u, _| u.baseline_connections as f64),
+    })
 }
 
 /// One target of the issue.
@@ -160,6 +206,7 @@ fn summarise(n: usize, runs: &[&Run]) -> Summary {
         setup_teardown_s: m(&|r| r.setup.teardown_s),
         setup_point_total_s: m(&|r| r.setup.total_s),
         all_repeats_s: runs.iter().map(|r| r.setup.total_s).sum(),
+        uplink: summarise_uplink(runs),
     }
 }
 
@@ -188,6 +235,49 @@ fn at_most(
             met: None,
         },
     }
+}
+
+/// The node profile's targets (issue 18).
+fn node_targets(summaries: &[Summary]) -> Vec<Target> {
+    let at = |n: usize| summaries.iter().find(|s| s.n == n);
+    let link =
+        |s: &Summary, f: fn(&UplinkSummary) -> f64| s.uplink.as_ref().map(f).unwrap_or(f64::NAN);
+    let mut out = Vec::new();
+    for n in [1, 10] {
+        out.push(at_most(
+            &format!("each blob of the changed images served once per node, N={n}"),
+            "1",
+            at(n),
+            |s| s.daemon_max_serves_per_blob,
+            1.0,
+            "",
+        ));
+        out.push(at_most(
+            &format!("(a)'s bytes down the uplink ÷ one copy of what changed, N={n}"),
+            "≤ 1.02",
+            at(n),
+            |s| link(s, |u| u.daemon_copies),
+            1.02,
+            "",
+        ));
+    }
+    out.push(at_most(
+        "(a)'s wall time minus the download floor, N=1",
+        "≤ 0.3 s",
+        at(1),
+        |s| link(s, |u| u.daemon_above_floor_s),
+        0.3,
+        " s",
+    ));
+    out.push(at_most(
+        "(a)'s wall time ÷ the download floor, N=10",
+        "≤ 1.5",
+        at(10),
+        |s| link(s, |u| u.daemon_over_floor),
+        1.5,
+        "",
+    ));
+    out
 }
 
 fn targets(summaries: &[Summary]) -> Vec<Target> {
@@ -306,7 +396,10 @@ impl Report {
             },
             list_instances_pause_ms: crate::daemon_job::LIST_PAUSE.as_millis(),
             total_s,
-            targets: targets(&summaries),
+            targets: match options.profile {
+                crate::Profile::Loopback => targets(&summaries),
+                crate::Profile::Node => node_targets(&summaries),
+            },
             summaries,
             runs,
         }
@@ -328,6 +421,20 @@ impl Report {
             "Machine: {} CPUs ({}), {} MiB RAM, kernel {}, {}\n",
             m.nproc, m.cpu_model, m.mem_total_mib, m.kernel, m.podman
         ));
+        let o = &self.options;
+        match o.profile {
+            crate::Profile::Loopback => out.push_str(&format!(
+                "Profile: loopback (registry on loopback), rootless storage {}\n",
+                o.storage.name()
+            )),
+            crate::Profile::Node => out.push_str(&format!(
+                "Profile: node (registry behind a {} Mbit/s uplink, {} ms to open a connection), \
+                 rootless storage {}\n",
+                o.uplink.mbit_per_s,
+                o.uplink.connect_delay.as_millis(),
+                o.storage.name()
+            )),
+        }
         out.push_str(&format!(
             "Module: {} files / {:.2} MiB of imageroot, 2 extra images of {:.0} MiB (one changes); \
              median of {} run(s) per point; bench took {:.0} s\n\n",
@@ -360,6 +467,45 @@ impl Report {
             format!("{:.2}", x.baseline_wall_s)
         });
         row("a/b", &|x| format!("{:.2}", x.ratio));
+        let link = |x: &Summary, f: &dyn Fn(&UplinkSummary) -> String| {
+            x.uplink.as_ref().map(f).unwrap_or_else(|| "–".to_owned())
+        };
+        if s.iter().any(|x| x.uplink.is_some()) {
+            row("one copy of what changed, MB; download floor s", &|x| {
+                link(x, &|u| {
+                    format!("{:.1}; {:.2}", u.changed_mb, u.download_floor_s)
+                })
+            });
+            row("bytes down the uplink (a) / (b), MB", &|x| {
+                link(x, &|u| {
+                    format!("{:.1} / {:.1}", u.daemon_down_mb, u.baseline_down_mb)
+                })
+            });
+            row("copies of what changed (a) / (b)", &|x| {
+                link(x, &|u| {
+                    format!("{:.3} / {:.2}", u.daemon_copies, u.baseline_copies)
+                })
+            });
+            row("wall minus the download floor (a) / (b), s", &|x| {
+                link(x, &|u| {
+                    format!(
+                        "{:.2} / {:.2}",
+                        u.daemon_above_floor_s, u.baseline_above_floor_s
+                    )
+                })
+            });
+            row("(a) wall ÷ download floor", &|x| {
+                link(x, &|u| format!("{:.2}", u.daemon_over_floor))
+            });
+            row("connections opened (a) / (b)", &|x| {
+                link(x, &|u| {
+                    format!(
+                        "{:.0} / {:.0}",
+                        u.daemon_connections, u.baseline_connections
+                    )
+                })
+            });
+        }
         row(
             "podman floor / b (the least a/b with these podman commands)",
             &|x| {
