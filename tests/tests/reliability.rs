@@ -386,6 +386,7 @@ async fn worker_killed_at(repo: &str, step: &str) {
         "update-environment",
         "run-scripts",
         "module-step",
+        "health-gate",
         "cleanup-images",
     ];
     let at = order.iter().position(|s| *s == step).unwrap();
@@ -434,6 +435,7 @@ worker_kill_tests! {
     sigkill_of_the_worker_at_update_environment: "update-environment",
     sigkill_of_the_worker_at_run_scripts: "run-scripts",
     sigkill_of_the_worker_at_module_step: "module-step",
+    sigkill_of_the_worker_at_health_gate: "health-gate",
     sigkill_of_the_worker_at_cleanup_images: "cleanup-images",
 }
 
@@ -489,6 +491,7 @@ async fn daemon_killed_at(repo: &str, step: &str) {
         "update-environment",
         "run-scripts",
         "module-step",
+        "health-gate",
         "cleanup-images",
     ];
     let at = steps.iter().position(|s| *s == step).unwrap();
@@ -516,6 +519,7 @@ daemon_kill_tests! {
     sigkill_of_the_daemon_at_update_environment: "update-environment",
     sigkill_of_the_daemon_at_run_scripts: "run-scripts",
     sigkill_of_the_daemon_at_module_step: "module-step",
+    sigkill_of_the_daemon_at_health_gate: "health-gate",
     sigkill_of_the_daemon_at_cleanup_images: "cleanup-images",
 }
 
