@@ -205,14 +205,15 @@ function loadUpdates(refresh) {
             .finally(() => { $("refresh").disabled = false });
 }
 
-// What Rollback would restore: the previous image the instance's environment keeps.
+// What Rollback would restore: the image of the previous version the service keeps (empty when
+// nothing is kept).
 function loadKept() {
     if (!has("rollback"))
         return;
     for (const proxy of sortedInstances()) {
         manager.getInstance(proxy.Id)
                 .then(env => {
-                    state.kept[proxy.Id] = env.PREV_IMAGE_URL || "";
+                    state.kept[proxy.Id] = env.kept || "";
                     render();
                 })
                 .catch(() => {});

@@ -502,3 +502,53 @@ fn review_shows_what_the_update_would_do_and_changes_nothing() {
     }
     page.shot();
 }
+
+/// After an update, the page offers Rollback for the version the update kept; it warns that data
+/// migrations are not undone, and the rollback takes the instance back to 1.0 (on disk too) and
+/// leaves nothing more to roll back to.
+#[test]
+fn rollback_takes_an_instance_back_to_the_version_its_update_kept() {
+    let mut page = Page::open(demo(1, "1.0"), "rollback");
+    let id = page.s.ids()[0].to_owned();
+    let button = format!("#instances tr[data-instance='{id}'] .mu-rollback-button");
+    assert!(
+        page.texts(&button).is_empty(),
+        "nothing is kept before an update"
+    );
+    page.select(&[&id]);
+    page.fill("#target", "2.0");
+    page.click("#update");
+    page.wait(
+        "the update completed",
+        "document.querySelector('#jobs [data-job]')?.dataset.status === 'completed'",
+    );
+    page.wait(
+        "Rollback offered",
+        &format!("document.querySelector({button:?}) !== null"),
+    );
+    page.click(&button);
+    page.wait(
+        "the rollback's confirmation",
+        "document.getElementById('rollback').hidden === false",
+    );
+    let asked = page.texts("#rollback").join(" ");
+    assert!(asked.contains(&page.s.url("1.0")), "{asked}");
+    assert!(asked.contains("not undone"), "{asked}");
+    page.shot_as("rollback-confirm");
+    page.click("#rollback .mu-confirm-rollback");
+    page.wait(
+        "the instance back at 1.0 in the list",
+        "[...document.querySelectorAll('#instances tbody .mu-version')].every(c => c.textContent === '1.0')",
+    );
+    page.wait(
+        "both jobs completed",
+        "[...document.querySelectorAll('#jobs [data-job]')].filter(j => j.dataset.status === 'completed').length === 2",
+    );
+    page.wait(
+        "nothing left to roll back to",
+        &format!("document.querySelector({button:?}) === null"),
+    );
+    let version = page.s.instances[0].install_dir.join("bin/version");
+    assert_eq!(std::fs::read_to_string(version).unwrap(), "1.0\n");
+    page.shot();
+}

@@ -93,6 +93,7 @@ pub(super) async fn show(ctx: &Ctx, instance: &str) -> Result<u8, ClientError> {
     });
     let job = JobRef::from_path(job.as_str());
     let last: Option<HistoryEntry> = serde_json::from_str(&last_update).ok();
+    let kept = environment.get("kept").cloned().unwrap_or_default();
     if ctx.json {
         let mut value = json!(environment);
         value["state"] = json!(state);
@@ -112,11 +113,14 @@ pub(super) async fn show(ctx: &Ctx, instance: &str) -> Result<u8, ClientError> {
                 history_line(&ctx.clock, last)
             ));
         }
+        if !kept.is_empty() {
+            text.push_str(&format!("Kept for a rollback: {kept}\n"));
+        }
         text.push('\n');
-        // `state` is GetInstance's, not the environment's: it is in the header above.
+        // `state` and `kept` are GetInstance's, not the environment's: they are above.
         let rows: Vec<Vec<String>> = environment
             .into_iter()
-            .filter(|(k, _)| k != "state")
+            .filter(|(k, _)| k != "state" && k != "kept")
             .map(|(k, v)| vec![k, v])
             .collect();
         text.push_str(&render::table(&["KEY", "VALUE"], &rows));

@@ -138,16 +138,23 @@ impl Manager {
             .collect()
     }
 
-    /// `MODULE_ID`, the image keys of the instance's environment, `rootless` and `uid`.
+    /// `MODULE_ID`, the image keys of the instance's environment, `rootless`, `uid`, `state`,
+    /// and `kept`: the image of the previous version a rollback goes back to (empty: none).
     #[zbus(out_args("instance"))]
     async fn get_instance(&self, id: &str) -> Result<HashMap<String, String>, CallError> {
         let jobs = Arc::clone(&self.jobs);
         let owned = id.to_owned();
-        let found = tokio::task::spawn_blocking(move || jobs.instances().find(&owned))
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| no_such_instance(id))?;
+        let (found, kept) = tokio::task::spawn_blocking(move || {
+            let found = jobs.instances().find(&owned)?;
+            let kept = kept::environment_as_root(&found.instance)
+                .and_then(|env| env.get("IMAGE_URL").map(str::to_owned))
+                .unwrap_or_default();
+            Some((found, kept))
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| no_such_instance(id))?;
         let mut info: HashMap<String, String> = found
             .environment
             .iter()
@@ -165,6 +172,7 @@ impl Manager {
         info.insert("uid".into(), instance.uid.to_string());
         let (state, _) = self.jobs.instance_state(&instance.id);
         info.insert("state".into(), state.as_str().to_owned());
+        info.insert("kept".into(), kept);
         Ok(info)
     }
 

@@ -105,9 +105,9 @@ pub fn load(instance: &Instance) -> Option<KeptVersion> {
     })
 }
 
-/// The kept version's environment as root reads it for a plan: the file only when it is the
-/// instance user's own regular file (never one a link points at).
-pub fn environment_for_plan(instance: &Instance) -> Option<Environment> {
+/// The kept version's environment as root reads it (for a plan, for `GetInstance`): the file
+/// only when it is the instance user's own regular file (never one a link points at).
+pub fn environment_as_root(instance: &Instance) -> Option<Environment> {
     super::environment::read_owned(&dir(instance).join(ENVIRONMENT), instance.uid)?.environment
 }
 

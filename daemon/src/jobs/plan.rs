@@ -87,7 +87,7 @@ impl Jobs {
     fn cleanup_of(&self, instance: &crate::engine::instance::Instance) -> plan::Cleanup {
         if self.settings.keep_previous {
             plan::Cleanup::KeepPrevious {
-                older: crate::engine::kept::environment_for_plan(instance),
+                older: crate::engine::kept::environment_as_root(instance),
             }
         } else {
             plan::Cleanup::Ns8
