@@ -76,6 +76,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         },
         system_manager_address: config.system_manager_address.clone(),
         script_timeout: Duration::from_secs(config.script_timeout),
+        pull_timeout: Duration::from_secs(config.pull_timeout),
         health_timeout: Duration::from_secs(config.health_timeout),
         keep_previous: config.keep_previous,
         rollback_on_failure: config.rollback_on_failure,

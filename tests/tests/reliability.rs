@@ -770,6 +770,72 @@ async fn a_registry_that_never_answers_is_cancelled_promptly() {
     assert_eq!(run.status, "completed", "{:#}", run.result);
 }
 
+/// A registry that accepts connections and never answers, and nobody cancels: `pull_timeout`
+/// ends the node's shared download, then each instance's own pull, which fails its step saying
+/// so; nothing of the instances changed and nothing is left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_never_answers_is_ended_by_the_pull_timeout() {
+    let s = Scenario::new()
+        .module("reltimeout", &["1.0"])
+        .rootless("reltimeout", 2, "1.0")
+        .daemon(&["--pull-timeout", "3"])
+        .start()
+        .await;
+    // Accepts every connection and keeps it open without a byte.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let url = format!("127.0.0.1:{port}/reltimeout:2.0");
+    let started = Instant::now();
+    let run = common::run_job(s.bus(), &request(&url, &s.ids(), false)).await;
+    let took = started.elapsed();
+    // Two timeouts one after the other (the shared download, then the pulls), plus the rest.
+    assert!(took < Duration::from_secs(60), "the job took {took:?}");
+    assert_eq!(run.status, "aborted", "{:#}", run.result);
+    for instance in &s.instances {
+        let result = run.instance(&instance.id);
+        assert_eq!(result["status"], "failed", "{result:#}");
+        assert_eq!(result["error"]["step"], "pull-image", "{result:#}");
+        let reason = result["error"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("did not finish within 3 s (pull_timeout)"),
+            "{reason}"
+        );
+        let messages = run.messages_of(&instance.id);
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("the shared download did not finish within 3 s")),
+            "{messages:#?}"
+        );
+        assert_eq!(instance.read_env().unwrap()["IMAGE_URL"], s.url("1.0"));
+        let version = std::fs::read_to_string(instance.install_dir.join("bin/version")).unwrap();
+        assert_eq!(version, "1.0\n");
+        let lock = instance.state_dir.join(".update-module.lock");
+        let free = std::process::Command::new("flock")
+            .args(["--nonblock", "--shared"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap();
+        assert!(free.success(), "{} is still locked", lock.display());
+    }
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "still running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
 /// The bus of the system manager restarts between two updates (`systemctl --user restart
 /// dbus.service` on the sandbox's system manager): the daemon's connection to it is gone, and the
 /// next update connects again and runs in a scope, as the first did.

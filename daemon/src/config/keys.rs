@@ -253,6 +253,18 @@ pub(super) const UPDATE_TASKS_MAX: Key = Key {
     help: "TasksMax= of each instance update's systemd scope: at most this many processes and threads at once.",
 };
 
+pub(super) const PULL_TIMEOUT: Key = Key {
+    name: "pull_timeout",
+    rule: Rule::Number {
+        min: 1,
+        max: MAX_SECONDS,
+        unit: "seconds",
+    },
+    default: Some("1800"),
+    unset: "",
+    help: "Stop a download of images (a pull, the node's shared download) that takes longer than this many seconds.",
+};
+
 /// Every key the configuration file may hold, in the order the default file lists them.
 pub const KEYS: &[Key] = &[
     HOME_BASE,
@@ -272,4 +284,5 @@ pub const KEYS: &[Key] = &[
     ROLLBACK_ON_FAILURE,
     UPDATE_MEMORY_MAX,
     UPDATE_TASKS_MAX,
+    PULL_TIMEOUT,
 ];

@@ -104,6 +104,9 @@ pub struct Settings {
     /// TasksMax= of each update's systemd scope [default: systemd's].
     #[arg(long, value_name = "N", value_parser = update_tasks_max_flag)]
     pub update_tasks_max: Option<u64>,
+    /// Stop a download of images that takes longer than this many seconds [default: 1800].
+    #[arg(long, value_name = "SECS", value_parser = pull_timeout_flag)]
+    pub pull_timeout: Option<u64>,
 }
 
 impl Settings {
@@ -129,6 +132,7 @@ impl Settings {
             rollback_on_failure: self.rollback_on_failure.or(lower.rollback_on_failure),
             update_memory_max: self.update_memory_max.or(lower.update_memory_max),
             update_tasks_max: self.update_tasks_max.or(lower.update_tasks_max),
+            pull_timeout: self.pull_timeout.or(lower.pull_timeout),
         }
     }
 }
@@ -184,6 +188,9 @@ fn health_timeout_flag(text: &str) -> Result<u64, String> {
 fn update_memory_max_flag(text: &str) -> Result<u64, String> {
     number_flag(&UPDATE_MEMORY_MAX, text)
 }
+fn pull_timeout_flag(text: &str) -> Result<u64, String> {
+    number_flag(&PULL_TIMEOUT, text)
+}
 fn update_tasks_max_flag(text: &str) -> Result<u64, String> {
     number_flag(&UPDATE_TASKS_MAX, text)
 }
@@ -214,6 +221,7 @@ struct RawFile {
     rollback_on_failure: Option<bool>,
     update_memory_max: Option<i64>,
     update_tasks_max: Option<i64>,
+    pull_timeout: Option<i64>,
 }
 
 /// A value as the file writes it, for messages.
@@ -274,6 +282,7 @@ impl RawFile {
             rollback_on_failure: self.rollback_on_failure,
             update_memory_max: number(&UPDATE_MEMORY_MAX, self.update_memory_max)?,
             update_tasks_max: number(&UPDATE_TASKS_MAX, self.update_tasks_max)?,
+            pull_timeout: number(&PULL_TIMEOUT, self.pull_timeout)?,
         })
     }
 }
@@ -424,6 +433,7 @@ pub struct Config {
     /// `None`: the system bus.
     pub system_manager_address: Option<String>,
     pub script_timeout: u64,
+    pub pull_timeout: u64,
     /// `None`: see [`Config::parallelism`].
     pub max_parallel: Option<usize>,
     /// 0 to 19.
@@ -458,6 +468,7 @@ impl Config {
                 .unwrap_or_else(|| "/var/lib/nethserver".into()),
             system_manager_address: settings.system_manager_address,
             script_timeout: settings.script_timeout.unwrap_or(1800),
+            pull_timeout: settings.pull_timeout.unwrap_or(1800),
             max_parallel: settings.max_parallel,
             // Checked to be at most 19.
             worker_nice: settings
@@ -761,7 +772,7 @@ system_manager_address = "unix:path=/run/other/bus"
         let all = "the keys are home_base, rootful_base, max_parallel, script_timeout, worker_nice, \
                    job_linger, idle_timeout, state_dir, system_manager_address, ns8_agent_env, \
                    registry_connect_timeout, registry_timeout, health_timeout, keep_previous, \
-                   rollback_on_failure, update_memory_max, update_tasks_max";
+                   rollback_on_failure, update_memory_max, update_tasks_max, pull_timeout";
         assert_eq!(
             error("home_base = \"/home\"\nmax_paralel = 2\n"),
             format!("unknown key max_paralel in /etc/module-updater/config.toml (line 2): {all}")

@@ -40,6 +40,8 @@ pub struct Settings {
     pub bases: Bases,
     pub system_manager_address: Option<String>,
     pub script_timeout: Duration,
+    /// How long a download of images may take (`pull_timeout`).
+    pub pull_timeout: Duration,
     /// How long the health gate may wait (`health_timeout`), unless a request says otherwise.
     pub health_timeout: Duration,
     /// Keep each instance's previous version for a rollback (`keep_previous`).
@@ -318,6 +320,7 @@ impl Jobs {
                 force: request.force,
                 request_json: request.raw.clone(),
                 script_timeout_secs: self.settings.script_timeout.as_secs(),
+                pull_timeout_secs: self.settings.pull_timeout.as_secs(),
                 health_timeout_secs: request
                     .health_timeout
                     .unwrap_or(self.settings.health_timeout.as_secs()),

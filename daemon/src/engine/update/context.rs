@@ -47,6 +47,9 @@ pub struct UpdateJob {
     /// The request JSON as the caller sent it: the scripts' stdin.
     pub request_json: String,
     pub script_timeout_secs: u64,
+    /// How long a pull may take (`pull_timeout`).
+    #[serde(default = "default_pull_timeout")]
+    pub pull_timeout_secs: u64,
     /// How long the health gate may wait for the instance to be healthy (`health_timeout`).
     #[serde(default = "default_health_timeout")]
     pub health_timeout_secs: u64,
@@ -77,6 +80,10 @@ pub const DEFAULT_HEALTH_TIMEOUT: u64 = 120;
 
 fn default_health_timeout() -> u64 {
     DEFAULT_HEALTH_TIMEOUT
+}
+
+fn default_pull_timeout() -> u64 {
+    1800
 }
 
 /// A step failed: where and why.

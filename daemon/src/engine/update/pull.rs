@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use module_updater_dbus::types::Step;
 use tokio::task::JoinHandle;
@@ -125,7 +126,10 @@ async fn missing(
         return Ok(None);
     }
     // What the daemon downloaded once for the node is loaded; the rest is pulled.
-    let mut fetch = Fetch::default();
+    let mut fetch = Fetch {
+        timeout: Duration::from_secs(job.pull_timeout_secs),
+        ..Fetch::default()
+    };
     for reference in missing {
         match job.shared_images.get(reference) {
             Some(archive) => fetch.loads.push((reference.to_owned(), archive.clone())),
@@ -149,6 +153,8 @@ struct Fetch {
     /// Reference → archive of the daemon's shared download (`engine/shared_images.rs`).
     loads: Vec<(String, PathBuf)>,
     pulls: Vec<String>,
+    /// How long the pull may take (`pull_timeout`).
+    timeout: Duration,
 }
 
 /// What a fetch did: the references loaded from the shared download, warnings (a failed load,
@@ -178,7 +184,11 @@ impl Fetch {
     /// Loads what the daemon downloaded, then pulls the rest and what failed to load, in one
     /// podman pull.
     async fn run(self, podman: Podman) -> Fetched {
-        let Fetch { loads, mut pulls } = self;
+        let Fetch {
+            loads,
+            mut pulls,
+            timeout,
+        } = self;
         let mut warnings = Vec::new();
         let mut loaded = Vec::new();
         for (reference, archive) in loads {
@@ -193,11 +203,19 @@ impl Fetch {
             }
         }
         let references: Vec<&str> = pulls.iter().map(String::as_str).collect();
-        let result = podman.pull(&references).await.map(|_| ());
+        // Past the timeout the pull's future is dropped, which kills podman.
+        let result = match tokio::time::timeout(timeout, podman.pull(&references)).await {
+            Ok(pulled) => pulled.map(|_| ()).map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the pull of {} did not finish within {} s (pull_timeout)",
+                references.join(" "),
+                timeout.as_secs()
+            )),
+        };
         Fetched {
             loaded,
             warnings,
-            result: result.map_err(|e| e.to_string()),
+            result,
         }
     }
 }
