@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -48,6 +49,8 @@ pub enum SharedImagesError {
     Skopeo(#[from] SkopeoError),
     #[error("{0}")]
     Archive(#[from] ArchiveError),
+    #[error("it did not finish within {0} s (pull_timeout)")]
+    TimedOut(u64),
 }
 
 /// podman's run root must be shorter than 50 characters: a state dir may be longer.
@@ -129,8 +132,9 @@ pub async fn download(
     job_id: u64,
     module_url: &str,
     present: &HashSet<String>,
+    timeout: Duration,
 ) -> Result<SharedImages, SharedImagesError> {
-    download_as(state_dir, &job_id.to_string(), module_url, present).await
+    download_as(state_dir, &job_id.to_string(), module_url, present, timeout).await
 }
 
 /// [`download`] for `PlanUpdate`, before any job exists: `<state dir>/shared-images/plan-<random>/`,
@@ -138,8 +142,9 @@ pub async fn download(
 pub async fn download_for_plan(
     state_dir: &Path,
     module_url: &str,
+    timeout: Duration,
 ) -> Result<SharedImages, SharedImagesError> {
-    download_as(state_dir, PLAN_PREFIX, module_url, &HashSet::new()).await
+    download_as(state_dir, PLAN_PREFIX, module_url, &HashSet::new(), timeout).await
 }
 
 /// The name prefix of a plan's download directory.
@@ -150,6 +155,7 @@ async fn download_as(
     owner: &str,
     module_url: &str,
     present: &HashSet<String>,
+    timeout: Duration,
 ) -> Result<SharedImages, SharedImagesError> {
     let dir = make_job_dir(state_dir, owner)?;
     let runroot = make_runroot(owner);
@@ -159,7 +165,14 @@ async fn download_as(
         ..SharedImages::default()
     };
     let filled = match runroot {
-        Ok(runroot) => fill(&mut shared, &dir, &runroot, module_url, present).await,
+        // Past the timeout the download's future is dropped, which kills skopeo and podman;
+        // what they wrote goes with the directory below.
+        Ok(runroot) => tokio::time::timeout(
+            timeout,
+            fill(&mut shared, &dir, &runroot, module_url, present),
+        )
+        .await
+        .unwrap_or(Err(SharedImagesError::TimedOut(timeout.as_secs()))),
         Err(err) => Err(err),
     };
     match filled {

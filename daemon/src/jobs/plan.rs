@@ -235,17 +235,22 @@ impl Jobs {
         if let Some((facts, download)) = self.planned.facts(module_url) {
             return (Some(facts), download);
         }
-        let shared =
-            match shared_images::download_for_plan(&self.settings.state_dir, module_url).await {
-                Ok(shared) => shared,
-                Err(err) => {
-                    let download = NodeDownload {
-                        error: Some(format!("cannot download {module_url}: {err}")),
-                        ..NodeDownload::default()
-                    };
-                    return (None, download);
-                }
-            };
+        let shared = match shared_images::download_for_plan(
+            &self.settings.state_dir,
+            module_url,
+            self.settings.pull_timeout,
+        )
+        .await
+        {
+            Ok(shared) => shared,
+            Err(err) => {
+                let download = NodeDownload {
+                    error: Some(format!("cannot download {module_url}: {err}")),
+                    ..NodeDownload::default()
+                };
+                return (None, download);
+            }
+        };
         let mut download = NodeDownload {
             images: shared
                 .archives

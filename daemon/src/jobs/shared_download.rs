@@ -100,25 +100,10 @@ impl Jobs {
             id,
             &request.module_url,
             &shared_values,
+            self.settings.pull_timeout,
         );
-        let timeout = self.settings.pull_timeout;
         let outcome = tokio::select! {
             outcome = download => outcome,
-            () = tokio::time::sleep(timeout) => {
-                say(
-                    priority::WARNING,
-                    &format!(
-                        "the shared download did not finish within {} s (pull_timeout): each instance pulls for itself",
-                        timeout.as_secs()
-                    ),
-                );
-                let state_dir = self.settings.state_dir.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    shared_images::remove_job(&state_dir, id);
-                })
-                .await;
-                return SharedImages::default();
-            }
             () = async {
                 // A closed channel means nobody can cancel any more: wait for the download.
                 if cancelled.wait_for(|c| *c).await.is_err() {
