@@ -97,6 +97,21 @@ pub fn unescape(text: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// The manager, subscribed to its job signals, and the stream of its `JobRemoved`.
+async fn subscribed(
+    connection: &zbus::Connection,
+) -> Result<(ManagerProxy<'_>, crate::manager::JobRemovedStream), SystemdError> {
+    let manager = manager(connection).await?;
+    let removed = manager
+        .receive_job_removed()
+        .await
+        .map_err(|source| SystemdError::Call {
+            method: "Subscribe",
+            source,
+        })?;
+    Ok((manager, removed))
+}
+
 async fn manager(connection: &zbus::Connection) -> Result<ManagerProxy<'_>, SystemdError> {
     let manager = ManagerProxy::new(connection)
         .await
@@ -121,15 +136,8 @@ async fn manager(connection: &zbus::Connection) -> Result<ManagerProxy<'_>, Syst
 
 /// Creates the scope and returns once the manager's start job is done (the processes are in it).
 pub async fn start(connection: &zbus::Connection, spec: &ScopeSpec) -> Result<(), SystemdError> {
-    let manager = manager(connection).await?;
-    // Before the call: the job's end can beat the method's reply.
-    let mut removed = manager
-        .receive_job_removed()
-        .await
-        .map_err(|source| SystemdError::Call {
-            method: "Subscribe",
-            source,
-        })?;
+    // Subscribed before the call: the job's end can beat the method's reply.
+    let (manager, mut removed) = subscribed(connection).await?;
     let job = manager
         .start_transient_unit(&spec.name, "fail", &spec.properties(), &[])
         .await
@@ -152,14 +160,7 @@ pub async fn start(connection: &zbus::Connection, spec: &ScopeSpec) -> Result<()
 /// Stops the scope (SIGTERM to every process, SIGKILL after its stop timeout) and returns once
 /// the stop job is over, i.e. nothing runs in it any more. A scope that is already gone is fine.
 pub async fn stop(connection: &zbus::Connection, name: &str) -> Result<(), SystemdError> {
-    let manager = manager(connection).await?;
-    let mut removed = manager
-        .receive_job_removed()
-        .await
-        .map_err(|source| SystemdError::Call {
-            method: "Subscribe",
-            source,
-        })?;
+    let (manager, mut removed) = subscribed(connection).await?;
     let job = match manager.stop_unit(name, "replace").await {
         Ok(job) => job,
         Err(zbus::Error::MethodError(error, _, _))

@@ -56,17 +56,7 @@ impl Manager {
             return Err(SubmitError::Invalid(no_room).into());
         }
         let id = self.jobs.submit(parsed, caller.uid)?;
-        // The job exists and runs: from here on nothing may turn the call into an error. A job
-        // object that cannot be announced (InterfacesAdded) is still served.
-        let path = object_path(job_path(id));
-        if let Err(err) = server
-            .at(&path, JobObject::new(id, Arc::clone(&self.jobs)))
-            .await
-        {
-            log::warn!(MODULE_UPDATER_JOB = id; "cannot announce job {id} on the bus: {err}");
-        }
-        self.jobs.announce(id);
-        Ok(path)
+        Ok(self.publish(id, server).await)
     }
 
     /// What `UpdateModule` with the same request would do to each instance, as JSON, without
@@ -318,6 +308,13 @@ impl Manager {
         }
         let request = request::UpdateRequest::for_instance(action, instance);
         let id = self.jobs.submit(request, caller.uid)?;
+        Ok(self.publish(id, server).await)
+    }
+
+    /// Serves the object of job `id`, just submitted, and has the pump announce it. The job
+    /// exists and runs: from here on nothing may turn the call into an error, so a job object
+    /// that cannot be announced (InterfacesAdded) is still served.
+    async fn publish(&self, id: u64, server: &ObjectServer) -> OwnedObjectPath {
         let path = object_path(job_path(id));
         if let Err(err) = server
             .at(&path, JobObject::new(id, Arc::clone(&self.jobs)))
@@ -326,7 +323,7 @@ impl Manager {
             log::warn!(MODULE_UPDATER_JOB = id; "cannot announce job {id} on the bus: {err}");
         }
         self.jobs.announce(id);
-        Ok(path)
+        path
     }
 
     async fn updates_of(&self, wanted: Vec<String>, refresh: bool) -> Result<String, CallError> {
