@@ -13,7 +13,8 @@ export class Jobs {
         this.container = container;
         this.readOnly = readOnly;
         this.onFinished = onFinished;
-        // path → { logs: {instance: [[usec, priority, text]]}, loading: Set, early: [], result, error }
+        // path → { logs: {instance: [[usec, priority, text]]}, loaded: {instance: {texts, next}},
+        //          loading: Set, early: [], result, error }
         this.state = new Map();
         this.followed = null;
         // "path instance" → whether the user opened or closed that log (kept across redraws).
@@ -47,16 +48,17 @@ export class Jobs {
             return;
         const early = (this.pendingMessages || []).filter(m => m.path === path);
         this.pendingMessages = (this.pendingMessages || []).filter(m => m.path !== path);
-        const state = { logs: {}, loading: new Set(), early, result: null, error: null };
+        const state = { logs: {}, loaded: {}, loading: new Set(), early, result: null, error: null };
         this.state.set(path, state);
         // The log so far: a job that began before the page opened has messages no signal will repeat.
         for (const instance of proxy.Instances || []) {
             state.loading.add(instance);
             jobApi.messages(path, instance)
                     .then(list => {
-                        const known = list.map(([, , text]) => text);
-                        const later = state.early.filter(m => m.instance === instance && !known.includes(m.text));
-                        state.logs[instance] = list.concat(later.map(m => [m.usec, m.priority, m.text]));
+                        state.logs[instance] = list;
+                        state.loaded[instance] = { texts: list.map(([, , text]) => text), next: 0 };
+                        for (const m of state.early.filter(m => m.instance === instance))
+                            this.append(state, m);
                     })
                     .catch(() => {
                         state.logs[instance] = state.early.filter(m => m.instance === instance)
@@ -105,8 +107,26 @@ export class Jobs {
             state.early.push(entry);
             return;
         }
-        state.logs[instance].push([entry.usec, priority, text]);
+        this.append(state, entry);
         this.render();
+    }
+
+    // Adds a signalled message to its instance's log unless the log read with GetMessages holds
+    // it already: the daemon records a message before it signals it, so a signal may arrive
+    // after a reply that included it. Signals come in the log's order, so each is looked for
+    // after the last one found.
+    append(state, { instance, priority, text, usec }) {
+        const loaded = state.loaded[instance];
+        if (loaded) {
+            const at = loaded.texts.indexOf(text, loaded.next);
+            if (at >= 0) {
+                loaded.next = at + 1;
+                return;
+            }
+            // A message the reply did not hold came after all it held: no more duplicates.
+            loaded.next = loaded.texts.length;
+        }
+        state.logs[instance].push([usec, priority, text]);
     }
 
     cancel(path) {

@@ -274,6 +274,10 @@ fn two_instances_updated_to_2_0_show_every_step_to_100_percent_and_the_new_versi
     );
     let bars = page.eval("[...document.querySelectorAll('#jobs progress')].map(p => p.value)");
     assert_eq!(bars, serde_json::json!([100, 100]));
+    page.wait(
+        "both instances' results",
+        "document.querySelectorAll('#jobs .mu-result').length === 2",
+    );
     let results = page.texts("#jobs .mu-result");
     for (id, result) in ids.iter().zip(&results) {
         assert!(result.contains(&page.s.url("2.0")), "{id}: {result}");
@@ -282,9 +286,10 @@ fn two_instances_updated_to_2_0_show_every_step_to_100_percent_and_the_new_versi
         "no update left to offer",
         "[...document.querySelectorAll('#instances tbody .mu-available')].every(c => c.textContent === 'up to date')",
     );
-    for id in &ids {
-        assert!(page.cell(id, "mu-last").starts_with("completed"));
-    }
+    page.wait(
+        "the last update of both instances",
+        "[...document.querySelectorAll('#instances tbody .mu-last')].every(c => c.textContent.startsWith('completed'))",
+    );
     page.click(&format!(
         "#instances tr[data-instance='{}'] .mu-history-button",
         ids[0]
@@ -368,13 +373,21 @@ fn a_busy_instance_names_its_job_which_the_page_follows_and_cancels() {
         "the instance idle at 1.0",
         &format!("document.querySelector(\"#instances tr[data-instance='{id}'] .mu-state\").textContent === 'idle'"),
     );
-    // The cancel stopped the update script: a warning naming it in the instance's result.
+    // The cancel stopped the update script: a warning naming it in the instance's result, which
+    // the page fetches (GetResult) once the job has ended.
+    page.wait(
+        "the instance's result",
+        "document.querySelector('#jobs .mu-result')?.textContent.includes('50gate')",
+    );
     let result = page.texts("#jobs .mu-result");
     assert!(
         result.len() == 1 && result[0].contains("Warning: ") && result[0].contains("50gate"),
         "{result:?}"
     );
-    assert!(page.cell(&id, "mu-last").starts_with("cancelled"));
+    page.wait(
+        "the last update cancelled",
+        "document.querySelector('#instances tbody .mu-last').textContent.startsWith('cancelled')",
+    );
     page.shot_as("cancel");
 }
 
