@@ -58,6 +58,10 @@ pub enum ServiceError {
     StateDirBusy { path: String },
     #[error("cannot publish {path}: {source}")]
     Publish { path: String, source: zbus::Error },
+    #[error(
+        "the connection to the bus closed (the bus restarted?); exiting so that the service starts again on it"
+    )]
+    BusClosed,
 }
 
 /// Connects, owns the name, notifies READY=1, and serves until SIGTERM, SIGINT or idle timeout.
@@ -162,6 +166,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let watchdog = notify::watchdog_interval();
     let mut ticker = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let idle_timeout = config.idle_timeout.map(Duration::from_secs);
+    let mut bus_closed = false;
     loop {
         let activity = connection.monitor_activity();
         let idle = async {
@@ -174,7 +179,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = connection.closed() => {
-                log::error!("the bus connection closed");
+                bus_closed = true;
                 break;
             }
             _ = ticker.tick() => if watchdog.is_some() { notify::watchdog() },
@@ -185,14 +190,53 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
             },
         }
     }
+    let stopped = if bus_closed {
+        // The updates do not need the bus: cancelling one would stop its scripts half-way.
+        let running = jobs.running().len();
+        log::error!(
+            "the bus connection closed: {running} running job(s) go on to their end without the bus, then the daemon exits"
+        );
+        until_jobs_end(&jobs, &mut sigterm, &mut sigint, &mut ticker, watchdog).await
+    } else {
+        Stopped::Signal
+    };
     notify::stopping();
-    log::info!("stopping: cancelling running jobs");
+    if !jobs.running().is_empty() {
+        log::info!("stopping: cancelling running jobs");
+    }
     jobs.shutdown(SHUTDOWN_GRACE).await;
     // Let the pump send the last signals, then leave the bus.
     tokio::time::sleep(pump::FLUSH_INTERVAL).await;
     pump.abort();
     drop(jobs);
-    Ok(())
+    match stopped {
+        Stopped::BusClosed => Err(ServiceError::BusClosed),
+        Stopped::Signal => Ok(()),
+    }
+}
+
+/// Why the daemon stops.
+enum Stopped {
+    Signal,
+    BusClosed,
+}
+
+/// After the bus closed: waits until no job runs (the watchdog still fed), or a signal.
+async fn until_jobs_end(
+    jobs: &Jobs,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+    ticker: &mut tokio::time::Interval,
+    watchdog: Option<Duration>,
+) -> Stopped {
+    loop {
+        tokio::select! {
+            _ = jobs.until_idle() => return Stopped::BusClosed,
+            _ = sigterm.recv() => return Stopped::Signal,
+            _ = sigint.recv() => return Stopped::Signal,
+            _ = ticker.tick() => if watchdog.is_some() { notify::watchdog() },
+        }
+    }
 }
 
 /// Whether someone owns our name on the configured bus (false when the bus cannot be asked).

@@ -390,22 +390,7 @@ impl Sandbox {
             &BTreeMap::from([("MODULE_ID".to_owned(), id.clone())]),
         )?;
 
-        let spec = ManagerSpec {
-            what: format!("systemd --user of {id}"),
-            cgroup_name,
-            user: Some(RunAs { uid, gid }),
-            env: vec![
-                ("PATH".into(), cmd::PATH.into()),
-                ("LANG".into(), "C.UTF-8".into()),
-                ("HOME".into(), home.display().to_string()),
-                ("USER".into(), id.clone()),
-                ("LOGNAME".into(), id.clone()),
-                ("SHELL".into(), "/usr/sbin/nologin".into()),
-                ("XDG_RUNTIME_DIR".into(), runtime_dir.display().to_string()),
-            ],
-            runtime_dir,
-            log: self.log_dir().join(format!("manager-{id}.log")),
-        };
+        let spec = self.user_manager_spec(&instance, cgroup_name, false);
         let probe = instance.clone();
         let manager = UserManager::start(spec, || systemd_owned(&probe, &["--user"]))?;
         self.footprint.processes.push(manager.record.clone());
@@ -414,6 +399,72 @@ impl Sandbox {
         }
         self.save_footprint()?;
         Ok(instance)
+    }
+
+    fn user_manager_spec(
+        &self,
+        instance: &Instance,
+        cgroup_name: String,
+        short_of_run_space: bool,
+    ) -> ManagerSpec {
+        let id = &instance.id;
+        ManagerSpec {
+            what: format!("systemd --user of {id}"),
+            cgroup_name,
+            user: Some(RunAs {
+                uid: instance.uid,
+                gid: instance.gid,
+            }),
+            env: vec![
+                ("PATH".into(), cmd::PATH.into()),
+                ("LANG".into(), "C.UTF-8".into()),
+                ("HOME".into(), instance.home.display().to_string()),
+                ("USER".into(), id.clone()),
+                ("LOGNAME".into(), id.clone()),
+                ("SHELL".into(), "/usr/sbin/nologin".into()),
+                (
+                    "XDG_RUNTIME_DIR".into(),
+                    instance.runtime_dir.display().to_string(),
+                ),
+            ],
+            runtime_dir: instance.runtime_dir.clone(),
+            log: self.log_dir().join(format!("manager-{id}.log")),
+            short_of_run_space,
+        }
+    }
+
+    /// Starts the rootless instance's `systemd --user` again, in a mount namespace where
+    /// `/run/systemd` has too little room for systemd to reload: the manager then refuses
+    /// `Reload`, as a real one does on a node whose /run is full.
+    pub fn restart_manager_short_of_run_space(&mut self, instance: &Instance) -> Result<()> {
+        let slot = self
+            .users
+            .iter_mut()
+            .find(|slot| slot.record.name == instance.id)
+            .ok_or_else(|| {
+                SandboxError::io(
+                    "find the manager of",
+                    &instance.home,
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                )
+            })?;
+        let old = slot.manager.take();
+        if let Some(mut old) = old {
+            old.stop();
+            self.footprint.processes.retain(|p| p != &old.record);
+        }
+        let spec = self.user_manager_spec(
+            instance,
+            format!("module-updater-test-{}", instance.id),
+            true,
+        );
+        let probe = instance.clone();
+        let manager = UserManager::start(spec, || systemd_owned(&probe, &["--user"]))?;
+        self.footprint.processes.push(manager.record.clone());
+        if let Some(slot) = self.users.iter_mut().find(|s| s.record.name == instance.id) {
+            slot.manager = Some(manager);
+        }
+        self.save_footprint()
     }
 
     /// A rootful instance of `module`: `<rootful base>/<id>` and its `state/` (0700) owned by
@@ -487,6 +538,7 @@ impl Sandbox {
             ],
             runtime_dir: runtime_dir.clone(),
             log: self.log_dir().join("manager-root.log"),
+            short_of_run_space: false,
         };
         let address = format!("--address=unix:path={}", runtime_dir.join("bus").display());
         let manager = UserManager::start(spec, || {

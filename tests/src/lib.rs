@@ -251,6 +251,24 @@ impl Sandbox {
         }
     }
 
+    /// Stops the private bus and starts a new one at the same address, as a restart of the
+    /// system bus does: every connection to the old one is lost.
+    pub fn restart_bus(&mut self) -> Result<()> {
+        if let Some(mut bus) = self.bus.take() {
+            bus.stop();
+            self.footprint.processes.retain(|p| p != &bus.record);
+        }
+        let socket = self.root.join("bus");
+        if socket.exists() {
+            std::fs::remove_file(&socket).map_err(|e| SandboxError::io("remove", &socket, e))?;
+        }
+        let logs = self.log_dir();
+        let bus = bus::BusDaemon::start(&self.root, &logs)?;
+        self.footprint.processes.push(bus.record.clone());
+        self.bus = Some(bus);
+        self.footprint.save()
+    }
+
     /// The directory holding D-Bus activation files of the private bus.
     pub fn bus_service_dir(&self) -> PathBuf {
         self.root.join("bus-services")

@@ -29,6 +29,9 @@ pub struct ManagerSpec {
     pub env: Vec<(String, String)>,
     pub runtime_dir: PathBuf,
     pub log: PathBuf,
+    /// Runs the manager in a mount namespace of its own whose `/run/systemd` is a 1 MiB tmpfs:
+    /// systemd refuses `Reload` with less than 4 MiB free there (`org.freedesktop.systemd1.DiskFull`).
+    pub short_of_run_space: bool,
 }
 
 /// A running manager; stopped by [`UserManager::stop`] or on drop.
@@ -72,6 +75,20 @@ exec setsid "$@""#,
         );
         command.arg("sh").arg(cgroups.len().to_string());
         command.args(cgroup::procs_files(&cgroups));
+        if spec.short_of_run_space {
+            command.args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                "mount -t tmpfs -o size=1m,mode=0755 module-updater-test /run/systemd \
+                 && mkdir /run/systemd/system && exec \"$@\"",
+                "sh",
+            ]);
+        }
         if let Some(user) = &spec.user {
             command.args([
                 "setpriv".to_owned(),
@@ -412,6 +429,7 @@ impl crate::Sandbox {
             ],
             runtime_dir: manager.runtime_dir.clone(),
             log: manager.log.clone(),
+            short_of_run_space: false,
         };
         let address = format!("--address={}", manager.bus_address());
         let mut probes = 0u32;

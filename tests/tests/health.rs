@@ -452,6 +452,22 @@ fn assert_back_at_1(
     );
 }
 
+/// `Rollback` of `instance` called with busctl (a client we did not write).
+fn busctl_rollback(sandbox: &Sandbox, instance: &str) -> std::process::Output {
+    busctl(
+        sandbox,
+        &[
+            "call",
+            module_updater_dbus::BUS_NAME,
+            module_updater_dbus::OBJECT_PATH,
+            module_updater_dbus::MANAGER_INTERFACE,
+            "Rollback",
+            "s",
+            instance,
+        ],
+    )
+}
+
 /// After an unhealthy 2.0, `Rollback` through busctl, with the registry stopped, brings back
 /// 1.0's files, environment and images and its unit active again; the history records it; a
 /// second rollback is refused: nothing is kept any more.
@@ -471,18 +487,7 @@ async fn rollback_brings_back_the_previous_version_without_a_registry() {
 
     stop_registry(sandbox);
     let mut stream = subscribe(connection).await;
-    let called = busctl(
-        sandbox,
-        &[
-            "call",
-            module_updater_dbus::BUS_NAME,
-            module_updater_dbus::OBJECT_PATH,
-            module_updater_dbus::MANAGER_INTERFACE,
-            "Rollback",
-            "s",
-            &instance.id,
-        ],
-    );
+    let called = busctl_rollback(sandbox, &instance.id);
     assert!(called.status.success(), "{}", text(&called.stderr));
     let path = text(&called.stdout)
         .trim()
@@ -526,18 +531,7 @@ async fn rollback_brings_back_the_previous_version_without_a_registry() {
     assert_eq!(history[1]["status"], "unhealthy");
 
     // Nothing is kept any more: a clear refusal, no job.
-    let again = busctl(
-        sandbox,
-        &[
-            "call",
-            module_updater_dbus::BUS_NAME,
-            module_updater_dbus::OBJECT_PATH,
-            module_updater_dbus::MANAGER_INTERFACE,
-            "Rollback",
-            "s",
-            &instance.id,
-        ],
-    );
+    let again = busctl_rollback(sandbox, &instance.id);
     assert!(!again.status.success());
     let stderr = text(&again.stderr);
     assert!(stderr.contains("nothing is kept"), "{stderr}");

@@ -670,6 +670,20 @@ impl Jobs {
             .collect()
     }
 
+    /// Returns once no job runs.
+    pub async fn until_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a job that ends in between still wakes it.
+            notified.as_mut().enable();
+            if self.running().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Refuses new jobs, cancels the running ones and waits (at most `grace`) until they end.
     pub async fn shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);

@@ -27,7 +27,15 @@ pub async fn reload(ctx: &mut Ctx<'_>) {
         Err(err) => Err(err),
     };
     if let Err(err) = reloaded {
-        ctx.warning(format!("systemd daemon-reload failed: {err}"));
+        let instance = &ctx.job.instance;
+        let how = if instance.rootless {
+            format!("`systemctl --user daemon-reload` as {}", instance.id)
+        } else {
+            "`systemctl daemon-reload`".to_owned()
+        };
+        ctx.warning(format!(
+            "systemd daemon-reload failed: {err}; the instance's units keep their previous definitions until its manager is reloaded ({how})"
+        ));
     }
     ctx.end(Step::Reload);
 }
