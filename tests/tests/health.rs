@@ -168,6 +168,45 @@ async fn a_unit_that_fails_to_start_makes_the_instance_unhealthy() {
     );
 }
 
+/// A unit the update enables (a new service of 2.0, enabled by its update script) must be
+/// active after it too: one that fails to start makes the instance unhealthy, the unit named
+/// with the reason `enabled`, though it was not running before the update.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unit_the_update_enables_that_fails_makes_the_instance_unhealthy() {
+    const ENABLE: &str = "#!/bin/sh\nsystemctl --user enable --now worker.service\nexit 0\n";
+    const WORKER: &str = "[Unit]\nDescription=worker\n[Service]\nExecStart=/bin/false\n\
+                          [Install]\nWantedBy=default.target\n";
+    let s = Scenario::new()
+        .image("1.0", app_module("enables", "1.0", LONG_RUNNING))
+        .image(
+            "2.0",
+            app_module("enables", "2.0", LONG_RUNNING)
+                .file("systemd/user/worker.service", WORKER, 0o644)
+                .file("update-module.d/70enable", ENABLE, 0o755),
+        )
+        .rootless("enables", 1, "1.0")
+        .prepare(start_apps)
+        .start()
+        .await;
+    let (connection, instance) = (s.bus(), &s.instances[0]);
+    let run = run_job(
+        connection,
+        &request_with_timeout(&s.url("2.0"), &[&instance.id], 20),
+    )
+    .await;
+    let result = run.instance(&instance.id);
+    assert_eq!(result["status"], "unhealthy", "{result:#}");
+    let worker = unit_report(result, "worker.service");
+    assert_eq!(worker["reason"], "enabled", "{worker:#}");
+    assert_eq!(worker["active_state"], "failed", "{worker:#}");
+    assert_eq!(worker["healthy"], false);
+    // The unit that ran before and runs still passes.
+    let app = unit_report(result, "app.service");
+    assert_eq!(app["healthy"], true, "{app:#}");
+    let reason = result["error"]["reason"].as_str().unwrap();
+    assert!(reason.contains("worker.service"), "{reason}");
+}
+
 /// An update whose instance passes the gate ends `completed` as before, with the report: the
 /// unit it restarted is active again, the readiness check passed on its third try, and the
 /// stale-image cleanup ran once the gate passed. Submitted with busctl.
