@@ -1051,18 +1051,17 @@ async fn the_daemons_bus_restarting_during_an_update_lets_it_finish_then_the_dae
     let _daemon = scenario.daemon("");
     let connection = connect(&scenario.s.sandbox).await;
     // The job's result, read with busctl from the new daemon.
-    let shown = std::process::Command::new("busctl")
-        .arg(format!("--address={}", scenario.s.sandbox.bus_address()))
-        .args([
-            "call",
-            "org.nethserver.ModuleUpdater",
-            job.as_str(),
-            "org.nethserver.ModuleUpdater.Job",
-            "GetResult",
+    let shown = common::busctl(
+        &scenario.s.sandbox,
+        &[
             "--json=short",
-        ])
-        .output()
-        .unwrap();
+            "call",
+            module_updater_dbus::BUS_NAME,
+            job.as_str(),
+            module_updater_dbus::JOB_INTERFACE,
+            "GetResult",
+        ],
+    );
     let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     let result: serde_json::Value =
         serde_json::from_str(shown["data"][0].as_str().unwrap()).unwrap();

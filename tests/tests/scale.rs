@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,16 +18,6 @@ use module_updater_tests::{Instance, Sandbox};
 use zbus::{MatchRule, MessageStream, OwnedObjectPath};
 
 const PATH: &str = "/org/nethserver/ModuleUpdater";
-
-fn busctl(sandbox: &Sandbox, args: &[&str]) -> Output {
-    Command::new("busctl")
-        .env_clear()
-        .env("PATH", module_updater_tests::cmd::PATH)
-        .arg(format!("--address={}", sandbox.bus_address()))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).trim().to_owned()
