@@ -198,7 +198,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         );
         until_jobs_end(&jobs, &mut sigterm, &mut sigint, &mut ticker, watchdog).await
     } else {
-        Stopped::Signal
+        Stopped::Asked
     };
     notify::stopping();
     if !jobs.running().is_empty() {
@@ -211,13 +211,15 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     drop(jobs);
     match stopped {
         Stopped::BusClosed => Err(ServiceError::BusClosed),
-        Stopped::Signal => Ok(()),
+        Stopped::Asked => Ok(()),
     }
 }
 
 /// Why the daemon stops.
 enum Stopped {
-    Signal,
+    /// SIGTERM, SIGINT or the idle timeout.
+    Asked,
+    /// The bus connection closed (and the running jobs, if any, have ended).
     BusClosed,
 }
 
@@ -232,8 +234,8 @@ async fn until_jobs_end(
     loop {
         tokio::select! {
             _ = jobs.until_idle() => return Stopped::BusClosed,
-            _ = sigterm.recv() => return Stopped::Signal,
-            _ = sigint.recv() => return Stopped::Signal,
+            _ = sigterm.recv() => return Stopped::Asked,
+            _ = sigint.recv() => return Stopped::Asked,
             _ = ticker.tick() => if watchdog.is_some() { notify::watchdog() },
         }
     }

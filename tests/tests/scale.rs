@@ -784,10 +784,10 @@ async fn an_extra_image_whose_tag_moves_during_the_download_is_pulled_by_each_in
 async fn an_instance_whose_load_fails_pulls_the_same_images() {
     use std::os::unix::fs::PermissionsExt;
     // A podman that records who runs it, with which Go settings, and fails the second
-    // instance's loads.
+    // instance's loads (`podman load`, and the `podman pull oci-archive:` of several at once).
     fn podman(sandbox: &Sandbox, _: &Images, instances: &[Instance]) -> String {
         format!(
-            "#!/bin/sh\necho \"$(id -un) [$GOGC $GOMEMLIMIT] $*\" >> {record}\ncase \"$(id -un) $*\" in\n  \"{pulled} load \"*) echo 'Error: a load that fails' >&2; exit 125 ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
+            "#!/bin/sh\necho \"$(id -un) [$GOGC $GOMEMLIMIT] $*\" >> {record}\ncase \"$(id -un) $*\" in\n  \"{pulled} load \"*|\"{pulled} \"*oci-archive:*) echo 'Error: a load that fails' >&2; exit 125 ;;\nesac\nexec /usr/bin/podman \"$@\"\n",
             record = sandbox.root().join("podman-calls").display(),
             pulled = instances[1].id,
         )
@@ -892,7 +892,7 @@ async fn a_module_image_pulled_after_a_failed_load_brings_its_own_extra_images()
             )
         })
         .trap("podman", |_, _, _| {
-            "#!/bin/sh\nif [ \"$(id -u)\" != 0 ]; then\n  case \" $* \" in\n    *\" load \"*) echo 'Error: a load that fails' >&2; exit 125 ;;\n  esac\nfi\nexec /usr/bin/podman \"$@\"\n"
+            "#!/bin/sh\nif [ \"$(id -u)\" != 0 ]; then\n  case \" $* \" in\n    *\" load \"*|*oci-archive:*) echo 'Error: a load that fails' >&2; exit 125 ;;\n  esac\nfi\nexec /usr/bin/podman \"$@\"\n"
                 .to_owned()
         })
         .start()

@@ -67,9 +67,10 @@ impl Budget {
     }
 }
 
-/// Runs until the job manager drops its sender. `instances` are the instance objects already
-/// published; they are refreshed after the daemon's own changes (at the next tick) and every
-/// [`REFRESH_INTERVAL`].
+/// Runs until the job manager drops its sender or the bus connection closes (there is nobody
+/// to signal then; the running jobs go on without it). `instances` are the instance objects
+/// already published; they are refreshed after the daemon's own changes (at the next tick) and
+/// every [`REFRESH_INTERVAL`].
 pub async fn run(
     connection: Connection,
     mut events: mpsc::UnboundedReceiver<JobEvent>,
@@ -89,6 +90,7 @@ pub async fn run(
                     log::warn!("cannot emit a signal: {err}");
                 }
             }
+            _ = connection.closed() => break,
             _ = refresher.tick() => pending.instances = true,
             _ = ticker.tick() => {
                 if std::mem::take(&mut pending.instances) {

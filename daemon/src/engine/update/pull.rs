@@ -1,6 +1,7 @@
 //! The pull step: the module image (pulled unless present, or loaded from the node's shared
-//! download), its inspection and its extra images' references; and the fetch of the missing
-//! extra images, which the extract step runs beside the staging.
+//! download, with the extra images that download holds), its inspection and its extra images'
+//! references; and the fetch of the missing extra images, which the extract step runs beside
+//! the staging.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -35,6 +36,15 @@ pub struct Pulled {
 #[derive(Default)]
 pub struct LocalImages(Option<HashSet<String>>);
 
+impl LocalImages {
+    /// Counts `references` as present from now on (they were just loaded).
+    fn add(&mut self, references: &[String]) {
+        if let Some(names) = &mut self.0 {
+            names.extend(references.iter().cloned());
+        }
+    }
+}
+
 /// Pulls the module image unless present (or loads it from the node's shared download) and
 /// inspects it.
 pub async fn pull(
@@ -47,8 +57,13 @@ pub async fn pull(
     let url = job.module_url.as_str();
     let mut from_archive = false;
     if let Some(fetch) = missing(ctx, podman, local, Step::PullImage, &[url]).await? {
-        let fetched = fetch.announce(ctx).run(podman.clone()).await;
+        let fetch = with_downloaded_extras(ctx, podman, local, fetch).await;
+        let mut fetched = fetch.announce(ctx).run(podman.clone()).await;
         from_archive = fetched.loaded.iter().any(|r| r == url);
+        local.add(&fetched.loaded);
+        for note in std::mem::take(&mut fetched.notes) {
+            ctx.message(priority::DEBUG, note);
+        }
         report(ctx, Step::PullImage, fetched)?;
     }
     let main = match &job.shared_module {
@@ -62,6 +77,34 @@ pub async fn pull(
     };
     ctx.end(Step::PullImage);
     Ok(Pulled { main, from_archive })
+}
+
+/// Adds to a fetch that loads the module image from the node's shared download the missing
+/// extra images that download holds too, so that one podman process loads them all at once.
+/// The daemon inspected the module image, so its label is known before it is loaded. Not when
+/// forced: then each step fetches its images again.
+async fn with_downloaded_extras(
+    ctx: &Ctx<'_>,
+    podman: &Podman,
+    local: &mut LocalImages,
+    mut fetch: Fetch,
+) -> Fetch {
+    let job = ctx.job;
+    let Some(shared) = &job.shared_module else {
+        return fetch;
+    };
+    if job.force || fetch.loads.is_empty() {
+        return fetch;
+    }
+    let Ok(extras) = extras_of(images_label(&shared.info.labels)) else {
+        // A bad label fails the extra images' step, with its reason.
+        return fetch;
+    };
+    let urls: Vec<&str> = extras.iter().map(|e| e.url.as_str()).collect();
+    if let Ok(Some(more)) = missing(ctx, podman, local, Step::PullExtraImages, &urls).await {
+        fetch.along = more.loads;
+    }
+    fetch
 }
 
 /// The extra images the module image's label names, validated before anything changes (NS8
@@ -87,6 +130,7 @@ pub async fn await_extras(ctx: &mut Ctx<'_>, task: JoinHandle<Fetched>) -> StepR
     let fetched = task.await.unwrap_or_else(|e| Fetched {
         loaded: Vec::new(),
         warnings: Vec::new(),
+        notes: Vec::new(),
         result: Err(format!("the pull task failed: {e}")),
     });
     report(ctx, Step::PullExtraImages, fetched)
@@ -152,6 +196,9 @@ fn report(ctx: &mut Ctx<'_>, step: Step, fetched: Fetched) -> StepResult<()> {
 struct Fetch {
     /// Reference → archive of the daemon's shared download (`engine/shared_images.rs`).
     loads: Vec<(String, PathBuf)>,
+    /// Extra images of the shared download loaded with the module image by the same podman
+    /// process; one that does not load so is left to the extra images' step.
+    along: Vec<(String, PathBuf)>,
     pulls: Vec<String>,
     /// How long the pull may take (`pull_timeout`).
     timeout: Duration,
@@ -163,13 +210,15 @@ struct Fetch {
 pub struct Fetched {
     loaded: Vec<String>,
     warnings: Vec<String>,
+    /// What only a debugging admin needs (a combined load that failed, then done one by one).
+    notes: Vec<String>,
     result: Result<(), String>,
 }
 
 impl Fetch {
     /// Says what is about to be fetched.
     fn announce(self, ctx: &mut Ctx<'_>) -> Self {
-        for (reference, _) in &self.loads {
+        for (reference, _) in self.loads.iter().chain(&self.along) {
             ctx.message(
                 priority::INFO,
                 format!("Loading {reference} (downloaded once for the node)"),
@@ -181,16 +230,33 @@ impl Fetch {
         self
     }
 
-    /// Loads what the daemon downloaded, then pulls the rest and what failed to load, in one
-    /// podman pull.
+    /// Loads what the daemon downloaded (several archives in one podman process), then pulls
+    /// the rest and what failed to load, in one podman pull.
     async fn run(self, podman: Podman) -> Fetched {
         let Fetch {
             loads,
+            along,
             mut pulls,
             timeout,
         } = self;
         let mut warnings = Vec::new();
+        let mut notes = Vec::new();
         let mut loaded = Vec::new();
+        if !along.is_empty() {
+            let all: Vec<&(String, PathBuf)> = loads.iter().chain(&along).collect();
+            let archives: Vec<&std::path::Path> = all.iter().map(|(_, a)| a.as_path()).collect();
+            match podman.load_all(&archives).await {
+                Ok(()) => loaded.extend(all.iter().map(|(r, _)| r.clone())),
+                Err(err) => notes.push(format!(
+                    "cannot load {} in one podman process: {err}; loading them one by one",
+                    all.iter()
+                        .map(|(r, _)| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )),
+            }
+        }
+        let loads = if loaded.is_empty() { loads } else { Vec::new() };
         for (reference, archive) in loads {
             match podman.load(&archive).await {
                 Ok(()) => loaded.push(reference),
@@ -215,6 +281,7 @@ impl Fetch {
         Fetched {
             loaded,
             warnings,
+            notes,
             result,
         }
     }
