@@ -902,18 +902,7 @@ fn progress_bars_and_summary_on_a_terminal() {
             .any(|l| l.starts_with("job ") && l.contains("%")),
         "no total bar: {screen}"
     );
-    let steps = [
-        "prepare",
-        "pull-image",
-        "pull-extra-images",
-        "extract",
-        "reload",
-        "update-environment",
-        "run-scripts",
-        "module-step",
-        "health-gate",
-        "cleanup-images",
-    ];
+    let steps = UPDATE_STEPS;
     assert!(
         screen.lines().any(|l| l.starts_with(a.id.as_str())
             && l.contains('%')

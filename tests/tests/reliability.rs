@@ -518,19 +518,7 @@ async fn daemon_killed_at(repo: &str, step: &str) {
     // A step change is queued for the disk, not waited for: a daemon killed the moment a step
     // starts may have recorded only an earlier one (several when they follow each other at once,
     // as the pull, the extra images' check and the extraction do), never a later one.
-    let steps = [
-        "prepare",
-        "pull-image",
-        // Reported between the pull and the extraction, even when no extra image is missing.
-        "pull-extra-images",
-        "extract",
-        "reload",
-        "update-environment",
-        "run-scripts",
-        "module-step",
-        "health-gate",
-        "cleanup-images",
-    ];
+    let steps = common::UPDATE_STEPS;
     let at = steps.iter().position(|s| *s == step).unwrap();
     let recorded = result["instances"][&scenario.instance.id]["error"]["step"].clone();
     let recorded_at = steps.iter().position(|s| recorded == *s);

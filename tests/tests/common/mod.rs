@@ -15,6 +15,22 @@ use zbus::{MatchRule, MessageStream, OwnedObjectPath};
 mod scenario;
 pub use scenario::{DaemonOptions, INSTALL_THREADS, Images, Scenario, ScenarioBuilder, SetupTimes};
 
+/// The steps of an update, in the order they run, by the names the bus and the client show.
+/// `pull-extra-images` is reported between the pull and the extraction, even when no extra image
+/// is missing.
+pub const UPDATE_STEPS: [&str; 10] = [
+    "prepare",
+    "pull-image",
+    "pull-extra-images",
+    "extract",
+    "reload",
+    "update-environment",
+    "run-scripts",
+    "module-step",
+    "health-gate",
+    "cleanup-images",
+];
+
 /// How long any single job in these tests may take.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(180);
 
